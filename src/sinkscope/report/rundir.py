@@ -1,0 +1,77 @@
+"""Run directories: atomic writes, a fingerprint for --resume, results written batch by batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from ..errors import InputError
+
+RUN_FILE = "run.json"
+PARTS_DIR = "parts"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(data)
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, payload: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(payload, indent=2, ensure_ascii=False, default=str) + "\n").encode())
+
+
+def write_table(path: Path, frame: pd.DataFrame) -> None:
+    """Parquet (or CSV, by suffix), written to a temporary file and renamed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(handle)
+    try:
+        if path.suffix == ".csv":
+            frame.to_csv(temp, index=False)
+        else:
+            frame.to_parquet(temp, index=False)
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+class RunDir:
+    """``--out DIR``: ``run.json`` (what is being computed), ``parts/`` (one table per finished batch)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def start(self, fingerprint: dict[str, Any], resume: bool) -> None:
+        run_file = self.path / RUN_FILE
+        if run_file.exists():
+            if not resume:
+                raise InputError(f"{self.path} already holds a run; pass --resume to continue it or pick another --out")
+            previous = json.loads(run_file.read_text())
+            changed = sorted(k for k in set(previous) | set(fingerprint) if previous.get(k) != fingerprint.get(k))
+            if changed:
+                raise InputError(f"cannot resume {self.path}: the run was started with different {', '.join(changed)}")
+        elif self.path.exists() and any(self.path.iterdir()) and not resume:
+            raise InputError(f"{self.path} exists and is not empty; pick another --out")
+        write_json(run_file, fingerprint)
+
+    def write_part(self, index: int, frame: pd.DataFrame) -> None:
+        write_table(self.path / PARTS_DIR / f"part-{index:06d}.parquet", frame)
+
+    def read_parts(self) -> pd.DataFrame | None:
+        parts = sorted((self.path / PARTS_DIR).glob("part-*.parquet"))
+        if not parts:
+            return None
+        return pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)

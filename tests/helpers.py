@@ -1,0 +1,86 @@
+"""Test helpers: tiny randomly initialised models from transformers configs, and an offline tokenizer."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+VOCAB = 96
+COMMON = dict(
+    vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+    num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2, max_position_embeddings=256,
+)
+WINDOW = 6
+FAMILIES: dict[str, dict] = {
+    "llama": {},
+    "mistral": dict(sliding_window=WINDOW),
+    "qwen2": {},
+    "qwen3": dict(head_dim=8),
+    "gemma2": dict(head_dim=8, sliding_window=WINDOW, attn_logit_softcapping=5.0),
+    "gemma3_text": dict(head_dim=8, sliding_window=WINDOW, query_pre_attn_scalar=12,
+                        layer_types=["sliding_attention", "sliding_attention", "full_attention"]),
+    "gpt2": dict(n_embd=32, n_layer=3, n_head=4, n_positions=256),
+    "gpt_neox": dict(num_key_value_heads=4),
+    "phi3": dict(num_key_value_heads=4),
+    "gpt_oss": dict(head_dim=8, sliding_window=WINDOW, num_local_experts=4, num_experts_per_tok=2,
+                    layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
+}
+
+
+def tiny_model(family: str, seed: int = 0, attn_implementation: str | None = None):
+    """A 3-layer model of `family` with weights large enough that attention is far from uniform."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(family, **{**COMMON, **FAMILIES[family]})
+    kwargs = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+    model = AutoModelForCausalLM.from_config(config, **kwargs)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() >= 2:
+                param.normal_(0.0, 0.25)  # sharper attention than the default init gives
+            elif name.endswith("sinks"):
+                param.normal_(0.0, 1.5)
+    return model.eval()
+
+
+def eager_twin(model):
+    """The same weights with transformers' own eager attention: an independent reference."""
+    from transformers import AutoModelForCausalLM
+
+    twin = AutoModelForCausalLM.from_config(model.config, attn_implementation="eager")
+    twin.load_state_dict(model.state_dict())
+    return twin.eval()
+
+
+def word_tokenizer(with_bos: bool = True):
+    """A word-level fast tokenizer built offline (no hub)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<s>", "</s>", "<unk>", "\n"] + [
+        "the", "a", "cat", "dog", "sat", "on", "mat", "and", "ran", "far", "away", "then", "it", "was",
+        "very", "quiet", "in", "house", "of", "light", "sun", "rose", "over", "hills", ".", ",", "!", "?",
+    ]
+    words += [f"w{i}" for i in range(VOCAB - len(words))]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    if with_bos:
+        backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+        return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                                       pad_token="<pad>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+
+
+SENTENCES = [
+    "the cat sat on the mat . then it ran far away",
+    "a dog ran over the hills and the sun rose",
+    "it was very quiet in the house of light",
+    "the sun rose over the hills , the cat sat",
+    "then the dog sat on a mat in the house",
+    "very quiet , very far away !",
+]
