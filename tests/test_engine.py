@@ -183,3 +183,53 @@ def test_engines_do_not_nest_and_forward_needs_context():
         engine.forward(torch.ones(1, 3, dtype=torch.long))
     with engine, pytest.raises(RuntimeError, match="nest"), CaptureEngine(model):
         pass
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3_text"])
+def test_residual_stream_is_embeddings_then_layer_outputs_before_final_norm(family):
+    from sinkscope.capture.engine import final_norm
+
+    model = tiny_model(family)
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        plain = model.base_model(input_ids=ids, attention_mask=mask, position_ids=positions(mask),
+                                 output_hidden_states=True)
+    with capture(model) as engine:
+        out = engine.forward(ids, mask, residual=True)
+    residual = out.residual
+    assert residual.shape == (4, *ids.shape, model.config.get_text_config().hidden_size)
+    torch.testing.assert_close(residual[:-1], torch.stack(plain.hidden_states[:-1]), atol=1e-5, rtol=0)
+    # the final norm applied to the last residual entry gives the model's last hidden state
+    with torch.no_grad():
+        torch.testing.assert_close(final_norm(model)(residual[-1]), plain.last_hidden_state, atol=1e-5, rtol=0)
+
+
+def test_grad_mode_matches_autograd_through_the_plain_model():
+    model = tiny_model("llama")
+    ids, _ = padded_batch()
+    embeds = model.get_input_embeddings()(ids[:1]).detach()
+    reference_input = embeds.clone().requires_grad_(True)
+    model.base_model(inputs_embeds=reference_input).last_hidden_state[0, -1].sum().backward()
+    captured_input = embeds.clone().requires_grad_(True)
+    with capture(model) as engine:
+        out = engine.forward(inputs_embeds=captured_input, grad=True)
+    out.last_hidden_state[0, -1].sum().backward()
+    torch.testing.assert_close(captured_input.grad, reference_input.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_attention_weights_probe_equals_transformers_eager_weights():
+    from sinkscope.capture import AttentionWeights
+
+    model = tiny_model("gpt_oss")
+    ids, mask = padded_batch()
+    probe = AttentionWeights()
+    with capture(model, [probe], path="eager") as engine:
+        engine.forward(ids, mask)
+    with torch.no_grad():
+        reference = eager_twin(model)(input_ids=ids, attention_mask=mask, position_ids=positions(mask),
+                                      output_attentions=True).attentions
+    real = mask.bool()[:, None, :, None]
+    for layer, weights in enumerate(reference):
+        assert ((probe.records[layer] - weights).abs() * real).max() <= 1e-5
+    with pytest.raises(ValueError, match="eager"), capture(model, [AttentionWeights()]) as engine:
+        engine.forward(ids, mask)

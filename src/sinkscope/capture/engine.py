@@ -200,35 +200,61 @@ class CaptureEngine:
         self.model.set_attn_implementation(self._saved)
 
     # -- running --------------------------------------------------------------------------------
-    @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-                logits: bool = False) -> Any:
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, *,
+                inputs_embeds: torch.Tensor | None = None, logits: bool = False, residual: bool = False,
+                grad: bool = False) -> Any:
         """Run one batch. Position ids follow the attention mask, so a padded row is computed exactly
-        as it would be alone. Returns hidden states (``logits=False``: the LM head is skipped, which
-        for Gemma's 262k vocabulary is most of the cost) or the model output with logits."""
+        as it would be alone.
+
+        Returns the base model's output (``logits=False``: the LM head is skipped, which for Gemma's 262k
+        vocabulary is most of the cost) or the causal-LM output with logits. ``residual=True`` adds
+        ``output.residual``: the residual stream [layers + 1, B, T, d] — the embeddings, then every
+        layer's output, the last taken *before* the final norm. ``grad=True`` runs with autograd (e.g.
+        for Jacobians w.r.t. ``inputs_embeds``); otherwise under inference mode.
+        """
         if self not in _active:
             raise RuntimeError("use the engine as a context manager: with CaptureEngine(...) as engine")
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
         device = next(self.model.parameters()).device
-        input_ids = input_ids.to(device)
+        reference = input_ids if input_ids is not None else inputs_embeds[..., 0]
         if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+            attention_mask = torch.ones(reference.shape, dtype=torch.long, device=device)
         attention_mask = attention_mask.to(device)
         if not bool((attention_mask.sum(-1) > 0).all()):
             raise ValueError("every row of the batch needs at least one real token")
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        self.batch = BatchInfo(input_ids, attention_mask, attention_mask.long().argmax(-1))
+        ids = input_ids.to(device) if input_ids is not None else torch.zeros(reference.shape, dtype=torch.long)
+        self.batch = BatchInfo(ids, attention_mask, attention_mask.long().argmax(-1))
         for probe in self.probes:
             probe.start(self.batch, self)
         self.calls_seen = 0
         self.model.eval()
         runner = self.model if logits else self.model.base_model
-        output = runner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                        use_cache=False)
+        inputs: dict[str, Any] = {"attention_mask": attention_mask, "position_ids": position_ids, "use_cache": False}
+        if input_ids is not None:
+            inputs["input_ids"] = ids
+        else:
+            inputs["inputs_embeds"] = inputs_embeds.to(device)
+        pre_norm: list[torch.Tensor] = []
+        hook = None
+        if residual:
+            inputs["output_hidden_states"] = True
+            hook = final_norm(self.model).register_forward_pre_hook(lambda _m, args: pre_norm.append(args[0]))
+        try:
+            with torch.enable_grad() if grad else torch.inference_mode():
+                output = runner(**inputs)
+        finally:
+            if hook is not None:
+                hook.remove()
         if self.calls_seen != self.n_layers:
             raise UnsupportedModelError(
                 f"{type(self.model).__name__}: captured {self.calls_seen} attention calls for {self.n_layers} "
                 "layers; its attention does not all go through transformers' attention interface"
             )
+        if residual:
+            # hidden_states[-1] is after the final norm; the residual stream proper ends before it.
+            output.residual = torch.stack(list(output.hidden_states[:-1]) + [pre_norm[-1]])
         for probe in self.probes:
             probe.finish()
         return output
@@ -312,6 +338,19 @@ class CaptureEngine:
                 call.bias, sinks, self.compute_dtype,
             )
         call.output, call.lse, call.weights = result.output, result.lse, result.weights
+
+
+_FINAL_NORMS = ("norm", "final_layernorm", "ln_f", "final_layer_norm", "final_norm")
+
+
+def final_norm(model: Any) -> torch.nn.Module:
+    """The base model's final normalisation layer (its input is the end of the residual stream)."""
+    base = model.base_model
+    for name in _FINAL_NORMS:
+        module = getattr(base, name, None)
+        if isinstance(module, torch.nn.Module):
+            return module
+    raise UnsupportedModelError(f"{type(model).__name__}: cannot find the final norm (looked for {_FINAL_NORMS})")
 
 
 def capture(model: LoadedModel | Any, probes: Sequence[Probe] = (), **options: Any) -> CaptureEngine:

@@ -56,3 +56,25 @@ class FirstTokenAttention(Probe):
         for name in self.records[layers[0]]:
             out[name] = torch.stack([self.records[layer][name][row] for layer in layers])[..., start:start + length]
         return out
+
+
+class AttentionWeights(Probe):
+    """Full attention weights per layer, ``records[layer]``: float [B, H, T, S] on CPU (learned-sink
+    share excluded, as the model's own eager weights). Needs the eager kernel: O(n^2) memory, so it is
+    for short inputs (path-sum bounds, attention maps)."""
+
+    def __init__(self) -> None:
+        self.records: dict[int, torch.Tensor] = {}
+
+    def start(self, batch: BatchInfo, engine: CaptureEngine) -> None:
+        if engine.path != "eager":
+            raise ValueError("AttentionWeights needs CaptureEngine(..., path='eager')")
+        self.records = {}
+
+    def on_attention(self, call: AttentionCall) -> None:
+        assert call.weights is not None
+        self.records[call.layer] = call.weights.float().cpu()
+
+    def stacked(self) -> torch.Tensor:
+        """[L, B, H, T, S]."""
+        return torch.stack([self.records[layer] for layer in sorted(self.records)])

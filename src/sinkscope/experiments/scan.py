@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import platform
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -21,7 +19,6 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .. import __version__
 from ..capture import CaptureEngine, FirstTokenAttention
 from ..data import Prompt, probe_set
 from ..errors import InputError, SinkscopeError, TokenizationError
@@ -29,6 +26,7 @@ from ..metrics import sink as sink_metrics
 from ..models.loader import LoadedModel, load
 from ..models.tokens import encode, parse_bos
 from ..report.rundir import RunDir, write_json, write_table
+from .common import provenance
 
 TOKENS_PER_BATCH = 8192  # long inputs run one (or a few) at a time
 
@@ -160,15 +158,6 @@ class ScanResult:
         return cls(pd.read_parquet(table), meta)
 
 
-def _versions() -> dict[str, str]:
-    import transformers
-
-    return {
-        "sinkscope": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-        "python": platform.python_version(),
-    }
-
-
 def _as_prompts(texts: Sequence[str | Prompt] | None) -> list[Prompt]:
     if texts is None:
         return probe_set()
@@ -274,11 +263,8 @@ def scan(
         raise InputError(f"token ids must lie in [0, {vocab})")
 
     info = loaded.info
-    meta: dict[str, Any] = {
-        "model": info.to_dict(), "bos": bos_label, "max_tokens": max_tokens, "first_k": first_k,
-        "include_self": include_self, "path": path, "precision": precision, "versions": _versions(),
-        "command": command or " ".join(sys.argv), "seed": None,
-    }
+    meta = provenance(loaded, command, bos=bos_label, max_tokens=max_tokens, first_k=first_k,
+                      include_self=include_self, path=path, precision=precision, seed=None)
     run = RunDir(out) if out is not None else None
     done: pd.DataFrame | None = None
     if run is not None:

