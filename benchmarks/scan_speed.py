@@ -252,7 +252,8 @@ def main(argv: list[str] | None = None) -> None:
         results.append(run_in_child(variant, n, args))
     report(results, lengths, args.long)
     if args.json:
-        args.json.write_text(json.dumps({"command": sys.argv, "args": vars(args) | {"json": str(args.json)},
+        args.json.write_text(json.dumps({"command": sys.argv, "load_average": load,
+                                         "args": vars(args) | {"json": str(args.json)},
                                          "results": results}, indent=2))
 
 

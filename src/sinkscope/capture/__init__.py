@@ -1,6 +1,14 @@
 """Capturing what attention does: one engine (`CaptureEngine`), pluggable probes."""
 
 from .engine import AttentionCall, BatchInfo, CaptureEngine, Probe, capture
-from .probes import AttentionWeights, FirstTokenAttention
+from .probes import (
+    AttentionEntropy,
+    AttentionWeights,
+    FirstTokenAttention,
+    ValueNorms,
+)
 
-__all__ = ["AttentionCall", "AttentionWeights", "BatchInfo", "CaptureEngine", "FirstTokenAttention", "Probe", "capture"]
+__all__ = [
+    "AttentionCall", "AttentionEntropy", "AttentionWeights", "BatchInfo", "CaptureEngine", "FirstTokenAttention",
+    "Probe", "ValueNorms", "capture",
+]

@@ -69,6 +69,7 @@ class AttentionCall:
     output: torch.Tensor | None = None  # [B, H, T, Dv]
     lse: torch.Tensor | None = None  # [B, H, T] log of the full softmax normaliser (sink included)
     weights: torch.Tensor | None = None  # [B, H, T, S] on the eager path only
+    engine: Any = None  # the CaptureEngine running this call
 
     @property
     def n_heads(self) -> int:
@@ -115,6 +116,50 @@ class AttentionCall:
             return (weights[..., 0] * allowed).float()
         attention = torch.exp(self.key_scores(key_index) - self.lse)
         return torch.where(allowed, attention, torch.zeros((), dtype=attention.dtype, device=attention.device))
+
+    def weighted_sum(self, values: torch.Tensor) -> torch.Tensor:
+        """sum_j p_ij values_j for per-key values [B, KVH, S, Dx]: one more attention call with other values.
+        The result is [B, H, T, Dx], normalised like the layer's own attention (a learned sink adds nothing)."""
+        if self.weights is not None:
+            n_rep = self.n_heads // values.shape[1]
+            return torch.matmul(self.weights.to(self.lse.dtype), kernels.repeat_kv(values, n_rep).to(self.lse.dtype))
+        fused = self.engine.kernel_for(self) == "fused"
+        allowed = self.allowed if fused else self.engine._dense_allowed(self)
+        width = values.shape[-1]
+        if fused:
+            if width < self.query.shape[-1]:  # the fused kernel wants values as wide as the keys: pad with zeros
+                values = torch.nn.functional.pad(values, (0, self.query.shape[-1] - width))
+            result = kernels.fused_attention(self.query, self.key, values.to(self.query.dtype), allowed, self.scaling,
+                                             self.causal, None, self.engine.chunk_size,
+                                             torch.float64 if self.lse.dtype == torch.float64 else None)
+        else:
+            result = kernels.chunked_attention(self.query, self.key, values, allowed, self.scaling, self.softcap,
+                                               self.bias, None, self.engine.chunk_size, self.lse.dtype)
+        share = torch.exp(result.lse.to(self.lse.dtype) - self.lse).nan_to_num(0.0)
+        return result.output[..., :width].to(self.lse.dtype) * share[..., None]
+
+    def entropy_and_max(self, with_max: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(entropy [B, H, T], max weight [B, H, T] or None) of each query's attention distribution.
+        Entropy is O(n) memory on the fused path (see `kernels.entropy_fused`); the max weight needs a
+        chunked pass over the logits (O(chunk x n) memory, O(n^2) time)."""
+        if self.weights is not None:
+            p = self.weights.to(self.lse.dtype)
+            entropy = -(p * torch.log(p)).nan_to_num(0.0).sum(-1)
+            sink = self.sink_attention()
+            if sink is not None:
+                entropy = entropy - (sink * torch.log(sink)).nan_to_num(0.0)
+            return entropy, p.amax(-1) if with_max else None
+        kind = self.engine.kernel_for(self)
+        if kind == "fused" and not with_max:
+            return kernels.entropy_fused(self.query, self.key, self.allowed, self.scaling, self.causal, self.lse,
+                                         self.sinks, self.engine.chunk_size), None
+        entropy, maximum = kernels.row_statistics_chunked(
+            self.query, self.key, self.engine._dense_allowed(self), self.scaling, self.lse, self.softcap, self.bias,
+            self.sinks, self.engine.chunk_size)
+        if kind == "fused":  # the linear-memory formula is the one reported on the fused path
+            entropy = kernels.entropy_fused(self.query, self.key, self.allowed, self.scaling, self.causal, self.lse,
+                                            self.sinks, self.engine.chunk_size)
+        return entropy, maximum if with_max else None
 
     def sink_attention(self) -> torch.Tensor | None:
         """float [B, H, T]: the share of each query's attention the learned sink logit takes (gpt-oss)."""
@@ -292,7 +337,7 @@ class CaptureEngine:
             layer=layer, layer_type=self.layer_types[layer] if layer < len(self.layer_types) else "full_attention",
             module=module, query=query, key=key, value=value, allowed=allowed, causal=causal,
             scaling=float(kwargs.get("scaling") or query.shape[-1] ** -0.5), softcap=softcap,
-            bias=None if bias is None else bias[..., :s], sinks=sinks, batch=self.batch,
+            bias=None if bias is None else bias[..., :s], sinks=sinks, batch=self.batch, engine=self,
         )
         self._run_kernel(call)
         for probe in self.probes:
@@ -310,16 +355,18 @@ class CaptureEngine:
         queries = torch.arange(t, device=call.query.device)[:, None] + (s - t)
         return (queries >= torch.arange(s, device=call.query.device)[None, :])[None, None]
 
+    def kernel_for(self, call: AttentionCall) -> str:
+        """Which kernel computes this call: the fused one wherever it can express the layer."""
+        if self.path not in ("auto", "fused"):
+            return self.path
+        if call.softcap is None and call.bias is None and call.query.device.type == "cpu":
+            return "fused"
+        if self.path == "fused" and call.query.device.type != "cpu":
+            warnings.warn("the fused kernel runs on CPU only; using the chunked kernel", stacklevel=2)
+        return "chunked"
+
     def _run_kernel(self, call: AttentionCall) -> None:
-        kind = self.path
-        if kind in ("auto", "fused"):
-            fusable = call.softcap is None and call.bias is None and call.query.device.type == "cpu"
-            if not fusable:
-                if kind == "fused" and call.query.device.type != "cpu":
-                    warnings.warn("the fused kernel runs on CPU only; using the chunked kernel", stacklevel=2)
-                kind = "chunked"
-            else:
-                kind = "fused"
+        kind = self.kernel_for(call)
         self.kernels_used.add(kind)
         sinks = None if call.sinks is None else call.sinks.to(self.compute_dtype)
         if kind == "fused":

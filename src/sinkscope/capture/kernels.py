@@ -166,3 +166,52 @@ def eager_attention(
         weights = weights[..., :-1]
     output = torch.matmul(weights, repeat_kv(value, n_rep).to(compute_dtype))
     return KernelOutput(output.to(query.dtype), lse, weights)
+
+
+def entropy_fused(
+    query: torch.Tensor, key: torch.Tensor, allowed: torch.Tensor | None, scaling: float, causal: bool,
+    lse: torch.Tensor, sinks: torch.Tensor | None = None, chunk_size: int = 1024,
+) -> torch.Tensor:
+    """Row entropy of the attention distribution without the n x n matrix.
+
+    With p_ij = exp(s_ij - lse_i) and s_ij = scale * q_i.k_j, the entropy is
+    H_i = lse_i - scale * q_i . (sum_j p_ij k_j) - p_sink * sink; the weighted key sum is one more fused
+    attention call with the keys as values. The learned sink (if any) counts as one more outcome.
+    """
+    keys_only = fused_attention(query, key, key, allowed, scaling, causal, None, chunk_size,
+                                torch.float64 if lse.dtype == torch.float64 else None)
+    # that call normalised over the keys only; rescale to the full (sink-including) normaliser
+    share = torch.exp(keys_only.lse.to(lse.dtype) - lse).nan_to_num(0.0)
+    weighted_keys = keys_only.output.to(lse.dtype) * share[..., None]
+    entropy = lse - scaling * (query.to(lse.dtype) * weighted_keys).sum(-1)
+    if sinks is not None:
+        sink = sinks.to(lse.dtype)[None, :, None]
+        entropy = entropy - torch.exp(sink - lse) * sink
+    return torch.where(torch.isfinite(lse), entropy, torch.zeros((), dtype=lse.dtype))
+
+
+def row_statistics_chunked(
+    query: torch.Tensor, key: torch.Tensor, allowed: torch.Tensor, scaling: float, lse: torch.Tensor,
+    softcap: float | None = None, bias: torch.Tensor | None = None, sinks: torch.Tensor | None = None,
+    chunk_size: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(entropy, max weight over keys) per query from explicit logits, one query chunk at a time:
+    O(chunk x keys) memory. Works for any logits (soft-capping, biases)."""
+    entropies, maxima = [], []
+    for start in range(0, query.shape[2], chunk_size):
+        stop = min(start + chunk_size, query.shape[2])
+        block = allowed[:, :, start:stop]
+        lo, hi = _key_range(block)
+        block = block[..., lo:hi]
+        bias_c = None if bias is None else bias[:, :, start:stop, lo:hi]
+        scores = scores_block(query[:, :, start:stop], key[:, :, lo:hi], scaling, softcap, bias_c, lse.dtype)
+        scores = scores.masked_fill(~block, float("-inf"))
+        log_p = scores - lse[:, :, start:stop, None]
+        p = torch.exp(log_p)
+        entropy = -(p * log_p).nan_to_num(0.0).sum(-1)
+        if sinks is not None:
+            log_sink = sinks.to(lse.dtype)[None, :, None] - lse[:, :, start:stop]
+            entropy = entropy - (torch.exp(log_sink) * log_sink).nan_to_num(0.0)
+        entropies.append(entropy)
+        maxima.append(p.amax(-1).nan_to_num(0.0))
+    return torch.cat(entropies, 2), torch.cat(maxima, 2)

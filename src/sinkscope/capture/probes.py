@@ -78,3 +78,59 @@ class AttentionWeights(Probe):
     def stacked(self) -> torch.Tensor:
         """[L, B, H, T, S]."""
         return torch.stack([self.records[layer] for layer in sorted(self.records)])
+
+
+class AttentionEntropy(Probe):
+    """Per (layer, head, query): entropy of the attention distribution and (optionally) its max weight.
+
+    ``records[layer]``: ``entropy`` and ``max_weight`` float [B, H, T]. On the fused path the entropy
+    takes O(n) memory (one more attention call with the keys as values); the max weight needs a chunked
+    pass over the logits, so ``with_max=False`` is the choice for very long inputs.
+    """
+
+    def __init__(self, with_max: bool = True) -> None:
+        self.with_max = with_max
+        self.records: dict[int, dict[str, torch.Tensor]] = {}
+
+    def start(self, batch: BatchInfo, engine: CaptureEngine) -> None:
+        self.records = {}
+
+    def on_attention(self, call: AttentionCall) -> None:
+        entropy, maximum = call.entropy_and_max(self.with_max)
+        record = {"entropy": entropy.float().cpu()}
+        if maximum is not None:
+            record["max_weight"] = maximum.float().cpu()
+        self.records[call.layer] = record
+
+
+class ValueNorms(Probe):
+    """The no-op mechanism, per (layer, head): value-vector norms and what the first token contributes.
+
+    ``records[layer]``:
+      ``value_norm``   float [B, H, S]  ||v_j|| of every key token (v = W_V norm(h_j), per query head's kv head)
+      ``first_share``  float [B, H, T]  a_i0 ||v_0|| / sum_j a_ij ||v_j||: the first token's share of the output
+      ``output_norm``  float [B, H, T]  ||o_i||, the head's output before W_O
+      ``first_attention`` float [B, H, T]  a_i0, to split queries into sinking and not
+    """
+
+    def __init__(self) -> None:
+        self.records: dict[int, dict[str, torch.Tensor]] = {}
+
+    def start(self, batch: BatchInfo, engine: CaptureEngine) -> None:
+        self.records = {}
+
+    def on_attention(self, call: AttentionCall) -> None:
+        first = call.batch.first_positions
+        norms = call.value.float().norm(dim=-1)  # [B, KVH, S]
+        attention = call.key_attention(first)
+        first_norm = norms[torch.arange(norms.shape[0]), :, first.to(norms.device)]  # [B, KVH]
+        n_rep = call.n_heads // norms.shape[1]
+        first_norm = first_norm.repeat_interleave(n_rep, dim=1)[..., None]
+        total = call.weighted_sum(norms[..., None])[..., 0]
+        share = torch.where(total > 0, attention * first_norm / total.clamp_min(1e-30), torch.zeros_like(total))
+        self.records[call.layer] = {
+            "value_norm": norms.repeat_interleave(n_rep, dim=1).cpu(),
+            "first_share": share.float().cpu(),
+            "output_norm": call.output.float().norm(dim=-1).cpu(),
+            "first_attention": attention.float().cpu(),
+        }

@@ -70,3 +70,36 @@ class ExperimentResult:
         write_json(out / "summary.json", {**self.summary, "provenance": self.meta})
         self.plot(out)
         return out
+
+
+@dataclass(frozen=True)
+class Sequence_:
+    """One encoded prompt under one `<bos>` condition. ``text_start`` is where its text tokens begin
+    (1 when a prefix such as `<bos>` sits at position 0), so conditions can be compared on the same tokens."""
+
+    bos: str
+    prompt: int
+    ids: list[int]
+    text_start: int
+
+
+def encode_prompts(loaded: LoadedModel, texts: Sequence[str], bos: Sequence[str], max_tokens: int | None
+                   ) -> list[Sequence_]:
+    """Every text under every `<bos>` condition, with the start of its text tokens."""
+    out = []
+    for index, text in enumerate(texts):
+        try:
+            stripped = len(encode(loaded.tokenizer, text, "strip", max_tokens))
+            for mode, ids in encode_conditions(loaded, text, bos, max_tokens).items():
+                out.append(Sequence_(mode, index, ids, max(0, len(ids) - stripped)))
+        except TokenizationError as error:
+            raise TokenizationError(f"prompt {index}: {error}") from error
+    return out
+
+
+def progress_bar(title: str, enabled: bool) -> Any:
+    """A rich progress bar with the columns sinkscope uses everywhere."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(TextColumn(f"[bold]{title}[/]"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                    disable=not enabled)

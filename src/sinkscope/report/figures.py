@@ -50,3 +50,52 @@ def plot_sink_rate_by_layer(series: Sequence[tuple[str, np.ndarray]], eps: float
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def plot_heatmaps(panels: Sequence[tuple[str, np.ndarray]], path: str | Path, colorbar: str = "shared",
+                  cmap: str = "viridis") -> Path:
+    """Layer x head heatmaps side by side; ``colorbar`` "shared" (one scale) or "per panel"."""
+    path = Path(path)
+    n = len(panels)
+    layers = max(a.shape[0] for _, a in panels)
+    fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 1.6 + 0.22 * layers), squeeze=False, constrained_layout=True)
+    finite = np.concatenate([a[np.isfinite(a)].ravel() for _, a in panels]) if panels else np.zeros(1)
+    vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    for ax, (label, values) in zip(axes[0], panels, strict=False):
+        kwargs = {"vmin": vmin, "vmax": vmax} if colorbar == "shared" else {}
+        image = ax.imshow(values, aspect="auto", cmap=cmap, interpolation="nearest", **kwargs)
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("head")
+        ax.set_ylabel("layer")
+        if colorbar != "shared":
+            fig.colorbar(image, ax=ax)
+    if colorbar == "shared":
+        fig.colorbar(image, ax=axes[0].tolist())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_noop(frame, path: str | Path) -> Path:
+    """Left: rank of the first token's value norm among all tokens. Right: per head, mean first-token
+    attention vs the first token's value norm relative to the median token."""
+    path = Path(path)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8), constrained_layout=True)
+    for bos, group in frame.groupby("bos", sort=False):
+        per_head = group.groupby(["layer", "head"])[["alpha", "first_value_ratio", "first_value_rank"]].mean()
+        left.hist(group["first_value_rank"], bins=np.arange(1, group["n_tokens"].max() + 2) - 0.5, alpha=0.6,
+                  label=f"bos={bos}")
+        right.scatter(per_head["alpha"], per_head["first_value_ratio"], s=12, alpha=0.7, label=f"bos={bos}")
+    left.set_xlabel("rank of first token's value norm (1 = smallest)")
+    left.set_ylabel("(prompt, layer, head) count")
+    left.legend(fontsize=8)
+    right.axhline(1.0, color="grey", lw=0.8, ls="--")
+    right.set_yscale("log")
+    right.set_xlabel("mean attention on first token (alpha), per head")
+    right.set_ylabel("||v_first|| / median ||v_j||")
+    right.legend(fontsize=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
