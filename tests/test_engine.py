@@ -233,3 +233,32 @@ def test_attention_weights_probe_equals_transformers_eager_weights():
         assert ((probe.records[layer] - weights).abs() * real).max() <= 1e-5
     with pytest.raises(ValueError, match="eager"), capture(model, [AttentionWeights()]) as engine:
         engine.forward(ids, mask)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "phi3"])
+def test_knockout_of_all_heads_equals_an_explicit_attention_mask(family):
+    from sinkscope.capture import SinkKnockout
+
+    model = tiny_model(family)
+    ids, mask = padded_batch()
+    t = ids.shape[1]
+    first = mask.argmax(-1)
+    allowed = torch.ones(t, t, dtype=torch.bool).tril()[None, None].repeat(ids.shape[0], 1, 1, 1)
+    allowed &= mask.bool()[:, None, None, :]
+    for row in range(ids.shape[0]):
+        allowed[row, 0, first[row] + 1:, first[row]] = False  # every later query loses the first key
+        for query in range(t):
+            allowed[row, 0, query, query] |= not bool(allowed[row, 0, query].any())  # padding rows: no NaN
+    with torch.no_grad():
+        reference = model(input_ids=ids, attention_mask=allowed, position_ids=positions(mask)).logits
+        plain = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits
+    with capture(model, [SinkKnockout()]) as engine:
+        knocked = engine.forward(ids, mask, logits=True).logits
+    real = mask.bool()
+    scale = reference[real].abs().max()
+    assert (knocked - reference)[real].abs().max() <= 1e-5 * scale
+    assert (plain - reference)[real].abs().max() > 1e-3 * scale  # the knock-out changes something
+    # knocking out a head subset leaves the other heads' outputs alone
+    with capture(model, [SinkKnockout({0: [1]})]) as engine:
+        partial = engine.forward(ids, mask, logits=True).logits
+    assert not torch.allclose(partial, plain) and not torch.allclose(partial, knocked)

@@ -5,10 +5,11 @@ from .probes import (
     AttentionEntropy,
     AttentionWeights,
     FirstTokenAttention,
+    SinkKnockout,
     ValueNorms,
 )
 
 __all__ = [
     "AttentionCall", "AttentionEntropy", "AttentionWeights", "BatchInfo", "CaptureEngine", "FirstTokenAttention",
-    "Probe", "ValueNorms", "capture",
+    "Probe", "SinkKnockout", "ValueNorms", "capture",
 ]

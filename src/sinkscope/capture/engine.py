@@ -138,6 +138,20 @@ class AttentionCall:
         share = torch.exp(result.lse.to(self.lse.dtype) - self.lse).nan_to_num(0.0)
         return result.output[..., :width].to(self.lse.dtype) * share[..., None]
 
+    def attend_with(self, allowed: torch.Tensor) -> kernels.KernelOutput:
+        """Recompute this layer's attention under another mask (bool [B, 1|H, T, S]), same kernel choice.
+        For interventions that hide keys: exact, unlike subtracting a key's share from the output."""
+        sinks = None if self.sinks is None else self.sinks.to(self.engine.compute_dtype)
+        if self.engine.kernel_for(self) == "fused":
+            return kernels.fused_attention(self.query, self.key, self.value, allowed, self.scaling, self.causal, sinks,
+                                           self.engine.chunk_size,
+                                           torch.float64 if self.engine.compute_dtype == torch.float64 else None)
+        if self.engine.kernel_for(self) == "chunked":
+            return kernels.chunked_attention(self.query, self.key, self.value, allowed, self.scaling, self.softcap,
+                                             self.bias, sinks, self.engine.chunk_size, self.engine.compute_dtype)
+        return kernels.eager_attention(self.query, self.key, self.value, allowed, self.scaling, self.softcap,
+                                       self.bias, sinks, self.engine.compute_dtype)
+
     def entropy_and_max(self, with_max: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(entropy [B, H, T], max weight [B, H, T] or None) of each query's attention distribution.
         Entropy is O(n) memory on the fused path (see `kernels.entropy_fused`); the max weight needs a
@@ -300,6 +314,24 @@ class CaptureEngine:
         if residual:
             # hidden_states[-1] is after the final norm; the residual stream proper ends before it.
             output.residual = torch.stack(list(output.hidden_states[:-1]) + [pre_norm[-1]])
+        for probe in self.probes:
+            probe.finish()
+        return output
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        """``model.generate`` with the probes attached (e.g. an intervention during decoding). Each decoding
+        step's attention call sees the cached keys; the first token stays the first key."""
+        if self not in _active:
+            raise RuntimeError("use the engine as a context manager: with CaptureEngine(...) as engine")
+        device = next(self.model.parameters()).device
+        input_ids = input_ids.to(device)
+        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
+        self.batch = BatchInfo(input_ids, attention_mask, attention_mask.long().argmax(-1))
+        for probe in self.probes:
+            probe.start(self.batch, self)
+        self.model.eval()
+        with torch.inference_mode():
+            output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         for probe in self.probes:
             probe.finish()
         return output

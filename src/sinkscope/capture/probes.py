@@ -134,3 +134,40 @@ class ValueNorms(Probe):
             "output_norm": call.output.float().norm(dim=-1).cpu(),
             "first_attention": attention.float().cpu(),
         }
+
+
+class SinkKnockout(Probe):
+    """Intervention: remove each query's attention to the first token and renormalise over the rest.
+
+    ``heads``: None (every head of every layer) or ``{layer: None | [head, ...]}``. The layer's attention
+    is recomputed with the first key masked for every later query — exactly an explicit attention mask
+    (tested against one). The first token's own query, which sees nothing else, is left as it is. A
+    learned sink logit (gpt-oss) keeps its place in the normaliser.
+    """
+
+    def __init__(self, heads: dict[int, list[int] | None] | None = None) -> None:
+        self.heads = heads
+
+    def _selected(self, call: AttentionCall) -> torch.Tensor | None:
+        if self.heads is None:
+            return torch.ones(call.n_heads, dtype=torch.bool)
+        if call.layer not in self.heads:
+            return None
+        chosen = self.heads[call.layer]
+        mask = torch.zeros(call.n_heads, dtype=torch.bool)
+        mask[list(range(call.n_heads)) if chosen is None else list(chosen)] = True
+        return mask
+
+    def on_attention(self, call: AttentionCall) -> torch.Tensor | None:
+        selected = self._selected(call)
+        if selected is None or not selected.any():
+            return None
+        allowed = call.engine._dense_allowed(call).expand(call.query.shape[0], -1, -1, -1).clone()
+        first = call.batch.first_positions.to(allowed.device)
+        t, s = call.query.shape[2], call.key.shape[2]
+        later = torch.arange(t, device=allowed.device) + (s - t) > first[:, None]  # [B, T]
+        rows = torch.arange(allowed.shape[0], device=allowed.device)
+        column = allowed[rows, :, :, first]  # [B, 1|H, T]
+        allowed[rows, :, :, first] = column & ~later[:, None, :]
+        knocked = call.attend_with(allowed).output
+        return torch.where(selected.to(call.output.device)[None, :, None, None], knocked, call.output)
