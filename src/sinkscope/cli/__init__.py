@@ -61,6 +61,7 @@ def _root(version: Annotated[bool, typer.Option("--version", help="print the ver
 
 # Command modules register themselves on `app` when imported.
 from . import collapse as _collapse  # noqa: E402,F401
+from . import consequences as _consequences  # noqa: E402,F401
 from . import explain as _explain  # noqa: E402,F401
 from . import perturb as _perturb  # noqa: E402,F401
 from . import scan as _scan  # noqa: E402,F401
