@@ -65,6 +65,7 @@ from . import consequences as _consequences  # noqa: E402,F401
 from . import explain as _explain  # noqa: E402,F401
 from . import perturb as _perturb  # noqa: E402,F401
 from . import scan as _scan  # noqa: E402,F401
+from . import streaming as _streaming  # noqa: E402,F401
 
 
 def main() -> None:
