@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.table import Table
 
+from ..errors import InputError
 from . import BosOption, ModelOption, app, console, load_model, user_errors
 
 if TYPE_CHECKING:
@@ -113,3 +114,30 @@ def generate(model: ModelOption = "gemma3-270m",
         table.add_row(item["prompt"], *[item["continuations"][c]["text"] for c in conditions])
     console.print(table)
     _saved(result, out)
+
+
+@app.command("downstream")
+@user_errors
+def downstream_command(
+    task: Annotated[list[str], typer.Option(help="lm-eval task name; repeatable (e.g. arc_easy, piqa)")],
+    model: ModelOption = "gemma3-270m",
+    bos: Annotated[list[str] | None, typer.Option(help="add | strip; repeatable")] = None,
+    limit: Annotated[int | None, typer.Option(help="examples per task")] = None,
+    num_fewshot: Annotated[int | None, typer.Option()] = None,
+    out: Annotated[Path | None, typer.Option(help="run directory")] = None,
+) -> None:
+    """Optional: lm-eval tasks with the tokenizer's <bos> on and off (Table 3). Needs lm-eval and task data."""
+    from ..experiments.downstream import downstream, lm_eval_available
+
+    if not lm_eval_available():
+        raise InputError("lm-eval is not installed (pip install lm-eval); the downstream evaluation is optional")
+    loaded = load_model(model)
+    result = downstream(loaded, task, bos=bos or ["add", "strip"], limit=limit, num_fewshot=num_fewshot,
+                        command=" ".join(["sinkscope"] + sys.argv[1:]))
+    table = Table("task", "metric", *result.summary["bos"], title="downstream scores")
+    pivot = result.to_frame().pivot_table("value", ["task", "metric"], "bos")
+    for (task_name, metric), row in pivot.iterrows():
+        table.add_row(task_name, metric, *[f"{row[b]:.4f}" for b in result.summary["bos"]])
+    console.print(table)
+    if out is not None:
+        console.print(f"written to {result.save(out)}/", highlight=False)
