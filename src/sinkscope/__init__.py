@@ -5,9 +5,21 @@ __version__ = "0.1.0"
 from .capture import CaptureEngine, FirstTokenAttention, Probe, capture  # noqa: E402
 from .errors import SinkscopeError  # noqa: E402
 from .experiments import ScanResult, scan  # noqa: E402
+from .experiments.ablate import ablate, knockout  # noqa: E402
+from .experiments.activations import massive_activations  # noqa: E402
+from .experiments.collapse import rank_collapse, representational_collapse  # noqa: E402
+from .experiments.downstream import downstream  # noqa: E402
+from .experiments.generate import generate_side_by_side  # noqa: E402
+from .experiments.noop import attention_smoothing, conditional_heads, noop  # noqa: E402
+from .experiments.oversquash import oversquash  # noqa: E402
+from .experiments.passkey import passkey  # noqa: E402
+from .experiments.perturb import perturb  # noqa: E402
+from .experiments.stream import stream  # noqa: E402
 from .models import LoadedModel, ModelInfo, load  # noqa: E402
 
 __all__ = [
-    "CaptureEngine", "FirstTokenAttention", "LoadedModel", "ModelInfo", "Probe", "ScanResult",
-    "SinkscopeError", "capture", "load", "scan", "__version__",
+    "CaptureEngine", "FirstTokenAttention", "LoadedModel", "ModelInfo", "Probe", "ScanResult", "SinkscopeError",
+    "__version__", "ablate", "attention_smoothing", "capture", "conditional_heads", "downstream",
+    "generate_side_by_side", "knockout", "load", "massive_activations", "noop", "oversquash", "passkey", "perturb",
+    "rank_collapse", "representational_collapse", "scan", "stream",
 ]

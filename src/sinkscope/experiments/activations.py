@@ -27,14 +27,13 @@ from .collapse import (
     bos_conditions,
     encode_prompts,
     integer_ticks,
-    progress_bar,
     prompt_list,
     pyplot,
     residual_streams,
     save_figure,
     token_strings,
 )
-from .common import ExperimentResult, provenance
+from .common import ExperimentResult, progress_bar, provenance
 
 FACTORS = activation_metrics.MASSIVE_FACTORS
 

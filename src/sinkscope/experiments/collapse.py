@@ -22,7 +22,6 @@ import numpy as np
 import pandas as pd
 import torch
 from numpy.typing import NDArray
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ..capture import CaptureEngine
 from ..data import Prompt, probe_set
@@ -30,7 +29,7 @@ from ..errors import InputError, TokenizationError
 from ..metrics import collapse as collapse_metrics
 from ..models.loader import LoadedModel, load, text_config
 from ..models.tokens import encode, parse_bos
-from .common import ExperimentResult, encode_conditions, provenance
+from .common import ExperimentResult, encode_conditions, progress_bar, provenance
 
 TOKENS_PER_BATCH = 8192
 LAYER_CONVENTION = "0 = embeddings, l = output of block l; the last is taken before the final norm"
@@ -98,13 +97,6 @@ def residual_streams(engine: CaptureEngine, sequences: Sequence[Sequence[int]], 
         for row, seq in enumerate(batch):
             yield start + row, residual[:, row, : len(seq)].to(torch.float64).cpu().numpy()
         start = stop
-
-
-def progress_bar(name: str, progress: bool) -> Progress:
-    """The rich progress bar every experiment shows over its work items."""
-    columns = [TextColumn(f"[bold]{name}[/] " + "{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TimeRemainingColumn()]
-    return Progress(*columns, disable=not progress, transient=False)
 
 
 def token_strings(tokenizer: Any, ids: Sequence[int]) -> list[str]:

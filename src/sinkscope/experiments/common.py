@@ -101,5 +101,5 @@ def progress_bar(title: str, enabled: bool) -> Any:
     """A rich progress bar with the columns sinkscope uses everywhere."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    return Progress(TextColumn(f"[bold]{title}[/]"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                    disable=not enabled)
+    return Progress(TextColumn(f"[bold]{title}[/] " + "{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeRemainingColumn(), disable=not enabled)
