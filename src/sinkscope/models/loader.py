@@ -155,10 +155,11 @@ def _from_gguf(path: Path, dtype: Any, device_kwargs: dict[str, Any]) -> tuple[A
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _check_gguf_file(path)
-    try:
-        import gguf  # noqa: F401
-    except ImportError as error:
-        raise ModelLoadError("loading .gguf files needs the 'gguf' package: pip install gguf") from error
+    import importlib.util
+
+    for package in ("gguf", "accelerate"):  # transformers needs both to read GGUF
+        if importlib.util.find_spec(package) is None:
+            raise ModelLoadError(f"loading .gguf files needs the '{package}' package: pip install {package}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(
