@@ -13,6 +13,7 @@ attention weight as ``exp(score - lse)`` without the n x n matrix.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -112,6 +113,21 @@ def scores_block(
     return scores
 
 
+def masked_score_blocks(
+    query: torch.Tensor, key: torch.Tensor, allowed: torch.Tensor, scaling: float, softcap: float | None,
+    bias: torch.Tensor | None, dtype: torch.dtype, chunk_size: int,
+) -> Iterator[tuple[int, int, int, int, torch.Tensor]]:
+    """(start, stop, lo, hi, scores) per query chunk [start, stop): the logits against the keys [lo, hi) that
+    chunk can see, masked to -inf elsewhere. O(chunk x keys) memory."""
+    for start in range(0, query.shape[2], chunk_size):
+        stop = min(start + chunk_size, query.shape[2])
+        block = allowed[:, :, start:stop]
+        lo, hi = _key_range(block)
+        bias_c = None if bias is None else bias[:, :, start:stop, lo:hi]
+        scores = scores_block(query[:, :, start:stop], key[:, :, lo:hi], scaling, softcap, bias_c, dtype)
+        yield start, stop, lo, hi, scores.masked_fill(~block[..., lo:hi], float("-inf"))
+
+
 def chunked_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -127,14 +143,8 @@ def chunked_attention(
     """`allowed`: bool [B, 1|H, T, S]; `bias`: additive [B|1, H|1, T, S] or None."""
     n_rep = query.shape[1] // key.shape[1]
     outputs, lses = [], []
-    for start in range(0, query.shape[2], chunk_size):
-        stop = min(start + chunk_size, query.shape[2])
-        block = allowed[:, :, start:stop]
-        lo, hi = _key_range(block)
-        block = block[..., lo:hi]
-        bias_c = None if bias is None else bias[:, :, start:stop, lo:hi]
-        scores = scores_block(query[:, :, start:stop], key[:, :, lo:hi], scaling, softcap, bias_c, compute_dtype)
-        scores = scores.masked_fill(~block, float("-inf"))
+    for _, _, lo, hi, scores in masked_score_blocks(query, key, allowed, scaling, softcap, bias, compute_dtype,
+                                                    chunk_size):
         lse = _add_sinks(torch.logsumexp(scores, -1), sinks)
         probs = torch.exp(scores - lse[..., None]).nan_to_num(0.0)
         outputs.append(torch.matmul(probs, repeat_kv(value[:, :, lo:hi], n_rep).to(compute_dtype)))
@@ -198,14 +208,8 @@ def row_statistics_chunked(
     """(entropy, max weight over keys) per query from explicit logits, one query chunk at a time:
     O(chunk x keys) memory. Works for any logits (soft-capping, biases)."""
     entropies, maxima = [], []
-    for start in range(0, query.shape[2], chunk_size):
-        stop = min(start + chunk_size, query.shape[2])
-        block = allowed[:, :, start:stop]
-        lo, hi = _key_range(block)
-        block = block[..., lo:hi]
-        bias_c = None if bias is None else bias[:, :, start:stop, lo:hi]
-        scores = scores_block(query[:, :, start:stop], key[:, :, lo:hi], scaling, softcap, bias_c, lse.dtype)
-        scores = scores.masked_fill(~block, float("-inf"))
+    for start, stop, _, _, scores in masked_score_blocks(query, key, allowed, scaling, softcap, bias, lse.dtype,
+                                                         chunk_size):
         log_p = scores - lse[:, :, start:stop, None]
         p = torch.exp(log_p)
         entropy = -(p * log_p).nan_to_num(0.0).sum(-1)
