@@ -7,9 +7,18 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from helpers import word_tokenizer  # noqa: E402
+from helpers import tiny_model, word_tokenizer  # noqa: E402
 
 
 @pytest.fixture
 def tokenizer():
     return word_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    """A tiny llama and its tokenizer saved as a local model directory (read-only for tests)."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model("llama").save_pretrained(path)
+    word_tokenizer().save_pretrained(path)
+    return path

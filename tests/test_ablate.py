@@ -203,14 +203,6 @@ def test_text_files_and_default(tmp_path, monkeypatch):
 
 
 # -- CLI ---------------------------------------------------------------------------------------------
-@pytest.fixture
-def model_dir(tmp_path):
-    path = tmp_path / "model"
-    tiny_model("llama").save_pretrained(path)
-    word_tokenizer().save_pretrained(path)
-    return path
-
-
 def test_ablate_command(tmp_path, model_dir):
     text = tmp_path / "t.txt"
     text.write_text(TEXT, encoding="utf-8")

@@ -293,14 +293,6 @@ def test_repr_collapse_files_and_errors(tmp_path):
 
 
 # -- command line --------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tiny_model("llama").save_pretrained(path)
-    word_tokenizer().save_pretrained(path)
-    return path
-
-
 @pytest.fixture
 def prompt_file(tmp_path):
     path = tmp_path / "prompts.txt"

@@ -6,16 +6,8 @@ import pytest
 import torch
 
 import sinkscope as ss
-from helpers import tiny_model, word_tokenizer
+from helpers import tiny_model
 from sinkscope.errors import ModelLoadError, UnsupportedModelError
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tiny_model("llama").save_pretrained(path)
-    word_tokenizer().save_pretrained(path)
-    return path
 
 
 def test_local_directory_loads_with_tokenizer_and_info(model_dir):

@@ -114,14 +114,6 @@ def test_refusals(monkeypatch):
         oversquash(lm, TEXT, exact=True, path_sum=False, progress=False)
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tiny_model("llama").save_pretrained(path)
-    word_tokenizer().save_pretrained(path)
-    return path
-
-
 def test_files_and_cli(model_dir, tmp_path):
     runner = CliRunner()
     out = tmp_path / "run"

@@ -119,14 +119,6 @@ def test_files_written(result, tmp_path):
     assert summary["provenance"]["bos"] == ["add", "strip"]
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tiny_model("llama").save_pretrained(path)
-    word_tokenizer().save_pretrained(path)
-    return path
-
-
 def test_cli_perturb_and_bad_swap(model_dir, tmp_path, result):
     runner = CliRunner()
     out = tmp_path / "cli"
