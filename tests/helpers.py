@@ -84,3 +84,18 @@ SENTENCES = [
     "then the dog sat on a mat in the house",
     "very quiet , very far away !",
 ]
+
+
+def reference_residual(model, ids: list[int]):
+    """[layers + 1, T, d] float64 numpy from transformers' own eager twin of `model`: the hidden states, the
+    last taken at the final norm's input (transformers' own last hidden state is that norm applied to it)."""
+    twin = eager_twin(model)
+    captured = []
+    hook = twin.model.norm.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
+    try:
+        with torch.no_grad():
+            out = twin(input_ids=torch.tensor([ids]), output_hidden_states=True)
+    finally:
+        hook.remove()
+    torch.testing.assert_close(twin.model.norm(captured[-1]), out.hidden_states[-1])
+    return torch.stack(list(out.hidden_states[:-1]) + [captured[-1]])[:, 0].double().numpy()

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 import sinkscope as ss
 import sinkscope.cli.collapse  # noqa: F401  registers the commands on the app
-from helpers import SENTENCES, eager_twin, tiny_model, word_tokenizer
+from helpers import SENTENCES, eager_twin, reference_residual, tiny_model, word_tokenizer
 from sinkscope.cli import app
 from sinkscope.errors import InputError
 from sinkscope.experiments.activations import massive_activations
@@ -28,17 +28,6 @@ def brute_top(h: np.ndarray, k: int) -> list[tuple[int, int, float]]:
     return [(t, d, float(h[t, d])) for _, t, d in sorted(entries)[:k]]
 
 
-def reference_residual(twin, ids: list[int]) -> np.ndarray:
-    """[layers + 1, T, d] from a plain eager forward: hidden states, the last at the final norm's input."""
-    captured = []
-    hook = twin.model.norm.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
-    try:
-        with torch.no_grad():
-            out = twin(input_ids=torch.tensor([ids]), output_hidden_states=True)
-    finally:
-        hook.remove()
-    torch.testing.assert_close(twin.model.norm(captured[-1]), out.hidden_states[-1])
-    return torch.stack(list(out.hidden_states[:-1]) + [captured[-1]])[:, 0].double().numpy()
 
 
 # -- metrics ---------------------------------------------------------------------------------------------

@@ -9,12 +9,11 @@ import math
 
 import numpy as np
 import pytest
-import torch
 from typer.testing import CliRunner
 
 import sinkscope as ss
 import sinkscope.cli.collapse  # noqa: F401  registers the commands on the app
-from helpers import SENTENCES, eager_twin, tiny_model, word_tokenizer
+from helpers import SENTENCES, eager_twin, reference_residual, tiny_model, word_tokenizer
 from sinkscope.cli import app
 from sinkscope.errors import InputError, TokenizationError
 from sinkscope.experiments.collapse import rank_collapse, representational_collapse
@@ -51,18 +50,6 @@ def reference_measures(h: np.ndarray) -> dict[str, float]:
     }
 
 
-def reference_residual(twin, ids: list[int]) -> np.ndarray:
-    """[layers + 1, T, d] from a plain eager forward: hidden states, the last one taken at the final norm's input."""
-    captured = []
-    hook = twin.model.norm.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
-    try:
-        with torch.no_grad():
-            out = twin(input_ids=torch.tensor([ids]), output_hidden_states=True)
-    finally:
-        hook.remove()
-    # the reference itself: transformers' last hidden state is the final norm of what we captured
-    torch.testing.assert_close(twin.model.norm(captured[-1]), out.hidden_states[-1])
-    return torch.stack(list(out.hidden_states[:-1]) + [captured[-1]])[:, 0].double().numpy()
 
 
 def loaded(family: str = "llama", **kwargs):

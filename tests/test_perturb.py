@@ -6,12 +6,11 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from typer.testing import CliRunner
 
 import sinkscope as ss
 import sinkscope.cli.perturb  # noqa: F401  (registers the commands on the app)
-from helpers import SENTENCES, eager_twin, tiny_model, word_tokenizer
+from helpers import SENTENCES, reference_residual, tiny_model, word_tokenizer
 from sinkscope.cli import app
 from sinkscope.errors import InputError
 from sinkscope.experiments.perturb import parse_swap, perturb
@@ -30,17 +29,6 @@ def result(lm):
     return perturb(lm, TEXT, swap=SWAP, bos=("add", "strip"), progress=False)
 
 
-def reference_residual(model, ids: list[int]) -> np.ndarray:
-    """[layers + 1, T, d] from transformers' own eager model: hidden states, the last before the final norm."""
-    twin = eager_twin(model)
-    captured = []
-    hook = twin.model.norm.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
-    try:
-        with torch.no_grad():
-            out = twin(input_ids=torch.tensor([ids]), output_hidden_states=True)
-    finally:
-        hook.remove()
-    return torch.stack(list(out.hidden_states[:-1]) + [captured[-1]])[:, 0].double().numpy()
 
 
 def test_delta_matches_an_independent_forward(lm, result):
