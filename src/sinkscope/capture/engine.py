@@ -70,6 +70,7 @@ class AttentionCall:
     lse: torch.Tensor | None = None  # [B, H, T] log of the full softmax normaliser (sink included)
     weights: torch.Tensor | None = None  # [B, H, T, S] on the eager path only
     engine: Any = None  # the CaptureEngine running this call
+    sigmoid_bias: float | None = None  # set for sigmoid attention (lab variant): p_ij = sigmoid(s_ij + bias)
 
     @property
     def n_heads(self) -> int:
@@ -110,6 +111,9 @@ class AttentionCall:
     def key_attention(self, key_index: torch.Tensor) -> torch.Tensor:
         """float [B, H, T]: the attention weight each query puts on key `key_index[b]` (0 where masked)."""
         allowed = self.key_allowed(key_index)
+        if self.sigmoid_bias is not None and self.weights is None:
+            attention = torch.sigmoid(self.key_scores(key_index) + self.sigmoid_bias)
+            return torch.where(allowed, attention, torch.zeros((), dtype=attention.dtype, device=attention.device))
         if self.weights is not None:
             index = key_index.clamp(max=self.key.shape[2] - 1).to(self.weights.device)
             weights = torch.gather(self.weights, 3, index.view(-1, 1, 1, 1).expand(*self.weights.shape[:3], 1))
@@ -120,6 +124,7 @@ class AttentionCall:
     def weighted_sum(self, values: torch.Tensor) -> torch.Tensor:
         """sum_j p_ij values_j for per-key values [B, KVH, S, Dx]: one more attention call with other values.
         The result is [B, H, T, Dx], normalised like the layer's own attention (a learned sink adds nothing)."""
+        self._require_softmax("a weighted sum through the softmax normaliser")
         if self.weights is not None:
             n_rep = self.n_heads // values.shape[1]
             return torch.matmul(self.weights.to(self.lse.dtype), kernels.repeat_kv(values, n_rep).to(self.lse.dtype))
@@ -142,6 +147,10 @@ class AttentionCall:
         """Recompute this layer's attention under another mask (bool [B, 1|H, T, S]), same kernel choice.
         For interventions that hide keys: exact, unlike subtracting a key's share from the output."""
         sinks = None if self.sinks is None else self.sinks.to(self.engine.compute_dtype)
+        if self.sigmoid_bias is not None:
+            return kernels.sigmoid_attention(self.query, self.key, self.value, allowed, self.scaling,
+                                             self.sigmoid_bias, self.engine.chunk_size, self.engine.compute_dtype,
+                                             self.engine.path == "eager")
         if self.engine.kernel_for(self) == "fused":
             return kernels.fused_attention(self.query, self.key, self.value, allowed, self.scaling, self.causal, sinks,
                                            self.engine.chunk_size,
@@ -156,6 +165,7 @@ class AttentionCall:
         """(entropy [B, H, T], max weight [B, H, T] or None) of each query's attention distribution.
         Entropy is O(n) memory on the fused path (see `kernels.entropy_fused`); the max weight needs a
         chunked pass over the logits (O(chunk x n) memory, O(n^2) time)."""
+        self._require_softmax("attention entropy")
         if self.weights is not None:
             p = self.weights.to(self.lse.dtype)
             entropy = -(p * torch.log(p)).nan_to_num(0.0).sum(-1)
@@ -174,6 +184,10 @@ class AttentionCall:
             entropy = kernels.entropy_fused(self.query, self.key, self.allowed, self.scaling, self.causal, self.lse,
                                             self.sinks, self.engine.chunk_size)
         return entropy, maximum if with_max else None
+
+    def _require_softmax(self, what: str) -> None:
+        if self.sigmoid_bias is not None:
+            raise UnsupportedModelError(f"{what} is not defined for sigmoid attention (its rows do not sum to one)")
 
     def sink_attention(self) -> torch.Tensor | None:
         """float [B, H, T]: the share of each query's attention the learned sink logit takes (gpt-oss)."""
@@ -364,12 +378,17 @@ class CaptureEngine:
                 bias = attention_mask if bias is None else bias + attention_mask
             allowed = allowed[..., :s]
         sinks = kwargs.get("s_aux", kwargs.get("sinks"))
+        # Lab attention variants (sinkscope.lab.variants) carry their normalisation on the module.
+        variant = getattr(module, "attention_variant", "softmax")
+        if sinks is None:
+            sinks = getattr(module, "sink_logits", None)
         softcap = kwargs.get("softcap")
         call = AttentionCall(
             layer=layer, layer_type=self.layer_types[layer] if layer < len(self.layer_types) else "full_attention",
             module=module, query=query, key=key, value=value, allowed=allowed, causal=causal,
             scaling=float(kwargs.get("scaling") or query.shape[-1] ** -0.5), softcap=softcap,
             bias=None if bias is None else bias[..., :s], sinks=sinks, batch=self.batch, engine=self,
+            sigmoid_bias=float(module.sigmoid_bias) if variant == "sigmoid" else None,
         )
         self._run_kernel(call)
         for probe in self.probes:
@@ -389,6 +408,8 @@ class CaptureEngine:
 
     def kernel_for(self, call: AttentionCall) -> str:
         """Which kernel computes this call: the fused one wherever it can express the layer."""
+        if call.sigmoid_bias is not None:
+            return "sigmoid"
         if self.path not in ("auto", "fused"):
             return self.path
         if call.softcap is None and call.bias is None and call.query.device.type == "cpu":
@@ -401,7 +422,12 @@ class CaptureEngine:
         kind = self.kernel_for(call)
         self.kernels_used.add(kind)
         sinks = None if call.sinks is None else call.sinks.to(self.compute_dtype)
-        if kind == "fused":
+        if kind == "sigmoid":
+            result = kernels.sigmoid_attention(
+                call.query, call.key, call.value, self._dense_allowed(call), call.scaling, call.sigmoid_bias,
+                self.chunk_size, self.compute_dtype, self.path == "eager",
+            )
+        elif kind == "fused":
             result = kernels.fused_attention(
                 call.query, call.key, call.value, call.allowed, call.scaling, call.causal, sinks,
                 self.chunk_size, torch.float64 if self.compute_dtype == torch.float64 else None,

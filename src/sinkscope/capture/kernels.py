@@ -7,6 +7,7 @@ attention weight as ``exp(score - lse)`` without the n x n matrix.
   only the keys that chunk can see (a band for sliding-window layers), so memory stays O(chunk x keys).
 - `chunked_attention`: explicit logits per query chunk. Handles what the fused op cannot express
   (Gemma-2 soft-capping, additive position biases, non-CPU devices).
+- `sigmoid_attention`: the sigmoid-attention lab variant (no normaliser), over query chunks.
 - `eager_attention`: the full n x n softmax, written the way the models' own eager code is. The
   reference the other two are tested against; also the only kernel that exposes all weights.
 """
@@ -219,3 +220,28 @@ def row_statistics_chunked(
         entropies.append(entropy)
         maxima.append(p.amax(-1).nan_to_num(0.0))
     return torch.cat(entropies, 2), torch.cat(maxima, 2)
+
+
+def sigmoid_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    allowed: torch.Tensor,
+    scaling: float,
+    sigmoid_bias: float,
+    chunk_size: int = 1024,
+    compute_dtype: torch.dtype = torch.float32,
+    keep_weights: bool = False,
+) -> KernelOutput:
+    """Sigmoid attention (a lab variant): p_ij = sigmoid(s_ij + bias) on allowed keys, no normalisation.
+    There is no log-normaliser; ``lse`` is NaN so that anything relying on one fails loudly."""
+    n_rep = query.shape[1] // key.shape[1]
+    outputs, weights = [], []
+    for _, _, lo, hi, scores in masked_score_blocks(query, key, allowed, scaling, None, None, compute_dtype,
+                                                    chunk_size):
+        probs = torch.sigmoid(scores + sigmoid_bias)  # masked logits are -inf: weight 0
+        outputs.append(torch.matmul(probs, repeat_kv(value[:, :, lo:hi], n_rep).to(compute_dtype)))
+        if keep_weights:
+            weights.append(torch.nn.functional.pad(probs, (lo, key.shape[2] - hi)))
+    lse = torch.full(query.shape[:3], float("nan"), dtype=compute_dtype, device=query.device)
+    return KernelOutput(torch.cat(outputs, 2).to(query.dtype), lse, torch.cat(weights, 2) if keep_weights else None)

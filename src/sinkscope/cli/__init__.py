@@ -63,6 +63,7 @@ def _root(version: Annotated[bool, typer.Option("--version", help="print the ver
 from . import collapse as _collapse  # noqa: E402,F401
 from . import consequences as _consequences  # noqa: E402,F401
 from . import explain as _explain  # noqa: E402,F401
+from . import lab as _lab  # noqa: E402,F401
 from . import perturb as _perturb  # noqa: E402,F401
 from . import scan as _scan  # noqa: E402,F401
 from . import streaming as _streaming  # noqa: E402,F401

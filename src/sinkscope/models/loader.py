@@ -189,6 +189,13 @@ def _from_pretrained(
         raise ModelLoadError(f"cannot load '{ref}': {str(error).splitlines()[0][:300]}") from error
     except Exception as error:  # corrupt weights surface as many exception types
         raise ModelLoadError(f"cannot load '{ref}': {type(error).__name__}: {str(error)[:300]}") from error
+    from ..lab.variants import restore, variant_of
+
+    if variant_of(model.config) is not None:  # a sinkscope lab model: re-install its attention variant
+        if not Path(ref).is_dir():
+            raise ModelLoadError(f"'{ref}' is a sinkscope lab model ({variant_of(model.config)} attention); "
+                                 "download it and load the local directory")
+        restore(model, ref)
     try:
         tokenizer = AutoTokenizer.from_pretrained(ref, trust_remote_code=trust_remote_code, revision=revision)
     except Exception:  # a model directory without tokenizer files is still usable with input_ids

@@ -99,3 +99,46 @@ def plot_noop(frame, path: str | Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def plot_sink_rate_over_training(groups: dict[str, dict[str, tuple[object, object]]], path: str | Path) -> Path:
+    """Sink rate vs training tokens: one row per group of runs, one column per eps, plus validation loss.
+
+    ``groups[group][run] = (sinks, evals)``: the lab's tidy tables (sinks: step, tokens, inference, layer, eps,
+    sink_rate; evals: step, tokens, validation). A run's sink rate is the mean over layers (= over heads).
+    Colour = run; line style = inference input (solid ``<bos>`` + text, dashed text alone).
+    """
+    path = Path(path)
+    eps_values = sorted({float(e) for runs in groups.values() for sinks, _ in runs.values() for e in sinks["eps"]})
+    columns = len(eps_values) + 1
+    fig, axes = plt.subplots(len(groups), columns, figsize=(4.2 * columns, 3.2 * len(groups)), squeeze=False,
+                             constrained_layout=True)
+    styles = {"bos+text": "-", "text": "--"}
+    colours = plt.get_cmap("viridis")
+    for row, (group, runs) in enumerate(groups.items()):
+        for index, (label, (sinks, evals)) in enumerate(runs.items()):
+            colour = colours(index / max(len(runs) - 1, 1) * 0.9)
+            for col, eps in enumerate(eps_values):
+                ax = axes[row][col]
+                chosen = sinks[sinks["eps"] == eps]
+                for inference, part in chosen.groupby("inference", sort=False):
+                    curve = part.groupby("tokens")["sink_rate"].mean()
+                    ax.plot(curve.index, curve.values, styles.get(inference, ":"), color=colour,
+                            label=f"{label} [{inference}]")
+            if evals is not None and len(evals):
+                ax = axes[row][-1]
+                curve = evals.groupby("tokens")["validation"].mean()
+                ax.plot(curve.index, curve.values, color=colour, label=label)
+        for col, eps in enumerate(eps_values):
+            ax = axes[row][col]
+            ax.set_title(f"{group}: sink rate, eps = {eps:g}", fontsize=9)
+            ax.set_ylim(-0.03, 1.03)
+            ax.set_xlabel("training tokens")
+            ax.set_ylabel("fraction of heads")
+        axes[row][-1].set_title(f"{group}: validation loss", fontsize=9)
+        axes[row][-1].set_xlabel("training tokens")
+        axes[row][0].legend(fontsize=6, loc="upper left")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

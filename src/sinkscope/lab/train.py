@@ -1,0 +1,343 @@
+"""The lab's training loop: small LLaMA-style models, packed data, sink metric tracked as training goes.
+
+Runs as one process or under ``accelerate launch`` (DDP; the same code, `accelerate` does the wrapping).
+Every batch is a function of (seed, step) and rows are split over processes, so the global batch — and the
+loss curve — does not depend on the number of processes. The loss is summed over tokens and divided by the
+global token count, so gradients match a single-process run exactly (up to float summation order).
+
+Run directory::
+
+    config.json         the full TrainConfig
+    log.jsonl           per logged step: loss, learning rate, tokens/s         (appended as it goes)
+    eval.jsonl          per evaluation: validation loss, probe loss per inference input
+    sinks.jsonl         per evaluation x inference input x layer x eps: sink rate, mean alpha
+    sinks.csv, sink_rate.png   tidy table and figure, rewritten at every checkpoint and at the end
+    checkpoint/         model (safetensors + config + tokenizer: loadable by every sinkscope command),
+                        optimizer.safetensors, trainer_state.json
+
+``resume=True`` continues from ``checkpoint/``: rows logged after it are dropped and recomputed, and the
+result is identical to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from ..errors import SinkscopeError
+from ..report.rundir import atomic_write_bytes, write_json
+from . import data as lab_data
+from .config import TrainConfig, train_config
+from .models import build_model, count_parameters
+from .track import evaluate, token_losses
+
+CHECKPOINT = "checkpoint"
+LOGS = ("log.jsonl", "eval.jsonl", "sinks.jsonl")
+VALIDATION_SEED_OFFSET = 1_000_003
+PROBE_SEED = 20250
+
+
+class LabRunError(SinkscopeError):
+    """A run directory that cannot be started or resumed."""
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    steps: int
+    tokens: int
+    seconds: float
+    sinks: pd.DataFrame
+    evals: pd.DataFrame
+
+    def final_sink_rate(self, inference: str = "bos+text", eps: float = 0.3) -> float:
+        rows = self.sinks[(self.sinks.inference == inference) & (self.sinks.eps == eps)]
+        last = rows[rows.step == rows.step.max()]
+        return float(last.sink_rate.mean())
+
+
+# -- data ---------------------------------------------------------------------------------------------
+def make_source(config: TrainConfig) -> tuple[Any, Any]:
+    """(training source, validation source)."""
+    spec = config.data
+    if spec.kind == "bigram_backcopy":
+        source = lab_data.BigramBackcopy(spec.vocab, spec.triggers, (spec.doc_min, spec.doc_max), spec.concentration,
+                                         spec.world_seed)
+        return source, source  # validation draws fresh documents from other seeds
+    corpus = lab_data.text_source(spec.paths, spec.tokenizer, spec.dataset)
+    return corpus.split("train"), corpus.split("validation")
+
+
+def learning_rate(config: TrainConfig, step: int) -> float:
+    """Linear warm-up, then cosine decay to min_lr_ratio x lr (step counts from 1)."""
+    opt = config.optimizer
+    if step <= opt.warmup_steps:
+        return opt.lr * step / max(opt.warmup_steps, 1)
+    progress = (step - opt.warmup_steps) / max(config.steps - opt.warmup_steps, 1)
+    floor = opt.lr * opt.min_lr_ratio
+    return floor + 0.5 * (opt.lr - floor) * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+# -- checkpoints --------------------------------------------------------------------------------------
+def save_optimizer(optimizer: torch.optim.Optimizer, model: Any, path: Path) -> None:
+    """AdamW state as safetensors (no pickle): ``<param name>.<state key>`` per parameter."""
+    from safetensors.torch import save_file
+
+    names = {id(p): n for n, p in model.named_parameters()}
+    tensors = {}
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            for key, value in optimizer.state.get(param, {}).items():
+                value = value if torch.is_tensor(value) else torch.tensor(value)
+                tensors[f"{names[id(param)]}.{key}"] = value.detach().cpu().contiguous()
+    save_file(tensors, str(path))
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, model: Any, path: Path) -> None:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    params = dict(model.named_parameters())
+    for key, value in tensors.items():
+        name, state_key = key.rsplit(".", 1)
+        if name not in params:
+            raise LabRunError(f"{path}: optimizer state for unknown parameter {name}")
+        param = params[name]
+        optimizer.state[param][state_key] = value.to(param.device) if state_key != "step" else value
+
+
+def save_checkpoint(out: Path, model: Any, tokenizer: Any, optimizer: Any, state: dict[str, Any]) -> None:
+    """Write to a staging directory, then swap it in: a kill mid-write leaves the previous checkpoint."""
+    staging = out / f".{CHECKPOINT}.staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    model.save_pretrained(staging, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(staging)
+    save_optimizer(optimizer, model, staging / "optimizer.safetensors")
+    write_json(staging / "trainer_state.json", state)
+    target, old = out / CHECKPOINT, out / f".{CHECKPOINT}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(staging, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(out: Path, model: Any, optimizer: Any) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    directory = out / CHECKPOINT
+    weights = load_file(str(directory / "model.safetensors"))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    # tied output embeddings are stored once; anything else missing means a different model
+    missing = [m for m in missing if not (model.config.tie_word_embeddings and m == "lm_head.weight")]
+    if missing or unexpected:
+        raise LabRunError(f"{directory}: checkpoint does not match the model (missing {missing[:2]}, "
+                          f"unexpected {unexpected[:2]})")
+    load_optimizer(optimizer, model, directory / "optimizer.safetensors")
+    return json.loads((directory / "trainer_state.json").read_text())
+
+
+# -- logs ---------------------------------------------------------------------------------------------
+def append_rows(path: Path, rows: list[dict[str, Any]]) -> None:
+    with path.open("a", encoding="utf-8") as stream:
+        for row in rows:
+            stream.write(json.dumps(row) + "\n")
+        stream.flush()
+        os.fsync(stream.fileno())
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short by a kill
+            break
+    return rows
+
+
+def truncate_logs(out: Path, step: int) -> None:
+    """Keep only rows up to `step` (the checkpoint): later ones are recomputed on resume."""
+    for name in LOGS:
+        rows = [r for r in read_rows(out / name) if r["step"] <= step]
+        atomic_write_bytes(out / name, "".join(json.dumps(r) + "\n" for r in rows).encode())
+
+
+def sink_table(out: Path) -> pd.DataFrame:
+    return pd.DataFrame(read_rows(out / "sinks.jsonl"))
+
+
+def eval_table(out: Path) -> pd.DataFrame:
+    return pd.DataFrame(read_rows(out / "eval.jsonl"))
+
+
+def write_outputs(out: Path, label: str) -> None:
+    from ..report.figures import plot_sink_rate_over_training
+
+    sinks = sink_table(out)
+    if sinks.empty:
+        return
+    atomic_write_bytes(out / "sinks.csv", sinks.to_csv(index=False).encode())
+    plot_sink_rate_over_training({label: {label: (sinks, eval_table(out))}}, out / "sink_rate.png")
+
+
+# -- the loop -----------------------------------------------------------------------------------------
+def _start_run_dir(out: Path, config: TrainConfig, resume: bool) -> dict[str, Any] | None:
+    """Check the run directory; returns the checkpoint state to resume from (None = fresh start)."""
+    saved = out / "config.json"
+    if saved.is_file():
+        if not resume:
+            raise LabRunError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+        previous = json.loads(saved.read_text())
+        if previous != json.loads(json.dumps(config.as_dict())):
+            changed = sorted(k for k in set(previous) | set(config.as_dict())
+                             if previous.get(k) != json.loads(json.dumps(config.as_dict())).get(k))
+            raise LabRunError(f"{out} was started with a different config (differs in {changed}); "
+                              "use another --out")
+        state_file = out / CHECKPOINT / "trainer_state.json"
+        return json.loads(state_file.read_text()) if state_file.is_file() else None
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(saved, config.as_dict())
+    return None
+
+
+def train(config: TrainConfig | dict[str, Any], out: str | Path, *, resume: bool = False, progress: bool = True,
+          cpu: bool | None = None, stop_after: int | None = None) -> TrainResult:
+    """Train one model, tracking the sink metric; see the module docstring for what is written.
+
+    ``stop_after``: stop (with a checkpoint) after this many steps of *this* invocation — for tests of
+    resuming, and for splitting a long run over sessions.
+    """
+    from accelerate import Accelerator
+
+    config = config if isinstance(config, TrainConfig) else train_config(config)
+    out = Path(out)
+    accelerator = Accelerator(cpu=(not torch.cuda.is_available()) if cpu is None else cpu)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if config.batch_rows % world:
+        raise LabRunError(f"{config.batch_rows} rows per step do not split over {world} processes")
+    rows = range(rank * config.batch_rows // world, (rank + 1) * config.batch_rows // world)
+
+    state = None
+    if accelerator.is_main_process:
+        state = _start_run_dir(out, config, resume)
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        state_file = out / CHECKPOINT / "trainer_state.json"
+        state = json.loads(state_file.read_text()) if resume and state_file.is_file() else None
+
+    source, validation_source = make_source(config)
+    tokenizer = source.tokenizer()
+    model = build_model(config.model, source.vocab_size, config.context_length, source.bos_id, source.eos_id,
+                        config.seed)
+    opt = config.optimizer
+    optimizer = torch.optim.AdamW(model.parameters(), lr=opt.lr, betas=(opt.beta1, opt.beta2),
+                                  weight_decay=opt.weight_decay)
+    step = 0
+    if state is not None:
+        if state.get("finished") and state["step"] >= config.steps:
+            accelerator.wait_for_everyone()
+            return _result(out, state, 0.0)
+        step = int(load_checkpoint(out, model, optimizer)["step"])
+    if accelerator.is_main_process and resume:
+        truncate_logs(out, step if state is not None else -1)  # no checkpoint yet: start the logs over
+    model.train()
+    model, optimizer = accelerator.prepare(model, optimizer)
+    unwrapped = accelerator.unwrap_model(model)
+
+    packing = config.packing
+    tracking = config.tracking
+    probe_length = min(tracking.probe_length, config.context_length - 1)
+    probes = lab_data.probe_documents(validation_source, tracking.probe_count, probe_length, PROBE_SEED)
+    validation = [lab_data.make_batch(validation_source, config.seed + VALIDATION_SEED_OFFSET, i,
+                                      range(min(config.batch_rows, 8)), config.context_length, packing)
+                  for i in range(max(1, tracking.validation_windows // min(config.batch_rows, 8)))]
+
+    def track(at_step: int) -> None:
+        if accelerator.is_main_process:
+            losses, sinks = evaluate(unwrapped, validation, probes, tracking.inference, tracking.eps, source.bos_id)
+            tokens = at_step * config.tokens_per_step
+            append_rows(out / "eval.jsonl", [{"step": at_step, "tokens": tokens, **losses}])
+            append_rows(out / "sinks.jsonl", [{"step": at_step, "tokens": tokens, **r} for r in sinks])
+        accelerator.wait_for_everyone()
+
+    def checkpoint(at_step: int, finished: bool) -> None:
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            save_checkpoint(out, unwrapped, tokenizer, optimizer.optimizer if hasattr(optimizer, "optimizer")
+                            else optimizer, {"step": at_step, "tokens": at_step * config.tokens_per_step,
+                                             "finished": finished, "parameters": count_parameters(unwrapped)})
+            write_outputs(out, config.name)
+        accelerator.wait_for_everyone()
+
+    if step == 0:
+        track(0)
+    from ..experiments.common import progress_bar
+
+    started = time.time()
+    first_step = step
+    interrupted = False
+    with progress_bar("train", progress and accelerator.is_main_process) as bar:
+        task = bar.add_task(config.name, total=config.steps, completed=step)
+        try:
+            while step < config.steps:
+                if stop_after is not None and step - first_step >= stop_after:
+                    break
+                current = step + 1  # `step` counts completed updates: it moves only after optimizer.step()
+                tick = time.time()
+                lr = learning_rate(config, current)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                batch = lab_data.make_batch(source, config.seed, current, rows, config.context_length, packing)
+                batch = _to_device(batch, accelerator.device)
+                local_count = torch.tensor(float((batch.labels != -100).sum()), device=accelerator.device)
+                global_count = accelerator.reduce(local_count.clone(), reduction="sum")
+                loss_sum, _ = token_losses(model, batch)
+                # DDP averages gradients over processes: scale so the result is the global token mean
+                accelerator.backward(loss_sum * world / global_count)
+                if opt.grad_clip:
+                    accelerator.clip_grad_norm_(model.parameters(), opt.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step = current
+                loss = float(accelerator.reduce(loss_sum.detach(), reduction="sum") / global_count)
+                seconds = time.time() - tick
+                throughput = config.tokens_per_step / max(seconds, 1e-9)
+                if accelerator.is_main_process:
+                    append_rows(out / "log.jsonl", [{"step": step, "tokens": step * config.tokens_per_step,
+                                                     "loss": loss, "lr": lr, "tokens_per_s": throughput}])
+                bar.update(task, completed=step,
+                           description=f"{config.name} loss {loss:.3f} {throughput / 1000:.1f}k tok/s")
+                if step % tracking.every == 0 or step == config.steps:
+                    track(step)
+                if step % tracking.checkpoint_every == 0 and step < config.steps:
+                    checkpoint(step, False)
+        except KeyboardInterrupt:
+            interrupted = True
+    # A finished step is never lost: the last completed step is checkpointed on every way out.
+    checkpoint(step, step >= config.steps)
+    if interrupted:
+        raise KeyboardInterrupt
+    return _result(out, {"step": step, "tokens": step * config.tokens_per_step}, time.time() - started)
+
+
+def _to_device(batch: lab_data.Batch, device: torch.device) -> lab_data.Batch:
+    return lab_data.Batch(*(None if t is None else t.to(device) for t in
+                            (batch.input_ids, batch.labels, batch.position_ids, batch.attention_mask, batch.segments)))
+
+
+def _result(out: Path, state: dict[str, Any], seconds: float) -> TrainResult:
+    return TrainResult(out, int(state["step"]), int(state["tokens"]), seconds, sink_table(out), eval_table(out))
