@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # torch is pinned here only (the CPU wheel on disk); the library itself asks for torch>=2.4.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup demo test test-fast lint bench clean
+.PHONY: setup demo lab-demo test test-fast lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -22,6 +22,10 @@ $(VENV)/.installed: pyproject.toml
 
 demo: setup
 	$(VENV)/bin/sinkscope scan --model gemma3-270m --bos add --bos strip --out runs/demo-gemma3 --resume
+
+# The emergence lab: pre-train 14 small models and watch sinks form (~7 min on 2 CPU cores).
+lab-demo: setup
+	$(VENV)/bin/sinkscope sweep cpu-demo --out runs/lab/cpu-demo --resume
 
 test: setup lint
 	$(PY) -m pytest -m "not slow"

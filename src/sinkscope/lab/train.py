@@ -21,11 +21,15 @@ result is identical to an uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import shutil
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -115,12 +119,13 @@ def load_optimizer(optimizer: torch.optim.Optimizer, model: Any, path: Path) -> 
         optimizer.state[param][state_key] = value.to(param.device) if state_key != "step" else value
 
 
-def save_checkpoint(out: Path, model: Any, tokenizer: Any, optimizer: Any, state: dict[str, Any]) -> None:
+def save_checkpoint(out: Path, model: Any, tokenizer: Any, optimizer: Any, state: dict[str, Any],
+                    model_state: dict[str, torch.Tensor] | None = None) -> None:
     """Write to a staging directory, then swap it in: a kill mid-write leaves the previous checkpoint."""
     staging = out / f".{CHECKPOINT}.staging"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    model.save_pretrained(staging, safe_serialization=True)
+    model.save_pretrained(staging, state_dict=model_state, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(staging)
     save_optimizer(optimizer, model, staging / "optimizer.safetensors")
@@ -177,7 +182,10 @@ def truncate_logs(out: Path, step: int) -> None:
 
 
 def sink_table(out: Path) -> pd.DataFrame:
-    return pd.DataFrame(read_rows(out / "sinks.jsonl"))
+    frame = pd.DataFrame(read_rows(out / "sinks.jsonl"))
+    if "sink_logit_mass" in frame:  # None (no sink logit in this variant) -> NaN, so the column stays numeric
+        frame["sink_logit_mass"] = pd.to_numeric(frame["sink_logit_mass"], errors="coerce")
+    return frame
 
 
 def eval_table(out: Path) -> pd.DataFrame:
@@ -276,10 +284,12 @@ def train(config: TrainConfig | dict[str, Any], out: str | Path, *, resume: bool
 
     def checkpoint(at_step: int, finished: bool) -> None:
         accelerator.wait_for_everyone()
+        full_state = accelerator.get_state_dict(model)  # collective under FSDP: every process takes part
         if accelerator.is_main_process:
             save_checkpoint(out, unwrapped, tokenizer, optimizer.optimizer if hasattr(optimizer, "optimizer")
                             else optimizer, {"step": at_step, "tokens": at_step * config.tokens_per_step,
-                                             "finished": finished, "parameters": count_parameters(unwrapped)})
+                                             "finished": finished, "parameters": count_parameters(unwrapped)},
+                            full_state)
             write_outputs(out, config.name)
         accelerator.wait_for_everyone()
 
@@ -290,7 +300,7 @@ def train(config: TrainConfig | dict[str, Any], out: str | Path, *, resume: bool
     started = time.time()
     first_step = step
     interrupted = False
-    with progress_bar("train", progress and accelerator.is_main_process) as bar:
+    with progress_bar("train", progress and accelerator.is_main_process) as bar, _terminate_as_interrupt():
         task = bar.add_task(config.name, total=config.steps, completed=step)
         try:
             while step < config.steps:
@@ -332,6 +342,24 @@ def train(config: TrainConfig | dict[str, Any], out: str | Path, *, resume: bool
     if interrupted:
         raise KeyboardInterrupt
     return _result(out, {"step": step, "tokens": step * config.tokens_per_step}, time.time() - started)
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a batch scheduler's stop, `kill`) ends the run like Ctrl-C: with a checkpoint of the last
+    finished step."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _to_device(batch: lab_data.Batch, device: torch.device) -> lab_data.Batch:

@@ -102,41 +102,53 @@ def plot_noop(frame, path: str | Path) -> Path:
 
 
 def plot_sink_rate_over_training(groups: dict[str, dict[str, tuple[object, object]]], path: str | Path) -> Path:
-    """Sink rate vs training tokens: one row per group of runs, one column per eps, plus validation loss.
+    """Sink rate vs training tokens: one row per group of runs, one column per eps, plus validation loss
+    (and, when a run's attention has a sink logit, the share of attention that logit takes).
 
     ``groups[group][run] = (sinks, evals)``: the lab's tidy tables (sinks: step, tokens, inference, layer, eps,
-    sink_rate; evals: step, tokens, validation). A run's sink rate is the mean over layers (= over heads).
+    sink_rate[, sink_logit_mass]; evals: step, tokens, validation). A run's sink rate is the mean over layers
+    (= over heads), and over seeds when several runs share a label.
     Colour = run; line style = inference input (solid ``<bos>`` + text, dashed text alone).
     """
     path = Path(path)
     eps_values = sorted({float(e) for runs in groups.values() for sinks, _ in runs.values() for e in sinks["eps"]})
-    columns = len(eps_values) + 1
+    with_mass = any("sink_logit_mass" in sinks and sinks["sink_logit_mass"].notna().any()
+                    for runs in groups.values() for sinks, _ in runs.values())
+    columns = len(eps_values) + 1 + int(with_mass)
     fig, axes = plt.subplots(len(groups), columns, figsize=(4.2 * columns, 3.2 * len(groups)), squeeze=False,
                              constrained_layout=True)
     styles = {"bos+text": "-", "text": "--"}
     colours = plt.get_cmap("viridis")
+    loss_column = len(eps_values)
     for row, (group, runs) in enumerate(groups.items()):
         for index, (label, (sinks, evals)) in enumerate(runs.items()):
             colour = colours(index / max(len(runs) - 1, 1) * 0.9)
             for col, eps in enumerate(eps_values):
-                ax = axes[row][col]
                 chosen = sinks[sinks["eps"] == eps]
                 for inference, part in chosen.groupby("inference", sort=False):
                     curve = part.groupby("tokens")["sink_rate"].mean()
-                    ax.plot(curve.index, curve.values, styles.get(inference, ":"), color=colour,
-                            label=f"{label} [{inference}]")
+                    axes[row][col].plot(curve.index, curve.values, styles.get(inference, ":"), color=colour,
+                                        label=f"{label} [{inference}]")
             if evals is not None and len(evals):
-                ax = axes[row][-1]
                 curve = evals.groupby("tokens")["validation"].mean()
-                ax.plot(curve.index, curve.values, color=colour, label=label)
+                axes[row][loss_column].plot(curve.index, curve.values, color=colour, label=label)
+            if with_mass and "sink_logit_mass" in sinks and sinks["sink_logit_mass"].notna().any():
+                for inference, part in sinks.groupby("inference", sort=False):
+                    curve = part.groupby("tokens")["sink_logit_mass"].mean()
+                    axes[row][-1].plot(curve.index, curve.values, styles.get(inference, ":"), color=colour,
+                                       label=f"{label} [{inference}]")
         for col, eps in enumerate(eps_values):
             ax = axes[row][col]
             ax.set_title(f"{group}: sink rate, eps = {eps:g}", fontsize=9)
             ax.set_ylim(-0.03, 1.03)
             ax.set_xlabel("training tokens")
             ax.set_ylabel("fraction of heads")
-        axes[row][-1].set_title(f"{group}: validation loss", fontsize=9)
-        axes[row][-1].set_xlabel("training tokens")
+        axes[row][loss_column].set_title(f"{group}: validation loss", fontsize=9)
+        axes[row][loss_column].set_xlabel("training tokens")
+        if with_mass:
+            axes[row][-1].set_title(f"{group}: attention taken by the sink logit", fontsize=9)
+            axes[row][-1].set_xlabel("training tokens")
+            axes[row][-1].set_ylim(-0.03, 1.03)
         axes[row][0].legend(fontsize=6, loc="upper left")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
