@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from sinkscope import load
 from sinkscope.cli import app
 from sinkscope.experiments.scan import scan
-from sinkscope.lab import load_sweep_config, train
+from sinkscope.lab import load_sweep_config, load_train_config, train
 from sinkscope.lab.config import LabConfigError, train_config
 from sinkscope.lab.train import LabRunError, learning_rate
 
@@ -141,6 +141,9 @@ def test_sweep_files_and_presets(tmp_path):
         o for o in demo if o.name == r.directory).config.as_dict() | {"name": 0} for r in shared)
     paper = load_sweep_config("paper").runs()
     assert {r.config.context_length for r in paper if r.group == "context"} == {128, 256, 512, 1024, 2048}
+    # the example files in the repository parse
+    assert load_train_config(str(ROOT / "examples/lab-run.toml")).data.kind == "text"
+    assert len(load_sweep_config(str(ROOT / "examples/lab-sweep.toml")).runs()) == 4
     (tmp_path / "bad.toml").write_text("[base]\nsteps = 5\n[[grids]]\ncontext_length = 32\n")
     with pytest.raises(LabConfigError, match="non-empty list"):
         load_sweep_config(str(tmp_path / "bad.toml"))

@@ -21,19 +21,13 @@ from typing import Any
 
 import torch
 
+from ..capture.kernels import repeat_kv
 from ..errors import ModelLoadError
 
 VARIANTS = ("softmax", "off_by_one", "learned_sink", "sigmoid")
 IMPLEMENTATION = "sinkscope_lab"
 CONFIG_KEY = "sinkscope_attention"
 SIGMOID_BIAS_KEY = "sinkscope_sigmoid_bias"
-
-
-def _repeat_kv(states: torch.Tensor, n_rep: int) -> torch.Tensor:
-    if n_rep == 1:
-        return states
-    b, kvh, s, d = states.shape
-    return states[:, :, None].expand(b, kvh, n_rep, s, d).reshape(b, kvh * n_rep, s, d)
 
 
 def _allowed(attention_mask: torch.Tensor | None, t: int, s: int, device: torch.device) -> torch.Tensor:
@@ -75,7 +69,7 @@ def lab_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: to
                                       **kwargs)
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     n_rep = query.shape[1] // key.shape[1]
-    key, value = _repeat_kv(key, n_rep), _repeat_kv(value, n_rep)
+    key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
     scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
     allowed = _allowed(attention_mask, query.shape[2], key.shape[2], query.device)
     weights = variant_weights(scores, allowed, variant, getattr(module, "sink_logits", None),
