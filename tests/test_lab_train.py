@@ -169,6 +169,7 @@ def test_cli_train_and_sweep(tmp_path):
                                 "--quiet"])
     assert swept.exit_code == 0, swept.output
     assert (tmp_path / "sweep/sink_rate_over_training.png").is_file()
+    assert (tmp_path / "sweep/final_sink_rate.png").is_file()
     summary = (tmp_path / "sweep/summary.csv").read_text()
     assert "attn.attention=off_by_one" in summary and "attn.attention=softmax" in summary
 

@@ -84,7 +84,7 @@ def collect(sweep: SweepConfig, out: Path) -> tuple[pd.DataFrame, pd.DataFrame, 
 
 
 def write_sweep_outputs(sweep: SweepConfig, out: Path) -> tuple[pd.DataFrame, pd.DataFrame, Path | None]:
-    from ..report.figures import plot_sink_rate_over_training
+    from ..report.figures import plot_final_sink_rate, plot_sink_rate_over_training
 
     summary, sinks, groups = collect(sweep, out)
     figure = None
@@ -92,13 +92,15 @@ def write_sweep_outputs(sweep: SweepConfig, out: Path) -> tuple[pd.DataFrame, pd
         write_table(out / "summary.csv", summary)
         write_table(out / "sinks.parquet", sinks.astype({c: str for c in sinks.columns if sinks[c].dtype == object}))
         figure = plot_sink_rate_over_training(groups, out / "sink_rate_over_training.png")
+        plot_final_sink_rate(summary, out / "final_sink_rate.png")
     return summary, sinks, figure
 
 
 def run_sweep(sweep: SweepConfig, out: str | Path, *, resume: bool = False, jobs: int = 1, threads: int | None = None,
               progress: bool = True, only: list[str] | None = None) -> SweepResult:
     """Run every run of the sweep (skipping finished ones on ``resume``), then write the combined outputs:
-    ``summary.csv`` (final sink rate per run), ``sinks.parquet`` (all rows) and ``sink_rate_over_training.png``."""
+    ``summary.csv`` (final sink rate per run), ``sinks.parquet`` (all rows), ``sink_rate_over_training.png``
+    and ``final_sink_rate.png``."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     out = Path(out)

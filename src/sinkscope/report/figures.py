@@ -154,3 +154,38 @@ def plot_sink_rate_over_training(groups: dict[str, dict[str, tuple[object, objec
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def plot_final_sink_rate(summary, path: str | Path, eps: float = 0.3) -> Path:
+    """Final sink rate per run (mean over seeds), one panel per group, bars per inference input: the sweep's
+    answer at a glance (the paper's Fig. 5 bars / Table 2 column). ``summary``: the sweep's summary table."""
+    path = Path(path)
+    chosen = summary[summary["eps"] == eps]
+    groups = list(dict.fromkeys(chosen["group"]))
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.5 * len(groups), 3.4), squeeze=False,
+                             constrained_layout=True)
+    for ax, group in zip(axes[0], groups, strict=True):
+        part = chosen[chosen["group"] == group]
+        labels = list(dict.fromkeys(part["label"]))
+        inputs = list(dict.fromkeys(part["inference"]))
+        width = 0.8 / max(len(inputs), 1)
+        for index, inference in enumerate(inputs):
+            values = [part[(part["label"] == label) & (part["inference"] == inference)]["sink_rate"].mean()
+                      for label in labels]
+            positions = np.arange(len(labels)) + (index - (len(inputs) - 1) / 2) * width
+            ax.bar(positions, values, width, label=inference)
+        ax.set_xticks(np.arange(len(labels)))
+        keys = {label.split("=")[0] for label in labels}
+        if len(keys) == 1 and all(label.count("=") == 1 for label in labels):  # one axis: its values as ticks
+            ax.set_xticklabels([label.split("=", 1)[1] for label in labels], fontsize=8)
+            ax.set_xlabel(keys.pop())
+        else:
+            ax.set_xticklabels([label.replace(", ", "\n") for label in labels], fontsize=7)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel(f"final sink rate (eps = {eps:g})")
+        ax.set_title(group, fontsize=9)
+        ax.legend(fontsize=7)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
