@@ -93,6 +93,16 @@ def test_resume_continues_a_stopped_run_exactly(tmp_path, variant):
     assert again.steps == 12 and len(logs(tmp_path / "split", "log.jsonl")) == 12
 
 
+def test_micro_batches_accumulate_to_the_same_step(tmp_path):
+    train(small(steps=4), tmp_path / "whole", progress=False)
+    train(small(steps=4, micro_batch_rows=3), tmp_path / "micro", progress=False)  # 8 rows: 3 + 3 + 2
+    whole = [r["loss"] for r in logs(tmp_path / "whole", "log.jsonl")]
+    micro = [r["loss"] for r in logs(tmp_path / "micro", "log.jsonl")]
+    assert micro == pytest.approx(whole, rel=1e-5)
+    for name, tensor in weights(tmp_path / "whole").items():
+        torch.testing.assert_close(weights(tmp_path / "micro")[name], tensor, atol=1e-5, rtol=1e-4)
+
+
 def test_run_directory_guards(tmp_path):
     train(small(steps=2), tmp_path / "r", progress=False)
     with pytest.raises(LabRunError, match="--resume"):
@@ -176,7 +186,8 @@ def test_cli_train_and_sweep(tmp_path):
 
 def test_two_processes_match_one(tmp_path):
     """`accelerate launch` with 2 CPU processes (gloo DDP): same global batch, same loss curve and weights."""
-    config = small(steps=6, packing={"mask": "causal", "bos": "eos"}, tracking={"every": 3})
+    # micro-batches of 2 rows: 4 forward passes per step in one process, 2 per process (under no_sync) in DDP
+    config = small(steps=6, micro_batch_rows=2, packing={"mask": "causal", "bos": "eos"}, tracking={"every": 3})
     path = tmp_path / "config.json"
     path.write_text(json.dumps(config))
     train(config, tmp_path / "single", progress=False)

@@ -78,6 +78,7 @@ class TrainConfig:
     context_length: int = 64
     tokens_per_step: int = 4096  # constant across a context-length sweep: rows = tokens_per_step / context
     steps: int = 600
+    micro_batch_rows: int | None = None  # rows per forward/backward (gradient accumulation); None = all at once
     data: DataSpec = field(default_factory=DataSpec)
     model: ModelSpec = field(default_factory=ModelSpec)
     packing: Packing = field(default_factory=Packing)
@@ -92,6 +93,8 @@ class TrainConfig:
                                  f"context_length ({self.context_length})")
         if self.steps < 1:
             raise LabConfigError("steps must be >= 1")
+        if self.micro_batch_rows is not None and self.micro_batch_rows < 1:
+            raise LabConfigError("micro_batch_rows must be >= 1 (or unset)")
         if self.data.kind not in ("bigram_backcopy", "text"):
             raise LabConfigError(f"data.kind must be 'bigram_backcopy' or 'text', not {self.data.kind!r}")
 

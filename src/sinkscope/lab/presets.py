@@ -32,6 +32,7 @@ _PAPER_BASE: dict[str, Any] = {
     "context_length": 2048,
     "tokens_per_step": 524288,  # 2^19 tokens per step at every context length
     "steps": 9537,  # ~5B tokens
+    "micro_batch_rows": 16,  # per process and forward pass; the step still sees all 2^19 tokens
     "data": {"kind": "text", "dataset": "monology/pile-uncopyrighted", "tokenizer": "smollm2-135m"},
     "model": {"hidden_size": 768, "layers": 12, "heads": 12},
     "packing": {"mask": "causal", "bos": "eos"},

@@ -41,7 +41,7 @@ def validation_loss(model: Any, batches: Sequence[Batch]) -> float:
 @torch.no_grad()
 def probe_loss(model: Any, documents: list[list[int]], mode: str, bos_id: int) -> float:
     """Mean loss on text[1:] of each probe document, with or without a leading <bos>."""
-    ids = torch.tensor(with_inference_input(documents, mode, bos_id))
+    ids = torch.tensor(with_inference_input(documents, mode, bos_id), device=next(model.parameters()).device)
     logits = model(input_ids=ids, use_cache=False).logits.float()
     offset = 1 if mode == "bos+text" else 0
     targets = ids[:, offset + 1:]

@@ -237,7 +237,9 @@ def train(config: TrainConfig | dict[str, Any], out: str | Path, *, resume: bool
     world, rank = accelerator.num_processes, accelerator.process_index
     if config.batch_rows % world:
         raise LabRunError(f"{config.batch_rows} rows per step do not split over {world} processes")
-    rows = range(rank * config.batch_rows // world, (rank + 1) * config.batch_rows // world)
+    rows = list(range(rank * config.batch_rows // world, (rank + 1) * config.batch_rows // world))
+    micro = config.micro_batch_rows or len(rows)
+    micro_batches = [rows[i:i + micro] for i in range(0, len(rows), micro)]
 
     state = None
     if accelerator.is_main_process:
@@ -270,8 +272,9 @@ def train(config: TrainConfig | dict[str, Any], out: str | Path, *, resume: bool
     tracking = config.tracking
     probe_length = min(tracking.probe_length, config.context_length - 1)
     probes = lab_data.probe_documents(validation_source, tracking.probe_count, probe_length, PROBE_SEED)
-    validation = [lab_data.make_batch(validation_source, config.seed + VALIDATION_SEED_OFFSET, i,
-                                      range(min(config.batch_rows, 8)), config.context_length, packing)
+    validation = [_to_device(lab_data.make_batch(validation_source, config.seed + VALIDATION_SEED_OFFSET, i,
+                                                 range(min(config.batch_rows, 8)), config.context_length, packing),
+                             accelerator.device)
                   for i in range(max(1, tracking.validation_windows // min(config.batch_rows, 8)))]
 
     def track(at_step: int) -> None:
@@ -311,19 +314,26 @@ def train(config: TrainConfig | dict[str, Any], out: str | Path, *, resume: bool
                 lr = learning_rate(config, current)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                batch = lab_data.make_batch(source, config.seed, current, rows, config.context_length, packing)
-                batch = _to_device(batch, accelerator.device)
-                local_count = torch.tensor(float((batch.labels != -100).sum()), device=accelerator.device)
+                batches = [_to_device(lab_data.make_batch(source, config.seed, current, chunk, config.context_length,
+                                                          packing), accelerator.device) for chunk in micro_batches]
+                local_count = torch.tensor(float(sum(int((b.labels != -100).sum()) for b in batches)),
+                                           device=accelerator.device)
                 global_count = accelerator.reduce(local_count.clone(), reduction="sum")
-                loss_sum, _ = token_losses(model, batch)
-                # DDP averages gradients over processes: scale so the result is the global token mean
-                accelerator.backward(loss_sum * world / global_count)
+                loss_sum = torch.zeros((), device=accelerator.device)
+                for index, batch in enumerate(batches):
+                    # gradients are synchronised once per step, after the last micro-batch
+                    last = index == len(batches) - 1
+                    with contextlib.nullcontext() if last else accelerator.no_sync(model):
+                        micro_loss, _ = token_losses(model, batch)
+                        # DDP averages gradients over processes: scale so the result is the global token mean
+                        accelerator.backward(micro_loss * world / global_count)
+                    loss_sum += micro_loss.detach()
                 if opt.grad_clip:
                     accelerator.clip_grad_norm_(model.parameters(), opt.grad_clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 step = current
-                loss = float(accelerator.reduce(loss_sum.detach(), reduction="sum") / global_count)
+                loss = float(accelerator.reduce(loss_sum, reduction="sum") / global_count)
                 seconds = time.time() - tick
                 throughput = config.tokens_per_step / max(seconds, 1e-9)
                 if accelerator.is_main_process:
