@@ -120,6 +120,11 @@ def test_config_errors_are_clear():
         train_config(small(model={"attention": "linear"}))
     with pytest.raises(LabConfigError, match="packing mask"):
         train_config(small(packing={"mask": "block"}))
+    with pytest.raises(LabConfigError, match="'steps' must be int, not 'abc'"):
+        train_config(small(steps="abc"))
+    with pytest.raises(LabConfigError, match="'eps' must be list"):
+        train_config(small(tracking={"eps": 0.3}))
+    assert train_config(small(optimizer={"lr": 1})).optimizer.lr == 1  # an int is a fine float
 
 
 def test_learning_rate_schedule():

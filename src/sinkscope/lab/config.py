@@ -20,6 +20,8 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -110,11 +112,34 @@ _NESTED = {"data": DataSpec, "model": ModelSpec, "packing": Packing, "optimizer"
            "tracking": TrackingSpec}
 
 
+def _check_type(name: str, value: Any, hint: Any, where: str) -> None:
+    """Settings come from files and --set: say which one has the wrong type, in the user's terms."""
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    for option in options:
+        base = typing.get_origin(option) or option
+        if option is type(None) and value is None:
+            return
+        if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return
+        if base is int and isinstance(value, int) and not isinstance(value, bool):
+            return
+        if base in (str, bool, list, dict) and isinstance(value, base):
+            return
+        if base not in (float, int, str, bool, list, dict, type(None)):
+            return  # nested settings are checked by their own class
+    wanted = " or ".join("none" if o is type(None) else getattr(typing.get_origin(o) or o, "__name__", str(o))
+                         for o in options)
+    raise LabConfigError(f"{where}: '{name}' must be {wanted}, not {value!r}")
+
+
 def _build(cls: type, values: dict[str, Any], where: str) -> Any:
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
         raise LabConfigError(f"{where}: unknown setting(s) {unknown}; known: {sorted(known)}")
+    hints = typing.get_type_hints(cls)
+    for name, value in values.items():
+        _check_type(name, value, hints[name], where)
     try:
         return cls(**values)
     except (TypeError, ValueError, SinkscopeError) as error:

@@ -205,6 +205,8 @@ def write_outputs(out: Path, label: str) -> None:
 # -- the loop -----------------------------------------------------------------------------------------
 def _start_run_dir(out: Path, config: TrainConfig, resume: bool) -> dict[str, Any] | None:
     """Check the run directory; returns the checkpoint state to resume from (None = fresh start)."""
+    if out.exists() and not out.is_dir():
+        raise LabRunError(f"--out {out} is a file, not a run directory")
     saved = out / "config.json"
     if saved.is_file():
         if not resume:
