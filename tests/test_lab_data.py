@@ -131,3 +131,16 @@ def test_text_source_trains_a_tokenizer_and_holds_out_documents(tmp_path):
     assert batch.input_ids.max() < corpus.vocab_size
     with pytest.raises(data.LabDataError):
         data.text_source([str(tmp_path / "missing")])
+
+
+def test_text_source_reads_a_datasets_dataset(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    rows = [f"Row {i}: a short document about the number {i} and its {i % 5} neighbours in the list." for i in
+            range(40)]
+    datasets.Dataset.from_dict({"text": rows, "id": list(range(40))}).save_to_disk(str(tmp_path / "saved"))
+    corpus = data.text_source([], "train:300", dataset=str(tmp_path / "saved"))
+    assert len(corpus.all) == 40
+    assert corpus.tokenizer().decode(corpus.all[7]) == rows[7]
+    datasets.Dataset.from_dict({"body": rows}).save_to_disk(str(tmp_path / "other"))
+    with pytest.raises(data.LabDataError, match="no 'text' column"):
+        data.text_source([], "train:300", dataset=str(tmp_path / "other"))

@@ -176,19 +176,27 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> Any:
 
 
 def text_source(paths: list[str], tokenizer: str = "train:512", dataset: str | None = None) -> TextDocuments:
-    """Natural-text documents from files or a `datasets` dataset (``name`` or ``name:config``), tokenised with
+    """Natural-text documents from files or a `datasets` dataset (a hub ``name`` or ``name:config``, or a directory
+    written by ``save_to_disk``; its ``text`` column, one document per row), tokenised with
     ``train:<vocab>`` (a BPE tokenizer trained here) or a bundled model's tokenizer (e.g. ``smollm2-135m``)."""
     if dataset:
         try:
             import datasets
         except ImportError as error:
             raise LabDataError("reading a dataset needs the 'datasets' package: pip install datasets") from error
-        name, _, config = dataset.partition(":")
         try:
-            rows = datasets.load_dataset(name, config or None, split="train")
-        except Exception as error:  # hub errors come in many types
+            if Path(dataset).expanduser().is_dir():  # saved with Dataset.save_to_disk
+                rows = datasets.load_from_disk(str(Path(dataset).expanduser()))
+                if isinstance(rows, datasets.DatasetDict):
+                    rows = rows["train"]
+            else:
+                name, _, config = dataset.partition(":")
+                rows = datasets.load_dataset(name, config or None, split="train")
+        except Exception as error:  # hub and disk errors come in many types
             raise LabDataError(f"cannot load dataset {dataset!r}: {str(error).splitlines()[0][:200]}") from error
-        texts = [str(r["text"]) for r in rows if str(r.get("text", "")).strip()]
+        if "text" not in rows.column_names:
+            raise LabDataError(f"dataset {dataset!r} has no 'text' column (columns: {rows.column_names})")
+        texts = [str(t) for t in rows["text"] if str(t).strip()]
     else:
         texts = split_documents(read_texts(paths))
     if tokenizer.startswith("train:"):
