@@ -56,6 +56,14 @@ SWEEP_PRESETS: dict[str, dict[str, Any]] = {
         "grids": [{"group": "variants",
                    "model.attention": ["softmax", "off_by_one", "learned_sink", "sigmoid"]}],
     },
+    "text-demo": {
+        "description": "context-length sweep on natural text (all of Shakespeare, BPE-512): ~30 min on 2 CPU cores",
+        "base": {**_DEMO_BASE, "tokens_per_step": 8192, "steps": 2500,
+                 "data": {"kind": "text", "paths": ["shakespeare"], "tokenizer": "train:512"},
+                 "model": {"hidden_size": 64, "layers": 4, "heads": 4},
+                 "tracking": {"every": 100, "probe_count": 32, "probe_length": 63, "checkpoint_every": 500}},
+        "grids": [{"group": "context", "context_length": [64, 128, 256, 512]}],
+    },
     "paper": {
         "description": "Barbero et al. 2025 Fig. 5 and Table 2 at the paper's scale (GPUs)",
         "base": _PAPER_BASE,
