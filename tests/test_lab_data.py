@@ -39,9 +39,11 @@ def test_windows_are_packed_as_configured(mask, bos):
     if bos == "fixed":
         assert (ids[:, 0] == SOURCE.bos_id).all() and (seg[:, 0] == -1).all()
         assert (ids[:, 1:] != SOURCE.bos_id).all()  # the only <bos> is the pinned one
-    else:
+    elif bos == "eos":
         starts = np.r_[False, (seg[0, 1:] != seg[0, :-1])]
         assert (ids[0][starts] == SOURCE.bos_id).all()  # every later document opens with <bos>
+    else:
+        assert (ids != SOURCE.bos_id).all()  # no <bos> anywhere
     # documents end with <eos> where they change
     ends = seg[:, 1:] != seg[:, :-1]
     ends[:, 0] &= seg[:, 0] != -1

@@ -10,7 +10,8 @@ Packing (Barbero et al. 2025, Table 2) has two switches:
   own document; position ids restart at each document, so a document is computed as if it ran alone);
 - ``bos``: ``fixed`` (one <bos> at position 0 of every window, visible to every token even under
   ``intra_doc``) or ``eos`` (documents are written ``<bos> doc <eos>`` back to back and the window starts
-  anywhere, so its first token is arbitrary).
+  anywhere, so its first token is arbitrary), or ``none`` (``doc <eos>`` back to back: no <bos> anywhere,
+  so a first-token sink can only be positional).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 from ..errors import SinkscopeError
 
 MASKS = ("causal", "intra_doc")
-BOS_MODES = ("fixed", "eos")
+BOS_MODES = ("fixed", "eos", "none")
 INFERENCE_INPUTS = ("bos+text", "text")
 
 
@@ -226,7 +227,7 @@ class Packing:
 
     @property
     def label(self) -> str:
-        return f"{self.mask}/{'fixed-bos' if self.bos == 'fixed' else 'eos-separated'}"
+        return f"{self.mask}/{ {'fixed': 'fixed-bos', 'eos': 'eos-separated', 'none': 'no-bos'}[self.bos]}"
 
 
 @dataclass
@@ -242,8 +243,8 @@ def pack_window(documents: Iterator[Document], rng: np.random.Generator, length:
                 bos_id: int, eos_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One window of ``length + 1`` tokens (inputs and shifted labels) with segment ids and position ids.
 
-    Documents are written ``doc <eos>`` (fixed <bos>) or ``<bos> doc <eos>`` (eos-separated), back to back;
-    the window starts at a uniformly random offset of the first one. (For Bigram-Backcopy the chain of a
+    Documents are written ``doc <eos>`` (fixed <bos>, no <bos>) or ``<bos> doc <eos>`` (eos-separated), back
+    to back; the window starts at a uniformly random offset of the first one. (For Bigram-Backcopy the chain of a
     document cut this way restarts at the cut: a window never simulates tokens it does not use.)
     """
     fixed = packing.bos == "fixed"
@@ -252,7 +253,7 @@ def pack_window(documents: Iterator[Document], rng: np.random.Generator, length:
     segment = 0
     while len(tokens) < length + 1:
         doc = next(documents)
-        prefix = [] if fixed else [bos_id]
+        prefix = [bos_id] if packing.bos == "eos" else []
         wrapped = len(prefix) + doc.length + 1
         start = int(rng.integers(wrapped)) if segment == 0 else 0
         stop = min(wrapped, start + length + 1 - len(tokens))
