@@ -57,7 +57,7 @@ SWEEP_PRESETS: dict[str, dict[str, Any]] = {
                    "model.attention": ["softmax", "off_by_one", "learned_sink", "sigmoid"]}],
     },
     "text-demo": {
-        "description": "context-length sweep on natural text (all of Shakespeare, BPE-512): ~35 min on 2 CPU cores",
+        "description": "context-length sweep on natural text (all of Shakespeare, BPE-512): ~25 min on 2 CPU cores",
         "base": {**_DEMO_BASE, "tokens_per_step": 8192, "steps": 1500,
                  "data": {"kind": "text", "paths": ["shakespeare"], "tokenizer": "train:512"},
                  "model": {"hidden_size": 64, "layers": 4, "heads": 4},
