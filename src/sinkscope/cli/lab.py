@@ -62,6 +62,12 @@ def train(
     evals = result.evals
     if len(evals):
         console.print(f"validation loss {evals.validation.iloc[-1]:.3f}", highlight=False)
+    from ..lab.train import read_rows
+
+    speeds = [row["tokens_per_s"] for row in read_rows(out / "log.jsonl")]
+    if speeds:
+        speeds.sort()
+        console.print(f"throughput {speeds[len(speeds) // 2]:,.0f} tokens/s (median step)", highlight=False)
     console.print(f"written to {out}/ (model: {out}/checkpoint)", highlight=False)
 
 
