@@ -7,7 +7,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from helpers import tiny_model, word_tokenizer  # noqa: E402
+from helpers import SENTENCES, tiny_model, word_tokenizer  # noqa: E402
 
 
 @pytest.fixture
@@ -21,4 +21,12 @@ def model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-llama")
     tiny_model("llama").save_pretrained(path)
     word_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def prompt_file(tmp_path):
+    """The test sentences as a prompt file, one per line."""
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(SENTENCES) + "\n")
     return path

@@ -99,3 +99,12 @@ def reference_residual(model, ids: list[int]):
         hook.remove()
     torch.testing.assert_close(twin.model.norm(captured[-1]), out.hidden_states[-1])
     return torch.stack(list(out.hidden_states[:-1]) + [captured[-1]])[:, 0].double().numpy()
+
+
+def invoke(*args: str):
+    """Run the `sinkscope` command line in-process (exceptions propagate, so a bug shows its traceback)."""
+    from typer.testing import CliRunner
+
+    from sinkscope.cli import app
+
+    return CliRunner().invoke(app, list(args), catch_exceptions=False)

@@ -5,12 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from typer.testing import CliRunner
 
-from helpers import SENTENCES, tiny_model, word_tokenizer
-from sinkscope.cli import app
-
-runner = CliRunner()
+from helpers import SENTENCES, invoke, tiny_model, word_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -19,17 +15,6 @@ def model_dir(tmp_path_factory):
     tiny_model("gemma3_text").save_pretrained(path)
     word_tokenizer().save_pretrained(path)
     return path
-
-
-@pytest.fixture
-def prompt_file(tmp_path):
-    path = tmp_path / "prompts.txt"
-    path.write_text("\n".join(SENTENCES) + "\n")
-    return path
-
-
-def invoke(*args: str):
-    return runner.invoke(app, list(args), catch_exceptions=False)
 
 
 def test_scan_two_conditions_side_by_side(model_dir, prompt_file, tmp_path):

@@ -9,17 +9,14 @@ import math
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
 import sinkscope as ss
 import sinkscope.cli.collapse  # noqa: F401  registers the commands on the app
-from helpers import SENTENCES, eager_twin, reference_residual, tiny_model, word_tokenizer
-from sinkscope.cli import app
+from helpers import SENTENCES, eager_twin, invoke, reference_residual, tiny_model, word_tokenizer
 from sinkscope.errors import InputError, TokenizationError
 from sinkscope.experiments.collapse import rank_collapse, representational_collapse
 from sinkscope.metrics import collapse
 
-runner = CliRunner()
 MEASURES = collapse.RANK_MEASURES
 
 
@@ -280,17 +277,6 @@ def test_repr_collapse_files_and_errors(tmp_path):
 
 
 # -- command line --------------------------------------------------------------------------------------------
-@pytest.fixture
-def prompt_file(tmp_path):
-    path = tmp_path / "prompts.txt"
-    path.write_text("\n".join(SENTENCES) + "\n")
-    return path
-
-
-def invoke(*args: str):
-    return runner.invoke(app, list(args), catch_exceptions=False)
-
-
 def test_cli_rank_collapse_and_repr_collapse(model_dir, prompt_file, tmp_path):
     out = tmp_path / "rank"
     result = invoke("rank-collapse", "--model", str(model_dir), "--prompts", str(prompt_file), "--limit", "4",
