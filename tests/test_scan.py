@@ -84,7 +84,7 @@ def test_bos_conditions_and_input_ids(tokenizer):
 def test_learned_sink_mass_is_reported_for_gpt_oss():
     result = ss.scan(loaded("gpt_oss"), SENTENCES[:3], bos="add", progress=False)
     assert result.sink_logit_mass is not None and result.sink_logit_mass.max() > 0.01
-    assert "learned_sink_mass" in result.summary()
+    assert "learned_sink_mass" in result.summary
     assert ss.scan(loaded("llama"), SENTENCES[:1], progress=False).sink_logit_mass is None
 
 
@@ -122,7 +122,7 @@ def test_resume_after_interrupt_loses_and_duplicates_nothing(tmp_path, monkeypat
     monkeypatch.setattr(scan_module, "_rows_for_batch", interrupted)
     with pytest.raises(KeyboardInterrupt):
         ss.scan(loaded(), SENTENCES, bos="add", batch_size=2, out=out, progress=False)
-    assert len(list((out / "parts").glob("*.parquet"))) == 1
+    assert len(list((out / "parts").glob("*.done"))) == 1
     monkeypatch.setattr(scan_module, "_rows_for_batch", original)
     resumed = ss.scan(loaded(), SENTENCES, bos="add", batch_size=2, out=out, resume=True, progress=False)
     assert not resumed.frame.duplicated(["prompt", "layer", "head"]).any()

@@ -6,21 +6,28 @@
 from __future__ import annotations
 
 import functools
+import importlib
+import sys
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 
-from ..errors import SinkscopeError
+from ..errors import InputError, SinkscopeError
+from . import options
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode="rich",
                   help="Measure, explain and exploit attention sinks in transformer language models.")
+# --help groups the commands in these panels, in this order (the first command registered in each panel
+# decides where the panel appears, so the modules are imported in this order below).
+MEASURE, EXPLAIN, CONSEQUENCES, LAB, REPORT = "Measure", "Explain", "Consequences", "Lab", "Report"
 console = Console()
 errors = Console(stderr=True)
 
-ModelOption = Annotated[str, typer.Option("--model", "-m", help="bundled name, hub id, local dir or .gguf file")]
-BosOption = Annotated[list[str] | None, typer.Option(
-    help="auto | add | strip | replace:<token>; repeat to compare conditions side by side")]
+ModelOption = options.Model  # older names, kept for the command modules not yet on `options`
+BosOption = options.Bos
 
 
 def user_errors(command: Any) -> Any:
@@ -50,6 +57,47 @@ def load_model(model: str, device: str = "cpu", dtype: str = "float32", trust_re
     return loaded
 
 
+def command_line() -> str:
+    """The command as typed, for provenance."""
+    return " ".join(["sinkscope"] + sys.argv[1:])
+
+
+def check_out(out: Path | None) -> None:
+    """An --out that is a file, or that cannot be created, fails before any work starts."""
+    if out is None:
+        return
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file, not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InputError(f"--out {out}: cannot create it ({error.strerror}); pick a writable directory") from None
+    probe = out / ".sinkscope-write-test"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise InputError(f"--out {out}: not writable ({error.strerror}); pick a writable directory") from None
+
+
+def run_command(experiment: Any, model: str, *, out: Path | None = None, resume: bool = False,
+                quiet: bool = False, device: str = "cpu", dtype: str = "float32",
+                trust_remote_code: bool = False, loaded: Any = None) -> Any:
+    """What every experiment command does: check --out, load the model, run the experiment on the shared
+    protocol (saving to --out as it goes), print its table and where the files are."""
+    from ..experiments.base import run
+    from ..report.tables import table_for
+
+    check_out(out)
+    loaded = loaded or load_model(model, device, dtype, trust_remote_code)
+    result = run(experiment, loaded, out=out, resume=resume, progress=not quiet, command=command_line())
+    for table in table_for(result):
+        console.print(table)
+    if out is not None:
+        console.print(f"results written to {out}/", highlight=False)
+    return result
+
+
 @app.callback()
 def _root(version: Annotated[bool, typer.Option("--version", help="print the version")] = False) -> None:
     if version:
@@ -59,14 +107,9 @@ def _root(version: Annotated[bool, typer.Option("--version", help="print the ver
         raise typer.Exit()
 
 
-# Command modules register themselves on `app` when imported.
-from . import collapse as _collapse  # noqa: E402,F401
-from . import consequences as _consequences  # noqa: E402,F401
-from . import explain as _explain  # noqa: E402,F401
-from . import lab as _lab  # noqa: E402,F401
-from . import perturb as _perturb  # noqa: E402,F401
-from . import scan as _scan  # noqa: E402,F401
-from . import streaming as _streaming  # noqa: E402,F401
+# Command modules register themselves on `app` when imported, in the order --help shows their panels.
+for _module in ("scan", "explain", "collapse", "perturb", "consequences", "streaming", "lab"):
+    importlib.import_module(f"{__name__}.{_module}")
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from . import BosOption, ModelOption, app, console, load_model, user_errors
+from . import EXPLAIN, BosOption, ModelOption, app, console, load_model, user_errors
 
 DEFAULT_BOS = ["add", "strip"]
 PromptsOption = Annotated[Path | None, typer.Option(help=".txt/.jsonl/.csv prompts (default: built-in probe set)")]
@@ -46,7 +46,7 @@ def _written(result: Any, out: Path | None) -> None:
         console.print(f"results written to {out}/", highlight=False)
 
 
-@app.command("rank-collapse")
+@app.command("rank-collapse", rich_help_panel=EXPLAIN)
 @user_errors
 def rank_collapse(
     model: ModelOption = "gemma3-270m",
@@ -77,7 +77,7 @@ def rank_collapse(
     _written(result, out)
 
 
-@app.command("repr-collapse")
+@app.command("repr-collapse", rich_help_panel=EXPLAIN)
 @user_errors
 def repr_collapse(
     model: ModelOption = "gemma3-270m",
@@ -109,7 +109,7 @@ def repr_collapse(
     _written(result, out)
 
 
-@app.command("massive")
+@app.command("massive", rich_help_panel=EXPLAIN)
 @user_errors
 def massive(
     model: ModelOption = "gemma3-270m",

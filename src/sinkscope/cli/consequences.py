@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from ..errors import InputError
-from . import BosOption, ModelOption, app, console, load_model, user_errors
+from . import CONSEQUENCES, BosOption, ModelOption, app, console, load_model, user_errors
 
 if TYPE_CHECKING:
     from ..experiments.common import ExperimentResult
@@ -30,7 +30,7 @@ def _saved(result: ExperimentResult, out: Path | None) -> None:
         console.print(f"written to {result.save(out)}/", highlight=False)
 
 
-@app.command()
+@app.command(rich_help_panel=CONSEQUENCES)
 @user_errors
 def ablate(model: ModelOption = "gemma3-270m", text: TextOption = None, bos: BosOption = None,
            window: Annotated[int, typer.Option(help="text tokens per window")] = 1024,
@@ -61,7 +61,7 @@ def ablate(model: ModelOption = "gemma3-270m", text: TextOption = None, bos: Bos
     _saved(result, out)
 
 
-@app.command()
+@app.command(rich_help_panel=CONSEQUENCES)
 @user_errors
 def knockout(model: ModelOption = "gemma3-270m", text: TextOption = None,
              bos: Annotated[str, typer.Option(help="what sits at position 0: add | strip | replace:<tok>")] = "add",
@@ -95,7 +95,7 @@ def knockout(model: ModelOption = "gemma3-270m", text: TextOption = None,
         console.print(f"written to {out}/", highlight=False)
 
 
-@app.command()
+@app.command(rich_help_panel=CONSEQUENCES)
 @user_errors
 def generate(model: ModelOption = "gemma3-270m",
              prompt: Annotated[list[str] | None, typer.Option(help="prompt text; repeatable")] = None,
@@ -116,7 +116,7 @@ def generate(model: ModelOption = "gemma3-270m",
     _saved(result, out)
 
 
-@app.command("downstream")
+@app.command("downstream", rich_help_panel=CONSEQUENCES)
 @user_errors
 def downstream_command(
     task: Annotated[list[str], typer.Option(help="lm-eval task name; repeatable (e.g. arc_easy, piqa)")],

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from . import BosOption, ModelOption, app, console, load_model, user_errors
+from . import EXPLAIN, BosOption, ModelOption, app, console, load_model, user_errors
 
 OutOption = Annotated[Path | None, typer.Option(help="run directory for tables, summary.json and figures")]
 PromptsOption = Annotated[Path | None, typer.Option(help=".txt/.jsonl/.csv prompts (default: built-in probe set)")]
@@ -26,7 +26,7 @@ def _command() -> str:
     return " ".join(["sinkscope"] + sys.argv[1:])
 
 
-@app.command()
+@app.command(rich_help_panel=EXPLAIN)
 @user_errors
 def smoothing(model: ModelOption = "gemma3-270m", prompts: PromptsOption = None, bos: BosOption = None,
               max_tokens: int = 64, limit: LimitOption = 40, out: OutOption = None, quiet: bool = False) -> None:
@@ -45,7 +45,7 @@ def smoothing(model: ModelOption = "gemma3-270m", prompts: PromptsOption = None,
         console.print(f"written to {result.save(out)}/", highlight=False)
 
 
-@app.command()
+@app.command(rich_help_panel=EXPLAIN)
 @user_errors
 def noop(model: ModelOption = "gemma3-270m", prompts: PromptsOption = None, bos: BosOption = None,
          max_tokens: int = 64, limit: LimitOption = 40, eps: float = 0.3, out: OutOption = None,
@@ -69,7 +69,7 @@ def noop(model: ModelOption = "gemma3-270m", prompts: PromptsOption = None, bos:
         console.print(f"written to {result.save(out)}/", highlight=False)
 
 
-@app.command("conditional-heads")
+@app.command("conditional-heads", rich_help_panel=EXPLAIN)
 @user_errors
 def conditional_heads(model: ModelOption = "gemma3-270m", prompts: PromptsOption = None, trigger: str = "'",
                       bos: str = "add", top: int = 8, out: OutOption = None, quiet: bool = False) -> None:

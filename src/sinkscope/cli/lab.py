@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from . import app, console, user_errors
+from . import LAB, app, console, user_errors
 
 SetOption = Annotated[list[str] | None, typer.Option(
     "--set", help="override a setting, e.g. --set steps=100 --set packing.mask=intra_doc; repeat")]
@@ -31,7 +31,7 @@ def _parse_overrides(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
-@app.command()
+@app.command(rich_help_panel=LAB)
 @user_errors
 def train(
     config: Annotated[str, typer.Argument(help="config file (.toml/.yaml/.json) or preset (cpu-demo, tiny, paper)")],
@@ -71,7 +71,7 @@ def train(
     console.print(f"written to {out}/ (model: {out}/checkpoint)", highlight=False)
 
 
-@app.command()
+@app.command(rich_help_panel=LAB)
 @user_errors
 def sweep(
     config: Annotated[str, typer.Argument(help="sweep file (.toml/.yaml/.json) or preset (cpu-demo, variants-demo, "

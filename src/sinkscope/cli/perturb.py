@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from . import BosOption, ModelOption, app, console, load_model, user_errors
+from . import EXPLAIN, BosOption, ModelOption, app, console, load_model, user_errors
 
 OutOption = Annotated[Path | None, typer.Option(help="run directory for tables, summary.json and figures")]
 TextOption = Annotated[str | None, typer.Option(help="the text (default: the paper's App. C.1 Shakespeare paragraph)")]
@@ -24,7 +24,7 @@ def _number(value: float | None) -> str:
     return "-" if value is None else f"{value:.4g}"
 
 
-@app.command()
+@app.command(rich_help_panel=EXPLAIN)
 @user_errors
 def perturb(
     model: ModelOption = "gemma3-270m",
@@ -59,7 +59,7 @@ def perturb(
         console.print(f"results written to {result.save(out)}/", highlight=False)
 
 
-@app.command()
+@app.command(rich_help_panel=EXPLAIN)
 @user_errors
 def oversquash(
     model: ModelOption = "gemma3-270m",

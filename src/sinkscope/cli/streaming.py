@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from . import BosOption, ModelOption, app, console, load_model, user_errors
+from . import CONSEQUENCES, BosOption, ModelOption, app, console, load_model, user_errors
 
 OutOption = Annotated[Path | None, typer.Option(help="run directory for tables, summary.json and figures")]
 QuietOption = Annotated[bool, typer.Option(help="no progress bar")]
@@ -19,7 +19,7 @@ def _command() -> str:
     return " ".join(["sinkscope"] + sys.argv[1:])
 
 
-@app.command()
+@app.command(rich_help_panel=CONSEQUENCES)
 @user_errors
 def passkey(
     model: ModelOption = "gemma3-270m",
@@ -53,7 +53,7 @@ def passkey(
         console.print(f"written to {out}/", highlight=False)
 
 
-@app.command()
+@app.command(rich_help_panel=CONSEQUENCES)
 @user_errors
 def stream(
     model: ModelOption = "gemma3-270m",

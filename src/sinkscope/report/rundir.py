@@ -48,6 +48,16 @@ def write_table(path: Path, frame: pd.DataFrame) -> None:
         raise
 
 
+def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted names of the entries that differ between two fingerprints."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for key in sorted(set(old) | set(new)):
+            out += _differences(old.get(key), new.get(key), f"{prefix}{key}.")
+        return out
+    return [] if old == new else [prefix.rstrip(".")]
+
+
 class RunDir:
     """``--out DIR``: ``run.json`` (what is being computed), ``parts/`` (one table per finished batch)."""
 
@@ -60,12 +70,32 @@ class RunDir:
             if not resume:
                 raise InputError(f"{self.path} already holds a run; pass --resume to continue it or pick another --out")
             previous = json.loads(run_file.read_text())
-            changed = sorted(k for k in set(previous) | set(fingerprint) if previous.get(k) != fingerprint.get(k))
+            changed = _differences(previous, fingerprint)
             if changed:
                 raise InputError(f"cannot resume {self.path}: the run was started with different {', '.join(changed)}")
         elif self.path.exists() and any(self.path.iterdir()) and not resume:
             raise InputError(f"{self.path} exists and is not empty; pick another --out")
         write_json(run_file, fingerprint)
+
+    # -- batches of an experiment run: parts/batch-NNNNNN/<table>.parquet, then parts/batch-NNNNNN.done ---------
+    def _batch_dir(self, index: int) -> Path:
+        return self.path / PARTS_DIR / f"batch-{index:06d}"
+
+    def write_batch(self, index: int, tables: dict[str, pd.DataFrame]) -> None:
+        """Write one batch's tables; the marker written last makes the batch count as done (a kill before
+        it leaves a batch that is simply measured again)."""
+        directory = self._batch_dir(index)
+        for name, frame in tables.items():
+            write_table(directory / f"{name}.parquet", frame)
+        write_json(directory.with_suffix(".done"), sorted(tables))
+
+    def finished_batches(self) -> set[int]:
+        return {int(p.stem.split("-")[1]) for p in (self.path / PARTS_DIR).glob("batch-*.done")}
+
+    def read_batch(self, index: int) -> dict[str, pd.DataFrame]:
+        directory = self._batch_dir(index)
+        names = json.loads(directory.with_suffix(".done").read_text())
+        return {name: pd.read_parquet(directory / f"{name}.parquet") for name in names}
 
     def write_part(self, index: int, frame: pd.DataFrame) -> None:
         write_table(self.path / PARTS_DIR / f"part-{index:06d}.parquet", frame)

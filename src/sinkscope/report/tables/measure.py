@@ -1,4 +1,4 @@
-"""Terminal tables (rich)."""
+"""Terminal tables of the measurements: per-layer sink rates, conditions side by side."""
 
 from __future__ import annotations
 

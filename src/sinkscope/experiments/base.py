@@ -1,0 +1,334 @@
+"""The one experiment protocol: an `Experiment` says what it measures; `run` does everything else.
+
+An experiment (one small class per file, kvpress-style) supplies
+
+- its settings (dataclass fields: every one that changes a number goes into the resume fingerprint),
+- `prepare(loaded)`: the work units (prompt x condition, text windows, interventions, trials, ...),
+- `batches(units)`: how units are grouped into one forward pass (default: one unit each),
+- `open(loaded)`: the capture engine and probes (default: an engine without probes),
+- `measure(engine, units)`: tidy rows for one batch of units, as ``{table name: DataFrame}``,
+- `summarise(loaded, tables, units)`: the headline numbers.
+
+`run` loads the model, builds units and batches, writes each finished batch to ``--out DIR/parts/``
+(atomically; a batch counts as done only once its marker exists), resumes exactly where a killed run
+stopped, can take every ``world``-th batch for one of several processes, gathers the tables in batch
+order, adds provenance to the summary and saves tables, ``summary.json`` and figures. Every command returns
+a `Result`: ``.to_frame()``, ``.summary`` (with ``provenance``), ``.figures()``, ``.save(dir)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pandas as pd
+import torch
+
+from .. import __version__
+from ..capture import CaptureEngine, Probe
+from ..errors import InputError, SinkscopeError
+from ..models.loader import LoadedModel, load
+from ..report.rundir import RunDir, write_json, write_table
+
+CSV_MAX_ROWS = 20_000  # tables up to this size are also written as CSV
+RESULT_TYPES: dict[str, type[Result]] = {}  # experiment name -> its result class (for Result.load)
+
+
+def versions() -> dict[str, str]:
+    import transformers
+
+    return {"sinkscope": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+def provenance(loaded: LoadedModel, command: str | None = None, **extra: Any) -> dict[str, Any]:
+    """The run's provenance, stored in every summary.json."""
+    return {"model": loaded.info.to_dict(), "versions": versions(), "command": command or " ".join(sys.argv),
+            **extra}
+
+
+class Result:
+    """Tidy tables + a summary (``summary["provenance"]``: where the numbers came from)."""
+
+    experiment: ClassVar[str] = ""
+
+    def __init__(self, tables: dict[str, pd.DataFrame], summary: dict[str, Any]) -> None:
+        self.tables = tables
+        self.summary = summary
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.experiment:
+            RESULT_TYPES[cls.experiment] = cls
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        return self.summary.get("provenance", {})
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """The provenance (older name)."""
+        return self.provenance
+
+    def to_frame(self, name: str | None = None) -> pd.DataFrame:
+        """The main table (the first one) or the one named."""
+        key = name or next(iter(self.tables))
+        return self.tables[key].copy()
+
+    def figures(self) -> dict[str, Any]:
+        """{file stem: matplotlib figure} — drawn by `sinkscope.report.figures`, where every plot lives."""
+        from ..report.figures import figures_for
+
+        return figures_for(self)
+
+    def save(self, out: str | Path) -> Path:
+        from ..report.figures import save_figure
+
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        for name, frame in self.tables.items():
+            write_table(out / f"{name}.parquet", frame)
+            if len(frame) <= CSV_MAX_ROWS:
+                write_table(out / f"{name}.csv", frame)
+        write_json(out / "summary.json", {"experiment": self.experiment, **self.summary})
+        for stem, figure in self.figures().items():
+            save_figure(figure, out / f"{stem}.png")
+        return out
+
+    @classmethod
+    def load(cls, directory: str | Path) -> Result:
+        """A saved result (of this class, or of whatever experiment the directory holds)."""
+        directory = Path(directory)
+        summary_path = directory / "summary.json"
+        if not summary_path.is_file():
+            raise InputError(f"{directory} holds no finished run (no summary.json)")
+        try:
+            summary = json.loads(summary_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise InputError(f"{summary_path}: not a valid summary ({error})") from None
+        name = summary.pop("experiment", cls.experiment)
+        kind = RESULT_TYPES.get(name, cls) if cls.experiment in ("", name) else cls
+        if cls.experiment and name != cls.experiment:
+            raise InputError(f"{directory} holds a {name or 'different'} run, not a {cls.experiment} run")
+        tables = {p.stem: pd.read_parquet(p) for p in sorted(directory.glob("*.parquet"))}
+        order = summary.get("provenance", {}).get("tables")
+        if order:
+            tables = {t: tables[t] for t in order if t in tables}
+        return kind(tables, summary)
+
+
+@dataclasses.dataclass
+class Experiment:
+    """Base of every experiment. Subclasses are dataclasses whose fields are their settings."""
+
+    name: ClassVar[str] = ""
+    result_type: ClassVar[type[Result]] = Result
+    unit_label: ClassVar[str] = "units"  # what the progress bar counts
+
+    # -- what a subclass supplies ---------------------------------------------------------------------
+    def prepare(self, loaded: LoadedModel) -> list[Any]:
+        """The work units, in a fixed order (validating the settings against the model)."""
+        raise NotImplementedError
+
+    def batches(self, units: Sequence[Any]) -> list[list[int]]:
+        """Indices of the units run together (default: one at a time)."""
+        return [[i] for i in range(len(units))]
+
+    def probes(self) -> list[Probe]:
+        return []
+
+    def open(self, loaded: LoadedModel) -> AbstractContextManager[Any]:
+        """The context the units are measured in: by default a capture engine with `probes()`."""
+        return CaptureEngine(loaded, self.probes(), **self.engine_options())
+
+    def engine_options(self) -> dict[str, Any]:
+        return {}
+
+    def begin(self, engine: Any, units: Sequence[Any]) -> None:
+        """Called once before the first batch (e.g. a baseline every unit is compared with)."""
+
+    def measure(self, engine: Any, units: Sequence[Any]) -> dict[str, pd.DataFrame]:
+        raise NotImplementedError
+
+    def summarise(self, loaded: LoadedModel, tables: dict[str, pd.DataFrame], units: Sequence[Any]
+                  ) -> dict[str, Any]:
+        return {}
+
+    def finalise(self, tables: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+        """Tables after gathering every batch (e.g. sorted, or with derived columns)."""
+        return tables
+
+    # -- what the base does with them -----------------------------------------------------------------
+    def settings(self) -> dict[str, Any]:
+        """Every setting, JSON-ready: the fingerprint a resumed run must match."""
+        return json.loads(json.dumps(dataclasses.asdict(self), default=str))
+
+    def units_digest(self, units: Sequence[Any]) -> str:
+        """A hash of the inputs themselves (token ids, texts), so a resumed run measures the same things."""
+        return hashlib.sha256(json.dumps([_jsonable(u) for u in units], default=str).encode()).hexdigest()
+
+    def describe(self, units: Sequence[Any]) -> str:
+        """Progress-bar text for a batch."""
+        return ""
+
+
+def _jsonable(unit: Any) -> Any:
+    if dataclasses.is_dataclass(unit) and not isinstance(unit, type):
+        return dataclasses.asdict(unit)
+    return unit
+
+
+def fingerprint(experiment: Experiment, loaded: LoadedModel, units: Sequence[Any]) -> dict[str, Any]:
+    """Everything that changes a number: experiment, settings, the model (and its file's hash), its dtype and
+    device, the inputs, and the versions of what computes them."""
+    info = loaded.info
+    return {
+        "experiment": experiment.name, "settings": experiment.settings(), "model": info.name,
+        "revision": info.revision, "dtype": info.dtype, "device": info.device, "n_units": len(units),
+        "units_sha256": experiment.units_digest(units),
+        "versions": {k: v for k, v in versions().items() if k != "python"},
+    }
+
+
+@dataclasses.dataclass
+class Shard:
+    """This process's share of a run: batches ``rank, rank + world, ...``."""
+
+    rank: int = 0
+    world: int = 1
+
+    def owns(self, batch: int) -> bool:
+        return batch % self.world == self.rank
+
+
+def run(
+    experiment: Experiment,
+    model: LoadedModel | Any,
+    *,
+    out: str | Path | None = None,
+    resume: bool = False,
+    progress: bool | Any = True,
+    command: str | None = None,
+    shard: Shard | None = None,
+    save: bool = True,
+) -> Result:
+    """Run an experiment on a model: measure every batch (resuming from ``out``), summarise, save.
+
+    ``progress``: True/False, or a rich ``Progress`` shared with other runs (one display over a plan).
+    ``shard``: measure only this process's batches (the result is then partial; gather with `gather`).
+    """
+    loaded = load(model)
+    units = experiment.prepare(loaded)
+    if not units:
+        raise InputError(f"{experiment.name}: nothing to measure")
+    batches = experiment.batches(units)
+    rundir = RunDir(out) if out is not None else None
+    finished: set[int] = set()
+    if rundir is not None:
+        rundir.start(fingerprint(experiment, loaded, units), resume)
+        finished = rundir.finished_batches() if resume else set()
+    shard = shard or Shard()
+    todo = [b for b in range(len(batches)) if shard.owns(b) and b not in finished]
+    measured: dict[int, dict[str, pd.DataFrame]] = {}
+    started = time.time()
+    context = experiment.open(loaded)
+    with context as engine, _progress(progress) as bar:
+        total = sum(len(batches[b]) for b in range(len(batches)) if shard.owns(b))
+        task = bar.add_task(experiment.name, total=total, completed=total - sum(len(batches[b]) for b in todo))
+        if todo:
+            experiment.begin(engine, units)
+        for b in todo:
+            chosen = [units[i] for i in batches[b]]
+            bar.update(task, description=f"{experiment.name} {experiment.describe(chosen)}".rstrip())
+            try:
+                tables = experiment.measure(engine, chosen)
+            except torch.OutOfMemoryError as error:
+                raise SinkscopeError(f"{experiment.name}: out of memory on a batch of {len(chosen)} "
+                                     f"{experiment.unit_label}; use smaller batches or shorter inputs "
+                                     "(finished batches are saved under --out)") from error
+            if rundir is not None:
+                rundir.write_batch(b, tables)
+            measured[b] = tables
+            bar.advance(task, len(chosen))
+    kernels = sorted(getattr(engine, "kernels_used", ()) or ())
+    if shard.world > 1:
+        return Result({}, {"shard": dataclasses.asdict(shard)})
+    tables = _gather(batches, measured, rundir)
+    tables = experiment.finalise(tables)
+    summary = experiment.summarise(loaded, tables, units)
+    summary["provenance"] = provenance(loaded, command, experiment=experiment.name, settings=experiment.settings(),
+                                       tables=list(tables), kernels=kernels,
+                                       seconds=round(time.time() - started, 3))
+    result = experiment.result_type(tables, summary)
+    if out is not None and save:
+        result.save(out)
+    return result
+
+
+def _gather(batches: Sequence[Sequence[int]], measured: dict[int, dict[str, pd.DataFrame]],
+            rundir: RunDir | None) -> dict[str, pd.DataFrame]:
+    """Every batch's tables, concatenated in batch order (read back from disk for resumed batches)."""
+    pieces: dict[str, list[pd.DataFrame]] = {}
+    for b in range(len(batches)):
+        tables = measured.get(b)
+        if tables is None:
+            if rundir is None:
+                raise SinkscopeError(f"batch {b} was neither measured nor saved")
+            tables = rundir.read_batch(b)
+        for name, frame in tables.items():
+            pieces.setdefault(name, []).append(frame)
+    return {name: pd.concat(frames, ignore_index=True) for name, frames in pieces.items()}
+
+
+class _NoProgress:
+    def __enter__(self) -> _NoProgress:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+    def add_task(self, *args: Any, **kwargs: Any) -> int:
+        return 0
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    def advance(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+class _Shared:
+    """A progress display owned by someone else: entering and leaving it does nothing."""
+
+    def __init__(self, bar: Any) -> None:
+        self.bar = bar
+
+    def __enter__(self) -> Any:
+        return self.bar
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def progress_bar(title: str, enabled: bool) -> Any:
+    """A rich progress bar with the columns sinkscope uses everywhere."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(TextColumn(f"[bold]{title}[/] " + "{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeRemainingColumn(), disable=not enabled)
+
+
+def _progress(progress: bool | Any) -> Any:
+    if progress is True:
+        return progress_bar("", True)
+    if progress is False or progress is None:
+        return _NoProgress()
+    return _Shared(progress)
