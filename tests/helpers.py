@@ -57,8 +57,9 @@ def eager_twin(model):
     return twin.eval()
 
 
-def word_tokenizer(with_bos: bool = True):
-    """A word-level fast tokenizer built offline (no hub)."""
+def word_tokenizer(with_bos: bool = True, with_eos: bool = False):
+    """A word-level fast tokenizer built offline (no hub). ``with_eos``: it also appends ``</s>`` by default
+    (as some tokenizers do), so ``--bos auto`` gives ``<s> text </s>``."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
@@ -70,7 +71,9 @@ def word_tokenizer(with_bos: bool = True):
     backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     if with_bos:
-        backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+        template = "<s> $A </s>" if with_eos else "<s> $A"
+        backend.post_processor = processors.TemplateProcessing(single=template,
+                                                               special_tokens=[("<s>", 1), ("</s>", 2)])
         return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
                                        pad_token="<pad>", unk_token="<unk>")
     return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
