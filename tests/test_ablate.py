@@ -21,7 +21,9 @@ from sinkscope.capture import CaptureEngine
 from sinkscope.cli import app
 from sinkscope.data import texts
 from sinkscope.errors import InputError
-from sinkscope.experiments.ablate import ablate, make_windows, prefix_ids, text_tokens, window_nll
+from sinkscope.experiments.ablate import ablate
+from sinkscope.experiments.inputs import make_windows, prefix_ids, text_tokens
+from sinkscope.experiments.loss import window_nll
 from sinkscope.metrics.loss import (
     bucket_index,
     bucket_label,
@@ -150,7 +152,7 @@ def test_buckets_table_and_files(tmp_path):
     for name in ("ablate.parquet", "ablate.csv", "summary.json", "loss_by_position.png"):
         assert (tmp_path / name).is_file(), name
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["provenance"]["experiment"] == "ablate" and summary["provenance"]["text"] == "string"
+    assert summary["provenance"]["experiment"] == "ablate" and summary["provenance"]["settings"]["text"] == "string"
 
 
 def test_windows_prefixes_and_errors():

@@ -16,7 +16,8 @@ from helpers import tiny_model, word_tokenizer
 from sinkscope.capture import CaptureEngine, Probe, SinkKnockout
 from sinkscope.cli import app
 from sinkscope.errors import InputError
-from sinkscope.experiments.ablate import ablate, knockout, parse_layers
+from sinkscope.experiments.ablate import ablate
+from sinkscope.experiments.knockout import knockout, parse_layers
 
 
 def explicit_mask_loss(model, windows: list[list[int]], hide_first: bool) -> float:
@@ -110,9 +111,10 @@ def test_resume_continues_without_recomputing_finished_layers(tmp_path, monkeypa
     model = lm()
     out = tmp_path / "run"
     first = knockout(model, TEXT, window=12, max_windows=1, out=out, progress=False)
-    parts = sorted((out / "parts").glob("part-*.parquet"))
-    assert len(parts) == 1 + 3
-    parts[-1].unlink()  # as if interrupted during the last layer
+    parts = sorted((out / "parts").glob("batch-*.done"))
+    assert len(parts) == 1 + 3 * (1 + 4)  # all heads, then each layer and each of its heads
+    for part in parts[-5:]:
+        part.unlink()  # as if interrupted during the last layer
     with pytest.raises(InputError, match="already holds a run"):
         knockout(model, TEXT, window=12, max_windows=1, out=out, progress=False)
     with pytest.raises(InputError, match="different"):

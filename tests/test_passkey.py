@@ -152,7 +152,7 @@ def test_resume_continues_without_losing_or_duplicating_rows(tmp_path):
     out = tmp_path / "run"
     options = dict(lengths=[120, 160], depths=[0.3, 0.6], trials=1, bos=["add", "strip"], progress=False)
     first = passkey(scripted(lm()), out=out, **options).to_frame()
-    parts = sorted((out / "parts").glob("part-*.parquet"))
+    parts = sorted((out / "parts").glob("batch-*.done"))
     assert len(parts) == len(first) == 8
     for part in parts[::2]:  # an interrupted run: half the rows never finished
         part.unlink()

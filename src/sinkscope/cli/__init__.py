@@ -82,16 +82,19 @@ def check_out(out: Path | None) -> None:
 
 def run_command(experiment: Any, model: str, *, out: Path | None = None, resume: bool = False,
                 quiet: bool = False, device: str = "cpu", dtype: str = "float32",
-                trust_remote_code: bool = False, loaded: Any = None) -> Any:
+                trust_remote_code: bool = False, loaded: Any = None, show: dict[str, Any] | None = None) -> Any:
     """What every experiment command does: check --out, load the model, run the experiment on the shared
-    protocol (saving to --out as it goes), print its table and where the files are."""
+    protocol (saving to --out as it goes), print its table and where the files are. ``show``: display options
+    for the experiment's terminal table."""
     from ..experiments.base import run
     from ..report.tables import table_for
 
+    if resume and out is None:
+        raise InputError("--resume needs --out (the run directory to continue)")
     check_out(out)
     loaded = loaded or load_model(model, device, dtype, trust_remote_code)
     result = run(experiment, loaded, out=out, resume=resume, progress=not quiet, command=command_line())
-    for table in table_for(result):
+    for table in table_for(result, **(show or {})):
         console.print(table)
     if out is not None:
         console.print(f"results written to {out}/", highlight=False)

@@ -21,8 +21,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import platform
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
@@ -39,6 +41,7 @@ from ..models.loader import LoadedModel, load
 from ..report.rundir import RunDir, write_json, write_table
 
 CSV_MAX_ROWS = 20_000  # tables up to this size are also written as CSV
+STALL_ENV = "SINKSCOPE_TEST_STALL_AFTER_BATCHES"  # fault-injection hook for tests; see `stall_for_tests`
 RESULT_TYPES: dict[str, type[Result]] = {}  # experiment name -> its result class (for Result.load)
 
 
@@ -245,6 +248,8 @@ def run(
         task = bar.add_task(experiment.name, total=total, completed=total - sum(len(batches[b]) for b in todo))
         if todo:
             experiment.begin(engine, units)
+        written = 0
+        stall_for_tests(rundir, written)
         for b in todo:
             chosen = [units[i] for i in batches[b]]
             bar.update(task, description=f"{experiment.name} {experiment.describe(chosen)}".rstrip())
@@ -256,6 +261,8 @@ def run(
                                      "(finished batches are saved under --out)") from error
             if rundir is not None:
                 rundir.write_batch(b, tables)
+                written += 1
+                stall_for_tests(rundir, written)
             measured[b] = tables
             bar.advance(task, len(chosen))
     kernels = sorted(getattr(engine, "kernels_used", ()) or ())
@@ -271,6 +278,19 @@ def run(
     if out is not None and save:
         result.save(out)
     return result
+
+
+def stall_for_tests(rundir: RunDir | None, written: int) -> None:
+    """Fault injection for tests, so a kill lands at a chosen point without any timing: with
+    ``SINKSCOPE_TEST_STALL_AFTER_BATCHES=N`` in the environment, a run writing to ``--out`` says so on stderr
+    and blocks for ever once this process has written N batch markers (N=0: before its first batch). The
+    test waits for that line, kills the process (SIGKILL) and resumes. Unset, as always outside tests, it
+    does nothing."""
+    wanted = os.environ.get(STALL_ENV)
+    if rundir is None or wanted is None or not wanted.strip().isdigit() or int(wanted) != written:
+        return
+    print(f"sinkscope: stalled after {written} batch markers ({STALL_ENV})", file=sys.stderr, flush=True)
+    threading.Event().wait()
 
 
 def _gather(batches: Sequence[Sequence[int]], measured: dict[int, dict[str, pd.DataFrame]],

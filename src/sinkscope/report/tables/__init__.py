@@ -24,12 +24,13 @@ def table_for_experiment(experiment: str) -> Callable[[Callable[[Any], list[Any]
     return register
 
 
-def table_for(result: Any) -> list[Any]:
-    """The rich tables (or other renderables) that summarise a result on the terminal."""
+def table_for(result: Any, **options: Any) -> list[Any]:
+    """The rich tables (or other renderables) that summarise a result on the terminal. ``options``: display
+    choices of that experiment's renderer (e.g. knockout's ``top``)."""
     for name in _MODULES:
         importlib.import_module(f"{__name__}.{name}")
     render = TABLES.get(result.experiment)
-    return [] if render is None else render(result)
+    return [] if render is None else render(result, **options)
 
 
 from .measure import layer_table  # noqa: E402

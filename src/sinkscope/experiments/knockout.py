@@ -1,0 +1,230 @@
+"""`knockout`: leave the tokens alone and remove the attention to position 0 (renormalising over the rest)
+in all heads, one layer at a time, or one head at a time; Δloss against the unmodified model.
+
+Work units: the interventions — all heads of every layer, then for each chosen layer all its heads and
+(``per_head``) each head alone, or the single heads a ``heads`` spec names. Each runs over every window
+(see `loss` for the targets) and is one batch, so an interrupted run resumes at the next intervention.
+The unmodified baseline every intervention is compared with is computed once, in `begin`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ..capture import Probe, SinkKnockout
+from ..data.texts import LongText
+from ..errors import InputError
+from ..metrics.loss import delta_summary, mean_loss, perplexity
+from ..models.loader import LoadedModel
+from ..models.tokens import parse_bos
+from .base import Result, run
+from .inputs import first_token_label, prefix_ids, require_tokenizer
+from .loss import LOSS_CHUNK, TextLoss
+
+
+def _index_range(piece: str, option: str, example: str) -> range:
+    """``"3"`` or ``"0-3"`` as a range of indices."""
+    try:
+        low, _, high = piece.partition("-")
+        return range(int(low), int(high or low) + 1)
+    except ValueError:
+        raise InputError(f"{option}: cannot read '{piece}' (use e.g. {example})") from None
+
+
+def parse_layers(spec: str | Sequence[int] | None, n_layers: int) -> list[int]:
+    """``None`` (all), a list of ints, or a string like ``"0-3,7"`` -> sorted layer indices, checked."""
+    if spec is None:
+        return list(range(n_layers))
+    chosen: set[int] = set()
+    if isinstance(spec, str):
+        for piece in filter(None, (p.strip() for p in spec.split(","))):
+            chosen.update(_index_range(piece, "--layers", "0-3,7"))
+    else:
+        chosen.update(int(x) for x in spec)
+    if not chosen:
+        raise InputError("--layers selects no layer")
+    bad = sorted(x for x in chosen if not 0 <= x < n_layers)
+    if bad:
+        raise InputError(f"--layers {bad} out of range: the model has layers 0-{n_layers - 1}")
+    return sorted(chosen)
+
+
+def parse_heads(spec: str | Sequence[Sequence[int]], n_layers: int, n_heads: int) -> list[tuple[int, int]]:
+    """A string like ``"5:1,11:0-3"`` (layer:head, ranges allowed on either side) or (layer, head) pairs ->
+    sorted (layer, head) pairs, checked against the model."""
+    pairs: set[tuple[int, int]] = set()
+    if isinstance(spec, str):
+        for piece in filter(None, (p.strip() for p in spec.split(","))):
+            layer_part, colon, head_part = piece.partition(":")
+            if not colon:
+                raise InputError(f"--heads: cannot read '{piece}' (use layer:head, e.g. 5:1,11:0-3)")
+            layers = _index_range(layer_part, "--heads", "5:1,11:0-3")
+            heads = _index_range(head_part, "--heads", "5:1,11:0-3")
+            pairs.update((layer, head) for layer in layers for head in heads)
+    else:
+        pairs.update((int(layer), int(head)) for layer, head in spec)
+    if not pairs:
+        raise InputError("--heads selects no head")
+    bad = sorted(p for p in pairs if not (0 <= p[0] < n_layers and 0 <= p[1] < n_heads))
+    if bad:
+        shown = ", ".join(f"{layer}:{head}" for layer, head in bad[:5])
+        raise InputError(f"--heads {shown} out of range: the model has layers 0-{n_layers - 1} and heads "
+                         f"0-{n_heads - 1}")
+    return sorted(pairs)
+
+
+@dataclass(frozen=True)
+class Intervention:
+    """What is knocked out: every head (``all``), one layer's heads (``layer``) or one head (``head``)."""
+
+    scope: str
+    layer: int | None = None
+    head: int | None = None
+
+    @property
+    def heads(self) -> dict[int, list[int] | None] | None:
+        """`SinkKnockout`'s selection: None is every head of every layer."""
+        if self.scope == "all":
+            return None
+        assert self.layer is not None
+        return {self.layer: None if self.head is None else [self.head]}
+
+
+class KnockoutResult(Result):
+    """Table ``knockout``: one row per intervention (scope, layer, head, loss, Δloss, ...)."""
+
+    experiment = "knockout"
+
+
+@dataclass
+class Knockout(TextLoss):
+    """Δloss when the attention to position 0 is removed in all heads, per layer and per head."""
+
+    name = "knockout"
+    result_type = KnockoutResult
+    unit_label = "interventions"
+
+    window: int = 256
+    max_windows: int | None = 2
+    bos: str = "add"
+    layers: str | list[int] | None = None
+    heads: str | list[tuple[int, int]] | None = None
+    per_head: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.bos = str(parse_bos(self.bos))
+
+    def prepare(self, loaded: LoadedModel) -> list[Intervention]:
+        info = loaded.info
+        pairs = None if self.heads is None else parse_heads(self.heads, info.n_layers, info.n_heads)
+        if self.layers is not None or pairs is None:
+            chosen = parse_layers(self.layers, info.n_layers)
+        else:  # --heads alone: the layers of those heads
+            chosen = sorted({layer for layer, _ in pairs})
+        if pairs is not None:
+            outside = sorted({layer for layer, _ in pairs} - set(chosen))
+            if outside:
+                raise InputError(f"--heads names layers {outside} that --layers leaves out")
+        tokenizer = require_tokenizer(loaded, "knockout")
+        self._prefix = prefix_ids(tokenizer, self.bos)
+        self._first_token = first_token_label(tokenizer, self._prefix)
+        self.text_windows(loaded, len(self._prefix))
+        self._chosen, self._pairs, self._shape = chosen, pairs, (info.n_layers, info.n_heads)
+        self._baseline: np.ndarray | None = None
+        units = [Intervention("all")]
+        for layer in chosen:
+            units.append(Intervention("layer", layer))
+            if pairs is not None:
+                units += [Intervention("head", layer, head) for lay, head in pairs if lay == layer]
+            elif self.per_head:
+                units += [Intervention("head", layer, head) for head in range(info.n_heads)]
+        return units
+
+    def probes(self) -> list[Probe]:
+        self._probe = SinkKnockout({})
+        return [self._probe]
+
+    def describe(self, units: Sequence[Intervention]) -> str:
+        unit = units[0]
+        return {"all": "all heads", "layer": f"layer {unit.layer}"}.get(unit.scope, f"layer {unit.layer} head "
+                                                                                    f"{unit.head}")
+
+    def _run_nll(self, engine: Any, heads: dict[int, list[int] | None] | None) -> np.ndarray:
+        self._probe.heads = heads  # {}: no layer touched; None: every head of every layer
+        return self.nll(engine, [ids for _, ids in self._windows], self._prefix)
+
+    def begin(self, engine: Any, units: Sequence[Intervention]) -> None:
+        self._baseline = self._run_nll(engine, {})
+
+    def measure(self, engine: Any, units: Sequence[Intervention]) -> dict[str, pd.DataFrame]:
+        assert self._baseline is not None
+        rows = []
+        for unit in units:
+            knocked = self._run_nll(engine, unit.heads)
+            delta = delta_summary(self._baseline, knocked)
+            rows.append({"scope": unit.scope, "layer": unit.layer, "head": unit.head, "loss": mean_loss(knocked),
+                         "ppl": perplexity(knocked), "delta_loss": delta["delta_loss"], "delta_se": delta["delta_se"],
+                         "fraction_worse": delta["fraction_worse"], "n_tokens": delta["n_tokens"]})
+        return {"knockout": pd.DataFrame(rows).astype({"layer": "Int64", "head": "Int64"})}
+
+    def summarise(self, loaded: LoadedModel, tables: dict[str, pd.DataFrame], units: Sequence[Intervention]
+                  ) -> dict[str, Any]:
+        if self._baseline is None:  # every intervention was resumed from disk: only the baseline is left
+            with self.open(loaded) as engine:
+                self.begin(engine, units)
+        baseline = self._baseline
+        assert baseline is not None
+        frame = tables["knockout"]
+
+        def top(scope: str, n: int) -> list[dict[str, Any]]:
+            rows = frame[frame["scope"] == scope].nlargest(n, "delta_loss")
+            return [{"layer": int(r.layer), **({"head": int(r.head)} if scope == "head" else {}),
+                     "delta_loss": float(r.delta_loss), "delta_se": float(r.delta_se)} for r in rows.itertuples()]
+
+        everything = frame[frame["scope"] == "all"].iloc[0]
+        per_layer = frame[frame["scope"] == "layer"]
+        n_layers, n_heads = self._shape
+        with_heads = self.per_head or self._pairs is not None
+        return {
+            "model": loaded.info.name, "bos": self.bos, "first_token": self._first_token, "text": self.source,
+            "window": len(self._windows[0][1]), "n_windows": len(self._windows), "n_tokens": int(baseline.size),
+            "n_layers": n_layers, "n_heads": n_heads, "layers": self._chosen, "per_head": self.per_head,
+            "heads": None if self._pairs is None else [list(p) for p in self._pairs],
+            "baseline": {"loss": mean_loss(baseline), "ppl": perplexity(baseline)},
+            "all_heads": {"loss": float(everything["loss"]), "ppl": float(everything["ppl"]),
+                          "delta_loss": float(everything["delta_loss"]), "delta_se": float(everything["delta_se"])},
+            "delta_loss_by_layer": {int(r.layer): float(r.delta_loss) for r in per_layer.itertuples()},
+            "top_layers": top("layer", 5), "top_heads": top("head", 10) if with_heads else [],
+        }
+
+
+def knockout(
+    model: LoadedModel | Any, text: str | Path | LongText | None = None, *, window: int = 256,
+    layers: str | Sequence[int] | None = None, heads: str | Sequence[Sequence[int]] | None = None,
+    per_head: bool = True, max_windows: int = 2, stride: int | None = None, bos: str = "add", batch_size: int = 4,
+    chunk: int = LOSS_CHUNK, out: str | Path | None = None, resume: bool = False, path: str = "auto",
+    progress: bool | Any = True, command: str | None = None,
+) -> KnockoutResult:
+    """Δloss when the attention to position 0 is removed (and renormalised) in all heads, in each layer,
+    and (``per_head``) in each head, on the same tokens as the unmodified baseline.
+
+    ``layers`` limits the per-layer and per-head runs ("0-3,7" or a list); ``heads`` ("5:1,11:0-3" or
+    (layer, head) pairs) runs just those single heads (and, without ``layers``, their layers). The
+    all-heads run always covers every layer. ``out``: each finished intervention is written to
+    ``out/parts/`` so ``resume`` can continue.
+    """
+    experiment = Knockout(
+        text=text, window=window, max_windows=max_windows, stride=stride, batch_size=batch_size, chunk=chunk,
+        path=path, bos=bos, layers=layers if layers is None or isinstance(layers, str) else [int(x) for x in layers],
+        heads=heads if heads is None or isinstance(heads, str) else [(int(a), int(b)) for a, b in heads],
+        per_head=per_head)
+    result = run(experiment, model, out=out, resume=resume, progress=progress, command=command)
+    assert isinstance(result, KnockoutResult)
+    return result
