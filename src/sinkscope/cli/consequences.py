@@ -10,14 +10,15 @@ import typer
 from . import CONSEQUENCES, app, options, run_command, user_errors
 
 Window = Annotated[int, typer.Option(help="text tokens per window")]
+Stride = Annotated[int | None, typer.Option(help="window start distance (default: window)")]
 
 
 @app.command(rich_help_panel=CONSEQUENCES)
 @user_errors
 def ablate(model: options.Model = "gemma3-270m", text: options.Text = None, bos: options.Bos = None,
            window: Window = 1024, max_windows: Annotated[int, typer.Option(help="windows per condition")] = 8,
-           stride: Annotated[int | None, typer.Option(help="window start distance (default: window)")] = None,
-           batch_size: int = 4, per_token: Annotated[bool, typer.Option(help="also write tokens.parquet")] = False,
+           stride: Stride = None, batch_size: int = 4,
+           per_token: Annotated[bool, typer.Option(help="also write tokens.parquet")] = False,
            out: options.Out = None, resume: options.Resume = False, quiet: options.Quiet = False) -> None:
     """Loss/perplexity on the same text tokens with <bos> added, stripped or replaced, by position."""
     from ..experiments.ablate import DEFAULT_CONDITIONS, Ablate
@@ -30,7 +31,7 @@ def ablate(model: options.Model = "gemma3-270m", text: options.Text = None, bos:
 @app.command(rich_help_panel=CONSEQUENCES)
 @user_errors
 def knockout(model: options.Model = "gemma3-270m", text: options.Text = None, bos: options.OneBos = "add",
-             window: Window = 256, max_windows: int = 2,
+             window: Window = 256, max_windows: int = 2, stride: Stride = None, batch_size: int = 4,
              layers: Annotated[str | None, typer.Option(help="e.g. 0-3,7 (default all)")] = None,
              heads: Annotated[str | None, typer.Option(
                  help="single heads to knock out, layer:head, e.g. 5:1,11:0-3 (default: every head of --layers)")]
@@ -41,8 +42,8 @@ def knockout(model: options.Model = "gemma3-270m", text: options.Text = None, bo
     """Δloss when attention to position 0 is removed (renormalised) in all heads, per layer, per head."""
     from ..experiments.knockout import Knockout
 
-    experiment = Knockout(text=text, window=window, max_windows=max_windows, bos=bos, layers=layers, heads=heads,
-                          per_head=per_head)
+    experiment = Knockout(text=text, window=window, max_windows=max_windows, stride=stride, batch_size=batch_size,
+                          bos=bos, layers=layers, heads=heads, per_head=per_head)
     run_command(experiment, model, out=out, resume=resume, quiet=quiet, show={"top": top})
 
 
