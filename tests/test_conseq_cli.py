@@ -118,8 +118,8 @@ def test_heads_runs_just_those_heads_with_the_same_numbers_as_per_head():
 
 
 def test_every_command_resumes_and_its_result_loads_back(tmp_path, files, model_dir):
-    """Each command continues a run in --out (here: one whose last batch never finished) and the saved
-    directory loads back as its experiment's result."""
+    """Each command continues a run in --out (here: one whose last batch never finished, then one with
+    nothing left to do) and the saved directory loads back as its experiment's result."""
     commands = {
         "ablate": ["--text", str(files["text"]), "--window", "12", "--max-windows", "2", "--bos", "add",
                    "--bos", "strip"],
@@ -141,3 +141,8 @@ def test_every_command_resumes_and_its_result_loads_back(tmp_path, files, model_
             volatile = [c for c in ("rss_bytes",) if c in frame]  # memory of the process, not a result
             assert again.tables[table].drop(columns=volatile).equals(frame.drop(columns=volatile)), (name, table)
         assert set(again.figures()) == set(first.figures())
+        assert invoke(*args, "--resume").exit_code == 0  # nothing left to measure: the same result again
+        done = json.loads((out / "summary.json").read_text())
+        done.pop("provenance")
+        assert done == {k: v for k, v in json.loads(json.dumps(again.summary, default=str)).items()
+                        if k != "provenance"} | {"experiment": name}, name

@@ -5,7 +5,8 @@ The text is fed through the model token by token (after one prefill of ``window`
 every cache since nothing is evicted before the window fills), each cache in its own pass. For every
 position t the row holds the NLL of token t+1 and the bytes of the cache's key/value tensors after the
 step. Perplexity is reported over the positions every streaming cache has had to evict for
-(t >= window + max(sinks)), so all caches are scored on the same tokens.
+(t >= window + max(sinks)), so all caches are scored on the same tokens. Work units: the cache
+configurations, one batch each (``--resume`` continues with the next cache).
 
 Defaults (window 256, 1024 tokens, caches full / k=0 / k=1 / k=4) take a few minutes on 2 CPU cores for the
 bundled 135M-270M models: about 770 single-token steps per cache.
