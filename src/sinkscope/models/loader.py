@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -203,34 +204,73 @@ def _from_pretrained(
     return model, tokenizer
 
 
-def _bundled_cache_dir(name: str, gguf_path: Path) -> Path:
-    stat = gguf_path.stat()
-    return cache_root() / "models" / f"{name}-{stat.st_size}-{int(stat.st_mtime)}"
+CACHE_FORMAT = 2  # bump when what is cached, or how, changes: older entries are then not reused
+
+
+def dequantiser_versions() -> dict[str, str]:
+    """What turned a GGUF file into the cached fp32 weights: an entry made by other versions is not reused."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {"cache_format": str(CACHE_FORMAT)}
+    for package in ("transformers", "gguf"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = "absent"
+    return versions
+
+
+def _bundled_cache_dir(name: str, digest: str, versions: dict[str, str]) -> Path:
+    """One entry per (file content, dequantiser): size and mtime do not tell two files apart."""
+    tag = hashlib.sha256(json.dumps(versions, sort_keys=True).encode()).hexdigest()[:12]
+    return cache_root() / "models" / f"{name}-{digest[:16]}-{tag}"
+
+
+def _read_cache(cached: Path, digest: str, versions: dict[str, str], dtype: Any,
+                device_kwargs: dict[str, Any]) -> tuple[Any, Any] | None:
+    """The cached model and tokenizer if the entry records this exact file and dequantiser, else None."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    meta_path = cached / "sinkscope-meta.json"
+    if not meta_path.is_file():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        if meta.get("sha256") != digest or meta.get("dequantiser") != versions:
+            raise ValueError("cache entry made from another file or by another dequantiser")
+        model = AutoModelForCausalLM.from_pretrained(str(cached), dtype=dtype, **device_kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(str(cached))
+    except Exception:  # a damaged or foreign entry is rebuilt from the GGUF
+        shutil.rmtree(cached, ignore_errors=True)
+        return None
+    return model, tokenizer
 
 
 def _load_bundled(name: str, dtype: Any, device_kwargs: dict[str, Any]) -> tuple[Any, Any, str]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Model, tokenizer and the sha256 of the GGUF file they come from (hashed on every load: ~0.4 s)."""
+    from transformers import AutoModelForCausalLM
 
     gguf_path = BUNDLED[name].locate()
-    cached = _bundled_cache_dir(name, gguf_path)
-    meta_path = cached / "sinkscope-meta.json"
-    if meta_path.is_file():
-        try:
-            meta = json.loads(meta_path.read_text())
-            model = AutoModelForCausalLM.from_pretrained(str(cached), dtype=dtype, **device_kwargs)
-            tokenizer = AutoTokenizer.from_pretrained(str(cached))
-            return model, tokenizer, meta["sha256"]
-        except Exception:  # a damaged cache is rebuilt from the GGUF below
-            shutil.rmtree(cached, ignore_errors=True)
-    model, tokenizer = _from_gguf(gguf_path, torch.float32, {})
     digest = file_digest(gguf_path)
-    _write_cache(model, tokenizer, cached, {"sha256": digest, "gguf": str(gguf_path)})
-    if dtype not in ("auto", torch.float32) or device_kwargs:
-        model = AutoModelForCausalLM.from_pretrained(str(cached), dtype=dtype, **device_kwargs)
-    return model, tokenizer, digest
+    versions = dequantiser_versions()
+    cached = _bundled_cache_dir(name, digest, versions)
+    hit = _read_cache(cached, digest, versions, dtype, device_kwargs)
+    if hit is not None:
+        return hit[0], hit[1], digest
+    model, tokenizer = _from_gguf(gguf_path, torch.float32, {})
+    if file_digest(gguf_path) != digest:  # the provenance must name the bytes that were dequantised
+        raise ModelLoadError(f"{gguf_path} changed while it was being read; load it again")
+    _write_cache(model, tokenizer, cached, {"sha256": digest, "gguf": str(gguf_path), "dequantiser": versions})
+    if dtype in ("auto", torch.float32) and not device_kwargs:
+        return model, tokenizer, digest
+    if (cached / "sinkscope-meta.json").is_file():
+        return AutoModelForCausalLM.from_pretrained(str(cached), dtype=dtype, **device_kwargs), tokenizer, digest
+    # the cache could not be written (read-only home?): convert the dequantised model in memory
+    target_device = device_kwargs.get("device_map", "cpu")
+    return model.to(dtype=dtype, device="cuda" if target_device == "auto" else target_device), tokenizer, digest
 
 
-def _write_cache(model: Any, tokenizer: Any, target: Path, meta: dict[str, str]) -> None:
+def _write_cache(model: Any, tokenizer: Any, target: Path, meta: dict[str, Any]) -> None:
     # GGUF-loaded models refuse save_pretrained while they carry the quantizer; the weights are fp32 already.
     model.hf_quantizer = None
     for config in {id(model.config): model.config, id(text_config(model)): text_config(model)}.values():
