@@ -162,9 +162,9 @@ def _from_gguf(path: Path, dtype: Any, device_kwargs: dict[str, Any]) -> tuple[A
         if importlib.util.find_spec(package) is None:
             raise ModelLoadError(f"loading .gguf files needs the '{package}' package: pip install {package}")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
         model = AutoModelForCausalLM.from_pretrained(
-            str(path.parent), gguf_file=path.name, dtype=dtype, **device_kwargs
+            str(path.parent), gguf_file=path.name, dtype=dtype, trust_remote_code=False, **device_kwargs
         )
     except (ValueError, OSError, KeyError, IndexError, EOFError, RuntimeError, MemoryError) as error:
         reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
@@ -238,8 +238,9 @@ def _read_cache(cached: Path, digest: str, versions: dict[str, str], dtype: Any,
         meta = json.loads(meta_path.read_text())
         if meta.get("sha256") != digest or meta.get("dequantiser") != versions:
             raise ValueError("cache entry made from another file or by another dequantiser")
-        model = AutoModelForCausalLM.from_pretrained(str(cached), dtype=dtype, **device_kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(str(cached))
+        model = AutoModelForCausalLM.from_pretrained(str(cached), dtype=dtype, trust_remote_code=False,
+                                                     **device_kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(str(cached), trust_remote_code=False)
     except Exception:  # a damaged or foreign entry is rebuilt from the GGUF
         shutil.rmtree(cached, ignore_errors=True)
         return None
@@ -264,7 +265,9 @@ def _load_bundled(name: str, dtype: Any, device_kwargs: dict[str, Any]) -> tuple
     if dtype in ("auto", torch.float32) and not device_kwargs:
         return model, tokenizer, digest
     if (cached / "sinkscope-meta.json").is_file():
-        return AutoModelForCausalLM.from_pretrained(str(cached), dtype=dtype, **device_kwargs), tokenizer, digest
+        model = AutoModelForCausalLM.from_pretrained(str(cached), dtype=dtype, trust_remote_code=False,
+                                                     **device_kwargs)
+        return model, tokenizer, digest
     # the cache could not be written (read-only home?): convert the dequantised model in memory
     target_device = device_kwargs.get("device_map", "cpu")
     return model.to(dtype=dtype, device="cuda" if target_device == "auto" else target_device), tokenizer, digest
