@@ -52,6 +52,7 @@ def _locate_gemma3() -> Path:
                 pass  # a corrupt earlier assembly: rebuilt below
         # assembled under a private name and renamed, so a concurrent or killed load never sees half a file
         staging = target.with_name(f".{target.name}.{os.getpid()}.partial")
+        staging.parent.mkdir(parents=True, exist_ok=True)
         try:
             package.assemble(staging, overwrite=True)
             os.replace(staging, target)

@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -17,6 +18,7 @@ import torch
 from ..errors import ModelLoadError, UnsupportedModelError
 from .bundled import BUNDLED, cache_root, file_digest
 
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")  # org/name
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -166,7 +168,7 @@ def _from_gguf(path: Path, dtype: Any, device_kwargs: dict[str, Any]) -> tuple[A
         model = AutoModelForCausalLM.from_pretrained(
             str(path.parent), gguf_file=path.name, dtype=dtype, trust_remote_code=False, **device_kwargs
         )
-    except (ValueError, OSError, KeyError, IndexError, EOFError, RuntimeError, MemoryError) as error:
+    except Exception as error:  # a damaged file surfaces as many exception types (struct.error, KeyError, ...)
         reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
         raise ModelLoadError(f"cannot read GGUF file {path} (truncated or corrupt?): {reason}") from error
     return model, tokenizer
@@ -338,7 +340,7 @@ def load(
         else:
             model, tok = _from_pretrained(str(path), torch_dtype, device_kwargs, trust_remote_code, revision)
             kind, revision_used = "local", getattr(model.config, "_commit_hash", None)
-    elif ref.startswith((".", "/", "~")) or os.sep in ref.strip("/").split("/", 1)[-1]:
+    elif "/" in ref and not HUB_ID.fullmatch(ref):  # ./x, /x, ~/x, x/, a/b/c: meant as a path
         raise ModelLoadError(f"no such file or directory: {ref}")
     elif "/" not in ref:
         raise ModelLoadError(
