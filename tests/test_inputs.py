@@ -237,3 +237,11 @@ def test_csv_with_a_byte_order_mark_reads_its_text_column(tmp_path):
     path = tmp_path / "prompts.csv"
     path.write_bytes("id,text\np0,the cat sat\n".encode("utf-8-sig"))  # as spreadsheet exports write it
     assert [p.text for p in read_prompts(path)] == ["the cat sat"]
+
+
+def test_a_directory_of_several_gguf_files_asks_which_one(tmp_path, prompt_file):
+    folder = tmp_path / "ggufs"
+    folder.mkdir()
+    for name in ("a.gguf", "b.gguf"):
+        (folder / name).write_bytes(b"GGUF")
+    refused(scan(model=folder, prompts=prompt_file), "holds 2 .gguf files", "a.gguf, b.gguf", "--model")

@@ -76,39 +76,53 @@ def _is_true(node: ast.AST | None) -> bool:
     return isinstance(node, ast.Constant) and node.value is True
 
 
+def _import_problems(node: ast.AST) -> list[str]:
+    if isinstance(node, ast.Import):
+        return [f"import {a.name}" for a in node.names if a.name.split(".")[0] in PICKLERS]
+    if isinstance(node, ast.ImportFrom):
+        module = node.module or ""
+        problems = [f"from {module} import"] if module.split(".")[0] in PICKLERS else []
+        if module == "torch" and {a.name for a in node.names} & {"load", "save"}:
+            problems.append("from torch import load/save")
+        return problems
+    return []
+
+
+def _pickle_names(node: ast.AST) -> list[str]:
+    """Any identifier, attribute or keyword mentioning pickle: pd.read_pickle, to_pickle, allow_pickle=..."""
+    if isinstance(node, ast.Name):
+        name = node.id
+    elif isinstance(node, ast.Attribute):
+        name = node.attr
+    elif isinstance(node, ast.keyword) and node.arg:
+        name = f"{node.arg}="
+    else:
+        return []
+    return [name] if "pickle" in name.lower() else []
+
+
+def _call_problems(node: ast.AST) -> list[str]:
+    if not isinstance(node, ast.Call):
+        return []
+    func = _dotted(node.func)
+    keywords = {k.arg: k.value for k in node.keywords}
+    problems = []
+    if func in ("torch.load", "torch.serialization.load") and not _is_true(keywords.get("weights_only")):
+        problems.append(f"{func} without weights_only=True")
+    if func in ("torch.save", "torch.serialization.save"):
+        problems.append(f"{func} writes a pickle (use safetensors)")
+    if _is_true(keywords.get("trust_remote_code")):
+        problems.append("trust_remote_code=True")
+    if func.endswith(".from_pretrained") and "trust_remote_code" not in keywords:
+        problems.append(f"{func} without an explicit trust_remote_code")
+    return problems
+
+
 def unsafe_constructs(source: str) -> list[str]:
     """What in `source` can run code from a file: pickle and friends, torch.load without weights_only=True,
     torch.save (a pickle), from_pretrained without an explicit trust_remote_code, trust_remote_code=True."""
-    problems = []
-    for node in ast.walk(ast.parse(source)):
-        where = f"line {getattr(node, 'lineno', '?')}"
-        if isinstance(node, ast.Import):
-            problems += [f"{where}: import {a.name}" for a in node.names if a.name.split(".")[0] in PICKLERS]
-        elif isinstance(node, ast.ImportFrom):
-            module = node.module or ""
-            if module.split(".")[0] in PICKLERS:
-                problems.append(f"{where}: from {module} import")
-            if module == "torch" and {a.name for a in node.names} & {"load", "save"}:
-                problems.append(f"{where}: from torch import load/save")
-        elif isinstance(node, (ast.Name, ast.Attribute)):
-            name = node.id if isinstance(node, ast.Name) else node.attr
-            if "pickle" in name.lower():
-                problems.append(f"{where}: {name}")
-        elif isinstance(node, ast.keyword) and node.arg and "pickle" in node.arg.lower():
-            problems.append(f"{where}: {node.arg}=")
-        if not isinstance(node, ast.Call):
-            continue
-        func = _dotted(node.func)
-        keywords = {k.arg: k.value for k in node.keywords}
-        if func in ("torch.load", "torch.serialization.load") and not _is_true(keywords.get("weights_only")):
-            problems.append(f"{where}: {func} without weights_only=True")
-        if func in ("torch.save", "torch.serialization.save"):
-            problems.append(f"{where}: {func} writes a pickle (use safetensors)")
-        if _is_true(keywords.get("trust_remote_code")):
-            problems.append(f"{where}: trust_remote_code=True")
-        if func.endswith(".from_pretrained") and "trust_remote_code" not in keywords:
-            problems.append(f"{where}: {func} without an explicit trust_remote_code")
-    return problems
+    return [f"line {getattr(node, 'lineno', '?')}: {problem}" for node in ast.walk(ast.parse(source))
+            for check in (_import_problems, _pickle_names, _call_problems) for problem in check(node)]
 
 
 @pytest.mark.parametrize("snippet", [

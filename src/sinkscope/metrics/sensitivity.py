@@ -17,6 +17,7 @@ Pure functions: arrays (numpy or torch) in, arrays or numbers out; no models, no
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -214,7 +215,8 @@ def by_distance(values: ArrayLike, target: int | ArrayLike, positions: ArrayLike
     or one per value). Sources after their target (negative distance) are dropped. Returns
     (distances ascending, reduced value per distance, count per distance); ``reduce``: mean, median, max, sum.
     """
-    reducers = {"mean": np.mean, "median": np.median, "max": np.max, "sum": np.sum}
+    reducers: dict[str, Callable[[NDArray[np.float64]], Any]] = {"mean": np.mean, "median": np.median,
+                                                                 "max": np.max, "sum": np.sum}
     if reduce not in reducers:
         raise ValueError(f"reduce must be one of {sorted(reducers)}")
     v = _array(values).reshape(-1)

@@ -292,6 +292,57 @@ def _write_cache(model: Any, tokenizer: Any, target: Path, meta: dict[str, Any])
         shutil.rmtree(staging, ignore_errors=True)  # a cache we cannot write only costs time
 
 
+_Built = tuple[Any, Any, str, str | None]  # model, tokenizer, source kind, revision (provenance)
+
+
+def _from_directory(path: Path, dtype: Any, device_kwargs: dict[str, Any], trust_remote_code: bool,
+                    revision: str | None) -> _Built:
+    if not path.is_dir():
+        raise ModelLoadError(f"{path} is neither a model directory nor a .gguf file")
+    if (path / "config.json").is_file():
+        model, tok = _from_pretrained(str(path), dtype, device_kwargs, trust_remote_code, revision)
+        return model, tok, "local", getattr(model.config, "_commit_hash", None)
+    ggufs = sorted(path.glob("*.gguf"))
+    if not ggufs:
+        raise ModelLoadError(f"{path} has no config.json and no .gguf file: not a model directory")
+    if len(ggufs) > 1:
+        raise ModelLoadError(f"{path} holds {len(ggufs)} .gguf files ({', '.join(g.name for g in ggufs[:3])}"
+                             f"{', ...' if len(ggufs) > 3 else ''}); pass the one to load as --model")
+    model, tok = _from_gguf(ggufs[0], dtype, device_kwargs)
+    return model, tok, "gguf", f"sha256:{file_digest(ggufs[0])}"
+
+
+def _from_reference(ref: str, dtype: Any, device_kwargs: dict[str, Any], trust_remote_code: bool,
+                    revision: str | None) -> _Built:
+    """A bundled name, a .gguf file, a local directory or a hub id, tried in that order."""
+    path = Path(ref).expanduser()
+    if ref in BUNDLED:
+        model, tok, digest = _load_bundled(ref, dtype, device_kwargs)
+        return model, tok, "bundled", f"sha256:{digest}"
+    if ref.endswith(".gguf"):
+        model, tok = _from_gguf(path, dtype, device_kwargs)
+        return model, tok, "gguf", f"sha256:{file_digest(path)}"
+    if path.exists():
+        return _from_directory(path, dtype, device_kwargs, trust_remote_code, revision)
+    if "/" in ref and not HUB_ID.fullmatch(ref):  # ./x, /x, ~/x, x/, a/b/c: meant as a path
+        raise ModelLoadError(f"no such file or directory: {ref}")
+    if "/" not in ref:
+        raise ModelLoadError(
+            f"'{ref}' is not a bundled model ({', '.join(BUNDLED)}), an existing path, or a hub id (org/name)"
+        )
+    model, tok = _from_pretrained(ref, dtype, device_kwargs, trust_remote_code, revision)
+    return model, tok, "hub", getattr(model.config, "_commit_hash", None) or revision
+
+
+def _live(model: Any, tokenizer: Any) -> LoadedModel:
+    if not hasattr(model, "config") or not hasattr(model, "forward"):
+        raise ModelLoadError(f"cannot use an object of type {type(model).__name__} as a model")
+    check_attention_supported(model)
+    model.eval()
+    name = getattr(model.config, "_name_or_path", "") or type(model).__name__
+    return LoadedModel(model, tokenizer, describe(model, tokenizer, name, "live"))
+
+
 def load(
     source: Any,
     *,
@@ -311,44 +362,10 @@ def load(
         return source
     _quiet_transformers()
     if not isinstance(source, (str, os.PathLike)):
-        if not hasattr(source, "config") or not hasattr(source, "forward"):
-            raise ModelLoadError(f"cannot use an object of type {type(source).__name__} as a model")
-        check_attention_supported(source)
-        source.eval()
-        name = getattr(source.config, "_name_or_path", "") or type(source).__name__
-        return LoadedModel(source, tokenizer, describe(source, tokenizer, name, "live"))
-
+        return _live(source, tokenizer)
     ref = os.fspath(source)
-    torch_dtype = _resolve_dtype(dtype)
-    device_kwargs = _device_kwargs(device)
-    path = Path(ref).expanduser()
-    if ref in BUNDLED:
-        model, tok, digest = _load_bundled(ref, torch_dtype, device_kwargs)
-        kind, revision_used = "bundled", f"sha256:{digest}"
-    elif ref.endswith(".gguf"):
-        model, tok = _from_gguf(path, torch_dtype, device_kwargs)
-        kind, revision_used = "gguf", f"sha256:{file_digest(path)}"
-    elif path.exists():
-        if not path.is_dir():
-            raise ModelLoadError(f"{path} is neither a model directory nor a .gguf file")
-        if not (path / "config.json").is_file():
-            ggufs = sorted(path.glob("*.gguf"))
-            if not ggufs:
-                raise ModelLoadError(f"{path} has no config.json and no .gguf file: not a model directory")
-            model, tok = _from_gguf(ggufs[0], torch_dtype, device_kwargs)
-            kind, revision_used = "gguf", f"sha256:{file_digest(ggufs[0])}"
-        else:
-            model, tok = _from_pretrained(str(path), torch_dtype, device_kwargs, trust_remote_code, revision)
-            kind, revision_used = "local", getattr(model.config, "_commit_hash", None)
-    elif "/" in ref and not HUB_ID.fullmatch(ref):  # ./x, /x, ~/x, x/, a/b/c: meant as a path
-        raise ModelLoadError(f"no such file or directory: {ref}")
-    elif "/" not in ref:
-        raise ModelLoadError(
-            f"'{ref}' is not a bundled model ({', '.join(BUNDLED)}), an existing path, or a hub id (org/name)"
-        )
-    else:
-        model, tok = _from_pretrained(ref, torch_dtype, device_kwargs, trust_remote_code, revision)
-        kind, revision_used = "hub", getattr(model.config, "_commit_hash", None) or revision
+    model, tok, kind, revision_used = _from_reference(ref, _resolve_dtype(dtype), _device_kwargs(device),
+                                                      trust_remote_code, revision)
     if tokenizer is not None:
         tok = tokenizer
     check_attention_supported(model)
