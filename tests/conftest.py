@@ -3,6 +3,11 @@
 import os
 
 import pytest
+from hypothesis import settings
+
+# property tests: the same examples on every run and no per-example deadline (CI machines are busy)
+settings.register_profile("sinkscope", derandomize=True, deadline=None, database=None)
+settings.load_profile("sinkscope")
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+
 import pytest
 import torch
+import transformers
 
 import sinkscope as ss
 from helpers import tiny_model
@@ -98,3 +103,104 @@ def test_architecture_without_attention_is_refused():
                                                                    num_hidden_layers=2))
     with pytest.raises(UnsupportedModelError, match="no softmax attention"):
         ss.load(mamba)
+
+
+# -- the bundled-model cache ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fake_bundled(tmp_path, monkeypatch):
+    """A bundled entry whose "GGUF" is a small synthetic file; dequantising it builds a tiny llama seeded by
+    the file's last byte, so each file content gives distinguishable weights. Returns (write, calls)."""
+    from helpers import word_tokenizer
+    from sinkscope.models import bundled, loader
+
+    monkeypatch.setenv("SINKSCOPE_CACHE", str(tmp_path / "cache"))
+    source = {"path": tmp_path / "model.gguf"}
+    monkeypatch.setitem(bundled.BUNDLED, "tiny-test", bundled.BundledModel(
+        "tiny-test", "a synthetic test entry", "nothing to install", lambda: source["path"]))
+    calls = []
+
+    def dequantise(path, dtype, device_kwargs):
+        seed = path.read_bytes()[-1]
+        calls.append(seed)
+        return tiny_model("llama", seed=seed), word_tokenizer()
+
+    monkeypatch.setattr(loader, "_from_gguf", dequantise)
+
+    def write(seed: int, path=None, mtime_ns: int = 1_700_000_000_000_000_000):
+        source["path"] = path or source["path"]
+        source["path"].write_bytes(b"GGUF" + bytes(60) + bytes([seed]))  # equal size for every seed
+        os.utime(source["path"], ns=(mtime_ns, mtime_ns))  # and equal mtime
+        return source["path"]
+
+    return write, calls
+
+
+def _weights_of(lm) -> torch.Tensor:
+    return lm.model.get_input_embeddings().weight.detach()
+
+
+def _digest(path) -> str:
+    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("second_path", [False, True], ids=["same-path-rewritten", "another-path"])
+def test_bundled_cache_tells_apart_files_of_equal_size_and_mtime(fake_bundled, tmp_path, second_path):
+    write, calls = fake_bundled
+    first = write(3)
+    a = ss.load("tiny-test")
+    assert a.info.revision == _digest(first)
+    second = write(4, tmp_path / "other.gguf" if second_path else None)
+    assert first.stat().st_size == second.stat().st_size and first.stat().st_mtime == second.stat().st_mtime
+    b = ss.load("tiny-test")
+    assert calls == [3, 4]  # the second file was dequantised, not served from the first one's cache entry
+    assert b.info.revision == _digest(second) != a.info.revision  # provenance names the file loaded
+    torch.testing.assert_close(_weights_of(b), _weights_of(tiny_model("llama", seed=4)))
+    assert not torch.equal(_weights_of(a), _weights_of(b))
+
+
+def test_bundled_cache_is_reused_and_keyed_by_dequantiser_version(fake_bundled, monkeypatch):
+    from sinkscope.models import loader
+
+    write, calls = fake_bundled
+    write(5)
+    first = ss.load("tiny-test")
+    again = ss.load("tiny-test")
+    assert calls == [5]  # a cache hit: not dequantised twice
+    assert again.info.revision == first.info.revision
+    torch.testing.assert_close(_weights_of(again), _weights_of(first))
+    versions = loader.dequantiser_versions()
+    assert set(versions) == {"cache_format", "transformers", "gguf"}
+    monkeypatch.setattr(loader, "dequantiser_versions", lambda: {**versions, "transformers": "0.0.1"})
+    ss.load("tiny-test")
+    assert calls == [5, 5]  # another transformers version: the old entry is not reused
+
+
+def test_bundled_cache_entry_recording_another_dequantiser_or_file_is_rebuilt(fake_bundled):
+    from sinkscope.models.bundled import cache_root
+
+    write, calls = fake_bundled
+    path = write(6)
+    ss.load("tiny-test")
+    (entry,) = (cache_root() / "models").iterdir()
+    meta_path = entry / "sinkscope-meta.json"
+    meta = json.loads(meta_path.read_text())
+    assert meta["dequantiser"]["transformers"] == transformers.__version__
+    meta_path.write_text(json.dumps({**meta, "dequantiser": {**meta["dequantiser"], "gguf": "0.0.1"}}))
+    ss.load("tiny-test")
+    assert calls == [6, 6]
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "sha256": "0" * 64}))
+    lm = ss.load("tiny-test")
+    assert calls == [6, 6, 6] and lm.info.revision == _digest(path)
+
+
+def test_bundled_load_in_another_dtype_without_a_writable_cache(fake_bundled, monkeypatch):
+    from sinkscope.models import loader
+
+    write, calls = fake_bundled
+    write(7)
+    monkeypatch.setattr(loader, "_write_cache", lambda *args: None)  # e.g. a read-only home directory
+    lm = ss.load("tiny-test", dtype="bfloat16")
+    assert lm.info.dtype == "bfloat16" and calls == [7]

@@ -106,6 +106,82 @@ def test_hutchinson_is_exact_for_an_orthonormal_probe_basis_scaled():
     np.testing.assert_allclose(sens.hutchinson_frobenius_sq(products) * 4, sens.exact_frobenius(jacobian) ** 2)
 
 
+def low_rank_matrix(rank: int, d_out: int = 12, d_in: int = 20, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(d_out, rank)) @ rng.normal(size=(rank, d_in))
+
+
+RUNS = 4000  # independent estimates per case; the bounds below are 4 standard errors of their mean
+
+
+@pytest.mark.parametrize("rank", [1, 3, 12])
+@pytest.mark.parametrize("k", [1, 4])
+def test_squared_estimate_is_unbiased_at_every_rank_while_its_sqrt_is_biased_low(rank, k):
+    jacobian = low_rank_matrix(rank)
+    exact_sq = np.linalg.norm(jacobian) ** 2
+    assert np.linalg.matrix_rank(jacobian) == rank
+    products = np.stack([sens.gaussian_probes(k, 12, seed) @ jacobian for seed in range(RUNS)])  # [runs, k, d]
+    squared = np.array([sens.hutchinson_frobenius_sq(p) for p in products])
+    # unbiased: the mean over runs lies within 4 of its standard errors of the exact value
+    assert abs(squared.mean() - exact_sq) < 4 * squared.std(ddof=1) / np.sqrt(RUNS)
+    if k > 1:  # the reported standard error describes the spread of the estimate across runs
+        reported = np.array([sens.hutchinson_stderr(p) for p in products])
+        assert 0.85 < np.mean(reported ** 2) / squared.var(ddof=1) < 1.15
+    # the square root is biased low, and by how much depends on the rank (Jensen)
+    roots = np.sqrt(squared)
+    ratio = roots.mean() / np.sqrt(exact_sq)
+    assert np.sqrt(exact_sq) - roots.mean() > 4 * roots.std(ddof=1) / np.sqrt(RUNS)
+    if rank == 1 and k == 1:
+        assert abs(ratio - np.sqrt(2 / np.pi)) < 0.02  # E|z| for z ~ N(0, 1): 0.80
+    if k == 1:
+        assert ratio < (0.85 if rank == 1 else 0.99)
+
+
+def test_sqrt_bias_grows_as_the_rank_falls():
+    ratios = []
+    for rank in (1, 3, 12):
+        jacobian = low_rank_matrix(rank)
+        roots = [sens.hutchinson_frobenius(sens.gaussian_probes(1, 12, seed) @ jacobian) for seed in range(RUNS)]
+        ratios.append(np.mean(roots) / np.linalg.norm(jacobian))
+    assert ratios[0] < ratios[1] < ratios[2] < 1
+
+
+def test_mean_over_blocks_uses_per_probe_means_for_its_stderr():
+    # two identical blocks: their errors are perfectly correlated, so the mean is no surer than one block
+    jacobian = low_rank_matrix(2)
+    products = np.einsum("rc,ci->ri", sens.gaussian_probes(64, 12, seed=9), jacobian)
+    both = np.stack([products, products], axis=1)  # [k, 2 blocks, d]
+    mean, stderr = sens.mean_and_stderr(sens.probe_squares(both).mean(1))
+    np.testing.assert_allclose(mean, sens.hutchinson_frobenius_sq(products))
+    np.testing.assert_allclose(stderr, sens.hutchinson_stderr(products))
+    one_mean, one_se = sens.mean_and_stderr(np.array([2.0]))
+    assert one_mean == 2.0 and np.isnan(one_se)
+
+
+def test_oversquash_reports_the_unbiased_square_with_its_stderr():
+    import sinkscope as ss
+    from helpers import SENTENCES, tiny_model, word_tokenizer
+    from sinkscope.experiments.oversquash import oversquash
+
+    lm = ss.load(tiny_model("llama"), tokenizer=word_tokenizer())
+    exact = oversquash(lm, SENTENCES[0], probes=0, exact=True, path_sum=False, progress=False).to_frame()
+    result = oversquash(lm, SENTENCES[0], probes=64, path_sum=False, progress=False, seed=3)
+    frame = result.to_frame()
+    np.testing.assert_allclose(exact["s2"], exact["s_exact"] ** 2)
+    assert (exact["s2_se"] == 0).all()
+    np.testing.assert_allclose(frame["s"], np.sqrt(frame["s2"]))
+    assert frame[["bos", "source"]].equals(exact[["bos", "source"]])
+    z = (frame["s2"] - exact["s2"]) / frame["s2_se"]
+    assert np.abs(z).max() < 5 and frame["s2_se"].gt(0).all()
+    for mode, stats in result.summary["conditions"].items():
+        inner = frame[(frame["bos"] == mode) & (frame["text_position"] >= 1) & (frame["distance"] > 0)]
+        assert stats["s2_mean"] == pytest.approx(inner["s2"].mean())
+        assert 0 < stats["s2_mean_se"] < stats["s2_mean"]
+        truth = exact.loc[inner.index, "s2"].mean()
+        assert abs(stats["s2_mean"] - truth) < 4 * stats["s2_mean_se"]
+    assert "unbiased" in result.summary["estimator"] and "R_s2_mean" in result.summary
+
+
 # -- perturbation spread ----------------------------------------------------------------------------
 
 

@@ -13,7 +13,9 @@ offset, which does not change the Jacobian). We differentiate with respect to th
 choice holds for every architecture.
 
 Estimator: with k probes u_r ~ N(0, I_d) on h_j^(L), one backward pass gives u_r^T J_{j<-i} for all i at
-once, and s_i^2 ~= mean_r ||u_r^T J_{j<-i}||^2 (unbiased: E[u u^T] = I). Cost: one forward and k backward
+once, and s_i^2 ~= mean_r ||u_r^T J_{j<-i}||^2 (unbiased: E[u u^T] = I): the column ``s2``, with its
+standard error ``s2_se``. Its square root ``s`` is biased low by an amount that depends on the block's rank
+(sqrt(2/pi) = 0.80 for a rank-one block at k = 1), so comparisons use ``s2``. Cost: one forward and k backward
 passes, i.e. at most k + 1 forward+backward passes (recorded in the summary). ``exact=True`` adds the
 exact Jacobian from d backward passes (one per output coordinate; small models only).
 
@@ -26,8 +28,9 @@ Only tokens up to the target are run: by causality later tokens cannot change h_
 Summary per condition: ``s_self`` (i = j), ``s_prefix`` (position 0 when it is a prefix), ``s_first_text``,
 and over the sources all conditions share on equal terms — text tokens 1..j-1, leaving out position 0
 (where the sink sits, with or without `<bos>`) and the target — ``s_mean``, ``B_mean_mean``, ``B_sum_mean``
-and ``decay_slope`` (log10 s per token of distance; < 0: s decays with distance). ``R_s_mean`` and
-``R_B_mean`` are the strip / add ratios of those means.
+and ``decay_slope`` (log10 s per token of distance; < 0: s decays with distance), and the unbiased
+``s2_mean`` with its standard error ``s2_mean_se``. ``R_s_mean``, ``R_s2_mean`` and ``R_B_mean`` are the
+strip / add ratios of those means; ``estimator`` in the summary says which numbers are unbiased.
 """
 
 from __future__ import annotations
@@ -47,6 +50,9 @@ from ..models.loader import LoadedModel, load
 from .common import ExperimentResult, encode_conditions, progress_bar, provenance
 from .perturb import SHAKESPEARE, text_start, token_label
 
+ESTIMATOR_NOTE = ("s2 = mean over probes of ||u^T J||^2 is unbiased for ||J||_F^2 (s2_se: its standard error; "
+                  "s2_mean, s2_mean_se, R_s2_mean over the shared sources); s = sqrt(s2), s_mean and R_s_mean are "
+                  "biased low by a rank-dependent amount (0.80 for a rank-one block at 1 probe): compare s2")
 PATH_SUM_MAX_TOKENS = 512  # L x H x T x T weights in memory
 EXACT_MAX_DIM = 2048  # exact mode costs d backward passes
 
@@ -101,6 +107,15 @@ def _inner(frame: pd.DataFrame) -> pd.Series:
     all conditions (a `<bos>` prefix, or without one the first text token, where the sink then forms),
     and so is the target itself (its own residual path dominates)."""
     return (frame["text_position"] >= 1) & (frame["distance"] > 0)
+
+
+def _inner_s2_mean(squares: np.ndarray | None, s2: np.ndarray, inner: np.ndarray) -> dict[str, float]:
+    """Mean s^2 over the shared sources and its standard error (from per-probe means: the sources share
+    their probes, so their errors are correlated); exact values have no error."""
+    if squares is None:
+        return {"s2_mean": float(s2[inner].mean()), "s2_mean_se": 0.0}
+    mean, stderr = sensitivity.mean_and_stderr(squares[:, inner].mean(1))
+    return {"s2_mean": float(mean), "s2_mean_se": float(stderr)}
 
 
 def _checked_target(target: int, n_text: int) -> int:
@@ -177,16 +192,19 @@ def oversquash(
                 products.append(_vjp(output, first, u).numpy())
                 n_backward += 1
                 bar.advance(task)
-            s_probe = sensitivity.hutchinson_frobenius(np.stack(products)) if products else np.full(j + 1, np.nan)
+            squares = sensitivity.probe_squares(np.stack(products)) if products else np.full((1, j + 1), np.nan)
+            s2, s2_se = sensitivity.mean_and_stderr(squares)  # unbiased for ||J||_F^2, and its error
+            s_probe = np.sqrt(s2)  # biased low, by a rank-dependent amount
             s_exact = np.full(j + 1, np.nan)
             if exact:
-                squares = torch.zeros(j + 1, dtype=torch.float64)
+                exact_sq = torch.zeros(j + 1, dtype=torch.float64)
                 for coordinate in range(hidden_size):
                     basis = torch.nn.functional.one_hot(torch.tensor(coordinate), hidden_size)
-                    squares += (_vjp(output, first, basis) ** 2).sum(-1)
+                    exact_sq += (_vjp(output, first, basis) ** 2).sum(-1)
                     n_backward += 1
                     bar.advance(task)
-                s_exact = squares.sqrt().numpy()
+                s_exact = exact_sq.sqrt().numpy()
+                s2, s2_se = exact_sq.numpy(), np.zeros(j + 1)
             if path_sum:
                 attention = weights_probe.stacked()[:, 0]  # [L, H, T, T]
                 b_sum = sensitivity.path_sum_bound(attention, j, "sum")
@@ -210,6 +228,8 @@ def oversquash(
                 "s_rel": s / np.nanmax(s),
                 "s_probe": s_probe,
                 "s_exact": s_exact,
+                "s2": s2,
+                "s2_se": s2_se,
                 "B_sum": b_sum,
                 "B_mean": b_mean,
                 "B_sum_rel": b_sum / np.nanmax(b_sum) if path_sum else b_sum,
@@ -223,6 +243,7 @@ def oversquash(
                 "first_token": tokenizer.convert_ids_to_tokens(int(ids[0])),
                 "s_self": float(s[j]),
                 "s_mean": float(earlier["s"].mean()),
+                **_inner_s2_mean(squares if not exact else None, s2, _inner(frame).to_numpy()),
                 "s_first_text": float(s[start]),
                 "s_prefix": float(s[0]) if start else None,
                 "decay_slope": sensitivity.log_slope(earlier["distance"], earlier["s"]),
@@ -242,6 +263,7 @@ def oversquash(
         "text": text,
         "target_token": token_label(tokenizer, next(iter(plans.values()))[0][-1]),
         "method": "exact Jacobian" if exact else f"{probes}-probe estimate",
+        "estimator": ESTIMATOR_NOTE,
         "probes": probes,
         "seed": seed,
         "exact": exact,
@@ -254,6 +276,7 @@ def oversquash(
     if "add" in per_condition and "strip" in per_condition:
         add, strip = per_condition["add"], per_condition["strip"]
         summary["R_s_mean"] = sensitivity.spread_ratio(strip["s_mean"], add["s_mean"])
+        summary["R_s2_mean"] = sensitivity.spread_ratio(strip["s2_mean"], add["s2_mean"])
         summary["R_B_mean"] = sensitivity.spread_ratio(strip["B_mean_mean"], add["B_mean_mean"])
         # per text source: is the no-bos sensitivity larger? (same text tokens in both conditions)
         paired = table[_inner(table)].pivot(

@@ -8,6 +8,8 @@ over all (token, dim) entries of that state.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
@@ -67,13 +69,13 @@ def top_activations(h: ArrayLike, k: int) -> tuple[NDArray[np.int64], NDArray[np
     return order // d, order % d, values
 
 
-def activation_stats(h: ArrayLike, factors: tuple[float, ...] = MASSIVE_FACTORS) -> dict[str, NDArray]:
+def activation_stats(h: ArrayLike, factors: tuple[float, ...] = MASSIVE_FACTORS) -> dict[str, NDArray[Any]]:
     """Per state: ``max_abs``, ``median_abs``, ``ratio`` and ``n_above_{f}x`` for each factor f: {name: [...]}."""
     flat = _flat_abs(h)
     median = np.median(flat, axis=-1)
     peak = flat.max(-1)
     with np.errstate(invalid="ignore", divide="ignore"):
-        stats: dict[str, NDArray] = {"max_abs": peak, "median_abs": median, "ratio": peak / median}
+        stats: dict[str, NDArray[Any]] = {"max_abs": peak, "median_abs": median, "ratio": peak / median}
     for factor in factors:
         stats[f"n_above_{factor:g}x"] = (flat > factor * median[..., None]).sum(-1)
     return stats

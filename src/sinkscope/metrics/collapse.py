@@ -14,6 +14,8 @@ Degenerate inputs (an all-zero matrix or vector) give NaN rather than an excepti
 
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
@@ -56,7 +58,7 @@ def composite_norm(m: ArrayLike) -> NDArray[np.float64]:
     ``||M||_1`` is the largest column abs-sum, ``||M||_inf`` the largest row abs-sum.
     """
     a = np.abs(np.asarray(m, dtype=np.float64))
-    return np.sqrt(a.sum(-2).max(-1) * a.sum(-1).max(-1))
+    return cast(NDArray[np.float64], np.sqrt(a.sum(-2).max(-1) * a.sum(-1).max(-1)))
 
 
 def composite_residual(h: ArrayLike, exclude_sink: bool = False) -> NDArray[np.float64]:
@@ -74,7 +76,7 @@ def composite_residual(h: ArrayLike, exclude_sink: bool = False) -> NDArray[np.f
 
 def singular_values(h: ArrayLike, exclude_sink: bool = False) -> NDArray[np.float64]:
     """Singular values of ``H`` (not centred), largest first: [..., n, d] -> [..., min(n, d)]."""
-    return np.linalg.svd(_tokens(h, exclude_sink), compute_uv=False)
+    return cast(NDArray[np.float64], np.linalg.svd(_tokens(h, exclude_sink), compute_uv=False))
 
 
 def energy_shares(h: ArrayLike, exclude_sink: bool = False) -> NDArray[np.float64]:

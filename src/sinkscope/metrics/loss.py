@@ -29,11 +29,11 @@ def token_nll(logits: Any, targets: Any) -> Any:
         index = torch.as_tensor(targets, device=values.device).long()
         picked = torch.gather(values, -1, index[..., None])[..., 0]
         return torch.logsumexp(values, dim=-1) - picked
-    values = np.asarray(logits, dtype=np.float64)
-    index = np.asarray(targets).astype(np.int64)
-    top = values.max(axis=-1, keepdims=True)  # shift for a stable log-sum-exp
-    lse = np.log(np.exp(values - top).sum(axis=-1)) + top[..., 0]
-    return lse - np.take_along_axis(values, index[..., None], axis=-1)[..., 0]
+    array = np.asarray(logits, dtype=np.float64)
+    ids = np.asarray(targets).astype(np.int64)
+    top = array.max(axis=-1, keepdims=True)  # shift for a stable log-sum-exp
+    lse = np.log(np.exp(array - top).sum(axis=-1)) + top[..., 0]
+    return lse - np.take_along_axis(array, ids[..., None], axis=-1)[..., 0]
 
 
 def mean_loss(nll: ArrayLike) -> float:
@@ -44,7 +44,7 @@ def mean_loss(nll: ArrayLike) -> float:
 
 def perplexity(nll: ArrayLike | float) -> float:
     """exp(mean loss): of an array of per-token losses, or of a mean loss given as a number."""
-    mean = float(nll) if np.ndim(nll) == 0 else mean_loss(nll)
+    mean = float(np.asarray(nll, dtype=np.float64)) if np.ndim(nll) == 0 else mean_loss(nll)
     if math.isnan(mean):
         return math.nan
     return math.exp(mean) if mean < 700 else math.inf  # exp overflows a float past ~709
@@ -74,7 +74,7 @@ def bucket_label(index: int) -> str:
     return f"{start}-{stop - 1}"
 
 
-def bucket_losses(positions: ArrayLike, nll: ArrayLike) -> dict[str, NDArray]:
+def bucket_losses(positions: ArrayLike, nll: ArrayLike) -> dict[str, NDArray[Any]]:
     """Mean loss per position bucket (only buckets that hold tokens).
 
     Returns arrays ``bucket`` (labels), ``index``, ``start``, ``stop`` (exclusive), ``n`` and ``mean_loss``.

@@ -11,11 +11,13 @@ Pure functions: arrays (numpy or torch) in, arrays or numbers out; no models, no
   for a linearised, attention-only model; entry (j, i) is the sum over all causal paths i -> j of the
   product of the (head-summed, residual-included) attention weights along the path.
 - Hutchinson-style Jacobian norms: for u ~ N(0, I), E ||u^T J||^2 = trace(J^T J) = ||J||_F^2, so k probe
-  products u_r^T J (one backward pass each) estimate ||J||_F^2 for every source block at once.
+  products u_r^T J (one backward pass each) estimate ||J||_F^2 for every source block at once. That
+  estimate of the *square* is unbiased; its square root is biased low by a rank-dependent amount.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -145,31 +147,55 @@ def gaussian_probes(k: int, dim: int, seed: int = 0) -> NDArray[np.float64]:
     return np.random.default_rng(seed).standard_normal((k, dim))
 
 
-def hutchinson_frobenius_sq(products: ArrayLike) -> NDArray[np.float64]:
-    """Estimate ``||J||_F^2`` from probe products ``products[r, ..., :] = u_r^T J`` (u_r ~ N(0, I)).
+def probe_squares(products: ArrayLike) -> NDArray[np.float64]:
+    """``||u_r^T J||^2`` for every probe r and block: [probes, ..., dim] -> [probes, ...].
 
-    The last axis is the Jacobian's input dimension, the first the probe index; axes in between index
-    blocks (e.g. source tokens i, one block J_{j<-i} each). Returns mean_r ||u_r^T J||^2 over [...].
+    Each is an unbiased sample of ``||J||_F^2``; average them over probes (and blocks) *before* any
+    nonlinear step such as a square root.
     """
     p = _array(products)
     if p.ndim < 2:
         raise ValueError("products must be [probes, ..., dim]")
-    return (p ** 2).sum(-1).mean(0)
+    return (p ** 2).sum(-1)
+
+
+def mean_and_stderr(samples: ArrayLike) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """Mean over axis 0 and its standard error (sample std / sqrt(n); NaN for one sample): [n, ...] -> [...].
+
+    For the mean of ``||J_i||_F^2`` over a set of blocks i, average `probe_squares` over those blocks
+    first: the blocks share their probes, so their errors are correlated and do not add in quadrature.
+    """
+    x = _array(samples)
+    n = x.shape[0]
+    if n < 1:
+        raise ValueError("need at least one sample")
+    stderr = x.std(0, ddof=1) / np.sqrt(n) if n > 1 else np.full(x.shape[1:], np.nan)
+    return x.mean(0), stderr
+
+
+def hutchinson_frobenius_sq(products: ArrayLike) -> NDArray[np.float64]:
+    """Estimate ``||J||_F^2`` from probe products ``products[r, ..., :] = u_r^T J`` (u_r ~ N(0, I)).
+
+    The last axis is the Jacobian's input dimension, the first the probe index; axes in between index
+    blocks (e.g. source tokens i, one block J_{j<-i} each). Returns mean_r ||u_r^T J||^2 over [...]:
+    unbiased for every block, whatever its rank (`hutchinson_stderr` is its standard error).
+    """
+    return probe_squares(products).mean(0)
 
 
 def hutchinson_frobenius(products: ArrayLike) -> NDArray[np.float64]:
-    """``sqrt`` of `hutchinson_frobenius_sq`: the estimated Frobenius norm per block."""
+    """``sqrt`` of `hutchinson_frobenius_sq`: the estimated Frobenius norm per block. Biased low.
+
+    E sqrt(X) < sqrt(E X) (Jensen), by an amount that depends on the block's singular values: with one
+    probe a rank-one block gets sqrt(2/pi) = 0.80 of its norm on average, a high-rank one nearly all of
+    it. So blocks of different rank are not compared on equal terms; compare `hutchinson_frobenius_sq`.
+    """
     return np.sqrt(hutchinson_frobenius_sq(products))
 
 
 def hutchinson_stderr(products: ArrayLike) -> NDArray[np.float64]:
     """Standard error of `hutchinson_frobenius_sq` (sample std of ||u_r^T J||^2 over probes / sqrt(k))."""
-    p = _array(products)
-    squares = (p ** 2).sum(-1)
-    k = squares.shape[0]
-    if k < 2:
-        return np.full(squares.shape[1:], np.nan)
-    return squares.std(0, ddof=1) / np.sqrt(k)
+    return mean_and_stderr(probe_squares(products))[1]
 
 
 def exact_frobenius(jacobian: ArrayLike) -> NDArray[np.float64]:
@@ -189,7 +215,8 @@ def by_distance(values: ArrayLike, target: int | ArrayLike, positions: ArrayLike
     or one per value). Sources after their target (negative distance) are dropped. Returns
     (distances ascending, reduced value per distance, count per distance); ``reduce``: mean, median, max, sum.
     """
-    reducers = {"mean": np.mean, "median": np.median, "max": np.max, "sum": np.sum}
+    reducers: dict[str, Callable[[NDArray[np.float64]], Any]] = {"mean": np.mean, "median": np.median,
+                                                                 "max": np.max, "sum": np.sum}
     if reduce not in reducers:
         raise ValueError(f"reduce must be one of {sorted(reducers)}")
     v = _array(values).reshape(-1)

@@ -45,15 +45,25 @@ def _locate_gemma3() -> Path:
 
     target = cache_root() / "gguf" / package.MODEL_NAME
     try:
-        return Path(package.assemble(target))
+        if target.is_file():
+            try:
+                return Path(package.assemble(target))  # checks the existing file's sha256
+            except (ValueError, FileExistsError):
+                pass  # a corrupt earlier assembly: rebuilt below
+        # assembled under a private name and renamed, so a concurrent or killed load never sees half a file
+        staging = target.with_name(f".{target.name}.{os.getpid()}.partial")
+        staging.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            package.assemble(staging, overwrite=True)
+            os.replace(staging, target)
+        finally:
+            staging.unlink(missing_ok=True)
     except FileNotFoundError as error:
         raise ModelLoadError(f"gemma3-270m parts are missing ({error}); run: {hint}") from error
-    except (ValueError, FileExistsError):
-        # A half-written or corrupt earlier assembly: rebuild it once from the parts.
-        try:
-            return Path(package.assemble(target, overwrite=True))
-        except ValueError as error:
-            raise ModelLoadError(f"gemma3-270m parts do not assemble to the expected file: {error}") from error
+    except ValueError as error:
+        raise ModelLoadError(f"gemma3-270m parts do not assemble to the expected file: {error}; run: {hint}") \
+            from error
+    return target
 
 
 @dataclass(frozen=True)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -16,6 +18,7 @@ import torch
 from ..errors import ModelLoadError, UnsupportedModelError
 from .bundled import BUNDLED, cache_root, file_digest
 
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")  # org/name
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -161,11 +164,11 @@ def _from_gguf(path: Path, dtype: Any, device_kwargs: dict[str, Any]) -> tuple[A
         if importlib.util.find_spec(package) is None:
             raise ModelLoadError(f"loading .gguf files needs the '{package}' package: pip install {package}")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
         model = AutoModelForCausalLM.from_pretrained(
-            str(path.parent), gguf_file=path.name, dtype=dtype, **device_kwargs
+            str(path.parent), gguf_file=path.name, dtype=dtype, trust_remote_code=False, **device_kwargs
         )
-    except (ValueError, OSError, KeyError, IndexError, EOFError, RuntimeError, MemoryError) as error:
+    except Exception as error:  # a damaged file surfaces as many exception types (struct.error, KeyError, ...)
         reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
         raise ModelLoadError(f"cannot read GGUF file {path} (truncated or corrupt?): {reason}") from error
     return model, tokenizer
@@ -203,34 +206,76 @@ def _from_pretrained(
     return model, tokenizer
 
 
-def _bundled_cache_dir(name: str, gguf_path: Path) -> Path:
-    stat = gguf_path.stat()
-    return cache_root() / "models" / f"{name}-{stat.st_size}-{int(stat.st_mtime)}"
+CACHE_FORMAT = 2  # bump when what is cached, or how, changes: older entries are then not reused
+
+
+def dequantiser_versions() -> dict[str, str]:
+    """What turned a GGUF file into the cached fp32 weights: an entry made by other versions is not reused."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {"cache_format": str(CACHE_FORMAT)}
+    for package in ("transformers", "gguf"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = "absent"
+    return versions
+
+
+def _bundled_cache_dir(name: str, digest: str, versions: dict[str, str]) -> Path:
+    """One entry per (file content, dequantiser): size and mtime do not tell two files apart."""
+    tag = hashlib.sha256(json.dumps(versions, sort_keys=True).encode()).hexdigest()[:12]
+    return cache_root() / "models" / f"{name}-{digest[:16]}-{tag}"
+
+
+def _read_cache(cached: Path, digest: str, versions: dict[str, str], dtype: Any,
+                device_kwargs: dict[str, Any]) -> tuple[Any, Any] | None:
+    """The cached model and tokenizer if the entry records this exact file and dequantiser, else None."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    meta_path = cached / "sinkscope-meta.json"
+    if not meta_path.is_file():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        if meta.get("sha256") != digest or meta.get("dequantiser") != versions:
+            raise ValueError("cache entry made from another file or by another dequantiser")
+        model = AutoModelForCausalLM.from_pretrained(str(cached), dtype=dtype, trust_remote_code=False,
+                                                     **device_kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(str(cached), trust_remote_code=False)
+    except Exception:  # a damaged or foreign entry is rebuilt from the GGUF
+        shutil.rmtree(cached, ignore_errors=True)
+        return None
+    return model, tokenizer
 
 
 def _load_bundled(name: str, dtype: Any, device_kwargs: dict[str, Any]) -> tuple[Any, Any, str]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Model, tokenizer and the sha256 of the GGUF file they come from (hashed on every load: ~0.4 s)."""
+    from transformers import AutoModelForCausalLM
 
     gguf_path = BUNDLED[name].locate()
-    cached = _bundled_cache_dir(name, gguf_path)
-    meta_path = cached / "sinkscope-meta.json"
-    if meta_path.is_file():
-        try:
-            meta = json.loads(meta_path.read_text())
-            model = AutoModelForCausalLM.from_pretrained(str(cached), dtype=dtype, **device_kwargs)
-            tokenizer = AutoTokenizer.from_pretrained(str(cached))
-            return model, tokenizer, meta["sha256"]
-        except Exception:  # a damaged cache is rebuilt from the GGUF below
-            shutil.rmtree(cached, ignore_errors=True)
-    model, tokenizer = _from_gguf(gguf_path, torch.float32, {})
     digest = file_digest(gguf_path)
-    _write_cache(model, tokenizer, cached, {"sha256": digest, "gguf": str(gguf_path)})
-    if dtype not in ("auto", torch.float32) or device_kwargs:
-        model = AutoModelForCausalLM.from_pretrained(str(cached), dtype=dtype, **device_kwargs)
-    return model, tokenizer, digest
+    versions = dequantiser_versions()
+    cached = _bundled_cache_dir(name, digest, versions)
+    hit = _read_cache(cached, digest, versions, dtype, device_kwargs)
+    if hit is not None:
+        return hit[0], hit[1], digest
+    model, tokenizer = _from_gguf(gguf_path, torch.float32, {})
+    if file_digest(gguf_path) != digest:  # the provenance must name the bytes that were dequantised
+        raise ModelLoadError(f"{gguf_path} changed while it was being read; load it again")
+    _write_cache(model, tokenizer, cached, {"sha256": digest, "gguf": str(gguf_path), "dequantiser": versions})
+    if dtype in ("auto", torch.float32) and not device_kwargs:
+        return model, tokenizer, digest
+    if (cached / "sinkscope-meta.json").is_file():
+        model = AutoModelForCausalLM.from_pretrained(str(cached), dtype=dtype, trust_remote_code=False,
+                                                     **device_kwargs)
+        return model, tokenizer, digest
+    # the cache could not be written (read-only home?): convert the dequantised model in memory
+    target_device = device_kwargs.get("device_map", "cpu")
+    return model.to(dtype=dtype, device="cuda" if target_device == "auto" else target_device), tokenizer, digest
 
 
-def _write_cache(model: Any, tokenizer: Any, target: Path, meta: dict[str, str]) -> None:
+def _write_cache(model: Any, tokenizer: Any, target: Path, meta: dict[str, Any]) -> None:
     # GGUF-loaded models refuse save_pretrained while they carry the quantizer; the weights are fp32 already.
     model.hf_quantizer = None
     for config in {id(model.config): model.config, id(text_config(model)): text_config(model)}.values():
@@ -245,6 +290,57 @@ def _write_cache(model: Any, tokenizer: Any, target: Path, meta: dict[str, str])
         os.replace(staging, target)
     except OSError:
         shutil.rmtree(staging, ignore_errors=True)  # a cache we cannot write only costs time
+
+
+_Built = tuple[Any, Any, str, str | None]  # model, tokenizer, source kind, revision (provenance)
+
+
+def _from_directory(path: Path, dtype: Any, device_kwargs: dict[str, Any], trust_remote_code: bool,
+                    revision: str | None) -> _Built:
+    if not path.is_dir():
+        raise ModelLoadError(f"{path} is neither a model directory nor a .gguf file")
+    if (path / "config.json").is_file():
+        model, tok = _from_pretrained(str(path), dtype, device_kwargs, trust_remote_code, revision)
+        return model, tok, "local", getattr(model.config, "_commit_hash", None)
+    ggufs = sorted(path.glob("*.gguf"))
+    if not ggufs:
+        raise ModelLoadError(f"{path} has no config.json and no .gguf file: not a model directory")
+    if len(ggufs) > 1:
+        raise ModelLoadError(f"{path} holds {len(ggufs)} .gguf files ({', '.join(g.name for g in ggufs[:3])}"
+                             f"{', ...' if len(ggufs) > 3 else ''}); pass the one to load as --model")
+    model, tok = _from_gguf(ggufs[0], dtype, device_kwargs)
+    return model, tok, "gguf", f"sha256:{file_digest(ggufs[0])}"
+
+
+def _from_reference(ref: str, dtype: Any, device_kwargs: dict[str, Any], trust_remote_code: bool,
+                    revision: str | None) -> _Built:
+    """A bundled name, a .gguf file, a local directory or a hub id, tried in that order."""
+    path = Path(ref).expanduser()
+    if ref in BUNDLED:
+        model, tok, digest = _load_bundled(ref, dtype, device_kwargs)
+        return model, tok, "bundled", f"sha256:{digest}"
+    if ref.endswith(".gguf"):
+        model, tok = _from_gguf(path, dtype, device_kwargs)
+        return model, tok, "gguf", f"sha256:{file_digest(path)}"
+    if path.exists():
+        return _from_directory(path, dtype, device_kwargs, trust_remote_code, revision)
+    if "/" in ref and not HUB_ID.fullmatch(ref):  # ./x, /x, ~/x, x/, a/b/c: meant as a path
+        raise ModelLoadError(f"no such file or directory: {ref}")
+    if "/" not in ref:
+        raise ModelLoadError(
+            f"'{ref}' is not a bundled model ({', '.join(BUNDLED)}), an existing path, or a hub id (org/name)"
+        )
+    model, tok = _from_pretrained(ref, dtype, device_kwargs, trust_remote_code, revision)
+    return model, tok, "hub", getattr(model.config, "_commit_hash", None) or revision
+
+
+def _live(model: Any, tokenizer: Any) -> LoadedModel:
+    if not hasattr(model, "config") or not hasattr(model, "forward"):
+        raise ModelLoadError(f"cannot use an object of type {type(model).__name__} as a model")
+    check_attention_supported(model)
+    model.eval()
+    name = getattr(model.config, "_name_or_path", "") or type(model).__name__
+    return LoadedModel(model, tokenizer, describe(model, tokenizer, name, "live"))
 
 
 def load(
@@ -266,44 +362,10 @@ def load(
         return source
     _quiet_transformers()
     if not isinstance(source, (str, os.PathLike)):
-        if not hasattr(source, "config") or not hasattr(source, "forward"):
-            raise ModelLoadError(f"cannot use an object of type {type(source).__name__} as a model")
-        check_attention_supported(source)
-        source.eval()
-        name = getattr(source.config, "_name_or_path", "") or type(source).__name__
-        return LoadedModel(source, tokenizer, describe(source, tokenizer, name, "live"))
-
+        return _live(source, tokenizer)
     ref = os.fspath(source)
-    torch_dtype = _resolve_dtype(dtype)
-    device_kwargs = _device_kwargs(device)
-    path = Path(ref).expanduser()
-    if ref in BUNDLED:
-        model, tok, digest = _load_bundled(ref, torch_dtype, device_kwargs)
-        kind, revision_used = "bundled", f"sha256:{digest}"
-    elif ref.endswith(".gguf"):
-        model, tok = _from_gguf(path, torch_dtype, device_kwargs)
-        kind, revision_used = "gguf", f"sha256:{file_digest(path)}"
-    elif path.exists():
-        if not path.is_dir():
-            raise ModelLoadError(f"{path} is neither a model directory nor a .gguf file")
-        if not (path / "config.json").is_file():
-            ggufs = sorted(path.glob("*.gguf"))
-            if not ggufs:
-                raise ModelLoadError(f"{path} has no config.json and no .gguf file: not a model directory")
-            model, tok = _from_gguf(ggufs[0], torch_dtype, device_kwargs)
-            kind, revision_used = "gguf", f"sha256:{file_digest(ggufs[0])}"
-        else:
-            model, tok = _from_pretrained(str(path), torch_dtype, device_kwargs, trust_remote_code, revision)
-            kind, revision_used = "local", getattr(model.config, "_commit_hash", None)
-    elif ref.startswith((".", "/", "~")) or os.sep in ref.strip("/").split("/", 1)[-1]:
-        raise ModelLoadError(f"no such file or directory: {ref}")
-    elif "/" not in ref:
-        raise ModelLoadError(
-            f"'{ref}' is not a bundled model ({', '.join(BUNDLED)}), an existing path, or a hub id (org/name)"
-        )
-    else:
-        model, tok = _from_pretrained(ref, torch_dtype, device_kwargs, trust_remote_code, revision)
-        kind, revision_used = "hub", getattr(model.config, "_commit_hash", None) or revision
+    model, tok, kind, revision_used = _from_reference(ref, _resolve_dtype(dtype), _device_kwargs(device),
+                                                      trust_remote_code, revision)
     if tokenizer is not None:
         tok = tokenizer
     check_attention_supported(model)

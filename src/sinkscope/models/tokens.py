@@ -70,6 +70,8 @@ def encode(tokenizer: Any, text: str, bos: str | BosMode = "auto", max_tokens: i
     if max_tokens is not None and max_tokens < 2:
         raise TokenizationError("max_tokens must be at least 2")
     if mode.kind == "auto":
+        if not tokenizer(text, add_special_tokens=False)["input_ids"]:
+            raise TokenizationError("prompt has no text tokens (the tokenizer's normaliser removed all of it)")
         ids = list(tokenizer(text)["input_ids"])
         return ids[:max_tokens] if max_tokens else ids
     text_ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -77,7 +79,7 @@ def encode(tokenizer: Any, text: str, bos: str | BosMode = "auto", max_tokens: i
     if bos_id is not None and text_ids and text_ids[0] == bos_id:
         text_ids = text_ids[1:]  # a literal "<bos>" at the start of the text is not text
     if not text_ids:
-        raise TokenizationError("prompt has no text tokens")
+        raise TokenizationError("prompt has no text tokens (the tokenizer's normaliser removed all of it)")
     keep = None if max_tokens is None else max_tokens - 1
     text_ids = text_ids[:keep]
     if mode.kind == "strip":

@@ -1,9 +1,12 @@
-"""Run directories: atomic writes, a fingerprint for --resume, results written batch by batch."""
+"""Run directories: atomic writes, a fingerprint for --resume, results written batch by batch, and file
+names from user input (model ids, prompt ids, conditions like ``replace:<tok>``) that stay inside ``--out``."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -14,6 +17,48 @@ from ..errors import InputError
 
 RUN_FILE = "run.json"
 PARTS_DIR = "parts"
+NAME_MAX = 96  # characters of a name from safe_name; file systems allow 255 bytes per component
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def safe_name(text: str) -> str:
+    """One portable file-name component from user text, e.g. ``replace:eos`` -> ``replace_eos-653adb4b8c``.
+
+    Keeps ASCII letters, digits, ``.``, ``_`` and ``-``; runs of anything else (``/``, ``:``, NUL, spaces,
+    non-ASCII) become ``_``; no leading ``.`` or ``-`` (no ``..``, no hidden files, no option look-alikes).
+    When that changed the text, or the name is longer than `NAME_MAX`, a short hash of the original text
+    is appended, so different inputs (``replace:\\n`` and ``replace:n``) never share a name.
+    """
+    name = _UNSAFE.sub("_", str(text)).lstrip(".-")
+    if name and name == text and len(name) <= NAME_MAX:
+        return name
+    digest = hashlib.sha256(str(text).encode("utf-8", "surrogatepass")).hexdigest()[:10]
+    return f"{name[: NAME_MAX - 11]}-{digest}" if name else f"_-{digest}"
+
+
+def child(out: str | os.PathLike[str], *parts: str) -> Path:
+    """``out / part / ...``, refused with `InputError` unless the result lies strictly inside ``out``.
+
+    Guards names built from user input: ``..``, absolute parts, NUL bytes, over-long components and
+    symlinks already in ``out`` that point elsewhere are all refused. Pass names through `safe_name`
+    first to turn hostile text into a harmless name instead of an error.
+    """
+    if not parts:
+        raise InputError("a file inside the run directory needs a name")
+    for part in parts:
+        text = os.fspath(part)
+        if "\0" in text:
+            raise InputError(f"output name {text!r} contains a NUL byte")
+        if not text or Path(text).is_absolute():
+            raise InputError(f"output name {text!r} must be a relative path inside --out")
+        if any(len(os.fsencode(piece)) > 255 for piece in Path(text).parts):
+            raise InputError(f"output name {text[:40]!r}... is longer than a file system allows")
+    root = Path(out)
+    resolved_root = root.resolve()
+    resolved = root.joinpath(*parts).resolve()  # follows '..' and the symlinks that already exist
+    if resolved == resolved_root or resolved_root not in resolved.parents:
+        raise InputError(f"output name {os.path.join(*parts)!r} would leave the run directory {root}")
+    return root / resolved.relative_to(resolved_root)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
