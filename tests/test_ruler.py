@@ -245,12 +245,13 @@ def scripted(calls: list[int] | None = None):
     expected = {}
     for name in SCRIPTED["tasks"]:
         for length in SCRIPTED["lengths"]:
-            for trial in range(SCRIPTED["trials"]):
-                try:
-                    prompt = gen.ruler_prompt(tokenizer, name, length, 0.5, trial, 0, "numbers", haystack)
-                except gen.TooShort:
-                    continue
-                expected[prompt.text] = prompt.answers
+            for depth in SCRIPTED["depths"]:
+                for trial in range(SCRIPTED["trials"]):
+                    try:
+                        prompt = gen.ruler_prompt(tokenizer, name, length, depth, trial, 0, "numbers", haystack)
+                    except gen.TooShort:
+                        continue
+                    expected[prompt.text] = prompt.answers
 
     def generate(input_ids, attention_mask=None, generation_config=None, **_):
         if calls is not None:
@@ -330,6 +331,7 @@ def test_real_greedy_run_on_a_tiny_model_with_positions_by_alignment(words):
         prefix = 1 if row.bos == "add" else 0
         assert row.n_tokens == prompt.n_tokens + prefix and row.needle_position == prompt.needle_tokens[0] + prefix
     assert set(result.tables["accuracy"]["bos"]) == {"add", "strip"}
+    assert set(result.figures()) == {"ruler_heatmap", "ruler_depth"}  # two depths: a length x depth map too
 
 
 def test_experiment_refuses_bad_input(words):

@@ -24,6 +24,8 @@ def _annotated(ax: Any, grid: pd.DataFrame, vmin: float, vmax: float, cmap: str)
         if np.isfinite(value):
             dark = value < middle if cmap == "viridis" else abs(value) > 0.5 * vmax
             ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8, color="white" if dark else "black")
+        else:  # a length the task cannot fit with this tokenizer (see summary["skipped"])
+            ax.text(j, i, "n/a", ha="center", va="center", fontsize=7, color="grey")
     return image
 
 
