@@ -124,7 +124,7 @@ class Ruler(Experiment):
     def _check_fits(loaded: LoadedModel, length: int, prefix: int, budget: int) -> None:
         limit = context_limit(loaded)
         if limit is not None and length + prefix + budget > limit:
-            raise InputError(f"length {length} (+ {prefix} prefix + {budget} new tokens) exceeds the model's "
+            raise InputError(f"length {length} (+ {prefix} special + {budget} new tokens) exceeds the model's "
                              f"{limit} positions; use lengths up to {limit - prefix - budget}")
 
     def prepare(self, loaded: LoadedModel) -> list[RulerUnit]:
@@ -147,8 +147,9 @@ class Ruler(Experiment):
             reasons = "; ".join(s["reason"] for s in self._skipped)
             raise InputError(f"ruler: no task fits the lengths asked for ({reasons})")
         check_token_ids(loaded, [u.ids for u in units])
-        for unit in units:
-            self._check_fits(loaded, unit.length, unit.text_start, unit.max_new_tokens)
+        for unit in units:  # the prompt as encoded (prefix and any suffix included) and its answer budget
+            text = unit.text_stop - unit.text_start
+            self._check_fits(loaded, text, len(unit.ids) - text, unit.max_new_tokens)
         self._tokenizer = tokenizer
         return units
 
