@@ -23,14 +23,14 @@ def ruler_tables(result: Any) -> list[Any]:
     summary = result.summary
     table = Table(title=f"RULER-style tasks, {summary.get('model')}: score [95% CI over {summary.get('trials')} "
                         "trials]", title_justify="left")
-    table.add_column("task", no_wrap=True)
-    table.add_column("length", justify="right")
+    table.add_column("task", overflow="fold")
+    table.add_column("length", justify="right", min_width=6)
     for bos in conditions:
-        table.add_column(f"bos={bos}", justify="right", no_wrap=True)
+        table.add_column(f"bos={bos}", justify="right")
     other = None
     if difference is not None and len(difference):
         other = difference["other"].iloc[0]
-        table.add_column(f"{conditions[0]} - {other}", justify="right", no_wrap=True)
+        table.add_column(f"{conditions[0]} - {other}", justify="right")
     by_cell = {(r.task, r.length, r.bos): r for r in accuracy.itertuples()}
     diffs = {} if other is None else {(r.task, r.length): r for r in difference.itertuples() if r.other == other}
     previous = None
