@@ -15,6 +15,7 @@ from .experiments.noop import attention_smoothing, conditional_heads, noop  # no
 from .experiments.oversquash import oversquash  # noqa: E402
 from .experiments.passkey import passkey  # noqa: E402
 from .experiments.perturb import perturb  # noqa: E402
+from .experiments.ruler import ruler  # noqa: E402
 from .experiments.stream import stream  # noqa: E402
 from .models import LoadedModel, ModelInfo, load  # noqa: E402
 
@@ -22,5 +23,5 @@ __all__ = [
     "CaptureEngine", "FirstTokenAttention", "LoadedModel", "ModelInfo", "Probe", "ScanResult", "SinkscopeError",
     "__version__", "ablate", "attention_smoothing", "capture", "conditional_heads", "downstream",
     "generate_side_by_side", "knockout", "load", "massive_activations", "noop", "oversquash", "passkey", "perturb",
-    "rank_collapse", "representational_collapse", "scan", "stream",
+    "rank_collapse", "representational_collapse", "ruler", "scan", "stream",
 ]
