@@ -49,10 +49,14 @@ def tiny_model(family: str, seed: int = 0, attn_implementation: str | None = Non
 
 
 def eager_twin(model):
-    """The same weights with transformers' own eager attention: an independent reference."""
+    """The same weights with transformers' own eager attention: an independent reference. It gets its own
+    copy of the config (from_config would otherwise switch the model under test to eager too, and any later
+    set_attn_implementation on either would switch both)."""
+    import copy
+
     from transformers import AutoModelForCausalLM
 
-    twin = AutoModelForCausalLM.from_config(model.config, attn_implementation="eager")
+    twin = AutoModelForCausalLM.from_config(copy.deepcopy(model.config), attn_implementation="eager")
     twin.load_state_dict(model.state_dict())
     return twin.eval()
 

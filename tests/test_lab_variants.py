@@ -8,9 +8,9 @@ import torch
 
 from sinkscope import load
 from sinkscope.capture import CaptureEngine
+from sinkscope.capture.variants import VARIANT_NAMES, variant_weights
 from sinkscope.experiments.scan import scan
 from sinkscope.lab.models import ModelSpec, build_model
-from sinkscope.lab.variants import VARIANTS, variant_weights
 from sinkscope.metrics.sink import first_token_alpha
 
 VOCAB, CONTEXT = 40, 32
@@ -64,7 +64,7 @@ def test_rows_sum_to_one_only_where_they_should():
     assert not torch.allclose(sigmoid.sum(-1), torch.ones(2, 3, 5, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", VARIANT_NAMES)
 def test_engine_computes_what_the_model_computes(variant):
     model = lab_model(variant)
     ids = torch.randint(2, VOCAB, (2, 12), generator=torch.Generator().manual_seed(3))
@@ -76,7 +76,7 @@ def test_engine_computes_what_the_model_computes(variant):
         torch.testing.assert_close(logits, reference, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", VARIANT_NAMES)
 def test_sink_metric_treats_each_variant_correctly(variant):
     """scan's alpha (and the sink logit's share) against the model's own attention weights."""
     model = lab_model(variant, seed=1)
@@ -98,7 +98,7 @@ def test_sink_metric_treats_each_variant_correctly(variant):
         assert mass is None
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", VARIANT_NAMES)
 def test_saved_lab_model_loads_with_its_variant(tmp_path, variant):
     model = lab_model(variant, seed=2)
     model.save_pretrained(tmp_path)
@@ -114,7 +114,7 @@ def test_variant_gradients_match_finite_differences(variant):
     """gradcheck (float64 finite differences) of the registered attention function, inputs and sink logits."""
     from types import SimpleNamespace
 
-    from sinkscope.lab.variants import lab_attention
+    from sinkscope.capture.attention import sinkscope_attention
 
     generator = torch.Generator().manual_seed(7)
     query = torch.randn(1, 4, 6, 8, dtype=torch.float64, generator=generator, requires_grad=True)
@@ -126,7 +126,7 @@ def test_variant_gradients_match_finite_differences(variant):
         module = SimpleNamespace(attention_variant=variant, training=False,
                                  sink_logits=s if variant != "off_by_one" else torch.zeros_like(s),
                                  sigmoid_bias=-1.5)
-        return lab_attention(module, q, k, v, None, scaling=0.35)[0]
+        return sinkscope_attention(module, q, k, v, None, scaling=0.35)[0]
 
     assert torch.autograd.gradcheck(attend, (query, key, value, sinks))
 

@@ -100,11 +100,13 @@ def layer_ropes(model: LoadedModel | Any) -> list[Rope]:
     return ropes
 
 
-def _position_ids(args: tuple, kwargs: dict) -> torch.Tensor | None:
+def _position_ids(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
     """The position ids the model used, if the attention layer passed them on to the cache."""
     for candidate in (*args, kwargs, kwargs.get("kwargs"), kwargs.get("cache_kwargs")):
-        if isinstance(candidate, dict) and isinstance(candidate.get("position_ids"), torch.Tensor):
-            return candidate["position_ids"]
+        if isinstance(candidate, dict):
+            position_ids = candidate.get("position_ids")
+            if isinstance(position_ids, torch.Tensor):
+                return position_ids
     return None
 
 
@@ -138,6 +140,7 @@ class StreamingLayer(DynamicLayer):
         cos, sin = self.rope.cos_sin(stored + new, key_states.device, key_states.dtype)
         # Undo the rotary the model applied at positions stored..stored+new-1, keep the raw keys.
         raw = rotate(key_states, cos[stored:], -sin[stored:])
+        assert self.keys is not None and self.values is not None  # set by lazy_initialization
         self.keys = torch.cat([self.keys, raw], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
         keys, values = rotate(self.keys, cos, sin), self.values  # every key at its index in the cache
@@ -147,6 +150,7 @@ class StreamingLayer(DynamicLayer):
 
     def _evict(self, keep: int) -> None:
         """Keep the sinks and the most recent ``keep - sink_tokens`` tokens."""
+        assert self.keys is not None and self.values is not None
         n = self.keys.shape[-2]
         recent = keep - self.sink_tokens
         index = torch.cat([torch.arange(self.sink_tokens), torch.arange(n - recent, n)]).to(self.keys.device)
@@ -177,7 +181,7 @@ class StreamingCache(Cache):
         if sink_tokens < 0 or window < 1:
             raise InputError(f"need sink_tokens >= 0 and window >= 1 (got {sink_tokens}, {window})")
         self.sink_tokens, self.window = int(sink_tokens), int(window)
-        layers = [StreamingLayer(self.sink_tokens, self.window, rope) for rope in layer_ropes(model)]
+        layers: list[Any] = [StreamingLayer(self.sink_tokens, self.window, rope) for rope in layer_ropes(model)]
         super().__init__(layers=layers)
 
     @property

@@ -1,32 +1,76 @@
-"""Attention kernels for the capture engine. Each returns the layer's output and the log of its softmax
-normaliser (`lse`, including a learned sink logit if the layer has one), so probes can recover any single
-attention weight as ``exp(score - lse)`` without the n x n matrix.
+"""Attention kernels for the capture engine: one signature, one name -> kernel mapping, one dispatch.
 
-- `fused_attention`: PyTorch's fused CPU flash kernel, which returns the logsumexp it computes anyway.
+Every kernel is ``kernel(inputs: AttentionInputs, options: KernelOptions) -> KernelOutput`` and returns
+the layer's output and the log of its softmax normaliser (`lse`, a learned sink logit included), so any
+single attention weight is ``exp(score - lse)`` without the n x n matrix. Shapes follow the conventions
+in the `sinkscope.capture` docstring. All arithmetic runs in ``options.compute_dtype`` (float32 or
+float64), whatever the model's dtype; only the output is cast back (to the model's dtype by default).
+
+``KERNELS``:
+- ``fused``: PyTorch's fused CPU flash kernel, which returns the logsumexp it computes anyway.
   Without padding or a window it is one causal call; otherwise it runs over query chunks, each against
   only the keys that chunk can see (a band for sliding-window layers), so memory stays O(chunk x keys).
-- `chunked_attention`: explicit logits per query chunk. Handles what the fused op cannot express
+- ``chunked``: explicit logits per query chunk. Handles what the fused op cannot express
   (Gemma-2 soft-capping, additive position biases, non-CPU devices).
-- `sigmoid_attention`: the sigmoid-attention lab variant (no normaliser), over query chunks.
-- `eager_attention`: the full n x n softmax, written the way the models' own eager code is. The
-  reference the other two are tested against; also the only kernel that exposes all weights.
+- ``eager``: the full n x n softmax, written the way the models' own eager code is. The reference the
+  others are tested against; also the only kernel that returns all weights.
+- ``sigmoid``: sigmoid attention (a lab variant), p_ij = sigmoid(s_ij + b); no normaliser.
+
+`choose_kernel` picks the kernel for a call (the variant's own kernel, else what the engine's ``path``
+asks for, else fused wherever it can express the layer); `run_kernel` runs one by name. The engine and
+everything that re-runs a layer's attention (`AttentionCall.attend_with`, `weighted_sum`, ...) go
+through these two.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 
+from .masks import dense_allowed
+
 _flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+
+
+@dataclass(frozen=True)
+class AttentionInputs:
+    """One attention computation, as a kernel sees it."""
+
+    query: torch.Tensor  # [B, H, T, D]
+    key: torch.Tensor  # [B, KVH, S, D]
+    value: torch.Tensor  # [B, KVH, S, Dv]
+    allowed: torch.Tensor | None  # bool [B|1, 1|H, T, S]; None = plain causal (or every key, for one query)
+    causal: bool
+    scaling: float
+    softcap: float | None = None
+    bias: torch.Tensor | None = None  # additive logits [B|1, H|1, T, S]
+    sinks: torch.Tensor | None = None  # per-head extra logit [H] in the normaliser
+    logit_bias: float | None = None  # sigmoid attention: p_ij = sigmoid(s_ij + logit_bias)
+
+    def dense_allowed(self) -> torch.Tensor:
+        """`allowed` as a tensor, bool [B|1, 1|H, T, S]."""
+        return dense_allowed(self.allowed, self.query.shape[2], self.key.shape[2], self.causal, self.query.device)
+
+
+@dataclass(frozen=True)
+class KernelOptions:
+    compute_dtype: torch.dtype = torch.float32
+    chunk_size: int = 1024
+    keep_weights: bool = False  # also return the weights (eager always does; sigmoid on request)
+    output_dtype: torch.dtype | None = None  # None = the query's dtype (what the model continues with)
 
 
 @dataclass
 class KernelOutput:
     output: torch.Tensor  # [B, H, T, Dv]
-    lse: torch.Tensor  # [B, H, T] float32/64, -inf where a query sees no key and there is no sink
-    weights: torch.Tensor | None = None  # [B, H, T, S], eager only
+    lse: torch.Tensor  # [B, H, T] compute dtype; -inf where a query sees no key and there is no sink
+    weights: torch.Tensor | None = None  # [B, H, T, S], eager (and sigmoid on request) only
+
+
+Kernel = Callable[[AttentionInputs, KernelOptions], KernelOutput]
 
 
 def repeat_kv(states: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -51,60 +95,13 @@ def _add_sinks(lse: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:
     return torch.logaddexp(lse, sinks.to(lse.dtype)[None, :, None])
 
 
-def fused_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    allowed: torch.Tensor | None,
-    scaling: float,
-    causal: bool,
-    sinks: torch.Tensor | None = None,
-    chunk_size: int = 1024,
-    compute_dtype: torch.dtype | None = None,
-) -> KernelOutput:
-    """`allowed`: bool [B, 1|H, T, S] or None (then `causal` says whether the mask is causal or empty)."""
-    out_dtype = query.dtype
-    if compute_dtype is not None:
-        query, key, value = query.to(compute_dtype), key.to(compute_dtype), value.to(compute_dtype)
-    n_rep = query.shape[1] // key.shape[1]
-    key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
-    if allowed is None:
-        output, lse = _flash_cpu(query, key, value, 0.0, causal and query.shape[2] > 1, scale=scaling)
-    else:
-        outputs, lses = [], []
-        for start in range(0, query.shape[2], chunk_size):
-            stop = min(start + chunk_size, query.shape[2])
-            block = allowed[:, :, start:stop]
-            lo, hi = _key_range(block)
-            block = block[..., lo:hi]
-            bias = torch.zeros(block.shape, dtype=query.dtype, device=query.device)
-            bias.masked_fill_(~block, float("-inf"))
-            out_c, lse_c = _flash_cpu(
-                query[:, :, start:stop], key[:, :, lo:hi], value[:, :, lo:hi], 0.0, False,
-                attn_mask=bias, scale=scaling,
-            )
-            # The kernel reports lse = 0 for a query that sees no key; the true normaliser is empty.
-            lse_c = lse_c.masked_fill(~block.any(-1).expand_as(lse_c), float("-inf"))
-            outputs.append(out_c)
-            lses.append(lse_c)
-        output, lse = torch.cat(outputs, 2), torch.cat(lses, 2)
-    lse = lse.to(torch.float64 if compute_dtype == torch.float64 else torch.float32)
-    total = _add_sinks(lse, sinks)
-    if sinks is not None:
-        # The sink takes its share of the normaliser: rescale the key-only output.
-        output = output * torch.exp(lse - total).nan_to_num(0.0)[..., None].to(output.dtype)
-    return KernelOutput(output.to(out_dtype), total)
+def _output_dtype(inputs: AttentionInputs, options: KernelOptions) -> torch.dtype:
+    return options.output_dtype or inputs.query.dtype
 
 
-def scores_block(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    scaling: float,
-    softcap: float | None,
-    bias: torch.Tensor | None,
-    dtype: torch.dtype,
-) -> torch.Tensor:
-    """Attention logits as the model computes them: scale, soft-cap, then additive bias."""
+def scores_block(query: torch.Tensor, key: torch.Tensor, scaling: float, softcap: float | None,
+                 bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """Attention logits [B, H, T, S] as the model computes them: scale, soft-cap, then additive bias."""
     n_rep = query.shape[1] // key.shape[1]
     scores = torch.matmul(query.to(dtype), repeat_kv(key, n_rep).to(dtype).transpose(-1, -2)) * scaling
     if softcap is not None:
@@ -114,134 +111,151 @@ def scores_block(
     return scores
 
 
-def masked_score_blocks(
-    query: torch.Tensor, key: torch.Tensor, allowed: torch.Tensor, scaling: float, softcap: float | None,
-    bias: torch.Tensor | None, dtype: torch.dtype, chunk_size: int,
-) -> Iterator[tuple[int, int, int, int, torch.Tensor]]:
+def masked_score_blocks(inputs: AttentionInputs, dtype: torch.dtype,
+                        chunk_size: int) -> Iterator[tuple[int, int, int, int, torch.Tensor]]:
     """(start, stop, lo, hi, scores) per query chunk [start, stop): the logits against the keys [lo, hi) that
     chunk can see, masked to -inf elsewhere. O(chunk x keys) memory."""
-    for start in range(0, query.shape[2], chunk_size):
-        stop = min(start + chunk_size, query.shape[2])
+    allowed = inputs.dense_allowed()
+    for start in range(0, inputs.query.shape[2], chunk_size):
+        stop = min(start + chunk_size, inputs.query.shape[2])
         block = allowed[:, :, start:stop]
         lo, hi = _key_range(block)
-        bias_c = None if bias is None else bias[:, :, start:stop, lo:hi]
-        scores = scores_block(query[:, :, start:stop], key[:, :, lo:hi], scaling, softcap, bias_c, dtype)
+        bias = None if inputs.bias is None else inputs.bias[:, :, start:stop, lo:hi]
+        scores = scores_block(inputs.query[:, :, start:stop], inputs.key[:, :, lo:hi], inputs.scaling,
+                              inputs.softcap, bias, dtype)
         yield start, stop, lo, hi, scores.masked_fill(~block[..., lo:hi], float("-inf"))
 
 
-def chunked_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    allowed: torch.Tensor,
-    scaling: float,
-    softcap: float | None = None,
-    bias: torch.Tensor | None = None,
-    sinks: torch.Tensor | None = None,
-    chunk_size: int = 1024,
-    compute_dtype: torch.dtype = torch.float32,
-) -> KernelOutput:
-    """`allowed`: bool [B, 1|H, T, S]; `bias`: additive [B|1, H|1, T, S] or None."""
+def fused_kernel(inputs: AttentionInputs, options: KernelOptions) -> KernelOutput:
+    """Softmax attention through the CPU flash op (no soft-cap, no additive bias)."""
+    dtype = options.compute_dtype
+    query, key, value = inputs.query.to(dtype), inputs.key.to(dtype), inputs.value.to(dtype)
+    width = value.shape[-1]
+    if width < query.shape[-1]:  # the flash op wants values as wide as the keys: pad with zeros
+        value = torch.nn.functional.pad(value, (0, query.shape[-1] - width))
     n_rep = query.shape[1] // key.shape[1]
+    key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
+    if inputs.allowed is None:
+        output, lse = _flash_cpu(query, key, value, 0.0, inputs.causal and query.shape[2] > 1,
+                                 scale=inputs.scaling)
+    else:
+        outputs, lses = [], []
+        for start in range(0, query.shape[2], options.chunk_size):
+            stop = min(start + options.chunk_size, query.shape[2])
+            block = inputs.allowed[:, :, start:stop]
+            lo, hi = _key_range(block)
+            block = block[..., lo:hi]
+            bias = torch.zeros(block.shape, dtype=dtype, device=query.device)
+            bias.masked_fill_(~block, float("-inf"))
+            out_c, lse_c = _flash_cpu(query[:, :, start:stop], key[:, :, lo:hi], value[:, :, lo:hi], 0.0, False,
+                                      attn_mask=bias, scale=inputs.scaling)
+            # The op reports lse = 0 for a query that sees no key; the true normaliser is empty.
+            lse_c = lse_c.masked_fill(~block.any(-1).expand_as(lse_c), float("-inf"))
+            outputs.append(out_c)
+            lses.append(lse_c)
+        output, lse = torch.cat(outputs, 2), torch.cat(lses, 2)
+    lse = lse.to(dtype)
+    total = _add_sinks(lse, inputs.sinks)
+    if inputs.sinks is not None:
+        # The sink takes its share of the normaliser: rescale the key-only output.
+        output = output * torch.exp(lse - total).nan_to_num(0.0)[..., None]
+    return KernelOutput(output[..., :width].to(_output_dtype(inputs, options)), total)
+
+
+def chunked_kernel(inputs: AttentionInputs, options: KernelOptions) -> KernelOutput:
+    """Softmax attention from explicit logits, one query chunk at a time: any logits (soft-cap, biases)."""
+    dtype = options.compute_dtype
+    n_rep = inputs.query.shape[1] // inputs.key.shape[1]
     outputs, lses = [], []
-    for _, _, lo, hi, scores in masked_score_blocks(query, key, allowed, scaling, softcap, bias, compute_dtype,
-                                                    chunk_size):
-        lse = _add_sinks(torch.logsumexp(scores, -1), sinks)
+    for _, _, lo, hi, scores in masked_score_blocks(inputs, dtype, options.chunk_size):
+        lse = _add_sinks(torch.logsumexp(scores, -1), inputs.sinks)
         probs = torch.exp(scores - lse[..., None]).nan_to_num(0.0)
-        outputs.append(torch.matmul(probs, repeat_kv(value[:, :, lo:hi], n_rep).to(compute_dtype)))
+        outputs.append(torch.matmul(probs, repeat_kv(inputs.value[:, :, lo:hi], n_rep).to(dtype)))
         lses.append(lse)
-    return KernelOutput(torch.cat(outputs, 2).to(query.dtype), torch.cat(lses, 2))
+    return KernelOutput(torch.cat(outputs, 2).to(_output_dtype(inputs, options)), torch.cat(lses, 2))
 
 
-def eager_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    allowed: torch.Tensor,
-    scaling: float,
-    softcap: float | None = None,
-    bias: torch.Tensor | None = None,
-    sinks: torch.Tensor | None = None,
-    compute_dtype: torch.dtype = torch.float32,
-) -> KernelOutput:
+def eager_kernel(inputs: AttentionInputs, options: KernelOptions) -> KernelOutput:
     """Full softmax over all keys (plus the sink column, dropped afterwards, as gpt-oss does)."""
-    n_rep = query.shape[1] // key.shape[1]
-    scores = scores_block(query, key, scaling, softcap, bias, compute_dtype)
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    if sinks is not None:
-        sink_column = sinks.to(compute_dtype).reshape(1, -1, 1, 1).expand(*scores.shape[:3], 1)
+    dtype = options.compute_dtype
+    n_rep = inputs.query.shape[1] // inputs.key.shape[1]
+    scores = scores_block(inputs.query, inputs.key, inputs.scaling, inputs.softcap, inputs.bias, dtype)
+    scores = scores.masked_fill(~inputs.dense_allowed(), float("-inf"))
+    if inputs.sinks is not None:
+        sink_column = inputs.sinks.to(dtype).reshape(1, -1, 1, 1).expand(*scores.shape[:3], 1)
         scores = torch.cat([scores, sink_column], dim=-1)
     lse = torch.logsumexp(scores, -1)
     weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a query that sees nothing gets no weight
-    if sinks is not None:
+    if inputs.sinks is not None:
         weights = weights[..., :-1]
-    output = torch.matmul(weights, repeat_kv(value, n_rep).to(compute_dtype))
-    return KernelOutput(output.to(query.dtype), lse, weights)
+    output = torch.matmul(weights, repeat_kv(inputs.value, n_rep).to(dtype))
+    return KernelOutput(output.to(_output_dtype(inputs, options)), lse, weights)
 
 
-def entropy_fused(
-    query: torch.Tensor, key: torch.Tensor, allowed: torch.Tensor | None, scaling: float, causal: bool,
-    lse: torch.Tensor, sinks: torch.Tensor | None = None, chunk_size: int = 1024,
-) -> torch.Tensor:
-    """Row entropy of the attention distribution without the n x n matrix.
-
-    With p_ij = exp(s_ij - lse_i) and s_ij = scale * q_i.k_j, the entropy is
-    H_i = lse_i - scale * q_i . (sum_j p_ij k_j) - p_sink * sink; the weighted key sum is one more fused
-    attention call with the keys as values. The learned sink (if any) counts as one more outcome.
-    """
-    keys_only = fused_attention(query, key, key, allowed, scaling, causal, None, chunk_size,
-                                torch.float64 if lse.dtype == torch.float64 else None)
-    # that call normalised over the keys only; rescale to the full (sink-including) normaliser
-    share = torch.exp(keys_only.lse.to(lse.dtype) - lse).nan_to_num(0.0)
-    weighted_keys = keys_only.output.to(lse.dtype) * share[..., None]
-    entropy = lse - scaling * (query.to(lse.dtype) * weighted_keys).sum(-1)
-    if sinks is not None:
-        sink = sinks.to(lse.dtype)[None, :, None]
-        entropy = entropy - torch.exp(sink - lse) * sink
-    return torch.where(torch.isfinite(lse), entropy, torch.zeros((), dtype=lse.dtype))
+def sigmoid_kernel(inputs: AttentionInputs, options: KernelOptions) -> KernelOutput:
+    """Sigmoid attention: p_ij = sigmoid(s_ij + logit_bias) on allowed keys, no normalisation. There is no
+    log-normaliser; ``lse`` is NaN so that anything relying on one fails loudly."""
+    if inputs.logit_bias is None:
+        raise ValueError("sigmoid attention needs a logit bias")
+    dtype = options.compute_dtype
+    n_rep = inputs.query.shape[1] // inputs.key.shape[1]
+    outputs, weights = [], []
+    for _, _, lo, hi, scores in masked_score_blocks(inputs, dtype, options.chunk_size):
+        probs = torch.sigmoid(scores + inputs.logit_bias)  # masked logits are -inf: weight 0
+        outputs.append(torch.matmul(probs, repeat_kv(inputs.value[:, :, lo:hi], n_rep).to(dtype)))
+        if options.keep_weights:
+            weights.append(torch.nn.functional.pad(probs, (lo, inputs.key.shape[2] - hi)))
+    lse = torch.full(inputs.query.shape[:3], float("nan"), dtype=dtype, device=inputs.query.device)
+    return KernelOutput(torch.cat(outputs, 2).to(_output_dtype(inputs, options)), lse,
+                        torch.cat(weights, 2) if options.keep_weights else None)
 
 
-def row_statistics_chunked(
-    query: torch.Tensor, key: torch.Tensor, allowed: torch.Tensor, scaling: float, lse: torch.Tensor,
-    softcap: float | None = None, bias: torch.Tensor | None = None, sinks: torch.Tensor | None = None,
-    chunk_size: int = 1024,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(entropy, max weight over keys) per query from explicit logits, one query chunk at a time:
-    O(chunk x keys) memory. Works for any logits (soft-capping, biases)."""
+KERNELS: dict[str, Kernel] = {
+    "fused": fused_kernel,
+    "chunked": chunked_kernel,
+    "eager": eager_kernel,
+    "sigmoid": sigmoid_kernel,
+}
+PATHS = ("auto", "fused", "chunked", "eager")  # what a CaptureEngine may be asked to use
+
+
+def choose_kernel(inputs: AttentionInputs, path: str, required: str | None = None) -> str:
+    """The kernel for one call: ``required`` (an attention variant's own kernel) if given; else the kernel
+    ``path`` forces (chunked, eager); else (auto, fused) the fused one wherever it can express the layer."""
+    if required is not None:
+        return required
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, not {path!r}")
+    if path in ("chunked", "eager"):
+        return path
+    if inputs.softcap is None and inputs.bias is None and inputs.query.device.type == "cpu":
+        return "fused"
+    if path == "fused" and inputs.query.device.type != "cpu":
+        warnings.warn("the fused kernel runs on CPU only; using the chunked kernel", stacklevel=3)
+    return "chunked"
+
+
+def run_kernel(name: str, inputs: AttentionInputs, options: KernelOptions) -> KernelOutput:
+    """Run the kernel registered as ``name`` in `KERNELS`."""
+    try:
+        kernel = KERNELS[name]
+    except KeyError:
+        raise ValueError(f"unknown attention kernel {name!r}; known: {', '.join(KERNELS)}") from None
+    return kernel(inputs, options)
+
+
+def row_statistics(inputs: AttentionInputs, lse: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor,
+                                                                                          torch.Tensor]:
+    """(entropy, max weight over keys) [B, H, T] per query from explicit logits in ``lse``'s dtype, one query
+    chunk at a time: O(chunk x keys) memory. Any softmax logits (soft-capping, biases, a sink logit)."""
     entropies, maxima = [], []
-    for start, stop, _, _, scores in masked_score_blocks(query, key, allowed, scaling, softcap, bias, lse.dtype,
-                                                         chunk_size):
+    for start, stop, _, _, scores in masked_score_blocks(inputs, lse.dtype, chunk_size):
         log_p = scores - lse[:, :, start:stop, None]
         p = torch.exp(log_p)
         entropy = -(p * log_p).nan_to_num(0.0).sum(-1)
-        if sinks is not None:
-            log_sink = sinks.to(lse.dtype)[None, :, None] - lse[:, :, start:stop]
+        if inputs.sinks is not None:
+            log_sink = inputs.sinks.to(lse.dtype)[None, :, None] - lse[:, :, start:stop]
             entropy = entropy - (torch.exp(log_sink) * log_sink).nan_to_num(0.0)
         entropies.append(entropy)
         maxima.append(p.amax(-1).nan_to_num(0.0))
     return torch.cat(entropies, 2), torch.cat(maxima, 2)
-
-
-def sigmoid_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    allowed: torch.Tensor,
-    scaling: float,
-    sigmoid_bias: float,
-    chunk_size: int = 1024,
-    compute_dtype: torch.dtype = torch.float32,
-    keep_weights: bool = False,
-) -> KernelOutput:
-    """Sigmoid attention (a lab variant): p_ij = sigmoid(s_ij + bias) on allowed keys, no normalisation.
-    There is no log-normaliser; ``lse`` is NaN so that anything relying on one fails loudly."""
-    n_rep = query.shape[1] // key.shape[1]
-    outputs, weights = [], []
-    for _, _, lo, hi, scores in masked_score_blocks(query, key, allowed, scaling, None, None, compute_dtype,
-                                                    chunk_size):
-        probs = torch.sigmoid(scores + sigmoid_bias)  # masked logits are -inf: weight 0
-        outputs.append(torch.matmul(probs, repeat_kv(value[:, :, lo:hi], n_rep).to(compute_dtype)))
-        if keep_weights:
-            weights.append(torch.nn.functional.pad(probs, (lo, key.shape[2] - hi)))
-    lse = torch.full(query.shape[:3], float("nan"), dtype=compute_dtype, device=query.device)
-    return KernelOutput(torch.cat(outputs, 2).to(query.dtype), lse, torch.cat(weights, 2) if keep_weights else None)

@@ -1,4 +1,9 @@
-"""Probes: small objects the capture engine calls at every attention layer."""
+"""Probes: small objects the capture engine calls at every attention layer.
+
+Records are per ``layer`` (attention block 0..L-1); shapes and positions follow the conventions in the
+`sinkscope.capture` package docstring. Tokens are found by position (`AttentionCall.locate_key`), so the
+probes stay right when a sliding window has moved during cached generation.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +16,9 @@ class FirstTokenAttention(Probe):
     """Per (layer, head, query): the attention on each row's first real token, in O(n) memory.
 
     Records, per layer, on CPU:
-      ``attention``   float [B, H, T]  weight on the first token (key ``first_positions[b]``)
+      ``attention``   float [B, H, T]  weight on the first token (position ``first_positions[b]``)
       ``visible``     bool  [B, 1|H, T] the query is a real token and may attend to the first token
+                      (False where a sliding window no longer holds it)
       ``first_k``     float [B, H, T]  summed weight on the first ``first_k`` tokens (StreamingLLM's sinks)
       ``sink_logit``  float [B, H, T]  share taken by a learned sink logit (gpt-oss), absent otherwise
     """
@@ -34,7 +40,7 @@ class FirstTokenAttention(Probe):
         mass = attention.clone()
         for offset in range(1, self.first_k):
             mass += call.key_attention(first + offset)
-        query_valid = call.batch.query_valid[:, None, -call.query.shape[2]:]
+        query_valid = call.query_valid()[:, None, :]
         record = {
             "attention": attention.float().cpu(),
             "visible": (call.key_allowed(first) & query_valid).cpu(),
@@ -123,7 +129,8 @@ class ValueNorms(Probe):
         first = call.batch.first_positions
         norms = call.value.float().norm(dim=-1)  # [B, KVH, S]
         attention = call.key_attention(first)
-        first_norm = norms[torch.arange(norms.shape[0]), :, first.to(norms.device)]  # [B, KVH]
+        index, present = call.locate_key(first)
+        first_norm = norms[torch.arange(norms.shape[0]), :, index] * present[:, None]  # [B, KVH]
         n_rep = call.n_heads // norms.shape[1]
         first_norm = first_norm.repeat_interleave(n_rep, dim=1)[..., None]
         total = call.weighted_sum(norms[..., None])[..., 0]
@@ -141,8 +148,10 @@ class SinkKnockout(Probe):
 
     ``heads``: None (every head of every layer) or ``{layer: None | [head, ...]}``. The layer's attention
     is recomputed with the first key masked for every later query — exactly an explicit attention mask
-    (tested against one). The first token's own query, which sees nothing else, is left as it is. A
-    learned sink logit (gpt-oss) keeps its place in the normaliser.
+    (tested against one; during cached generation too, where the first token is found by its position
+    and a sliding window that no longer holds it leaves the layer alone). The first token's own query,
+    which sees nothing else, is left as it is. A learned sink logit (gpt-oss) keeps its place in the
+    normaliser.
     """
 
     def __init__(self, heads: dict[int, list[int] | None] | None = None) -> None:
@@ -162,12 +171,14 @@ class SinkKnockout(Probe):
         selected = self._selected(call)
         if selected is None or not selected.any():
             return None
-        allowed = call.engine._dense_allowed(call).expand(call.query.shape[0], -1, -1, -1).clone()
-        first = call.batch.first_positions.to(allowed.device)
-        t, s = call.query.shape[2], call.key.shape[2]
-        later = torch.arange(t, device=allowed.device) + (s - t) > first[:, None]  # [B, T]
+        first = call.batch.first_positions.to(call.query.device)
+        index, present = call.locate_key(first)
+        hide = (call.query_positions[None, :] > first[:, None]) & present[:, None]  # [B, T]
+        if not bool(hide.any()):  # the first token has left every row's window (or only sees itself)
+            return None
+        allowed = call.dense_allowed().expand(call.query.shape[0], -1, -1, -1).clone()
         rows = torch.arange(allowed.shape[0], device=allowed.device)
-        column = allowed[rows, :, :, first]  # [B, 1|H, T]
-        allowed[rows, :, :, first] = column & ~later[:, None, :]
+        column = allowed[rows, :, :, index]  # [B, 1|H, T]
+        allowed[rows, :, :, index] = column & ~hide[:, None, :]
         knocked = call.attend_with(allowed).output
         return torch.where(selected.to(call.output.device)[None, :, None, None], knocked, call.output)

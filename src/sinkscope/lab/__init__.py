@@ -1,6 +1,5 @@
 """The emergence lab: pre-train small LLaMA-style models and watch attention sinks form.
 
-- `variants`: attention variants (softmax, off-by-one, learned sink, sigmoid) as one registered function;
 - `data`: Bigram-Backcopy and natural-text sources, the packing collator ({causal, intra-doc} x {fixed <bos>,
   eos-separated});
 - `models`: transformers LLaMA models from a small spec;

@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 
-from . import variants
+from ..capture.attention import install
+from ..capture.variants import VARIANT_NAMES, default_sigmoid_bias
 
 
 @dataclass
@@ -18,7 +19,7 @@ class ModelSpec:
     heads: int = 4
     kv_heads: int | None = None  # None = heads (no GQA)
     intermediate_size: int | None = None  # None = the LLaMA ratio, 8/3 x hidden, rounded up to 16
-    attention: str = "softmax"  # one of variants.VARIANTS
+    attention: str = "softmax"  # one of capture.variants.VARIANT_NAMES
     sigmoid_bias: float | None = None  # sigmoid attention only; None = -log(context length)
     rope_theta: float = 10000.0
     tie_embeddings: bool = True
@@ -27,8 +28,8 @@ class ModelSpec:
     def __post_init__(self) -> None:
         if self.hidden_size % self.heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by heads {self.heads}")
-        if self.attention not in variants.VARIANTS:
-            raise ValueError(f"attention must be one of {variants.VARIANTS}, not {self.attention!r}")
+        if self.attention not in VARIANT_NAMES:
+            raise ValueError(f"attention must be one of {VARIANT_NAMES}, not {self.attention!r}")
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -58,8 +59,8 @@ def build_model(spec: ModelSpec, vocab_size: int, context_length: int, bos_id: i
     model = LlamaForCausalLM(config)
     bias = spec.sigmoid_bias
     if spec.attention == "sigmoid" and bias is None:
-        bias = variants.default_sigmoid_bias(context_length)
-    return variants.install(model, spec.attention, bias)
+        bias = default_sigmoid_bias(context_length)
+    return install(model, spec.attention, bias)
 
 
 def count_parameters(model: Any) -> int:

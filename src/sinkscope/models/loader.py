@@ -192,7 +192,7 @@ def _from_pretrained(
         raise ModelLoadError(f"cannot load '{ref}': {str(error).splitlines()[0][:300]}") from error
     except Exception as error:  # corrupt weights surface as many exception types
         raise ModelLoadError(f"cannot load '{ref}': {type(error).__name__}: {str(error)[:300]}") from error
-    from ..lab.variants import restore, variant_of
+    from ..capture.attention import restore, variant_of
 
     if variant_of(model.config) is not None:  # a sinkscope lab model: re-install its attention variant
         if not Path(ref).is_dir():

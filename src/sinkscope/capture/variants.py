@@ -1,0 +1,165 @@
+"""Attention variants: how a layer turns its logits s_ij into weights p_ij.
+
+``softmax``       the standard  p_ij = exp(s_ij) / sum_k exp(s_ik)
+``off_by_one``    softmax with an implicit extra zero logit: p_ij = exp(s_ij) / (1 + sum_k exp(s_ik)),
+                  so a head can attend to "nothing" (Miller 2023, "softmax1")
+``learned_sink``  softmax with a learned per-head sink logit b_h in the normaliser (gpt-oss style)
+``sigmoid``       p_ij = sigmoid(s_ij + b), no normalisation over keys (Gu et al. 2024 find no sinks form)
+
+Each variant is an `AttentionVariant` in the `VARIANTS` registry. It declares what the capture engine
+needs: the reference weights formula, the kernel it needs (``None``: any softmax kernel), its extra
+normaliser logit (a sink, per head) or logit bias, and how it sets itself up on an attention module.
+A module says which variant it computes with ``module.attention_variant`` (a registry name; absent =
+softmax); `module_variant` resolves it. The lab's models carry their variant this way; the engine calls
+the variant's methods and never reads its parameters by name.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch
+
+from ..errors import UnsupportedModelError
+
+VARIANT_ATTRIBUTE = "attention_variant"  # on an attention module: the name of its variant in VARIANTS
+
+
+class AttentionVariant:
+    """Softmax attention; subclasses override what their normalisation changes."""
+
+    name: ClassVar[str] = "softmax"
+    kernel: ClassVar[str | None] = None  # the kernel it needs (a `kernels.KERNELS` name); None = any softmax one
+    normalised: ClassVar[bool] = True  # each row (with its extra logit) sums to one: lse, entropy are defined
+
+    def extra_logit(self, module: Any) -> torch.Tensor | None:
+        """Per-head logit [H] that joins the normaliser without a value (a sink), or None."""
+        return None
+
+    def logit_bias(self, module: Any) -> float | None:
+        """A constant added to every logit before a non-normalised activation (sigmoid), or None."""
+        return None
+
+    def setup(self, module: Any, n_heads: int, logit_bias: float | None) -> None:
+        """Give an attention module what this variant needs (its parameters) and name the variant on it."""
+        setattr(module, VARIANT_ATTRIBUTE, self.name)
+
+    def weights(self, scores: torch.Tensor, allowed: torch.Tensor, extra_logit: torch.Tensor | None = None,
+                logit_bias: float | None = None) -> torch.Tensor:
+        """The reference formula: weights [B, H, T, S] from logits [B, H, T, S] and bool ``allowed``."""
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        if extra_logit is None:
+            return torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a query that sees nothing gets no weight
+        column = extra_logit.to(scores.dtype).reshape(1, -1, 1, 1).expand(*scores.shape[:3], 1)
+        return torch.softmax(torch.cat([scores, column], dim=-1), dim=-1)[..., :-1]
+
+    def key_weight(self, scores: torch.Tensor, lse: torch.Tensor, logit_bias: float | None) -> torch.Tensor:
+        """The weight of one key given its logits [B, H, T] and the rows' log-normaliser ``lse`` [B, H, T]."""
+        return torch.exp(scores - lse)
+
+
+class Softmax(AttentionVariant):
+    name = "softmax"
+
+
+class _SinkLogitVariant(AttentionVariant):
+    """Softmax with one more logit per head in the normaliser, kept on the module as ``sink_logits`` [H]."""
+
+    def extra_logit(self, module: Any) -> torch.Tensor | None:
+        sink_logits = getattr(module, "sink_logits", None)
+        if not isinstance(sink_logits, torch.Tensor):
+            raise UnsupportedModelError(f"{type(module).__name__} is marked {self.name} but has no sink logits")
+        return sink_logits
+
+    def weights(self, scores: torch.Tensor, allowed: torch.Tensor, extra_logit: torch.Tensor | None = None,
+                logit_bias: float | None = None) -> torch.Tensor:
+        if extra_logit is None:
+            raise ValueError(f"{self.name} attention needs its sink logits")
+        return super().weights(scores, allowed, extra_logit, logit_bias)
+
+
+class OffByOne(_SinkLogitVariant):
+    name = "off_by_one"
+
+    def setup(self, module: Any, n_heads: int, logit_bias: float | None) -> None:
+        super().setup(module, n_heads, logit_bias)
+        weight = module.q_proj.weight
+        module.register_buffer("sink_logits", torch.zeros(n_heads, dtype=weight.dtype, device=weight.device),
+                               persistent=False)
+
+
+class LearnedSink(_SinkLogitVariant):
+    name = "learned_sink"
+
+    def setup(self, module: Any, n_heads: int, logit_bias: float | None) -> None:
+        super().setup(module, n_heads, logit_bias)
+        weight = module.q_proj.weight
+        module.sink_logits = torch.nn.Parameter(torch.zeros(n_heads, dtype=weight.dtype, device=weight.device))
+
+
+class Sigmoid(AttentionVariant):
+    name = "sigmoid"
+    kernel = "sigmoid"
+    normalised = False
+
+    def logit_bias(self, module: Any) -> float | None:
+        bias = getattr(module, "sigmoid_bias", None)
+        if bias is None:
+            raise UnsupportedModelError(f"{type(module).__name__} is marked sigmoid but has no sigmoid bias")
+        return float(bias)
+
+    def setup(self, module: Any, n_heads: int, logit_bias: float | None) -> None:
+        if logit_bias is None:
+            raise ValueError("sigmoid attention needs a bias")
+        super().setup(module, n_heads, logit_bias)
+        module.sigmoid_bias = float(logit_bias)
+
+    def weights(self, scores: torch.Tensor, allowed: torch.Tensor, extra_logit: torch.Tensor | None = None,
+                logit_bias: float | None = None) -> torch.Tensor:
+        if logit_bias is None:
+            raise ValueError("sigmoid attention needs a bias")
+        return torch.sigmoid(scores + logit_bias) * allowed
+
+    def key_weight(self, scores: torch.Tensor, lse: torch.Tensor, logit_bias: float | None) -> torch.Tensor:
+        assert logit_bias is not None
+        return torch.sigmoid(scores + logit_bias)
+
+
+VARIANTS: dict[str, AttentionVariant] = {}
+
+
+def register_variant(variant: AttentionVariant) -> AttentionVariant:
+    """Add a variant to the registry under its name (modules then select it by that name)."""
+    VARIANTS[variant.name] = variant
+    return variant
+
+
+for _variant in (Softmax(), OffByOne(), LearnedSink(), Sigmoid()):
+    register_variant(_variant)
+VARIANT_NAMES = tuple(VARIANTS)  # ("softmax", "off_by_one", "learned_sink", "sigmoid")
+SOFTMAX = VARIANTS["softmax"]
+
+
+def module_variant(module: Any) -> AttentionVariant:
+    """The variant an attention module computes with (softmax unless it names another)."""
+    name = getattr(module, VARIANT_ATTRIBUTE, None)
+    if name is None:
+        return SOFTMAX
+    if name not in VARIANTS:
+        raise UnsupportedModelError(f"{type(module).__name__}: unknown attention variant {name!r} "
+                                    f"(known: {', '.join(VARIANTS)})")
+    return VARIANTS[name]
+
+
+def variant_weights(scores: torch.Tensor, allowed: torch.Tensor, variant: str,
+                    sink_logits: torch.Tensor | None = None, sigmoid_bias: float | None = None) -> torch.Tensor:
+    """Attention weights [B, H, T, S] from logits [B, H, T, S] under the variant named ``variant``."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown attention variant {variant!r} (known: {', '.join(VARIANTS)})")
+    return VARIANTS[variant].weights(scores, allowed, sink_logits, sigmoid_bias)
+
+
+def default_sigmoid_bias(context_length: int) -> float:
+    """b = -log(n): each key starts near weight 1/n, as softmax over n keys would (Ramapuram et al. 2024)."""
+    return -math.log(max(int(context_length), 2))
