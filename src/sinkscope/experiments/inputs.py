@@ -150,6 +150,12 @@ def token_strings(tokenizer: Any, ids: Sequence[int]) -> list[str]:
     return [str(t) for t in tokenizer.convert_ids_to_tokens([int(i) for i in ids])]
 
 
+def token_label(tokenizer: Any, token_id: int) -> str:
+    """A readable label for one token (decoded text, whitespace made visible), e.g. for tick labels."""
+    text = tokenizer.decode([int(token_id)])
+    return text.replace("\n", "\\n").replace("\t", "\\t").strip() or repr(text)
+
+
 def first_token_label(tokenizer: Any, prefix: Sequence[int]) -> str:
     """What sits at position 0 before the text, as text ('(first text token)' without a prefix)."""
     return "".join(tokenizer.convert_ids_to_tokens(list(prefix))) if prefix else "(first text token)"
@@ -166,6 +172,19 @@ def check_length(loaded: LoadedModel, length: int, what: str = "a sequence") -> 
     limit = context_limit(loaded)
     if limit is not None and length > limit:
         raise InputError(f"{what} of {length} tokens exceeds the model's {limit} positions; use shorter inputs")
+
+
+def check_context(loaded: LoadedModel, lengths: Sequence[int], max_tokens: int | None = None,
+                  what: str = "prompt") -> None:
+    """Refuse a ``--max-tokens`` beyond the model's positions, and any sequence longer than them
+    (``lengths``: the sequences' lengths; the error names the first one too long)."""
+    limit = context_limit(loaded)
+    if limit is None:
+        return
+    if max_tokens is not None and max_tokens > limit:
+        raise InputError(f"--max-tokens {max_tokens} exceeds the model's {limit} positions; use at most {limit}")
+    for index, length in enumerate(lengths):
+        check_length(loaded, length, f"{what} {index}")
 
 
 KERNEL_PATHS = ("auto", "fused", "chunked", "eager")
@@ -205,6 +224,21 @@ def length_batches(lengths: Sequence[int], batch_size: int, tokens_per_batch: in
         longest = grown
     if current:
         batches.append(current)
+    return batches
+
+
+def condition_batches(units: Sequence[Encoded], batch_size: int, tokens_per_batch: int = TOKENS_PER_BATCH
+                      ) -> list[list[int]]:
+    """`length_batches` within each run of units that share a `<bos>` condition (a batch never mixes them)."""
+    batches: list[list[int]] = []
+    start = 0
+    while start < len(units):
+        stop = start
+        while stop < len(units) and units[stop].bos == units[start].bos:
+            stop += 1
+        lengths = [len(u) for u in units[start:stop]]
+        batches += [[start + i for i in batch] for batch in length_batches(lengths, batch_size, tokens_per_batch)]
+        start = stop
     return batches
 
 
