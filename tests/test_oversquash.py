@@ -125,7 +125,7 @@ def test_files_and_cli(model_dir, tmp_path):
         assert (out / name).is_file(), name
     summary = json.loads((out / "summary.json").read_text())
     assert summary["passes"]["add"] == {"forward": 1, "backward": 4}
-    assert summary["provenance"]["probes"] == 4 and "R_s_mean" in summary
+    assert summary["provenance"]["settings"]["probes"] == 4 and "R_s_mean" in summary
     bad = runner.invoke(app, ["oversquash", "--model", str(model_dir), "--text", TEXT, "--target", "40", "--quiet"])
     assert bad.exit_code == 2 and "--target 40" in bad.output and "Traceback" not in bad.output
     assert len([line for line in bad.stderr.splitlines() if line.strip()]) == 1
