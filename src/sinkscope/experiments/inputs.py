@@ -10,7 +10,7 @@ text's own tokens, never by length arithmetic, so conditions are compared on the
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -19,6 +19,7 @@ from ..data import Prompt, probe_set
 from ..errors import InputError, TokenizationError
 from ..models.loader import LoadedModel, text_config
 from ..models.tokens import encode, parse_bos
+from .base import Experiment
 
 TOKENS_PER_BATCH = 8192  # padded tokens per forward pass: long inputs run one (or a few) at a time
 _PROBE_TEXT = "Hello world"
@@ -251,3 +252,37 @@ def pad_right(sequences: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.T
         ids[row, : len(seq)] = torch.tensor(list(seq), dtype=torch.long)
         mask[row, : len(seq)] = 1
     return ids, mask
+
+
+# -- experiments over prompts x conditions -----------------------------------------------------------
+@dataclass
+class PromptExperiment(Experiment):
+    """An experiment whose units are prompts x `<bos>` conditions: one `Encoded` each, condition by
+    condition, checked against the model's context. Subclasses add their settings and what they measure."""
+
+    unit_label = "prompts"
+
+    prompts: list[Prompt] = field(default_factory=list)
+    bos: tuple[str, ...] = ("add", "strip")
+    max_tokens: int | None = 64
+
+    def __post_init__(self) -> None:  # settings checked before any model loads
+        self.bos = tuple(bos_conditions(self.bos))
+
+    def settings(self) -> dict[str, Any]:
+        settings = super().settings()
+        del settings["prompts"]  # the inputs are fingerprinted by their token ids
+        return settings
+
+    def prepare(self, loaded: LoadedModel) -> list[Encoded]:
+        units = encode_prompts(loaded, self.prompts, self.bos, self.max_tokens)
+        check_context(loaded, [len(u) for u in units], self.max_tokens)
+        self._tokenizer = loaded.tokenizer
+        return units
+
+    def describe(self, units: Sequence[Encoded]) -> str:
+        return f"bos={units[0].bos}"
+
+    def label(self, unit: Encoded) -> str:
+        """How an error message names the unit."""
+        return f"prompt {unit.prompt} ({self.prompts[unit.prompt].id}), bos={unit.bos}"

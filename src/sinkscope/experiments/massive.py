@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +23,12 @@ from ..data import Prompt
 from ..errors import InputError
 from ..metrics import activations as activation_metrics
 from ..models.loader import LoadedModel
-from .base import Experiment, Result, run
+from .base import Result, run
 from .inputs import (
     Encoded,
+    PromptExperiment,
     bos_conditions,
-    check_context,
     condition_batches,
-    encode_prompts,
     prompt_list,
     token_strings,
 )
@@ -53,43 +52,25 @@ class MassiveActivationsResult(Result):
 
 
 @dataclass
-class MassiveActivations(Experiment):
+class MassiveActivations(PromptExperiment):
     """Massive-activation statistics of every prompt's residual stream at every depth, per `<bos>` condition."""
 
     name = "massive"
     result_type = MassiveActivationsResult
-    unit_label = "prompts"
 
-    prompts: list[Prompt] = field(default_factory=list)
-    bos: tuple[str, ...] = ("add", "strip")
-    max_tokens: int | None = 64
     top_k: int = 4
     batch_size: int = 8
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.top_k < 1:
             raise InputError("top_k must be at least 1")
-        self.bos = tuple(bos_conditions(self.bos))
-
-    def settings(self) -> dict[str, Any]:
-        settings = super().settings()
-        del settings["prompts"]  # fingerprinted by their token ids
-        return settings
-
-    def prepare(self, loaded: LoadedModel) -> list[Encoded]:
-        units = encode_prompts(loaded, self.prompts, self.bos, self.max_tokens)
-        check_context(loaded, [len(u) for u in units], self.max_tokens)
-        self._tokenizer = loaded.tokenizer
-        return units
 
     def batches(self, units: Sequence[Encoded]) -> list[list[int]]:
         return condition_batches(units, self.batch_size)
 
-    def describe(self, units: Sequence[Encoded]) -> str:
-        return f"bos={units[0].bos}"
-
     def measure(self, engine: Any, units: Sequence[Encoded]) -> dict[str, pd.DataFrame]:
-        labels = [f"prompt {u.prompt} ({self.prompts[u.prompt].id}), bos={u.bos}" for u in units]
+        labels = [self.label(u) for u in units]
         depth_frames, top_frames = [], []
         for unit, stream in zip(units, residual_streams(engine, [u.ids for u in units], labels), strict=True):
             depths, top = self._rows(stream.to(torch.float64).cpu().numpy(), unit)

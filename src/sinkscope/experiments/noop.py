@@ -13,7 +13,7 @@ window has left position 0 behind cannot sink and are not counted.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +26,8 @@ from ..data import Prompt
 from ..errors import InputError
 from ..metrics import sink as sink_metrics
 from ..models.loader import LoadedModel
-from .base import Experiment, Result, run
-from .inputs import Encoded, bos_conditions, check_context, check_engine_options, encode_prompts, prompt_list
+from .base import Result, run
+from .inputs import Encoded, PromptExperiment, bos_conditions, check_engine_options, prompt_list
 
 
 class NoopResult(Result):
@@ -43,33 +43,20 @@ def check_eps(eps: float) -> float:
 
 
 @dataclass
-class Noop(Experiment):
+class Noop(PromptExperiment):
     """Value norms and output shares of every head, per prompt and `<bos>` condition."""
 
     name = "noop"
     result_type = NoopResult
-    unit_label = "prompts"
 
-    prompts: list[Prompt] = field(default_factory=list)
     bos: tuple[str, ...] = ("add",)
-    max_tokens: int | None = 64
     eps: float = 0.3
     path: str = "auto"
 
-    def settings(self) -> dict[str, Any]:
-        settings = super().settings()
-        del settings["prompts"]  # fingerprinted by their token ids
-        return settings
-
-    def __post_init__(self) -> None:  # settings checked before any model loads
+    def __post_init__(self) -> None:
+        super().__post_init__()
         self.eps = check_eps(self.eps)
         check_engine_options(self.path, "float32")
-        self.bos = tuple(bos_conditions(self.bos))
-
-    def prepare(self, loaded: LoadedModel) -> list[Encoded]:
-        units = encode_prompts(loaded, self.prompts, self.bos, self.max_tokens)
-        check_context(loaded, [len(u) for u in units], self.max_tokens)
-        return units
 
     def probes(self) -> list[Probe]:
         self._values, self._first = ValueNorms(), FirstTokenAttention()
@@ -77,9 +64,6 @@ class Noop(Experiment):
 
     def engine_options(self) -> dict[str, Any]:
         return {"path": self.path}
-
-    def describe(self, units: Sequence[Encoded]) -> str:
-        return f"bos={units[0].bos}"
 
     def measure(self, engine: Any, units: Sequence[Encoded]) -> dict[str, pd.DataFrame]:
         (unit,) = units

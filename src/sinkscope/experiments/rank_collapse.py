@@ -10,7 +10,7 @@ token (the sink). Table ``rank_collapse``: one row per prompt x bos x depth x ex
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +23,12 @@ from ..data import Prompt
 from ..errors import InputError
 from ..metrics import collapse as collapse_metrics
 from ..models.loader import LoadedModel
-from .base import Experiment, Result, run
+from .base import Result, run
 from .inputs import (
     Encoded,
+    PromptExperiment,
     bos_conditions,
-    check_context,
     condition_batches,
-    encode_prompts,
     prompt_list,
     token_strings,
 )
@@ -52,44 +51,26 @@ class RankCollapseResult(Result):
 
 
 @dataclass
-class RankCollapse(Experiment):
+class RankCollapse(PromptExperiment):
     """Rank-collapse measures of each prompt's residual stream at every depth, per `<bos>` condition."""
 
     name = "rank_collapse"
     result_type = RankCollapseResult
-    unit_label = "prompts"
 
-    prompts: list[Prompt] = field(default_factory=list)
-    bos: tuple[str, ...] = ("add", "strip")
-    max_tokens: int | None = 64
     exclude_sink: tuple[bool, ...] = (False, True)
     batch_size: int = 8
 
-    def settings(self) -> dict[str, Any]:
-        settings = super().settings()
-        del settings["prompts"]  # fingerprinted by their token ids
-        return settings
-
-    def __post_init__(self) -> None:  # settings checked before any model loads
+    def __post_init__(self) -> None:
+        super().__post_init__()
         if not self.exclude_sink:
             raise InputError("exclude_sink must hold True, False or both")
         self.exclude_sink = tuple(dict.fromkeys(bool(e) for e in self.exclude_sink))
-        self.bos = tuple(bos_conditions(self.bos))
-
-    def prepare(self, loaded: LoadedModel) -> list[Encoded]:
-        units = encode_prompts(loaded, self.prompts, self.bos, self.max_tokens)
-        check_context(loaded, [len(u) for u in units], self.max_tokens)
-        self._tokenizer = loaded.tokenizer
-        return units
 
     def batches(self, units: Sequence[Encoded]) -> list[list[int]]:
         return condition_batches(units, self.batch_size)
 
-    def describe(self, units: Sequence[Encoded]) -> str:
-        return f"bos={units[0].bos}"
-
     def measure(self, engine: Any, units: Sequence[Encoded]) -> dict[str, pd.DataFrame]:
-        labels = [f"prompt {u.prompt} ({self.prompts[u.prompt].id}), bos={u.bos}" for u in units]
+        labels = [self.label(u) for u in units]
         frames = []
         for unit, stream in zip(units, residual_streams(engine, [u.ids for u in units], labels), strict=True):
             residual = stream.to(torch.float64).cpu().numpy()

@@ -8,7 +8,7 @@ queries of the text span (a `<bos>` prefix and a suffix such as an appended `<eo
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +18,8 @@ import torch
 from ..capture import AttentionEntropy, Probe
 from ..data import Prompt
 from ..models.loader import LoadedModel
-from .base import Experiment, Result, run
-from .inputs import Encoded, bos_conditions, check_context, check_engine_options, encode_prompts, prompt_list
+from .base import Result, run
+from .inputs import Encoded, PromptExperiment, bos_conditions, check_engine_options, prompt_list
 
 
 class SmoothingResult(Result):
@@ -29,31 +29,17 @@ class SmoothingResult(Result):
 
 
 @dataclass
-class AttentionSmoothing(Experiment):
+class AttentionSmoothing(PromptExperiment):
     """Entropy and max weight of every head's attention over the text-token queries, per `<bos>` condition."""
 
     name = "smoothing"
     result_type = SmoothingResult
-    unit_label = "prompts"
 
-    prompts: list[Prompt] = field(default_factory=list)
-    bos: tuple[str, ...] = ("add", "strip")
-    max_tokens: int | None = 64
     path: str = "auto"
 
-    def settings(self) -> dict[str, Any]:
-        settings = super().settings()
-        del settings["prompts"]  # fingerprinted by their token ids
-        return settings
-
-    def __post_init__(self) -> None:  # settings checked before any model loads
+    def __post_init__(self) -> None:
+        super().__post_init__()
         check_engine_options(self.path, "float32")
-        self.bos = tuple(bos_conditions(self.bos))
-
-    def prepare(self, loaded: LoadedModel) -> list[Encoded]:
-        units = encode_prompts(loaded, self.prompts, self.bos, self.max_tokens)
-        check_context(loaded, [len(u) for u in units], self.max_tokens)
-        return units
 
     def probes(self) -> list[Probe]:
         self._probe = AttentionEntropy(with_max=True)
@@ -61,9 +47,6 @@ class AttentionSmoothing(Experiment):
 
     def engine_options(self) -> dict[str, Any]:
         return {"path": self.path}
-
-    def describe(self, units: Sequence[Encoded]) -> str:
-        return f"bos={units[0].bos}"
 
     def measure(self, engine: Any, units: Sequence[Encoded]) -> dict[str, pd.DataFrame]:
         (unit,) = units
