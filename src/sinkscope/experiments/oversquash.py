@@ -50,7 +50,7 @@ from ..errors import InputError
 from ..metrics import sensitivity
 from ..models.loader import LoadedModel
 from .base import Experiment, Result, run
-from .inputs import bos_conditions, check_context, encode_one, require_tokenizer, token_label
+from .inputs import bos_conditions, check_context, check_length, encode_one, require_tokenizer, token_label
 from .residual import check_finite
 
 PATH_SUM_MAX_TOKENS = 512  # L x H x T x T weights in memory
@@ -130,7 +130,9 @@ class Oversquash(Experiment):
                 raise InputError(f"the path-sum bound needs the full attention matrices: {j + 1} tokens is more "
                                  f"than {PATH_SUM_MAX_TOKENS}; lower --max-tokens or --target, or pass --no-path-sum")
             plans.append(Plan(mode, encoded.ids[: j + 1], start, j))
-        check_context(loaded, [len(p.ids) for p in plans], self.max_tokens, "the text under condition")
+        check_context(loaded, [], self.max_tokens)
+        for plan in plans:
+            check_length(loaded, len(plan.ids), f"the text with bos={plan.bos}")
         # the same probes for every condition, so differences between conditions are not probe noise
         self._directions = torch.from_numpy(
             sensitivity.gaussian_probes(max(self.probes, 1), hidden_size, self.seed))[:self.probes]

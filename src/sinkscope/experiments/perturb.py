@@ -33,7 +33,7 @@ from ..errors import InputError
 from ..metrics import sensitivity
 from ..models.loader import LoadedModel
 from .base import Experiment, Result, run
-from .inputs import bos_conditions, check_context, encode_one, require_tokenizer, token_label
+from .inputs import bos_conditions, check_context, check_length, encode_one, require_tokenizer, token_label
 from .residual import DEPTH_CONVENTION, residual_streams
 
 DEFAULT_SWAP = ("greatest", "best")
@@ -100,7 +100,9 @@ class Perturb(Experiment):
         old, new = self.swap
         original = {mode: encode_one(tokenizer, self.text, mode, self.max_tokens) for mode in self.bos}
         changed = {mode: encode_one(tokenizer, self.perturbed_text, mode, self.max_tokens) for mode in self.bos}
-        check_context(loaded, [len(e) for e in original.values()], self.max_tokens, "the text under condition")
+        check_context(loaded, [], self.max_tokens)
+        for mode, encoded in original.items():
+            check_length(loaded, len(encoded), f"the text with bos={mode}")
         for mode, encoded in original.items():
             a, b = encoded, changed[mode]
             if a.text_stop - a.text_start != b.text_stop - b.text_start or a.ids[:a.text_start] != b.ids[:b.text_start]:
