@@ -29,7 +29,7 @@ import torch
 
 import sinkscope as ss
 from sinkscope.capture import CaptureEngine
-from sinkscope.experiments.common import encode_conditions
+from sinkscope.experiments.inputs import encode_one
 from sinkscope.experiments.oversquash import oversquash
 from sinkscope.experiments.perturb import SHAKESPEARE
 
@@ -67,7 +67,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     loaded = ss.load(args.model)
-    ids = encode_conditions(loaded, SHAKESPEARE, ["add"], args.tokens)["add"]
+    ids = encode_one(loaded.tokenizer, SHAKESPEARE, "add", args.tokens).ids
     single_pass(loaded, ids)()  # warm-up
     print(f"{loaded.info.name}: {len(ids)} tokens, torch threads {torch.get_num_threads()}")
     print(f"{'k':>4} {'single s':>9} {'estimator s':>12} {'(k+1) x single s':>17} {'ratio':>7} {'passes f+b':>11}")

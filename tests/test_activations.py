@@ -16,7 +16,7 @@ import sinkscope.cli.collapse  # noqa: F401  registers the commands on the app
 from helpers import SENTENCES, eager_twin, reference_residual, tiny_model, word_tokenizer
 from sinkscope.cli import app
 from sinkscope.errors import InputError
-from sinkscope.experiments.activations import massive_activations
+from sinkscope.experiments.massive import massive_activations
 from sinkscope.metrics import activations
 
 runner = CliRunner()
@@ -93,22 +93,22 @@ def test_massive_activations_match_a_plain_eager_forward():
     lm = loaded()
     result = massive_activations(lm, SENTENCES, bos=("add", "strip"), top_k=3, batch_size=4, progress=False)
     frame, top = result.to_frame(), result.to_frame("top_activations")
-    n_layers = lm.info.n_layers + 1
-    assert len(frame) == len(SENTENCES) * 2 * n_layers and len(top) == len(frame) * 3
-    assert not frame.duplicated(["prompt", "bos", "layer"]).any()
+    n_depths = lm.info.n_layers + 1
+    assert len(frame) == len(SENTENCES) * 2 * n_depths and len(top) == len(frame) * 3
+    assert not frame.duplicated(["prompt", "bos", "depth"]).any()
     twin = eager_twin(lm.model)
     for condition, prefix in (("add", [1]), ("strip", [])):
         for index, sentence in enumerate(SENTENCES):
             ids = prefix + lm.tokenizer(sentence, add_special_tokens=False)["input_ids"]
             residual = reference_residual(twin, ids)
-            rows = frame[(frame["bos"] == condition) & (frame["prompt"] == index)].sort_values("layer")
-            magnitudes = np.abs(residual).reshape(n_layers, -1)
+            rows = frame[(frame["bos"] == condition) & (frame["prompt"] == index)].sort_values("depth")
+            magnitudes = np.abs(residual).reshape(n_depths, -1)
             np.testing.assert_allclose(rows["ratio"], magnitudes.max(1) / np.median(magnitudes, 1), rtol=1e-4)
             np.testing.assert_allclose(rows["median_abs"], np.median(magnitudes, 1), rtol=1e-4)
             tokens = lm.tokenizer.convert_ids_to_tokens(ids)
-            for layer in range(n_layers):
-                expected = brute_top(residual[layer], 3)
-                got = top[(top["bos"] == condition) & (top["prompt"] == index) & (top["layer"] == layer)]
+            for depth in range(n_depths):
+                expected = brute_top(residual[depth], 3)
+                got = top[(top["bos"] == condition) & (top["prompt"] == index) & (top["depth"] == depth)]
                 got = got.sort_values("rank")
                 np.testing.assert_allclose(got["value"], [v for _, _, v in expected], rtol=1e-4, atol=1e-5)
                 gaps = np.diff(np.abs([v for _, _, v in expected]))
@@ -116,7 +116,7 @@ def test_massive_activations_match_a_plain_eager_forward():
                     first = got.iloc[0]
                     assert (first["token_index"], first["dim"]) == expected[0][:2]
                     assert first["token"] == tokens[expected[0][0]]
-                    row = rows[rows["layer"] == layer].iloc[0]
+                    row = rows[rows["depth"] == depth].iloc[0]
                     assert (row["top_token_index"], row["top_dim"]) == expected[0][:2]
 
 
@@ -139,7 +139,7 @@ def test_a_planted_massive_activation_is_found_on_bos_only(tmp_path):
         assert (out / name).is_file(), name
     saved = json.loads((out / "summary.json").read_text())
     assert saved["conditions"]["add"]["max_ratio"] == pytest.approx(frame[frame["bos"] == "add"]["ratio"].max())
-    np.testing.assert_allclose(result.ratio_by_layer("add"), with_bos.groupby("layer")["ratio"].median())
+    np.testing.assert_allclose(result.ratio_by_depth("add"), with_bos.groupby("depth")["ratio"].median())
 
 
 def test_massive_activations_errors():
@@ -149,7 +149,7 @@ def test_massive_activations_errors():
     with pytest.raises(InputError, match="no prompts"):
         massive_activations(lm, [], progress=False)
     with pytest.raises(InputError, match="no rows"):
-        massive_activations(lm, SENTENCES[:1], bos="add", progress=False).ratio_by_layer("strip")
+        massive_activations(lm, SENTENCES[:1], bos="add", progress=False).ratio_by_depth("strip")
 
 
 # -- command line ---------------------------------------------------------------------------------------------

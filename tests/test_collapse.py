@@ -14,7 +14,8 @@ import sinkscope as ss
 import sinkscope.cli.collapse  # noqa: F401  registers the commands on the app
 from helpers import SENTENCES, eager_twin, invoke, reference_residual, tiny_model, word_tokenizer
 from sinkscope.errors import InputError, TokenizationError
-from sinkscope.experiments.collapse import rank_collapse, representational_collapse
+from sinkscope.experiments.rank_collapse import rank_collapse
+from sinkscope.experiments.repr_collapse import representational_collapse
 from sinkscope.metrics import collapse
 
 MEASURES = collapse.RANK_MEASURES
@@ -170,9 +171,9 @@ def test_rank_collapse_matches_a_plain_eager_forward():
     lm = loaded("llama")
     result = rank_collapse(lm, SENTENCES, bos=("add", "strip"), batch_size=4, progress=False)  # padded batches
     frame = result.to_frame()
-    n_layers = lm.info.n_layers + 1
-    assert len(frame) == len(SENTENCES) * 2 * n_layers * 2 * len(MEASURES)
-    assert not frame.duplicated(["prompt", "bos", "layer", "exclude_sink", "measure"]).any()
+    n_depths = lm.info.n_layers + 1
+    assert len(frame) == len(SENTENCES) * 2 * n_depths * 2 * len(MEASURES)
+    assert not frame.duplicated(["prompt", "bos", "depth", "exclude_sink", "measure"]).any()
     twin = eager_twin(lm.model)
     finals = {}
     for condition, prefix in (("add", [1]), ("strip", [])):
@@ -183,21 +184,21 @@ def test_rank_collapse_matches_a_plain_eager_forward():
             assert set(rows["n_tokens"]) == {len(ids)}
             assert set(rows["first_token"]) == {lm.tokenizer.convert_ids_to_tokens(ids[0])}
             for exclude in (False, True):
-                for layer in range(n_layers):
-                    expected = reference_measures(residual[layer, 1:] if exclude else residual[layer])
-                    got = rows[(rows["exclude_sink"] == exclude) & (rows["layer"] == layer)].set_index("measure")
+                for depth in range(n_depths):
+                    expected = reference_measures(residual[depth, 1:] if exclude else residual[depth])
+                    got = rows[(rows["exclude_sink"] == exclude) & (rows["depth"] == depth)].set_index("measure")
                     for name in MEASURES:
                         assert got.loc[name, "value"] == pytest.approx(expected[name], rel=1e-4, abs=1e-5), (
-                            condition, index, exclude, layer, name)
-                    if layer == n_layers - 1:
+                            condition, index, exclude, depth, name)
+                    if depth == n_depths - 1:
                         finals.setdefault((condition, exclude), []).append(expected)
     summary = result.summary
     for (condition, exclude), values in finals.items():
         key = "first_token_excluded" if exclude else "all_tokens"
         for name in MEASURES:
             mean = float(np.mean([v[name] for v in values]))
-            assert summary["final_layer_mean"][condition][key][name] == pytest.approx(mean, rel=1e-4)
-            np.testing.assert_allclose(result.per_layer(name, condition, exclude)[-1], mean, rtol=1e-4)
+            assert summary["final_depth_mean"][condition][key][name] == pytest.approx(mean, rel=1e-4)
+            np.testing.assert_allclose(result.per_depth(name, condition, exclude)[-1], mean, rtol=1e-4)
     assert summary["first_tokens"]["add"] == {"<s>": len(SENTENCES)}
 
 
@@ -208,11 +209,11 @@ def test_rank_collapse_options_files_and_errors(tmp_path):
     assert set(frame["exclude_sink"]) == {True} and set(frame["bos"]) == {"strip"}
     assert set(frame["n_tokens"]) == {7}  # max_tokens counts the prefix slot: strip keeps max_tokens - 1
     out = result.save(tmp_path / "rank")
-    for name in ("rank_collapse.parquet", "rank_collapse.csv", "per_layer.csv", "summary.json", "rank_collapse.png"):
+    for name in ("rank_collapse.parquet", "rank_collapse.csv", "per_depth.csv", "summary.json", "rank_collapse.png"):
         assert (out / name).is_file(), name
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n_prompts"] == 2 and summary["provenance"]["versions"]["sinkscope"] == ss.__version__
-    assert len(summary["per_layer_mean"]["strip"]["first_token_excluded"]["effective_rank"]) == 4
+    assert len(summary["per_depth_mean"]["strip"]["first_token_excluded"]["effective_rank"]) == 4
     with pytest.raises(InputError, match="once"):
         rank_collapse(lm, SENTENCES, bos=("add", "add"), progress=False)
     with pytest.raises(InputError, match="no prompts"):
@@ -285,7 +286,7 @@ def test_cli_rank_collapse_and_repr_collapse(model_dir, prompt_file, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n_prompts"] == 4 and summary["bos"] == ["add", "strip"]
     assert (out / "rank_collapse.png").is_file()
-    shown = f"{summary['final_layer_mean']['strip']['all_tokens']['frobenius_residual']:.4g}"
+    shown = f"{summary['final_depth_mean']['strip']['all_tokens']['frobenius_residual']:.4g}"
     assert shown in result.output and "excluded" in result.output
 
     out = tmp_path / "repr"
@@ -332,7 +333,7 @@ def test_bundled_gemma3_all_three_commands(tmp_path, monkeypatch):
         loads.append(name)
         return gemma
 
-    monkeypatch.setattr(sinkscope.cli.collapse, "load_model", load_once)
+    monkeypatch.setattr(sinkscope.cli, "load_model", load_once)
     outputs = {}
     for command, extra in (("rank-collapse", ["--limit", "3", "--max-tokens", "32"]),
                            ("repr-collapse", ["--length", "8", "--length", "32"]),
@@ -342,7 +343,7 @@ def test_bundled_gemma3_all_three_commands(tmp_path, monkeypatch):
         assert result.exit_code == 0, result.output
         outputs[command] = json.loads((out / "summary.json").read_text())
         assert list(out.glob("*.png")), command
-    rank = outputs["rank-collapse"]["per_layer_mean"]
+    rank = outputs["rank-collapse"]["per_depth_mean"]
     assert len(rank["add"]["all_tokens"]["effective_rank"]) == 19  # embeddings + 18 blocks
     # Gemma-3's <bos> carries massive activations: in the middle layers it alone keeps the token matrix far
     # from its mean row (leaving it out drops the residual); without <bos> the first token is no outlier.

@@ -16,7 +16,9 @@ from helpers import SENTENCES, eager_twin, tiny_model, word_tokenizer
 from sinkscope.capture import AttentionEntropy, ValueNorms, capture
 from sinkscope.cli import app
 from sinkscope.errors import InputError
-from sinkscope.experiments.noop import attention_smoothing, conditional_heads, noop
+from sinkscope.experiments.conditional_heads import conditional_heads
+from sinkscope.experiments.noop import noop
+from sinkscope.experiments.smoothing import attention_smoothing
 
 
 def hf_weights(model, ids, mask):

@@ -40,7 +40,7 @@ def test_delta_matches_an_independent_forward(lm, result):
         h = reference_residual(lm.model, prefix + text_ids)[:, len(prefix):]
         hp = reference_residual(lm.model, prefix + perturbed_ids)[:, len(prefix):]
         expected = np.linalg.norm(h - hp, axis=-1)
-        rows = frame[frame["bos"] == mode].sort_values(["layer", "position"])
+        rows = frame[frame["bos"] == mode].sort_values(["depth", "position"])
         got = rows["delta"].to_numpy().reshape(expected.shape)
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * expected.max())
         np.testing.assert_allclose(rows["delta_rel"].to_numpy().reshape(expected.shape),
@@ -54,16 +54,16 @@ def test_delta_matches_an_independent_forward(lm, result):
     assert result.summary["R_final"] == pytest.approx(strip["S_final"] / add["S_final"])
 
 
-def test_causality_nothing_moves_before_the_swap_or_at_layer_zero_elsewhere(result):
+def test_causality_nothing_moves_before_the_swap_or_at_depth_zero_elsewhere(result):
     assert result.summary["changed_positions"] == [1] and result.summary["perturbed_position"] == 1
     frame = result.to_frame()
     for mode in ("add", "strip"):
         rows = frame[frame["bos"] == mode]
         assert (rows.loc[rows["position"] < 1, "delta"] == 0).all()
-        layer0 = rows[rows["layer"] == 0]
-        assert (layer0.loc[layer0["position"] != 1, "delta"] == 0).all()
-        assert layer0.loc[layer0["position"] == 1, "delta"].item() > 0
-        assert rows.loc[rows["after_swap"] & (rows["layer"] > 0), "delta"].min() > 0  # it does spread
+        depth0 = rows[rows["depth"] == 0]
+        assert (depth0.loc[depth0["position"] != 1, "delta"] == 0).all()
+        assert depth0.loc[depth0["position"] == 1, "delta"].item() > 0
+        assert rows.loc[rows["after_swap"] & (rows["depth"] > 0), "delta"].min() > 0  # it does spread
         assert result.summary["conditions"][mode]["max_delta_before_swap"] == 0
 
 
@@ -71,7 +71,7 @@ def test_conditions_are_aligned_on_the_text_tokens(lm, result):
     frame = result.to_frame()
     n_text, n_layers = len(TEXT.split()), lm.info.n_layers
     assert len(frame) == 2 * (n_layers + 1) * n_text
-    tokens = {mode: frame[(frame["bos"] == mode) & (frame["layer"] == 0)].sort_values("position")["token"].tolist()
+    tokens = {mode: frame[(frame["bos"] == mode) & (frame["depth"] == 0)].sort_values("position")["token"].tolist()
               for mode in ("add", "strip")}
     assert tokens["add"] == tokens["strip"] == TEXT.split()
     assert result.summary["conditions"]["add"]["first_token"] == "<s>"
@@ -104,7 +104,7 @@ def test_files_written(result, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["swap"] == {"old": "cat", "new": "dog"}
     assert summary["R_total"] == pytest.approx(result.summary["R_total"])
-    assert summary["provenance"]["bos"] == ["add", "strip"]
+    assert summary["provenance"]["settings"]["bos"] == ["add", "strip"]
 
 
 def test_cli_perturb_and_bad_swap(model_dir, tmp_path, result):

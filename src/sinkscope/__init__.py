@@ -6,16 +6,19 @@ from .capture import CaptureEngine, FirstTokenAttention, Probe, capture  # noqa:
 from .errors import SinkscopeError  # noqa: E402
 from .experiments import ScanResult, scan  # noqa: E402
 from .experiments.ablate import ablate  # noqa: E402
-from .experiments.activations import massive_activations  # noqa: E402
-from .experiments.collapse import rank_collapse, representational_collapse  # noqa: E402
+from .experiments.conditional_heads import conditional_heads  # noqa: E402
 from .experiments.downstream import downstream  # noqa: E402
 from .experiments.generate import generate_side_by_side  # noqa: E402
 from .experiments.knockout import knockout  # noqa: E402
-from .experiments.noop import attention_smoothing, conditional_heads, noop  # noqa: E402
+from .experiments.massive import massive_activations  # noqa: E402
+from .experiments.noop import noop  # noqa: E402
 from .experiments.oversquash import oversquash  # noqa: E402
 from .experiments.passkey import passkey  # noqa: E402
 from .experiments.perturb import perturb  # noqa: E402
+from .experiments.rank_collapse import rank_collapse  # noqa: E402
+from .experiments.repr_collapse import representational_collapse  # noqa: E402
 from .experiments.ruler import ruler  # noqa: E402
+from .experiments.smoothing import attention_smoothing  # noqa: E402
 from .experiments.stream import stream  # noqa: E402
 from .models import LoadedModel, ModelInfo, load  # noqa: E402
 

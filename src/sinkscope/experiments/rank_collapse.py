@@ -1,0 +1,149 @@
+"""`rank_collapse`: how close the residual stream's token matrix comes to rank one, with and without `<bos>`
+(Dong et al. 2021; paper notes §3.5).
+
+The four measures of `sinkscope.metrics.collapse` on every prompt's token matrix at every residual depth
+(0 = embeddings, d = output of layer d-1, the last before the final norm), with and without the first
+token (the sink). Table ``rank_collapse``: one row per prompt x bos x depth x exclude_sink x measure;
+``per_depth``: their means over prompts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from numpy.typing import NDArray
+
+from ..data import Prompt
+from ..errors import InputError
+from ..metrics import collapse as collapse_metrics
+from ..models.loader import LoadedModel
+from .base import Result, run
+from .inputs import (
+    Encoded,
+    PromptExperiment,
+    bos_conditions,
+    condition_batches,
+    prompt_list,
+    token_strings,
+)
+from .residual import DEPTH_CONVENTION, first_token_counts, residual_streams
+
+
+class RankCollapseResult(Result):
+    """Tables ``rank_collapse`` (one row per prompt x bos x depth x exclude_sink x measure) and ``per_depth``
+    (means over prompts)."""
+
+    experiment = "rank_collapse"
+
+    def per_depth(self, measure: str, bos: str, exclude_sink: bool = False) -> NDArray[np.float64]:
+        """Mean of `measure` over prompts at every depth [layers + 1] for one condition."""
+        table = self.tables["per_depth"]
+        rows = table[(table["measure"] == measure) & (table["bos"] == bos) & (table["exclude_sink"] == exclude_sink)]
+        if rows.empty:
+            raise InputError(f"no per-depth values for measure={measure!r}, bos={bos!r}, exclude_sink={exclude_sink}")
+        return rows.sort_values("depth")["mean"].to_numpy(dtype=np.float64)
+
+
+@dataclass
+class RankCollapse(PromptExperiment):
+    """Rank-collapse measures of each prompt's residual stream at every depth, per `<bos>` condition."""
+
+    name = "rank_collapse"
+    result_type = RankCollapseResult
+
+    exclude_sink: tuple[bool, ...] = (False, True)
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.exclude_sink:
+            raise InputError("exclude_sink must hold True, False or both")
+        self.exclude_sink = tuple(dict.fromkeys(bool(e) for e in self.exclude_sink))
+
+    def batches(self, units: Sequence[Encoded]) -> list[list[int]]:
+        return condition_batches(units, self.batch_size)
+
+    def measure(self, engine: Any, units: Sequence[Encoded]) -> dict[str, pd.DataFrame]:
+        labels = [self.label(u) for u in units]
+        frames = []
+        for unit, stream in zip(units, residual_streams(engine, [u.ids for u in units], labels), strict=True):
+            residual = stream.to(torch.float64).cpu().numpy()
+            n_depths = residual.shape[0]
+            prompt = self.prompts[unit.prompt]
+            for exclude in self.exclude_sink:
+                if exclude and len(unit) < 2:
+                    values = {m: np.full(n_depths, np.nan) for m in collapse_metrics.RANK_MEASURES}
+                else:
+                    values = collapse_metrics.rank_collapse_measures(residual, exclude)
+                frames.append(pd.DataFrame({
+                    "prompt": unit.prompt, "prompt_id": prompt.id, "domain": prompt.domain, "bos": unit.bos,
+                    "first_token": token_strings(self._tokenizer, unit.ids[:1])[0], "n_tokens": len(unit),
+                    "exclude_sink": exclude,
+                    "depth": np.tile(np.arange(n_depths), len(values)),
+                    "measure": np.repeat(list(values), n_depths),
+                    "value": np.concatenate([values[m] for m in values]),
+                }))
+        return {"rank_collapse": pd.concat(frames, ignore_index=True)}
+
+    def finalise(self, tables: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+        order = {c: i for i, c in enumerate(self.bos)}
+        frame = tables["rank_collapse"].sort_values(
+            ["bos", "prompt", "exclude_sink", "measure", "depth"],
+            key=lambda column: column.map(order) if column.name == "bos" else column, ignore_index=True)
+        per_depth = (frame.groupby(["bos", "exclude_sink", "measure", "depth"], sort=False)["value"]
+                     .agg(["mean", "std", "count"]).reset_index())
+        return {"rank_collapse": frame, "per_depth": per_depth}
+
+    def summarise(self, loaded: LoadedModel, tables: dict[str, pd.DataFrame], units: Sequence[Encoded]
+                  ) -> dict[str, Any]:
+        frame, per_depth = tables["rank_collapse"], tables["per_depth"]
+        exclusions = list(self.exclude_sink)
+        by_depth: dict[str, Any] = {}
+        final: dict[str, Any] = {}
+        for condition in self.bos:
+            by_depth[condition], final[condition] = {}, {}
+            for exclude in exclusions:
+                rows = per_depth[(per_depth["bos"] == condition) & (per_depth["exclude_sink"] == exclude)]
+                curves = {m: rows[rows["measure"] == m].sort_values("depth")["mean"].tolist()
+                          for m in collapse_metrics.RANK_MEASURES}
+                key = "first_token_excluded" if exclude else "all_tokens"
+                by_depth[condition][key] = curves
+                final[condition][key] = {m: values[-1] for m, values in curves.items()}
+        return {
+            "model": loaded.info.name, "bos": list(self.bos), "n_prompts": int(frame["prompt"].nunique()),
+            "n_layers": loaded.info.n_layers, "max_tokens": self.max_tokens, "exclude_sink": exclusions,
+            "measures": list(collapse_metrics.RANK_MEASURES), "depth_convention": DEPTH_CONVENTION,
+            "final_depth_mean": final, "per_depth_mean": by_depth, "first_tokens": first_token_counts(frame),
+        }
+
+
+def rank_collapse(
+    model: LoadedModel | Any,
+    texts: Sequence[str | Prompt] | None = None,
+    *,
+    bos: str | Sequence[str] = ("add", "strip"),
+    max_tokens: int | None = 64,
+    exclude_sink: bool | Sequence[bool] = (False, True),
+    batch_size: int = 8,
+    out: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    command: str | None = None,
+) -> RankCollapseResult:
+    """Rank-collapse measures of each prompt's residual stream at every depth, per `<bos>` condition.
+
+    ``exclude_sink``: measure with the first token (``False``), without it (``True``), or both.
+    ``max_tokens`` counts the whole sequence, prefix included (conditions share the text tokens).
+    """
+    experiment = RankCollapse(prompts=prompt_list(texts), bos=tuple(bos_conditions(bos)), max_tokens=max_tokens,
+                              exclude_sink=(exclude_sink,) if isinstance(exclude_sink, bool) else tuple(exclude_sink),
+                              batch_size=batch_size)
+    result = run(experiment, model, out=out, resume=resume, progress=progress, command=command)
+    assert isinstance(result, RankCollapseResult)
+    return result

@@ -1,0 +1,86 @@
+"""`smoothing` (the paper's Fig. 3): per head, the entropy and max weight of the attention of the text
+tokens, with vs without the sink. The paper's observation: without `<bos>`, attention maps become smoother.
+
+One row per prompt x `<bos>` condition x layer x head; entropy and max weight are means over the
+queries of the text span (a `<bos>` prefix and a suffix such as an appended `<eos>` are not text).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from ..capture import AttentionEntropy, Probe
+from ..data import Prompt
+from ..models.loader import LoadedModel
+from .base import Result, run
+from .inputs import Encoded, PromptExperiment, bos_conditions, check_engine_options, prompt_list
+
+
+class SmoothingResult(Result):
+    """Table ``smoothing``: one row per prompt x bos x layer x head (entropy in nats, max weight)."""
+
+    experiment = "smoothing"
+
+
+@dataclass
+class AttentionSmoothing(PromptExperiment):
+    """Entropy and max weight of every head's attention over the text-token queries, per `<bos>` condition."""
+
+    name = "smoothing"
+    result_type = SmoothingResult
+
+    path: str = "auto"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_engine_options(self.path, "float32")
+
+    def probes(self) -> list[Probe]:
+        self._probe = AttentionEntropy(with_max=True)
+        return [self._probe]
+
+    def engine_options(self) -> dict[str, Any]:
+        return {"path": self.path}
+
+    def measure(self, engine: Any, units: Sequence[Encoded]) -> dict[str, pd.DataFrame]:
+        (unit,) = units
+        engine.forward(torch.tensor([unit.ids]))
+        rows = []
+        for layer, record in self._probe.records.items():
+            entropy = record["entropy"][0, :, unit.text_start:unit.text_stop].mean(-1).numpy()
+            maximum = record["max_weight"][0, :, unit.text_start:unit.text_stop].mean(-1).numpy()
+            for head in range(entropy.shape[0]):
+                rows.append((unit.prompt, unit.bos, layer, head, float(entropy[head]), float(maximum[head])))
+        return {"smoothing": pd.DataFrame(rows, columns=["prompt", "bos", "layer", "head", "entropy", "max_weight"])}
+
+    def summarise(self, loaded: LoadedModel, tables: dict[str, pd.DataFrame], units: Sequence[Encoded]
+                  ) -> dict[str, Any]:
+        frame = tables["smoothing"]
+        per_condition = frame.groupby("bos", sort=False)[["entropy", "max_weight"]].mean()
+        return {
+            "bos": list(per_condition.index),
+            "mean_entropy": per_condition["entropy"].to_dict(),
+            "mean_max_weight": per_condition["max_weight"].to_dict(),
+            "entropy_by_layer": {b: g.groupby("layer")["entropy"].mean().tolist() for b, g in frame.groupby("bos")},
+            "n_prompts": int(frame["prompt"].nunique()),
+        }
+
+
+def attention_smoothing(
+    model: LoadedModel | Any, texts: Sequence[str | Prompt] | None = None, *,
+    bos: str | Sequence[str] = ("add", "strip"),
+    max_tokens: int | None = 64, limit: int | None = None, path: str = "auto", out: str | Path | None = None,
+    resume: bool = False, progress: bool = True, command: str | None = None,
+) -> SmoothingResult:
+    """Mean attention entropy and max weight per (prompt, bos, layer, head) over the text-token queries."""
+    experiment = AttentionSmoothing(prompts=prompt_list(texts, limit), bos=tuple(bos_conditions(bos)),
+                                    max_tokens=max_tokens, path=path)
+    result = run(experiment, model, out=out, resume=resume, progress=progress, command=command)
+    assert isinstance(result, SmoothingResult)
+    return result
