@@ -119,7 +119,7 @@ def test_files_and_cli(model_dir, tmp_path):
     ok = runner.invoke(app, ["oversquash", "--model", str(model_dir), "--text", TEXT, "--probes", "4", "--target",
                              "-1", "--out", str(out), "--quiet"], catch_exceptions=False)
     assert ok.exit_code == 0, ok.output
-    assert "R = s_mean(strip)/s_mean(add)" in ok.output and "1+4" in ok.output
+    assert "R = s²_mean(strip)/s²_mean(add)" in ok.output and "unbiased" in ok.output and "1+4" in ok.output
     for name in ("sensitivity.parquet", "sensitivity.csv", "summary.json", "oversquash.png"):
         assert (out / name).is_file(), name
     summary = json.loads((out / "summary.json").read_text())

@@ -21,7 +21,8 @@ from helpers import COMMON, invoke, tiny_model, word_tokenizer
 from sinkscope.data import ruler as gen
 from sinkscope.errors import InputError, TokenizationError
 from sinkscope.experiments import base
-from sinkscope.experiments.ruler import Ruler, RulerResult, bootstrap_interval
+from sinkscope.experiments.ruler import Ruler, RulerResult
+from sinkscope.metrics.stats import bootstrap_interval
 
 DEPTH_TASKS = [name for name, spec in gen.TASKS.items() if spec.uses_depth]
 

@@ -32,11 +32,11 @@ import torch
 
 from ..data import ruler as tasks_
 from ..errors import InputError, TokenizationError
+from ..metrics.stats import bootstrap_interval
 from ..models.loader import LoadedModel
 from .base import Experiment, Result, run
 from .inputs import bos_conditions, check_token_ids, context_limit, encode_one, prefix_ids, require_tokenizer
 
-BOOTSTRAP_RESAMPLES = 2000
 DEFAULT_LENGTHS = (512, 1024, 2048, 4096)
 DEFAULT_DEPTHS = (0.1, 0.5, 0.9)
 COLUMNS = ["task", "length", "depth", "trial", "bos", "n_tokens", "text_tokens", "needle_position", "needle_depth",
@@ -251,22 +251,6 @@ def greedy_continuation(model: Any, ids: Sequence[int], max_new_tokens: int) -> 
 
 
 # -- accuracy with bootstrap intervals over trials --------------------------------------------------------
-def bootstrap_interval(values: np.ndarray, seed: int = 0, level: float = 0.95,
-                       resamples: int = BOOTSTRAP_RESAMPLES) -> tuple[float, float, float]:
-    """(mean, low, high): the mean of ``values`` and the percentile bootstrap interval of the mean (values
-    resampled with replacement). One value gives a zero-width interval."""
-    values = np.asarray(values, dtype=np.float64)
-    if values.size == 0:
-        raise InputError("no values to bootstrap")
-    mean = float(values.mean())
-    if values.size == 1:
-        return mean, mean, mean
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, values.size, size=(resamples, values.size))].mean(axis=1)
-    tail = (1.0 - level) / 2
-    return mean, float(np.quantile(means, tail)), float(np.quantile(means, 1.0 - tail))
-
-
 def _trial_scores(frame: pd.DataFrame) -> np.ndarray:
     """Each trial's score, in trial order: the mean over the task x length cells in ``frame`` of the cell's
     mean over depths (so every cell weighs the same, whatever its number of depths)."""

@@ -61,16 +61,46 @@ def child(out: str | os.PathLike[str], *parts: str) -> Path:
     return root / resolved.relative_to(resolved_root)
 
 
+class _Writing:
+    """Where a file is written: a temporary file beside it, renamed over it when complete. A file system
+    that is full, read-only or gone becomes one `InputError` naming the file; what was already written
+    (finished batches, earlier files) stays as it is."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.temp: str | None = None
+
+    def __enter__(self) -> str:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            handle, self.temp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
+            os.close(handle)
+        except OSError as error:
+            raise _write_error(self.path, error) from None
+        return self.temp
+
+    def __exit__(self, kind: Any, error: Any, _trace: Any) -> None:
+        assert self.temp is not None
+        if kind is None:
+            try:
+                os.replace(self.temp, self.path)
+                return
+            except OSError as failure:
+                error = failure
+        Path(self.temp).unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise _write_error(self.path, error) from None
+
+
+def _write_error(path: Path, error: OSError) -> InputError:
+    reason = error.strerror or str(error)
+    return InputError(f"cannot write {path}: {reason}; free some space or pick another --out "
+                      "(results already written are kept; rerun with --resume)")
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    with _Writing(path) as temp, open(temp, "wb") as stream:
+        stream.write(data)
 
 
 def write_json(path: Path, payload: Any) -> None:
@@ -79,18 +109,16 @@ def write_json(path: Path, payload: Any) -> None:
 
 def write_table(path: Path, frame: pd.DataFrame) -> None:
     """Parquet (or CSV, by suffix), written to a temporary file and renamed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(handle)
-    try:
+    with _Writing(path) as temp:
         if path.suffix == ".csv":
             frame.to_csv(temp, index=False)
         else:
             frame.to_parquet(temp, index=False)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+
+
+def atomic_path(path: Path) -> _Writing:
+    """``with atomic_path(path) as temp:`` write ``temp`` (any writer); it replaces ``path`` on success."""
+    return _Writing(path)
 
 
 def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:

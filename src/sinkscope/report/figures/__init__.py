@@ -46,19 +46,12 @@ def figures_for(result: Any) -> dict[str, Any]:
 
 def save_figure(fig: Any, path: str | Path, dpi: int = 120) -> Path:
     """Write a figure as PNG (creating its directory; atomically) and close it."""
-    import os
-    import tempfile
+    from ..rundir import atomic_path
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix or ".png", dir=path.parent)
-    os.close(handle)
     try:
-        fig.savefig(temp, dpi=dpi)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+        with atomic_path(path) as temp:
+            fig.savefig(temp, dpi=dpi, format=path.suffix.lstrip(".") or "png")
     finally:
         pyplot().close(fig)
     return path
