@@ -35,6 +35,7 @@ test-fast: setup
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/mypy
 
 # The documentation site; --strict turns a broken link or a missing snippet into an error.
 docs: setup

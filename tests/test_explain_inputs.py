@@ -148,3 +148,15 @@ def test_finite_check_flags_nan_at_the_embeddings():
     stream[2, 0, 0] = float("inf")
     with pytest.raises(NonFiniteError, match="depth 0 \\(the embeddings\\) on, in float16"):
         check_finite(stream, "prompt 0")
+
+
+def test_inf_in_attention_inputs_names_the_layer_for_scan(monkeypatch, tmp_path):
+    """Commands that do not capture the residual stream (scan) stop at the first layer whose attention
+    inputs hold inf/NaN, naming it, with one line and exit 2."""
+    import sinkscope.cli.scan
+
+    lm = overflowing_model(layer=1)
+    monkeypatch.setattr(sinkscope.cli.scan, "load_model", lambda *args, **kwargs: lm)
+    result = invoke("scan", "--model", "tiny", "--out", str(tmp_path / "run"), "--quiet")
+    refused(result, "layer 2: the attention queries hold inf/NaN")
+    assert "--dtype float32" in result.stderr

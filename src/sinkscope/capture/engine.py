@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ..errors import UnsupportedModelError
+from ..errors import NonFiniteError, UnsupportedModelError
 from ..models.loader import LoadedModel, check_attention_supported, text_config
 from .attention import IMPLEMENTATION, active_handlers, pop_handler, push_handler, register
 from .kernels import PATHS, AttentionInputs, KernelOptions, KernelOutput, choose_kernel, row_statistics, run_kernel
@@ -297,6 +297,9 @@ class CaptureEngine:
         self._hook: Any = None
         self._positions_before = 0  # positions the cache already holds when the current forward starts
         self._active = False
+        # inf/NaN in a layer's attention inputs is an error naming the layer; a forward that captures the
+        # residual stream checks that instead (it names the depth where they first appear).
+        self._check_inputs = True
 
     # -- context management -------------------------------------------------------------------
     def __enter__(self) -> CaptureEngine:
@@ -346,23 +349,12 @@ class CaptureEngine:
         """
         self._require_active()
         device = next(self.model.parameters()).device
-        if input_ids is not None and inputs_embeds is None:
-            reference = input_ids
-        elif inputs_embeds is not None and input_ids is None:
-            reference = inputs_embeds[..., 0]
-        else:
-            raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        if attention_mask is None:
-            attention_mask = torch.ones(reference.shape, dtype=torch.long, device=device)
-        attention_mask = attention_mask.to(device)
-        if not bool((attention_mask.sum(-1) > 0).all()):
-            raise ValueError("every row of the batch needs at least one real token")
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        ids = input_ids.to(device) if input_ids is not None else torch.zeros(reference.shape, dtype=torch.long)
+        ids, attention_mask, position_ids = _batch_tensors(input_ids, inputs_embeds, attention_mask, device)
         self.batch = BatchInfo(ids, attention_mask, attention_mask.long().argmax(-1))
         for probe in self.probes:
             probe.start(self.batch, self)
         self.calls_seen = 0
+        self._check_inputs = not residual
         self.model.eval()
         runner = self.model if logits else self.model.base_model
         inputs: dict[str, Any] = {"attention_mask": attention_mask, "position_ids": position_ids, "use_cache": False}
@@ -401,6 +393,7 @@ class CaptureEngine:
         input_ids = input_ids.to(device)
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
         self.batch = BatchInfo(input_ids, attention_mask, attention_mask.long().argmax(-1))
+        self._check_inputs = True
         for probe in self.probes:
             probe.start(self.batch, self)
         self.model.eval()
@@ -426,6 +419,8 @@ class CaptureEngine:
         layer = getattr(module, "layer_idx", None)
         layer = self.calls_seen if layer is None else int(layer)
         self.calls_seen += 1
+        if self._check_inputs:
+            check_finite(layer, query, key, value)
         causal = bool(kwargs.get("is_causal") if kwargs.get("is_causal") is not None
                       else getattr(module, "is_causal", True))
         t, s = query.shape[2], key.shape[2]
@@ -461,6 +456,36 @@ class CaptureEngine:
             if replaced is not None:
                 call.output = replaced
         return call.output.transpose(1, 2).contiguous(), None
+
+
+def _batch_tensors(input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None,
+                   attention_mask: torch.Tensor | None, device: torch.device
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids, attention mask, position ids) of one batch on ``device``; ids are zeros for embeddings input."""
+    if input_ids is not None and inputs_embeds is None:
+        reference = input_ids
+    elif inputs_embeds is not None and input_ids is None:
+        reference = inputs_embeds[..., 0]
+    else:
+        raise ValueError("pass exactly one of input_ids and inputs_embeds")
+    if attention_mask is None:
+        attention_mask = torch.ones(reference.shape, dtype=torch.long, device=device)
+    attention_mask = attention_mask.to(device)
+    if not bool((attention_mask.sum(-1) > 0).all()):
+        raise ValueError("every row of the batch needs at least one real token")
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    ids = input_ids.to(device) if input_ids is not None else torch.zeros(reference.shape, dtype=torch.long)
+    return ids, attention_mask, position_ids
+
+
+def check_finite(layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+    """Raise `NonFiniteError` naming the layer whose attention inputs hold inf/NaN (a float16 overflow in
+    the layers below, typically): a measurement on them would be silently wrong."""
+    for name, tensor in (("queries", query), ("keys", key), ("values", value)):
+        if not bool(torch.isfinite(tensor).all()):
+            raise NonFiniteError(
+                f"layer {layer}: the attention {name} hold inf/NaN ({tensor.dtype} overflow in the layers up to "
+                f"{layer}?); load the model with --dtype float32 (or bfloat16)")
 
 
 _FINAL_NORMS = ("norm", "final_layernorm", "ln_f", "final_layer_norm", "final_norm")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -16,7 +15,9 @@ from . import MEASURE, app, check_out, command_line, console, load_model, option
 
 def condition_dir(out: Path, bos: str) -> Path:
     """The sub-directory of one `<bos>` condition (a safe name: it never leaves --out)."""
-    return out / ("bos-" + re.sub(r"[^A-Za-z0-9._-]+", "_", bos).lstrip("."))
+    from ..report.rundir import child, safe_name
+
+    return child(out, "bos-" + safe_name(bos))
 
 
 def check_conditions(conditions: list[str]) -> list[str]:

@@ -57,8 +57,6 @@ def save_figure(fig: Any, path: str | Path, dpi: int = 120) -> Path:
     return path
 
 
-plt = pyplot()  # for plotting code not yet moved here
-
 # The figure builders, and path-taking shortcuts for callers that draw one figure straight to a file.
 from .common import alpha_heatmaps_figure, heatmaps_figure, sink_rate_by_layer_figure  # noqa: E402
 from .lab import final_sink_rate_figure, sink_rate_over_training_figure  # noqa: E402
@@ -72,16 +70,6 @@ def plot_sink_rate_by_layer(series: Any, eps: float, path: str | Path) -> Path:
     return save_figure(sink_rate_by_layer_figure(series, eps), path)
 
 
-def plot_heatmaps(panels: Any, path: str | Path, colorbar: str = "shared", cmap: str = "viridis") -> Path:
-    return save_figure(heatmaps_figure(panels, colorbar, cmap), path)
-
-
-def plot_noop(frame: Any, path: str | Path) -> Path:
-    from .explain import noop_figure
-
-    return save_figure(noop_figure(frame), path)
-
-
 def plot_sink_rate_over_training(groups: Any, path: str | Path) -> Path:
     return save_figure(sink_rate_over_training_figure(groups), path)
 
@@ -92,7 +80,7 @@ def plot_final_sink_rate(summary: Any, path: str | Path, eps: float = 0.3) -> Pa
 
 __all__ = [
     "FIGURES", "alpha_heatmaps_figure", "figure_for", "figures_for", "final_sink_rate_figure", "heatmaps_figure",
-    "plot_alpha_heatmaps", "plot_final_sink_rate", "plot_heatmaps", "plot_noop", "plot_sink_rate_by_layer",
+    "plot_alpha_heatmaps", "plot_final_sink_rate", "plot_sink_rate_by_layer",
     "plot_sink_rate_over_training", "pyplot", "save_figure", "sink_rate_by_layer_figure",
     "sink_rate_over_training_figure",
 ]
