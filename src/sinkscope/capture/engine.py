@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ..errors import NonFiniteError, UnsupportedModelError
-from ..models.loader import LoadedModel, check_attention_supported, text_config
+from ..models.loader import LoadedModel, check_attention_supported, input_device, text_config
 from .attention import IMPLEMENTATION, active_handlers, pop_handler, push_handler, register
 from .kernels import PATHS, AttentionInputs, KernelOptions, KernelOutput, choose_kernel, row_statistics, run_kernel
 from .masks import parse_mask
@@ -348,7 +348,7 @@ class CaptureEngine:
         (e.g. for Jacobians w.r.t. ``inputs_embeds``); otherwise under inference mode.
         """
         self._require_active()
-        device = next(self.model.parameters()).device
+        device = input_device(self.model)
         ids, attention_mask, position_ids = _batch_tensors(input_ids, inputs_embeds, attention_mask, device)
         self.batch = BatchInfo(ids, attention_mask, attention_mask.long().argmax(-1))
         for probe in self.probes:
@@ -389,7 +389,7 @@ class CaptureEngine:
         """``model.generate`` with the probes attached (e.g. an intervention during decoding). Each decoding
         step's call sees the cached keys, located by position (sliding windows included)."""
         self._require_active()
-        device = next(self.model.parameters()).device
+        device = input_device(self.model)
         input_ids = input_ids.to(device)
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
         self.batch = BatchInfo(input_ids, attention_mask, attention_mask.long().argmax(-1))

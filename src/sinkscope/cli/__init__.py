@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -23,7 +24,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 # --help groups the commands in these panels, in this order (the first command registered in each panel
 # decides where the panel appears, so the modules are imported in this order below).
 MEASURE, EXPLAIN, CONSEQUENCES, LAB, REPORT = "Measure", "Explain", "Consequences", "Lab", "Report"
-console = Console()
+# In a multi-process run (torchrun / accelerate launch) only the first process prints; errors show from all.
+console = Console(quiet=os.environ.get("RANK", "0").strip() not in ("", "0"))
 errors = Console(stderr=True)
 
 ModelOption = options.Model  # older names, kept for the command modules not yet on `options`
@@ -49,8 +51,10 @@ def user_errors(command: Any) -> Any:
 
 def load_model(model: str, device: str = "cpu", dtype: str = "float32", trust_remote_code: bool = False) -> Any:
     """Load with a spinner and print what was loaded."""
+    from ..experiments.distributed import local_device
     from ..models import load
 
+    device = local_device(device)
     with console.status(f"loading {model} ..."):
         loaded = load(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     console.print(f"[bold]{loaded!r}[/]", highlight=False)

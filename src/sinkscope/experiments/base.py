@@ -39,6 +39,8 @@ from ..capture import CaptureEngine, Probe
 from ..errors import InputError, SinkscopeError
 from ..models.loader import LoadedModel, load
 from ..report.rundir import RunDir, write_json, write_table
+from . import distributed
+from .distributed import Shard
 
 CSV_MAX_ROWS = 20_000  # tables up to this size are also written as CSV
 STALL_ENV = "SINKSCOPE_TEST_STALL_AFTER_BATCHES"  # fault-injection hook for tests; see `stall_for_tests`
@@ -201,17 +203,6 @@ def fingerprint(experiment: Experiment, loaded: LoadedModel, units: Sequence[Any
     }
 
 
-@dataclasses.dataclass
-class Shard:
-    """This process's share of a run: batches ``rank, rank + world, ...``."""
-
-    rank: int = 0
-    world: int = 1
-
-    def owns(self, batch: int) -> bool:
-        return batch % self.world == self.rank
-
-
 def run(
     experiment: Experiment,
     model: LoadedModel | Any,
@@ -233,51 +224,65 @@ def run(
     if not units:
         raise InputError(f"{experiment.name}: nothing to measure")
     batches = experiment.batches(units)
+    shard = shard or distributed.from_environment()
+    distributed.join(shard)
     rundir = RunDir(out) if out is not None else None
     finished: set[int] = set()
     if rundir is not None:
-        rundir.start(fingerprint(experiment, loaded, units), resume)
+        # the first process starts (or checks) the run directory; the others then join it as a resume
+        distributed.on_main(shard, lambda: rundir.start(fingerprint(experiment, loaded, units), resume))
+        if not shard.main:
+            rundir.start(fingerprint(experiment, loaded, units), True)
         finished = rundir.finished_batches() if resume else set()
-    shard = shard or Shard()
-    todo = [b for b in range(len(batches)) if shard.owns(b) and b not in finished]
-    measured: dict[int, dict[str, pd.DataFrame]] = {}
+    mine = [b for b in range(len(batches)) if shard.owns(b)]
+    todo = [b for b in mine if b not in finished]
     started = time.time()
-    context = experiment.open(loaded)
-    with context as engine, _progress(progress) as bar:
-        total = sum(len(batches[b]) for b in range(len(batches)) if shard.owns(b))
-        task = bar.add_task(experiment.name, total=total, completed=total - sum(len(batches[b]) for b in todo))
-        if todo:
-            experiment.begin(engine, units)
-        written = 0
-        stall_for_tests(rundir, written)
-        for b in todo:
-            chosen = [units[i] for i in batches[b]]
-            bar.update(task, description=f"{experiment.name} {experiment.describe(chosen)}".rstrip())
-            try:
-                tables = experiment.measure(engine, chosen)
-            except torch.OutOfMemoryError as error:
-                raise SinkscopeError(f"{experiment.name}: out of memory on a batch of {len(chosen)} "
-                                     f"{experiment.unit_label}; use smaller batches or shorter inputs "
-                                     "(finished batches are saved under --out)") from error
-            if rundir is not None:
-                rundir.write_batch(b, tables)
-                written += 1
-                stall_for_tests(rundir, written)
-            measured[b] = tables
-            bar.advance(task, len(chosen))
-    kernels = sorted(getattr(engine, "kernels_used", ()) or ())
-    if shard.world > 1:
-        return Result({}, {"shard": dataclasses.asdict(shard)})
+    with experiment.open(loaded) as engine, _progress(progress if shard.main else False) as bar:
+        measured = _measure(experiment, engine, units, batches, todo, rundir, bar,
+                            total=sum(len(batches[b]) for b in mine))
+    kernels = distributed.kernels_used(shard, sorted(getattr(engine, "kernels_used", ()) or ()))
+    if rundir is not None:  # this process's resumed batches, so every process can send all of its own
+        measured.update({b: rundir.read_batch(b) for b in mine if b not in measured})
+    measured = distributed.exchange(shard, measured)
     tables = _gather(batches, measured, rundir)
     tables = experiment.finalise(tables)
     summary = experiment.summarise(loaded, tables, units)
     summary["provenance"] = provenance(loaded, command, experiment=experiment.name, settings=experiment.settings(),
                                        tables=list(tables), kernels=kernels,
-                                       seconds=round(time.time() - started, 3))
+                                       seconds=round(time.time() - started, 3),
+                                       **({"processes": shard.world} if shard.world > 1 else {}))
     result = experiment.result_type(tables, summary)
-    if out is not None and save:
+    if out is not None and save and shard.main:
         result.save(out)
+    distributed.barrier(shard)
     return result
+
+
+def _measure(experiment: Experiment, engine: Any, units: Sequence[Any], batches: Sequence[Sequence[int]],
+             todo: Sequence[int], rundir: RunDir | None, bar: Any, total: int) -> dict[int, dict[str, pd.DataFrame]]:
+    """Measure the batches ``todo``, writing each to the run directory as soon as it is done."""
+    measured: dict[int, dict[str, pd.DataFrame]] = {}
+    task = bar.add_task(experiment.name, total=total, completed=total - sum(len(batches[b]) for b in todo))
+    if todo:
+        experiment.begin(engine, units)
+    written = 0
+    stall_for_tests(rundir, written)
+    for b in todo:
+        chosen = [units[i] for i in batches[b]]
+        bar.update(task, description=f"{experiment.name} {experiment.describe(chosen)}".rstrip())
+        try:
+            tables = experiment.measure(engine, chosen)
+        except torch.OutOfMemoryError as error:
+            raise SinkscopeError(f"{experiment.name}: out of memory on a batch of {len(chosen)} "
+                                 f"{experiment.unit_label}; use smaller batches or shorter inputs "
+                                 "(finished batches are saved under --out)") from error
+        if rundir is not None:
+            rundir.write_batch(b, tables)
+            written += 1
+            stall_for_tests(rundir, written)
+        measured[b] = tables
+        bar.advance(task, len(chosen))
+    return measured
 
 
 def stall_for_tests(rundir: RunDir | None, written: int) -> None:

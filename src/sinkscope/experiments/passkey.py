@@ -23,7 +23,7 @@ import torch
 
 from ..data.passkey import passkey_prompts, score_answer
 from ..errors import InputError
-from ..models.loader import LoadedModel
+from ..models.loader import LoadedModel, input_device
 from .base import Experiment, Result, run
 from .inputs import bos_conditions, context_limit, encode_one, require_tokenizer
 
@@ -135,7 +135,7 @@ class Passkey(Experiment):
 
 
 def _answer(model: Any, tokenizer: Any, ids: list[int], generation: Any) -> str:
-    device = next(model.parameters()).device
+    device = input_device(model)
     input_ids = torch.tensor([ids], device=device)
     model.eval()
     with torch.inference_mode():  # generate keeps the LM head to the last position (logits_to_keep)

@@ -33,7 +33,7 @@ import torch
 from ..data import ruler as tasks_
 from ..errors import InputError, TokenizationError
 from ..metrics.stats import bootstrap_interval
-from ..models.loader import LoadedModel
+from ..models.loader import LoadedModel, input_device
 from .base import Experiment, Result, run
 from .inputs import bos_conditions, check_token_ids, context_limit, encode_one, prefix_ids, require_tokenizer
 
@@ -240,7 +240,7 @@ def greedy_continuation(model: Any, ids: Sequence[int], max_new_tokens: int) -> 
     pad = pad if pad is not None else (eos[0] if isinstance(eos, list) else eos)
     config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, eos_token_id=eos,
                               pad_token_id=pad)
-    device = next(model.parameters()).device
+    device = input_device(model)
     input_ids = torch.tensor([list(ids)], device=device)
     with torch.inference_mode():
         output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),

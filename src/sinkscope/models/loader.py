@@ -68,6 +68,21 @@ def text_config(model: Any) -> Any:
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
+def input_device(model: Any) -> torch.device:
+    """Where a batch goes: the input embeddings' device (the CPU when they are offloaded to disk, since
+    accelerate's hooks then bring weights and inputs together)."""
+    device = model.get_input_embeddings().weight.device
+    return torch.device("cpu") if device.type == "meta" else device
+
+
+def placement(model: Any) -> str:
+    """The model's device, or its devices (``cpu+disk``) when accelerate spread it with a device map."""
+    device_map = getattr(model, "hf_device_map", None)
+    if isinstance(device_map, dict) and len(set(map(str, device_map.values()))) > 1:
+        return "+".join(sorted({str(d) for d in device_map.values()}))
+    return str(input_device(model))
+
+
 def check_attention_supported(model: Any) -> None:
     """Refuse models whose attention sinkscope cannot see (no softmax attention, or no attention interface)."""
     config = text_config(model)
@@ -112,7 +127,7 @@ def describe(model: Any, tokenizer: Any, name: str, source: str, revision: str |
         bos_token_id=None if bos_id is None else int(bos_id),
         bos_token=bos_token,
         dtype=str(param.dtype).removeprefix("torch."),
-        device=str(param.device),
+        device=placement(model),
         revision=revision,
     )
 
@@ -125,12 +140,15 @@ def _resolve_dtype(dtype: str) -> torch.dtype | str:
     return DTYPES[dtype]
 
 
-def _device_kwargs(device: str) -> dict[str, Any]:
+def _device_kwargs(device: str, max_memory: dict[str, Any] | None = None) -> dict[str, Any]:
     if device == "cpu":
         return {}
     if device == "auto":
-        # device_map="auto" spreads a model larger than one device over all of them (needs accelerate).
-        return {"device_map": "auto"} if torch.cuda.is_available() else {}
+        # device_map="auto" spreads a model larger than one device over all of them, the GPUs first, then
+        # CPU memory, then disk (accelerate's offload: weights read back layer by layer as they are used).
+        offload = cache_root() / "offload"
+        return {"device_map": "auto", "offload_folder": str(offload),
+                **({"max_memory": max_memory} if max_memory is not None else {})}
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
             raise ModelLoadError(f"--device {device} was asked for but torch sees no CUDA device")
@@ -272,7 +290,9 @@ def _load_bundled(name: str, dtype: Any, device_kwargs: dict[str, Any]) -> tuple
         return model, tokenizer, digest
     # the cache could not be written (read-only home?): convert the dequantised model in memory
     target_device = device_kwargs.get("device_map", "cpu")
-    return model.to(dtype=dtype, device="cuda" if target_device == "auto" else target_device), tokenizer, digest
+    if target_device == "auto":
+        target_device = "cuda" if torch.cuda.is_available() else "cpu"
+    return model.to(dtype=dtype, device=target_device), tokenizer, digest
 
 
 def _write_cache(model: Any, tokenizer: Any, target: Path, meta: dict[str, Any]) -> None:
@@ -351,12 +371,14 @@ def load(
     device: str = "cpu",
     trust_remote_code: bool = False,
     revision: str | None = None,
+    max_memory: dict[str, Any] | None = None,
 ) -> LoadedModel:
     """Load a causal LM for sinkscope.
 
     `source` is a bundled name (``smollm2-135m``, ``gemma3-270m``), a hub id, a local model directory,
     a ``.gguf`` file, an already-built transformers model, or a `LoadedModel` (returned as is).
-    ``trust_remote_code`` is never turned on unless asked.
+    ``device="auto"`` spreads the model over GPUs, CPU and disk (``max_memory``, e.g. ``{"cpu": "2GiB"}``,
+    caps what each may hold). ``trust_remote_code`` is never turned on unless asked.
     """
     if isinstance(source, LoadedModel):
         return source
@@ -364,7 +386,7 @@ def load(
     if not isinstance(source, (str, os.PathLike)):
         return _live(source, tokenizer)
     ref = os.fspath(source)
-    model, tok, kind, revision_used = _from_reference(ref, _resolve_dtype(dtype), _device_kwargs(device),
+    model, tok, kind, revision_used = _from_reference(ref, _resolve_dtype(dtype), _device_kwargs(device, max_memory),
                                                       trust_remote_code, revision)
     if tokenizer is not None:
         tok = tokenizer
