@@ -127,3 +127,28 @@ def test_resume_after_interrupt_loses_and_duplicates_nothing(tmp_path, monkeypat
     resumed = ss.scan(loaded(), SENTENCES, bos="add", batch_size=2, out=out, resume=True, progress=False)
     assert not resumed.frame.duplicated(["prompt", "layer", "head"]).any()
     pd.testing.assert_frame_equal(resumed.frame, full.frame, check_exact=False, atol=1e-6)
+
+
+def test_per_position_rows_match_eager_attention_on_sliding_layers(tmp_path):
+    lm = loaded("gemma3_text")
+    long_text = " ".join(SENTENCES[:3])  # longer than the window: sliding layers lose position 0
+    result = ss.scan(lm, [long_text, SENTENCES[0]], bos="add", max_tokens=None, per_position=True,
+                     batch_size=2, progress=False, out=tmp_path / "run")
+    positions = result.tables["positions"]
+    seq = [1] + lm.tokenizer(long_text, add_special_tokens=False)["input_ids"]
+    twin = eager_twin(lm.model)
+    with torch.no_grad():
+        attentions = twin(input_ids=torch.tensor([seq]), output_attentions=True).attentions
+    window = lm.model.config.sliding_window
+    first = positions[positions["prompt"] == 0]
+    for layer, kind in enumerate(lm.info.layer_types):
+        expected = attentions[layer][0, :, :, 0].numpy().copy()  # [H, T]
+        if kind == "sliding_attention":
+            expected[:, window:] = np.nan  # the window no longer holds position 0
+        got = first[first["layer"] == layer].pivot(index="head", columns="position", values="attention").to_numpy()
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+    # alpha is the mean over the visible positions of this table
+    mean = positions.groupby(["prompt", "layer", "head"])["attention"].mean().to_numpy()
+    np.testing.assert_allclose(mean, result.frame["alpha"].to_numpy(), atol=1e-6)
+    assert (tmp_path / "run" / "positions.parquet").is_file()
+    assert (tmp_path / "run" / "first_token_by_position.png").is_file()

@@ -69,6 +69,8 @@ def scan(
     resume: options.Resume = False, limit: options.Limit = None, batch_size: options.BatchSize = 8,
     first_k: Annotated[int, typer.Option(min=1, help="also report the attention mass on the first k tokens")] = 4,
     exclude_self: Annotated[bool, typer.Option(help="leave query 0 out of alpha (Gu et al. keep it)")] = False,
+    per_position: Annotated[bool, typer.Option(
+        help="also write the first-token attention of every query position (table positions, a figure)")] = False,
     path: options.KernelPath = "auto", precision: options.Precision = "float32", device: options.Device = "cpu",
     dtype: options.Dtype = "float32", trust_remote_code: options.TrustRemoteCode = False,
     quiet: options.Quiet = False,
@@ -85,7 +87,7 @@ def scan(
     for condition in conditions:
         experiment = Scan(prompts=texts, bos=condition, max_tokens=max_tokens, eps=tuple(thresholds),
                           batch_size=batch_size, first_k=first_k, include_self=not exclude_self, path=path,
-                          precision=precision)
+                          precision=precision, per_position=per_position)
         target = None if out is None or len(conditions) == 1 else condition_dir(out, condition)
         result = run(experiment, loaded, out=target or out, resume=resume, progress=not quiet,
                      command=command_line())

@@ -2,7 +2,9 @@
 
 One row per prompt x layer x head. alpha is Gu et al.'s mean attention on position 0 over the queries
 that can see it (query 0 included by default); the sink rate at eps is the fraction of rows with
-alpha > eps.
+alpha > eps. With ``per_position``, table ``positions`` also holds the attention on position 0 of every
+query: one row per prompt x layer x head x query position (NaN where a sliding window no longer holds the
+first token), which is what a long context is read by.
 """
 
 from __future__ import annotations
@@ -128,6 +130,7 @@ class Scan(Experiment):
     path: str = "auto"
     chunk_size: int = 1024
     precision: str = "float32"
+    per_position: bool = False
 
     def settings(self) -> dict[str, Any]:
         settings = super().settings()
@@ -166,8 +169,11 @@ class Scan(Experiment):
 
     def measure(self, engine: Any, units: Sequence[Encoded]) -> dict[str, pd.DataFrame]:
         engine.forward(*pad_right([u.ids for u in units]))
-        return {"alpha": _rows_for_batch(self._probe, units, self.prompts, self._layer_types, self._tokenizer,
-                                         self.include_self)}
+        tables = {"alpha": _rows_for_batch(self._probe, units, self.prompts, self._layer_types, self._tokenizer,
+                                           self.include_self)}
+        if self.per_position:
+            tables["positions"] = _position_rows(self._probe, units, self._layer_types)
+        return tables
 
     def finalise(self, tables: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
         frame = tables["alpha"].sort_values(["prompt", "layer", "head"], ignore_index=True)
@@ -176,7 +182,11 @@ class Scan(Experiment):
         for e in self.eps:
             per_layer[f"sink_rate@{e}"] = result.sink_rate_by_layer(e)
         per_layer["alpha_mean"] = result.alpha_map().mean(1)
-        return {"alpha": frame, "per_layer": per_layer}
+        finished = {"alpha": frame, "per_layer": per_layer}
+        if "positions" in tables:
+            finished["positions"] = tables["positions"].sort_values(["prompt", "layer", "head", "position"],
+                                                                    ignore_index=True)
+        return finished
 
     def summarise(self, loaded: LoadedModel, tables: dict[str, pd.DataFrame], units: Sequence[Encoded]
                   ) -> dict[str, Any]:
@@ -208,6 +218,25 @@ class Scan(Experiment):
             summary["learned_sink_mass"] = float(learned.mean())
             summary["learned_sink_mass_map"] = learned.mean(0).tolist()
         return summary
+
+
+def _position_rows(probe: FirstTokenAttention, units: Sequence[Encoded], layer_types: list[str]) -> pd.DataFrame:
+    """Attention on position 0 of every (layer, head, query position); NaN where the query cannot see it."""
+    frames = []
+    for row, unit in enumerate(units):
+        record = probe.per_prompt(row)
+        attention = record["attention"].numpy().astype(np.float32)
+        visible = np.broadcast_to(record["visible"].numpy(), attention.shape)
+        n_layers, n_heads, n = attention.shape
+        frames.append(pd.DataFrame({
+            "prompt": np.int32(unit.prompt),
+            "layer": np.repeat(np.arange(n_layers, dtype=np.int16), n_heads * n),
+            "head": np.tile(np.repeat(np.arange(n_heads, dtype=np.int16), n), n_layers),
+            "position": np.tile(np.arange(n, dtype=np.int32), n_layers * n_heads),
+            "layer_type": pd.Categorical(np.repeat(np.array(layer_types[:n_layers], dtype=object), n_heads * n)),
+            "attention": np.where(visible, attention, np.nan).reshape(-1),
+        }))
+    return pd.concat(frames, ignore_index=True)
 
 
 def _rows_for_batch(probe: FirstTokenAttention, units: Sequence[Encoded], prompts: Sequence[Prompt],
@@ -253,6 +282,7 @@ def scan(
     include_self: bool = True,
     chunk_size: int = 1024,
     precision: str = "float32",
+    per_position: bool = False,
     out: str | Path | None = None,
     resume: bool = False,
     progress: bool | Any = True,
@@ -261,14 +291,15 @@ def scan(
     """Measure first-token attention of every head on each prompt.
 
     ``texts``: strings or `Prompt`s (default: the built-in probe set). ``input_ids``: token ids scanned
-    exactly as given (``bos`` is then ignored). ``out``: a run directory written batch by batch;
-    ``resume`` continues one that was interrupted.
+    exactly as given (``bos`` is then ignored). ``per_position``: also table ``positions``, the attention on
+    position 0 of every query. ``out``: a run directory written batch by batch; ``resume`` continues one
+    that was interrupted.
     """
     experiment = Scan(
         prompts=[] if input_ids is not None else prompt_list(texts),
         input_ids=None if input_ids is None else [[int(t) for t in seq] for seq in input_ids],
         bos=bos, max_tokens=max_tokens, eps=tuple(float(e) for e in eps), batch_size=batch_size, first_k=first_k,
-        include_self=include_self, path=path, chunk_size=chunk_size, precision=precision,
+        include_self=include_self, path=path, chunk_size=chunk_size, precision=precision, per_position=per_position,
     )
     if input_ids is not None and not input_ids:
         raise InputError("nothing to scan: no prompts")
