@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -80,15 +81,21 @@ def test_a_killed_two_process_run_resumes_per_shard(model_dir, prompts, referenc
     launch = subprocess.Popen(_command(2, *_scan_args(model_dir, prompts, out)),
                               env=_env(SINKSCOPE_TEST_STALL_AFTER_BATCHES="1"), stderr=subprocess.PIPE,
                               text=True, start_new_session=True)
-    stalled = 0
+    workers: list[int] = []
     assert launch.stderr is not None
-    for line in launch.stderr:
-        stalled += "stalled after 1 batch markers" in line
-        if stalled == 2:
-            break
-    os.killpg(launch.pid, signal.SIGKILL)
-    launch.wait(timeout=60)
-    assert stalled == 2
+    try:
+        for line in launch.stderr:
+            found = re.search(r"stalled after 1 batch markers .*pid (\d+)", line)
+            if found:
+                workers.append(int(found.group(1)))
+            if len(workers) == 2:
+                break
+    finally:  # the launcher and each worker (torchrun may start workers in sessions of their own)
+        for pid in workers:
+            os.kill(pid, signal.SIGKILL)
+        os.killpg(launch.pid, signal.SIGKILL)
+        launch.wait(timeout=60)
+    assert len(workers) == 2
     assert len(list((out / "parts").glob("batch-*.done"))) == 2  # one finished batch per shard
     done = subprocess.run(_command(2, *_scan_args(model_dir, prompts, out), "--resume"), env=_env(),
                           capture_output=True, text=True, timeout=600)

@@ -294,7 +294,8 @@ def stall_for_tests(rundir: RunDir | None, written: int) -> None:
     wanted = os.environ.get(STALL_ENV)
     if rundir is None or wanted is None or not wanted.strip().isdigit() or int(wanted) != written:
         return
-    print(f"sinkscope: stalled after {written} batch markers ({STALL_ENV})", file=sys.stderr, flush=True)
+    print(f"sinkscope: stalled after {written} batch markers ({STALL_ENV}; pid {os.getpid()})", file=sys.stderr,
+          flush=True)
     threading.Event().wait()
 
 
