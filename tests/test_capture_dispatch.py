@@ -64,7 +64,7 @@ def test_every_softmax_kernel_equals_the_variant_formula(sinks):
     weights = variant_weights(scores, inputs.dense_allowed(), "learned_sink" if sinks else "softmax", inputs.sinks)
     expected = weights @ inputs.value.repeat_interleave(2, 1)
     options = KernelOptions(torch.float64, chunk_size=4)
-    for name in ("fused", "chunked", "eager"):
+    for name in ("fused", "chunked", "eager", "flex"):
         result = KERNELS[name](inputs, options)
         torch.testing.assert_close(result.output, expected, msg=name)
         # exp(score - lse) is each weight: the normaliser includes the sink
@@ -85,8 +85,9 @@ def test_choose_kernel_is_a_lookup_in_the_order_documented():
     assert choose_kernel(capped, "auto") == "chunked" and choose_kernel(biased, "fused") == "chunked"
     assert choose_kernel(plain, "chunked") == "chunked" and choose_kernel(plain, "eager") == "eager"
     assert choose_kernel(plain, "eager", required="sigmoid") == "sigmoid"
+    assert choose_kernel(capped, "flex") == "flex"
     with pytest.raises(ValueError, match="path"):
-        choose_kernel(plain, "flex")
+        choose_kernel(plain, "flash9")
 
 
 @pytest.mark.parametrize("family,kernel", [("llama", "fused"), ("gemma2", "chunked")])
@@ -127,7 +128,7 @@ def test_a_registered_variant_reaches_plain_forward_and_engine_through_its_inter
         plain = model(input_ids=ids, output_attentions=True)
     sink_share = [1 - weights.sum(-1) for weights in plain.attentions]  # what the extra logit takes
     assert min(share.min() for share in sink_share) > 0 and max(share.max() for share in sink_share) > 0.1
-    for path in ("auto", "chunked", "eager"):
+    for path in ("auto", "chunked", "eager", "flex"):
         probe = FirstTokenAttention()
         with CaptureEngine(model, [probe], path=path, chunk_size=4) as engine:
             logits = engine.forward(ids, logits=True).logits

@@ -71,7 +71,7 @@ def reference(inputs: dict) -> dict[str, torch.Tensor]:
 def test_low_precision_model_statistics_are_float32_accurate(family, dtype):
     model = tiny_model(family).to(dtype)
     ids = torch.randint(3, 90, (2, LENGTH), generator=torch.Generator().manual_seed(2))
-    for path in ("fused", "chunked", "eager"):
+    for path in ("fused", "chunked", "eager", "flex"):
         for with_max in (False, True):
             recorder, first, entropy, values = Inputs(), FirstTokenAttention(first_k=3), \
                 AttentionEntropy(with_max=with_max), ValueNorms()

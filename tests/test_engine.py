@@ -60,7 +60,7 @@ def test_fused_and_eager_match_transformers_eager_weights(family):
     reference, reference_sink = hf_first_token_attention(model, ids, mask)
     real = mask.bool()[None, :, None, :]
     assert reference[real.expand_as(reference)].max() > 0.2, "test model attention is too flat to test anything"
-    for path in ("fused", "chunked", "eager"):
+    for path in ("fused", "chunked", "eager", "flex"):
         stack, _, _ = engine_first_token_attention(model, ids, mask, path)
         diff = ((stack["attention"] - reference).abs() * real).max().item()
         assert diff <= 1e-4, f"{family} {path}: max |alpha_i - eager| = {diff:.2e}"
@@ -79,7 +79,7 @@ def test_capture_leaves_outputs_and_model_unchanged(family):
     with torch.no_grad():
         before = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits
     implementation = model.config._attn_implementation
-    for path in ("fused", "eager"):
+    for path in ("fused", "eager", "flex"):
         _, logits, _ = engine_first_token_attention(model, ids, mask, path)
         real = mask.bool()
         assert (logits - before)[real].abs().max().item() <= 1e-4

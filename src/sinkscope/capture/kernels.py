@@ -14,6 +14,10 @@ float64), whatever the model's dtype; only the output is cast back (to the model
   (Gemma-2 soft-capping, additive position biases, non-CPU devices).
 - ``eager``: the full n x n softmax, written the way the models' own eager code is. The reference the
   others are tested against; also the only kernel that returns all weights.
+- ``flex``: `torch.nn.attention.flex_attention` with the log-sum-exp it returns; masks, windows, padding,
+  soft-capping and additive biases as its ``score_mod``, grouped K/V heads without expanding them. On CUDA
+  it is compiled (a fused kernel); on CPU it runs flex's unfused reference, so the same logic is checked
+  against eager in CI. ``auto`` picks it on CUDA.
 - ``sigmoid``: sigmoid attention (a lab variant), p_ij = sigmoid(s_ij + b); no normaliser.
 
 `choose_kernel` picks the kernel for a call (the variant's own kernel, else what the engine's ``path``
@@ -27,6 +31,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 
@@ -192,6 +197,68 @@ def eager_kernel(inputs: AttentionInputs, options: KernelOptions) -> KernelOutpu
     return KernelOutput(output.to(_output_dtype(inputs, options)), lse, weights)
 
 
+_compiled_flex: Callable[..., Any] | None = None
+
+
+def _flex_attention() -> Callable[..., Any]:
+    """flex_attention, compiled once for accelerators; the eager reference implementation on CPU."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=True)
+    return _compiled_flex
+
+
+def _score_mod(inputs: AttentionInputs, dtype: torch.dtype) -> Callable[..., torch.Tensor]:
+    """The model's logit transform and mask as one flex ``score_mod``: soft-cap, additive bias, then -inf
+    where a query may not see a key (causal with the queries last when there is no explicit mask)."""
+    allowed, bias, softcap = inputs.allowed, inputs.bias, inputs.softcap
+    bias = None if bias is None else bias.to(dtype)
+    offset = inputs.key.shape[2] - inputs.query.shape[2]
+    causal = inputs.causal and inputs.query.shape[2] > 1
+    if allowed is not None:
+        b_all, h_all = allowed.shape[0] > 1, allowed.shape[1] > 1
+    if bias is not None:
+        b_bias, h_bias = bias.shape[0] > 1, bias.shape[1] > 1
+
+    def score_mod(score: torch.Tensor, b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor,
+                  kv_idx: torch.Tensor) -> torch.Tensor:
+        if softcap is not None:
+            score = torch.tanh(score / softcap) * softcap
+        if bias is not None:
+            score = score + bias[b if b_bias else 0, h if h_bias else 0, q_idx, kv_idx]
+        if allowed is not None:
+            visible = allowed[b if b_all else 0, h if h_all else 0, q_idx, kv_idx]
+        elif causal:
+            visible = q_idx + offset >= kv_idx
+        else:
+            return score
+        return torch.where(visible, score, torch.full_like(score, float("-inf")))
+
+    return score_mod
+
+
+def flex_kernel(inputs: AttentionInputs, options: KernelOptions) -> KernelOutput:
+    """Softmax attention through flex_attention (any logits the model computes; grouped K/V heads)."""
+    from torch.nn.attention.flex_attention import AuxRequest, flex_attention
+
+    dtype = options.compute_dtype
+    query, key, value = inputs.query.to(dtype), inputs.key.to(dtype), inputs.value.to(dtype)
+    attend = _flex_attention() if query.device.type != "cpu" else cast(Callable[..., Any], flex_attention)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        output, aux = attend(query, key, value, score_mod=_score_mod(inputs, dtype), scale=inputs.scaling,
+                             enable_gqa=query.shape[1] != key.shape[1], return_aux=AuxRequest(lse=True))
+    lse = aux.lse.to(dtype)
+    seen = torch.isfinite(lse)
+    output = torch.where(seen[..., None], output, torch.zeros((), dtype=output.dtype, device=output.device))
+    total = _add_sinks(lse, inputs.sinks)
+    if inputs.sinks is not None:
+        output = output * torch.exp(lse - total).nan_to_num(0.0)[..., None]
+    return KernelOutput(output.to(_output_dtype(inputs, options)), total)
+
+
 def sigmoid_kernel(inputs: AttentionInputs, options: KernelOptions) -> KernelOutput:
     """Sigmoid attention: p_ij = sigmoid(s_ij + logit_bias) on allowed keys, no normalisation. There is no
     log-normaliser; ``lse`` is NaN so that anything relying on one fails loudly."""
@@ -214,9 +281,10 @@ KERNELS: dict[str, Kernel] = {
     "fused": fused_kernel,
     "chunked": chunked_kernel,
     "eager": eager_kernel,
+    "flex": flex_kernel,
     "sigmoid": sigmoid_kernel,
 }
-PATHS = ("auto", "fused", "chunked", "eager")  # what a CaptureEngine may be asked to use
+PATHS = ("auto", "fused", "chunked", "eager", "flex")  # what a CaptureEngine may be asked to use
 
 
 def choose_kernel(inputs: AttentionInputs, path: str, required: str | None = None) -> str:
@@ -226,11 +294,14 @@ def choose_kernel(inputs: AttentionInputs, path: str, required: str | None = Non
         return required
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, not {path!r}")
-    if path in ("chunked", "eager"):
+    if path in ("chunked", "eager", "flex"):
         return path
-    if inputs.softcap is None and inputs.bias is None and inputs.query.device.type == "cpu":
+    on_cpu = inputs.query.device.type == "cpu"
+    if inputs.softcap is None and inputs.bias is None and on_cpu:
         return "fused"
-    if path == "fused" and inputs.query.device.type != "cpu":
+    if not on_cpu and path == "auto":
+        return "flex"  # compiled flex: fused on the GPU, any logits, lse included
+    if path == "fused" and not on_cpu:
         warnings.warn("the fused kernel runs on CPU only; using the chunked kernel", stacklevel=3)
     return "chunked"
 

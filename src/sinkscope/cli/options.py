@@ -23,7 +23,7 @@ Out = Annotated[Path | None, typer.Option(help="run directory for tables, summar
 Resume = Annotated[bool, typer.Option(help="continue an interrupted run in --out")]
 BatchSize = Annotated[int, typer.Option(min=1, help="sequences per forward pass")]
 Quiet = Annotated[bool, typer.Option(help="no progress bar")]
-KernelPath = Annotated[str, typer.Option("--path", help="kernel: auto | fused | chunked | eager (reference)")]
+KernelPath = Annotated[str, typer.Option("--path", help="kernel: auto | fused | chunked | flex | eager (reference)")]
 Precision = Annotated[str, typer.Option(help="kernel arithmetic: float32 | float64")]
 Device = Annotated[str, typer.Option(help="cpu | cuda | cuda:N | auto (spreads a large model over devices)")]
 Dtype = Annotated[str, typer.Option(help="float32 | bfloat16 | float16 | auto")]
