@@ -198,3 +198,14 @@ def test_loading_a_saved_lab_model_does_not_import_the_lab(tmp_path):
                           env={**__import__("os").environ, "PYTHONPATH": str(SRC.parent)}, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "[]"
+
+
+def test_auto_picks_flex_off_the_cpu():
+    """On an accelerator, auto takes compiled flex (any logits, lse included); chunked stays on request."""
+    query = torch.empty(1, 4, 3, 8, device="meta")
+    key = value = torch.empty(1, 2, 3, 8, device="meta")
+    inputs = AttentionInputs(query, key, value, None, True, 0.3, softcap=5.0)
+    assert choose_kernel(inputs, "auto") == "flex"
+    assert choose_kernel(inputs, "chunked") == "chunked"
+    with pytest.warns(UserWarning, match="CPU only"):
+        assert choose_kernel(inputs, "fused") == "chunked"
