@@ -29,7 +29,6 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -304,74 +303,91 @@ def train(config: TrainConfig | dict[str, Any], out: str | Path, *, resume: bool
 
     started = time.time()
     first_step = step
-    interrupted = False
-    with progress_bar("train", progress and accelerator.is_main_process) as bar, _terminate_as_interrupt():
+    with progress_bar("train", progress and accelerator.is_main_process) as bar, StopSignals() as stop:
         task = bar.add_task(config.name, total=config.steps, completed=step)
-        try:
-            while step < config.steps:
-                if stop_after is not None and step - first_step >= stop_after:
-                    break
-                current = step + 1  # `step` counts completed updates: it moves only after optimizer.step()
-                tick = time.time()
-                lr = learning_rate(config, current)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                batches = [_to_device(lab_data.make_batch(source, config.seed, current, chunk, config.context_length,
-                                                          packing), accelerator.device) for chunk in micro_batches]
-                local_count = torch.tensor(float(sum(int((b.labels != -100).sum()) for b in batches)),
-                                           device=accelerator.device)
-                global_count = accelerator.reduce(local_count.clone(), reduction="sum")
-                loss_sum = torch.zeros((), device=accelerator.device)
-                for index, batch in enumerate(batches):
-                    # gradients are synchronised once per step, after the last micro-batch
-                    last = index == len(batches) - 1
-                    with contextlib.nullcontext() if last else accelerator.no_sync(model):
-                        micro_loss, _ = token_losses(model, batch)
-                        # DDP averages gradients over processes: scale so the result is the global token mean
-                        accelerator.backward(micro_loss * world / global_count)
-                    loss_sum += micro_loss.detach()
-                if opt.grad_clip:
-                    accelerator.clip_grad_norm_(model.parameters(), opt.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                step = current
-                loss = float(accelerator.reduce(loss_sum, reduction="sum") / global_count)
-                seconds = time.time() - tick
-                throughput = config.tokens_per_step / max(seconds, 1e-9)
-                if accelerator.is_main_process:
-                    append_rows(out / "log.jsonl", [{"step": step, "tokens": step * config.tokens_per_step,
-                                                     "loss": loss, "lr": lr, "tokens_per_s": throughput}])
-                bar.update(task, completed=step,
-                           description=f"{config.name} loss {loss:.3f} {throughput / 1000:.1f}k tok/s")
-                if step % tracking.every == 0 or step == config.steps:
-                    track(step)
-                if step % tracking.checkpoint_every == 0 and step < config.steps:
-                    checkpoint(step, False)
-        except KeyboardInterrupt:
-            interrupted = True
-    # A finished step is never lost: the last completed step is checkpointed on every way out.
-    checkpoint(step, step >= config.steps)
-    if interrupted:
+        while step < config.steps:
+            if stop_after is not None and step - first_step >= stop_after:
+                break
+            if stop.agreed(accelerator):
+                break
+            current = step + 1  # `step` counts completed updates: it moves only after optimizer.step()
+            tick = time.time()
+            lr = learning_rate(config, current)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batches = [_to_device(lab_data.make_batch(source, config.seed, current, chunk, config.context_length,
+                                                      packing), accelerator.device) for chunk in micro_batches]
+            local_count = torch.tensor(float(sum(int((b.labels != -100).sum()) for b in batches)),
+                                       device=accelerator.device)
+            global_count = accelerator.reduce(local_count.clone(), reduction="sum")
+            loss_sum = torch.zeros((), device=accelerator.device)
+            for index, batch in enumerate(batches):
+                # gradients are synchronised once per step, after the last micro-batch
+                last = index == len(batches) - 1
+                with contextlib.nullcontext() if last else accelerator.no_sync(model):
+                    micro_loss, _ = token_losses(model, batch)
+                    # DDP averages gradients over processes: scale so the result is the global token mean
+                    accelerator.backward(micro_loss * world / global_count)
+                loss_sum += micro_loss.detach()
+            if opt.grad_clip:
+                accelerator.clip_grad_norm_(model.parameters(), opt.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step = current
+            loss = float(accelerator.reduce(loss_sum, reduction="sum") / global_count)
+            seconds = time.time() - tick
+            throughput = config.tokens_per_step / max(seconds, 1e-9)
+            if accelerator.is_main_process:
+                append_rows(out / "log.jsonl", [{"step": step, "tokens": step * config.tokens_per_step,
+                                                 "loss": loss, "lr": lr, "tokens_per_s": throughput}])
+            bar.update(task, completed=step,
+                       description=f"{config.name} loss {loss:.3f} {throughput / 1000:.1f}k tok/s")
+            if step % tracking.every == 0 or step == config.steps:
+                track(step)
+            if step % tracking.checkpoint_every == 0 and step < config.steps:
+                checkpoint(step, False)
+        # A finished step is never lost: the last completed step is checkpointed on every way out.
+        checkpoint(step, step >= config.steps)
+    if stop.requested and step < config.steps:
         raise KeyboardInterrupt
     return _result(out, {"step": step, "tokens": step * config.tokens_per_step}, time.time() - started)
 
 
-@contextlib.contextmanager
-def _terminate_as_interrupt() -> Iterator[None]:
-    """SIGTERM (a batch scheduler's stop, `kill`) ends the run like Ctrl-C: with a checkpoint of the last
-    finished step."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+class StopSignals:
+    """SIGTERM (a batch scheduler's stop, `kill`) and Ctrl-C end the run at the next step boundary, with a
+    checkpoint of the last finished step.
 
-    def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
+    The handlers only record the signal: an exception raised from a handler can land anywhere, e.g. inside
+    ``optimizer.step()`` after some parameters moved, and the checkpoint would then hold update N+1 labelled
+    N. A second Ctrl-C stops at once (the previous checkpoint stays as it was)."""
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.requested: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {signum: signal.signal(signum, self._record) for signum in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _record(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and self.requested == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signum
+
+    def agreed(self, accelerator: Any) -> bool:
+        """Whether to stop now; under several processes all stop at the same step if any was signalled."""
+        wanted = self.requested is not None
+        if accelerator.num_processes == 1:
+            return wanted
+        flag = torch.tensor(float(wanted), device=accelerator.device)
+        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
 
 
 def _to_device(batch: lab_data.Batch, device: torch.device) -> lab_data.Batch:
