@@ -19,7 +19,7 @@ from typing import Any
 import pandas as pd
 
 from ..report.rundir import write_json, write_table
-from .config import SweepConfig, SweepRun
+from .config import SweepConfig, SweepRun, TrainConfig
 from .train import CHECKPOINT, eval_table, read_rows, sink_table, train
 
 
@@ -38,6 +38,11 @@ def _run_one(config: dict[str, Any], out: str, resume: bool, threads: int) -> st
     torch.set_num_threads(threads)
     train(config, out, resume=resume, progress=False)
     return out
+
+
+def _work(config: TrainConfig) -> int:
+    """A run's training cost, roughly: tokens x layers x width² (for ordering runs, not for reporting)."""
+    return config.steps * config.tokens_per_step * config.model.layers * config.model.hidden_size ** 2
 
 
 def _finished(out: Path) -> bool:
@@ -129,6 +134,7 @@ def run_sweep(sweep: SweepConfig, out: str | Path, *, resume: bool = False, jobs
 
             raise LabRunError(f"{directory} already holds a run: pass --resume to continue the sweep")
         todo.append(run)
+    todo.sort(key=lambda run: _work(run.config), reverse=True)  # longest first: the last to finish is short
     started = time.time()
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     with Progress(*columns, disable=not progress) as bar, \
