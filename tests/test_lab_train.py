@@ -283,3 +283,37 @@ def test_sigterm_checkpoints_and_resume_finishes_identically(tmp_path):
     whole_opt = load_file(str(tmp_path / "whole/checkpoint/optimizer.safetensors"))
     stopped_opt = load_file(str(tmp_path / "stopped/checkpoint/optimizer.safetensors"))
     assert all(torch.equal(whole_opt[k], stopped_opt[k]) for k in whole_opt)
+
+
+def test_sweep_reports_the_final_sink_rate_per_layer_of_each_depth(tmp_path):
+    """A depth grid: `final_by_layer.csv`, its figure and `--markdown` hold each run's last evaluation per
+    layer, as read straight from the run's own sinks.jsonl."""
+    sweep_file = tmp_path / "depth.toml"
+    sweep_file.write_text('[base]\nsteps = 4\ncontext_length = 16\ntokens_per_step = 128\n'
+                          '[base.model]\nhidden_size = 16\nheads = 2\n'
+                          '[base.tracking]\nevery = 2\nprobe_count = 3\nprobe_length = 8\n'
+                          '[[grids]]\ngroup = "depth"\n"model.layers" = [1, 3]\n')
+    markdown = tmp_path / "depth.md"
+    result = CliRunner().invoke(app, ["sweep", str(sweep_file), "--out", str(tmp_path / "sweep"), "--jobs", "2",
+                                      "--quiet", "--markdown", str(markdown)])
+    assert result.exit_code == 0, result.output
+    import pandas as pd
+
+    table = pd.read_csv(tmp_path / "sweep/final_by_layer.csv")
+    for layers in (1, 3):
+        rows = logs(tmp_path / f"sweep/depth.layers={layers}", "sinks.jsonl")
+        last = [r for r in rows if r["step"] == 4]
+        assert len(last) == layers * 2 * 2  # layers x inference inputs x eps
+        mine = table[table.label == f"layers={layers}"]
+        assert sorted(mine.layer.unique()) == list(range(layers)) and set(mine.layers) == {layers}
+        for row in last:
+            match = mine[(mine.layer == row["layer"]) & (mine.eps == row["eps"]) & (mine.inference == row["inference"])]
+            assert match.sink_rate.item() == pytest.approx(row["sink_rate"])
+            assert match.mean_alpha.item() == pytest.approx(row["mean_alpha"])
+    assert (tmp_path / "sweep/final_sink_rate_by_layer.png").stat().st_size > 10_000
+    text = markdown.read_text()
+    assert "| layer 0 | layer 1 | layer 2 |" in text
+    three = next(line for line in text.splitlines() if line.startswith("| depth | layers=3 | bos+text |")
+                 and line.count("|") == 7)
+    wanted = table[(table.label == "layers=3") & (table.eps == 0.3) & (table.inference == "bos+text")]
+    assert three.split("|")[4:7] == [f" {v:.3f} " for v in wanted.sort_values("layer").sink_rate]
