@@ -213,30 +213,107 @@ def test_two_processes_match_one(tmp_path):
     assert ddp_sinks == pytest.approx(single_sinks, rel=1e-4, abs=1e-5)
 
 
-def test_sigterm_checkpoints_and_resume_finishes_identically(tmp_path):
-    """A killed `sinkscope train` (SIGTERM, as a scheduler stops a job) keeps its last finished step; resuming
-    gives the weights of an uninterrupted run."""
-    import signal
-    import time
+# Runs `sinkscope train` with an optimizer hook that sends the process a signal from *inside*
+# optimizer.step() of one chosen update (after the weights moved, before the loop counts the step): the worst
+# moment for a stop, reached without any timing.
+SIGNAL_INSIDE_STEP = """
+import os, signal, sys
+from torch.optim.optimizer import register_optimizer_step_post_hook
+from sinkscope.cli import app
+signum, at_update = int(sys.argv.pop(1)), int(sys.argv.pop(1))
+updates = 0
+def hook(optimizer, args, kwargs):
+    global updates
+    updates += 1
+    if updates == at_update:
+        os.kill(os.getpid(), signum)
+register_optimizer_step_post_hook(hook)
+app(prog_name="sinkscope")
+"""
 
-    config = small(steps=200, tracking={"every": 100, "checkpoint_every": 1000})
+
+def _signal_inside_step(tmp_path: Path, config: dict, signum: int, at_update: int) -> subprocess.CompletedProcess:
     path = tmp_path / "config.json"
     path.write_text(json.dumps(config))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
-    command = [sys.executable, "-m", "sinkscope.cli", "train", str(path), "--out", str(tmp_path / "killed"), "--quiet"]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    log = tmp_path / "killed" / "log.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and (not log.is_file() or len(log.read_text().splitlines()) < 5):
-        time.sleep(0.2)
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130, stderr[-2000:]
-    assert "--resume" in stderr and "Traceback" not in stderr
-    state = json.loads((tmp_path / "killed/checkpoint/trainer_state.json").read_text())
-    assert 5 <= state["step"] < 200 and not state["finished"]
-    assert logs(tmp_path / "killed", "log.jsonl")[-1]["step"] == state["step"]
-    train(config, tmp_path / "killed", progress=False, resume=True)
+    command = [sys.executable, "-c", SIGNAL_INSIDE_STEP, str(int(signum)), str(at_update), "train", str(path),
+               "--out", str(tmp_path / "stopped"), "--quiet"]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT"])
+def test_a_signal_mid_step_stops_at_the_step_boundary(tmp_path, signum):
+    """SIGTERM (a scheduler's stop) or Ctrl-C landing inside optimizer.step(): the run finishes that update,
+    checkpoints it under its own number, exits as an interrupt; resuming gives an uninterrupted run's result."""
+    import signal
+
+    config = small(steps=16, tracking={"every": 5, "checkpoint_every": 1000})
+    stopped = _signal_inside_step(tmp_path, config, getattr(signal, signum), at_update=7)
+    assert stopped.returncode == 130, stopped.stderr[-2000:]
+    assert "--resume" in stopped.stderr and "Traceback" not in stopped.stderr
+    state = json.loads((tmp_path / "stopped/checkpoint/trainer_state.json").read_text())
+    assert state["step"] == 7 and not state["finished"]
+    assert logs(tmp_path / "stopped", "log.jsonl")[-1]["step"] == 7
+    train(config, tmp_path / "stopped", progress=False, resume=True)
     train(config, tmp_path / "whole", progress=False)
     for name, tensor in weights(tmp_path / "whole").items():
-        assert torch.equal(tensor, weights(tmp_path / "killed")[name]), name
+        assert torch.equal(tensor, weights(tmp_path / "stopped")[name]), name
+    for name in ("log.jsonl", "eval.jsonl", "sinks.jsonl"):
+        assert logs(tmp_path / "whole", name) == logs(tmp_path / "stopped", name), name
+
+
+def test_sigterm_checkpoints_and_resume_finishes_identically(tmp_path):
+    """A `sinkscope train` stopped by SIGTERM (as a scheduler stops a job) keeps its last finished step;
+    resuming gives the weights, optimizer state and logs of an uninterrupted run. The signal is sent from
+    inside optimizer.step() (see SIGNAL_INSIDE_STEP), where an exception raised by the handler would
+    checkpoint the weights of update N+1 under the number N."""
+    import signal
+
+    config = small(steps=40, tracking={"every": 10, "checkpoint_every": 1000})
+    stopped = _signal_inside_step(tmp_path, config, signal.SIGTERM, at_update=13)
+    assert stopped.returncode == 130, stopped.stderr[-2000:]
+    assert "--resume" in stopped.stderr and "Traceback" not in stopped.stderr
+    state = json.loads((tmp_path / "stopped/checkpoint/trainer_state.json").read_text())
+    assert state["step"] == 13 and not state["finished"]
+    assert logs(tmp_path / "stopped", "log.jsonl")[-1]["step"] == state["step"]
+    train(config, tmp_path / "stopped", progress=False, resume=True)
+    train(config, tmp_path / "whole", progress=False)
+    for name, tensor in weights(tmp_path / "whole").items():
+        assert torch.equal(tensor, weights(tmp_path / "stopped")[name]), name
+    whole_opt = load_file(str(tmp_path / "whole/checkpoint/optimizer.safetensors"))
+    stopped_opt = load_file(str(tmp_path / "stopped/checkpoint/optimizer.safetensors"))
+    assert all(torch.equal(whole_opt[k], stopped_opt[k]) for k in whole_opt)
+
+
+def test_sweep_reports_the_final_sink_rate_per_layer_of_each_depth(tmp_path):
+    """A depth grid: `final_by_layer.csv`, its figure and `--markdown` hold each run's last evaluation per
+    layer, as read straight from the run's own sinks.jsonl."""
+    sweep_file = tmp_path / "depth.toml"
+    sweep_file.write_text('[base]\nsteps = 4\ncontext_length = 16\ntokens_per_step = 128\n'
+                          '[base.model]\nhidden_size = 16\nheads = 2\n'
+                          '[base.tracking]\nevery = 2\nprobe_count = 3\nprobe_length = 8\n'
+                          '[[grids]]\ngroup = "depth"\n"model.layers" = [1, 3]\n')
+    markdown = tmp_path / "depth.md"
+    result = CliRunner().invoke(app, ["sweep", str(sweep_file), "--out", str(tmp_path / "sweep"), "--jobs", "2",
+                                      "--quiet", "--markdown", str(markdown)])
+    assert result.exit_code == 0, result.output
+    import pandas as pd
+
+    table = pd.read_csv(tmp_path / "sweep/final_by_layer.csv")
+    for layers in (1, 3):
+        rows = logs(tmp_path / f"sweep/depth.layers={layers}", "sinks.jsonl")
+        last = [r for r in rows if r["step"] == 4]
+        assert len(last) == layers * 2 * 2  # layers x inference inputs x eps
+        mine = table[table.label == f"layers={layers}"]
+        assert sorted(mine.layer.unique()) == list(range(layers)) and set(mine.layers) == {layers}
+        for row in last:
+            match = mine[(mine.layer == row["layer"]) & (mine.eps == row["eps"]) & (mine.inference == row["inference"])]
+            assert match.sink_rate.item() == pytest.approx(row["sink_rate"])
+            assert match.mean_alpha.item() == pytest.approx(row["mean_alpha"])
+    assert (tmp_path / "sweep/final_sink_rate_by_layer.png").stat().st_size > 10_000
+    text = markdown.read_text()
+    assert "| layer 0 | layer 1 | layer 2 |" in text
+    three = next(line for line in text.splitlines() if line.startswith("| depth | layers=3 | bos+text |")
+                 and line.count("|") == 7)
+    wanted = table[(table.label == "layers=3") & (table.eps == 0.3) & (table.inference == "bos+text")]
+    assert three.split("|")[4:7] == [f" {v:.3f} " for v in wanted.sort_values("layer").sink_rate]

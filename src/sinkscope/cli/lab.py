@@ -75,13 +75,15 @@ def train(
 @user_errors
 def sweep(
     config: Annotated[str, typer.Argument(help="sweep file (.toml/.yaml/.json) or preset (cpu-demo, variants-demo, "
-                                               "paper)")],
+                                               "depth-demo, text-demo, paper)")],
     out: Annotated[Path | None, typer.Option(help="sweep directory (default runs/lab/<name>)")] = None,
     resume: Annotated[bool, typer.Option(help="skip finished runs and continue unfinished ones")] = False,
     jobs: Annotated[int, typer.Option(help="runs trained at once (worker processes)")] = 2,
     threads: Annotated[int | None, typer.Option(help="torch threads per run (default: cores / jobs)")] = None,
     only: Annotated[list[str] | None, typer.Option(help="run only this run or group; repeat")] = None,
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
+    markdown: Annotated[Path | None, typer.Option(help="also write the final tables (per run, per layer) as "
+                                                       "markdown to this file, e.g. for the docs")] = None,
 ) -> None:
     """Train a grid of runs (e.g. context lengths, packing variants) and plot sink rate over training."""
     from ..lab import load_sweep_config
@@ -89,10 +91,10 @@ def sweep(
 
     settings = load_sweep_config(config)
     out = out or Path("runs/lab") / settings.name
-    if jobs < 1:
+    if jobs < 1 or (threads is not None and threads < 1):
         from ..lab.config import LabConfigError
 
-        raise LabConfigError("--jobs must be >= 1")
+        raise LabConfigError("--jobs and --threads must be >= 1")
     result = run_sweep(settings, out, resume=resume, jobs=jobs, threads=threads, progress=not quiet, only=only)
     summary = result.summary
     if summary.empty:
@@ -112,4 +114,11 @@ def sweep(
         table.add_row(label + (f" ×{seeds}" if seeds > 1 else ""), inference, *rates,
                       f"{part.validation_loss.mean():.3f}", f"{part.probe_loss.mean():.3f}")
     console.print(table)
-    console.print(f"written to {out}/ (figure: {result.figure})", highlight=False)
+    if markdown is not None:
+        from ..lab.sweep import final_by_layer, sweep_markdown
+        from ..report.rundir import atomic_write_bytes
+
+        atomic_write_bytes(markdown, sweep_markdown(settings.name, summary, final_by_layer(result.sinks)).encode())
+        console.print(f"tables written to {markdown}", highlight=False)
+    console.print(f"written to {out}/ (figure: {result.figure}; per layer: {out}/final_sink_rate_by_layer.png)",
+                  highlight=False)

@@ -19,8 +19,8 @@ from typing import Any
 import pandas as pd
 
 from ..report.rundir import write_json, write_table
-from .config import SweepConfig, SweepRun
-from .train import CHECKPOINT, eval_table, read_rows, sink_table, train
+from .config import LabConfigError, SweepConfig, SweepRun, TrainConfig
+from .train import CHECKPOINT, LabRunError, eval_table, read_rows, sink_table, stall_for_tests, train
 
 
 @dataclass
@@ -36,8 +36,14 @@ def _run_one(config: dict[str, Any], out: str, resume: bool, threads: int) -> st
     import torch
 
     torch.set_num_threads(threads)
-    train(config, out, resume=resume, progress=False)
+    # a run the sweep never reached has nothing to resume
+    train(config, out, resume=resume and (Path(out) / "config.json").is_file(), progress=False)
     return out
+
+
+def _work(config: TrainConfig) -> int:
+    """A run's training cost, roughly: tokens x layers x width² (for ordering runs, not for reporting)."""
+    return config.steps * config.tokens_per_step * config.model.layers * config.model.hidden_size ** 2
 
 
 def _finished(out: Path) -> bool:
@@ -66,7 +72,8 @@ def collect(sweep: SweepConfig, out: Path) -> tuple[pd.DataFrame, pd.DataFrame, 
         else:
             sinks_all, evals_all = sinks, evals
         groups[run.group][label] = (sinks_all, evals_all)
-        frames.append(sinks.assign(run=run.name, group=run.group, **{k: str(v) for k, v in run.overrides.items()}))
+        frames.append(sinks.assign(run=run.name, group=run.group, label=label,
+                                   **{k: str(v) for k, v in run.overrides.items()}))
         last_step = sinks.step.max()
         final = sinks[sinks.step == last_step]
         last_eval = evals[evals.step == evals.step.max()].iloc[0].to_dict() if len(evals) else {}
@@ -83,54 +90,114 @@ def collect(sweep: SweepConfig, out: Path) -> tuple[pd.DataFrame, pd.DataFrame, 
     return pd.DataFrame(summary), all_sinks, groups
 
 
+def final_by_layer(sinks: pd.DataFrame) -> pd.DataFrame:
+    """Each run's last evaluation, per layer: group, label, inference, eps, layer, layers (the model's
+    depth), sink_rate, mean_alpha (means over the seeds that share a label), runs (how many)."""
+    if sinks.empty:
+        return pd.DataFrame()
+    final = sinks[sinks.step == sinks.groupby("run").step.transform("max")]
+    final = final.assign(layers=final.groupby("run").layer.transform("max") + 1)
+    return (final.groupby(["group", "label", "inference", "eps", "layer"], sort=False)
+            .agg(layers=("layers", "first"), sink_rate=("sink_rate", "mean"), mean_alpha=("mean_alpha", "mean"),
+                 runs=("run", "nunique"))
+            .reset_index())
+
+
 def write_sweep_outputs(sweep: SweepConfig, out: Path) -> tuple[pd.DataFrame, pd.DataFrame, Path | None]:
     from ..report.figures import plot_final_sink_rate, plot_sink_rate_over_training
+    from ..report.figures.lab import plot_final_sink_rate_by_layer
 
     summary, sinks, groups = collect(sweep, out)
     figure = None
     if not summary.empty:
         write_table(out / "summary.csv", summary)
         write_table(out / "sinks.parquet", sinks.astype({c: str for c in sinks.columns if sinks[c].dtype == object}))
+        by_layer = final_by_layer(sinks)
+        write_table(out / "final_by_layer.csv", by_layer)
         figure = plot_sink_rate_over_training(groups, out / "sink_rate_over_training.png")
         plot_final_sink_rate(summary, out / "final_sink_rate.png")
+        plot_final_sink_rate_by_layer(by_layer, out / "final_sink_rate_by_layer.png")
     return summary, sinks, figure
 
 
-def run_sweep(sweep: SweepConfig, out: str | Path, *, resume: bool = False, jobs: int = 1, threads: int | None = None,
-              progress: bool = True, only: list[str] | None = None) -> SweepResult:
-    """Run every run of the sweep (skipping finished ones on ``resume``), then write the combined outputs:
-    ``summary.csv`` (final sink rate per run), ``sinks.parquet`` (all rows), ``sink_rate_over_training.png``
-    and ``final_sink_rate.png``."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+def _markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
-    out = Path(out)
+
+def sweep_markdown(name: str, summary: pd.DataFrame, by_layer: pd.DataFrame) -> str:
+    """The sweep's final numbers as markdown: per run (mean over layers, i.e. over all heads), then per layer
+    at the first eps. Written by ``sinkscope sweep --markdown``, for the docs."""
+    eps_values = sorted(summary.eps.unique())
+    rows = []
+    for (group, label, inference), part in summary.groupby(["group", "label", "inference"], sort=False):
+        rows.append([group, label, inference, str(part.run.nunique()), f"{int(part.tokens.max()):,}",
+                     *[f"{part[part.eps == e].sink_rate.mean():.3f}" for e in eps_values],
+                     f"{part[part.eps == eps_values[0]].mean_alpha.mean():.3f}",
+                     f"{part.validation_loss.mean():.3f}", f"{part.probe_loss.mean():.3f}"])
+    lines = [f"Sweep `{name}`: final values (the last evaluation of each run; means over seeds).", ""]
+    lines += _markdown_table(["group", "run", "input", "seeds", "tokens", *[f"sink rate ε={e:g}" for e in eps_values],
+                              "mean α", "val loss", "probe loss"], rows)
+    eps = eps_values[0]
+    chosen = by_layer[by_layer.eps == eps]
+    width = int(chosen.layer.max()) + 1
+    rows = []
+    for (group, label, inference), part in chosen.groupby(["group", "label", "inference"], sort=False):
+        cells = dict(zip(part.layer.astype(int), part.sink_rate, strict=True))
+        rows.append([group, label, inference, *[f"{cells[k]:.3f}" if k in cells else "" for k in range(width)]])
+    lines += ["", f"Sink rate (ε = {eps:g}) per layer (attention block 0 = first):", ""]
+    lines += _markdown_table(["group", "run", "input", *[f"layer {k}" for k in range(width)]], rows)
+    return "\n".join(lines) + "\n"
+
+
+def select_runs(sweep: SweepConfig, only: list[str] | None) -> list[SweepRun]:
+    """The sweep's runs, or those named (by run or group) in ``only``."""
     runs = sweep.runs()
-    if only:
-        unknown = sorted(set(only) - {r.name for r in runs} - {r.group for r in runs})
-        if unknown:
-            from .config import LabConfigError
+    if not only:
+        return runs
+    unknown = sorted(set(only) - {r.name for r in runs} - {r.group for r in runs})
+    if unknown:
+        raise LabConfigError(f"no run or group {unknown} in sweep {sweep.name} "
+                             f"(runs: {', '.join(r.name for r in runs)})")
+    return [r for r in runs if r.name in only or r.group in only]
 
-            raise LabConfigError(f"no run or group {unknown} in sweep {sweep.name} "
-                                 f"(runs: {', '.join(r.name for r in runs)})")
-        runs = [r for r in runs if r.name in only or r.group in only]
-    out.mkdir(parents=True, exist_ok=True)
+
+def open_sweep_dir(sweep: SweepConfig, out: Path, resume: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise LabRunError(f"--out {out} is a file, not a sweep directory")
+    if resume and not (out / "sweep.json").is_file():
+        raise LabRunError(f"--resume: {out} holds no sweep to resume (no sweep.json); drop --resume to start one")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise LabRunError(f"cannot create the sweep directory {out}: {error.strerror or error}; "
+                          "pick another --out") from None
     write_json(out / "sweep.json", {"name": sweep.name, "description": sweep.description, "base": sweep.base,
                                     "grids": sweep.grids})
-    threads = threads or max(1, (os.cpu_count() or 1) // max(jobs, 1))
+
+
+def runs_to_train(sweep: SweepConfig, runs: list[SweepRun], out: Path, resume: bool) -> list[SweepRun]:
+    """Each distinct run once (a cell shared by two groups is trained once), finished ones skipped on
+    ``resume``; the longest first, so that the last run to finish is a short one."""
     canonical = {run.name: run for run in sweep.runs()}
     todo: list[SweepRun] = []
-    for directory_name in dict.fromkeys(run.directory for run in runs):  # each distinct run once, in order
+    for directory_name in dict.fromkeys(run.directory for run in runs):
         run = canonical[directory_name]
         directory = out / run.name
         if resume and _finished(directory):
             continue
         if (directory / "config.json").is_file() and not resume:
-            from .train import LabRunError
-
             raise LabRunError(f"{directory} already holds a run: pass --resume to continue the sweep")
         todo.append(run)
-    started = time.time()
+    return sorted(todo, key=lambda run: _work(run.config), reverse=True)  # stable: grid order among equals
+
+
+def train_runs(sweep: SweepConfig, todo: list[SweepRun], out: Path, resume: bool, jobs: int, threads: int,
+               progress: bool) -> None:
+    """Train `todo` in `jobs` worker processes, rewriting the combined outputs as each run finishes."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    finished = 0
     with Progress(*columns, disable=not progress) as bar, \
             ProcessPoolExecutor(max_workers=max(jobs, 1), mp_context=get_context("spawn")) as pool:
         tasks = {run.name: bar.add_task(run.name, total=run.config.steps, completed=_last_step(out / run.name))
@@ -146,5 +213,20 @@ def run_sweep(sweep: SweepConfig, out: str | Path, *, resume: bool = False, jobs
                 future.result()  # a failed run stops the sweep with its own error
                 bar.update(tasks[run.name], completed=run.config.steps)
                 write_sweep_outputs(sweep, out)
+                finished += 1
+                stall_for_tests(f"run {finished}")
+
+
+def run_sweep(sweep: SweepConfig, out: str | Path, *, resume: bool = False, jobs: int = 1, threads: int | None = None,
+              progress: bool = True, only: list[str] | None = None) -> SweepResult:
+    """Run every run of the sweep (skipping finished ones on ``resume``), then write the combined outputs:
+    ``summary.csv`` (final sink rate per run), ``sinks.parquet`` (all rows), ``sink_rate_over_training.png``
+    and ``final_sink_rate.png``."""
+    out = Path(out)
+    runs = select_runs(sweep, only)
+    open_sweep_dir(sweep, out, resume)
+    todo = runs_to_train(sweep, runs, out, resume)
+    started = time.time()
+    train_runs(sweep, todo, out, resume, jobs, threads or max(1, (os.cpu_count() or 1) // max(jobs, 1)), progress)
     summary, sinks, figure = write_sweep_outputs(sweep, out)
     return SweepResult(out, summary, sinks, figure, time.time() - started)

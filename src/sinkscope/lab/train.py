@@ -27,9 +27,9 @@ import math
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,8 +50,24 @@ VALIDATION_SEED_OFFSET = 1_000_003
 PROBE_SEED = 20250
 
 
+STALL_ENV = "SINKSCOPE_TEST_LAB_STALL"  # fault-injection hook for tests; see `stall_for_tests`
+
+
 class LabRunError(SinkscopeError):
     """A run directory that cannot be started or resumed."""
+
+
+def stall_for_tests(point: str) -> None:
+    """Fault injection for tests, so a kill lands at a chosen point without any timing: with
+    ``SINKSCOPE_TEST_LAB_STALL="step 4"`` in the environment, training says so on stderr and blocks for ever
+    once update 4 is logged, tracked and (if due) checkpointed (``step 0``: after the first evaluation);
+    ``checkpoint 4``: in the middle of swapping in the checkpoint of step 4; ``run 2``: a sweep, once two
+    of its runs have finished. The test waits for that line and kills the process (SIGKILL). Unset, as
+    always outside tests, it does nothing."""
+    if os.environ.get(STALL_ENV, "").strip() != point:
+        return
+    print(f"sinkscope: stalled at {point} ({STALL_ENV})", file=sys.stderr, flush=True)
+    threading.Event().wait()
 
 
 @dataclass
@@ -121,21 +137,38 @@ def load_optimizer(optimizer: torch.optim.Optimizer, model: Any, path: Path) -> 
 
 def save_checkpoint(out: Path, model: Any, tokenizer: Any, optimizer: Any, state: dict[str, Any],
                     model_state: dict[str, torch.Tensor] | None = None) -> None:
-    """Write to a staging directory, then swap it in: a kill mid-write leaves the previous checkpoint."""
+    """Write to a staging directory, then swap it in: a kill at any point leaves a complete checkpoint,
+    the new one or the previous one (`recover_checkpoint` puts the previous one back if the kill came
+    between the two renames)."""
     staging = out / f".{CHECKPOINT}.staging"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    model.save_pretrained(staging, state_dict=model_state, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(staging)
-    save_optimizer(optimizer, model, staging / "optimizer.safetensors")
-    write_json(staging / "trainer_state.json", state)
+    try:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        model.save_pretrained(staging, state_dict=model_state, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        save_optimizer(optimizer, model, staging / "optimizer.safetensors")
+        write_json(staging / "trainer_state.json", state)  # last: a staging directory without it is incomplete
+        target, old = out / CHECKPOINT, out / f".{CHECKPOINT}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if target.exists():
+            os.replace(target, old)
+        stall_for_tests(f"checkpoint {state['step']}")
+        os.replace(staging, target)
+        shutil.rmtree(old, ignore_errors=True)
+    except OSError as error:
+        raise LabRunError(f"cannot write the checkpoint in {out}: {error.strerror or error}; free some space or "
+                          "fix the permissions, then rerun with --resume (the previous checkpoint is kept)") from None
+
+
+def recover_checkpoint(out: Path) -> None:
+    """Undo a checkpoint swap cut short by a kill: the previous checkpoint goes back in place, a half-written
+    staging directory goes away."""
     target, old = out / CHECKPOINT, out / f".{CHECKPOINT}.old"
+    if not target.exists() and (old / "trainer_state.json").is_file():
+        os.replace(old, target)
     shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        os.replace(target, old)
-    os.replace(staging, target)
-    shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(out / f".{CHECKPOINT}.staging", ignore_errors=True)
 
 
 def load_checkpoint(out: Path, model: Any, optimizer: Any) -> dict[str, Any]:
@@ -202,176 +235,254 @@ def write_outputs(out: Path, label: str) -> None:
     plot_sink_rate_over_training({label: {label: (sinks, eval_table(out))}}, out / "sink_rate.png")
 
 
-# -- the loop -----------------------------------------------------------------------------------------
+# -- the run directory -------------------------------------------------------------------------------
 def _start_run_dir(out: Path, config: TrainConfig, resume: bool) -> dict[str, Any] | None:
     """Check the run directory; returns the checkpoint state to resume from (None = fresh start)."""
     if out.exists() and not out.is_dir():
         raise LabRunError(f"--out {out} is a file, not a run directory")
     saved = out / "config.json"
-    if saved.is_file():
-        if not resume:
-            raise LabRunError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+    if not saved.is_file():
+        if resume:
+            raise LabRunError(f"--resume: {out} holds no run to resume (no config.json); drop --resume to start one")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise LabRunError(f"cannot create the run directory {out}: {error.strerror or error}; "
+                              "pick another --out") from None
+        write_json(saved, config.as_dict())
+        return None
+    if not resume:
+        raise LabRunError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+    try:
         previous = json.loads(saved.read_text())
-        if previous != json.loads(json.dumps(config.as_dict())):
-            changed = sorted(k for k in set(previous) | set(config.as_dict())
-                             if previous.get(k) != json.loads(json.dumps(config.as_dict())).get(k))
-            raise LabRunError(f"{out} was started with a different config (differs in {changed}); "
-                              "use another --out")
+    except (OSError, ValueError) as error:
+        raise LabRunError(f"{saved} cannot be read ({error}); it is not a lab run: use another --out") from None
+    current = json.loads(json.dumps(config.as_dict()))
+    if previous != current:
+        changed = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
+        raise LabRunError(f"{out} was started with a different config (differs in {changed}); use another --out")
+    recover_checkpoint(out)
+    state_file = out / CHECKPOINT / "trainer_state.json"
+    return json.loads(state_file.read_text()) if state_file.is_file() else None
+
+
+def open_run_dir(accelerator: Any, out: Path, config: TrainConfig, resume: bool) -> dict[str, Any] | None:
+    """The main process checks (or creates) the run directory; every process gets the checkpoint state."""
+    state = _start_run_dir(out, config, resume) if accelerator.is_main_process else None
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
         state_file = out / CHECKPOINT / "trainer_state.json"
-        return json.loads(state_file.read_text()) if state_file.is_file() else None
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(saved, config.as_dict())
-    return None
+        state = json.loads(state_file.read_text()) if resume and state_file.is_file() else None
+    return state
 
 
-def train(config: TrainConfig | dict[str, Any], out: str | Path, *, resume: bool = False, progress: bool = True,
-          cpu: bool | None = None, stop_after: int | None = None) -> TrainResult:
-    """Train one model, tracking the sink metric; see the module docstring for what is written.
+# -- one run in memory --------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """What a training run holds while it trains, besides the step count."""
 
-    ``stop_after``: stop (with a checkpoint) after this many steps of *this* invocation — for tests of
-    resuming, and for splitting a long run over sessions.
-    """
-    from accelerate import Accelerator
+    config: TrainConfig
+    out: Path
+    accelerator: Any
+    model: Any  # as `accelerator.prepare` returned it (DDP-wrapped under `accelerate launch`)
+    optimizer: Any
+    tokenizer: Any
+    source: Any
+    validation: list[lab_data.Batch]  # fixed validation windows
+    probes: list[list[int]]  # fixed probe documents for the sink metric
+    micro_batches: list[list[int]]  # this process's rows of the global batch, one list per forward pass
 
-    config = config if isinstance(config, TrainConfig) else train_config(config)
-    out = Path(out)
-    accelerator = Accelerator(cpu=(not torch.cuda.is_available()) if cpu is None else cpu)
+    @property
+    def unwrapped(self) -> Any:
+        return self.accelerator.unwrap_model(self.model)
+
+
+def process_rows(config: TrainConfig, accelerator: Any) -> list[list[int]]:
+    """This process's share of the global batch (by row), cut into micro-batches."""
     world, rank = accelerator.num_processes, accelerator.process_index
     if config.batch_rows % world:
         raise LabRunError(f"{config.batch_rows} rows per step do not split over {world} processes")
     rows = list(range(rank * config.batch_rows // world, (rank + 1) * config.batch_rows // world))
     micro = config.micro_batch_rows or len(rows)
-    micro_batches = [rows[i:i + micro] for i in range(0, len(rows), micro)]
+    return [rows[i:i + micro] for i in range(0, len(rows), micro)]
 
-    state = None
-    if accelerator.is_main_process:
-        state = _start_run_dir(out, config, resume)
-    accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:
-        state_file = out / CHECKPOINT / "trainer_state.json"
-        state = json.loads(state_file.read_text()) if resume and state_file.is_file() else None
 
+def start_run(config: TrainConfig, out: Path, accelerator: Any, state: dict[str, Any] | None,
+              resume: bool) -> tuple[Run, int]:
+    """Data, model and optimizer (restored from the checkpoint when resuming); returns (run, step)."""
+    micro_batches = process_rows(config, accelerator)
     source, validation_source = make_source(config)
-    tokenizer = source.tokenizer()
     model = build_model(config.model, source.vocab_size, config.context_length, source.bos_id, source.eos_id,
                         config.seed)
     opt = config.optimizer
     optimizer = torch.optim.AdamW(model.parameters(), lr=opt.lr, betas=(opt.beta1, opt.beta2),
                                   weight_decay=opt.weight_decay)
-    step = 0
-    if state is not None:
-        if state.get("finished") and state["step"] >= config.steps:
-            accelerator.wait_for_everyone()
-            return _result(out, state, 0.0)
-        step = int(load_checkpoint(out, model, optimizer)["step"])
+    step = 0 if state is None else int(load_checkpoint(out, model, optimizer)["step"])
     if accelerator.is_main_process and resume:
         truncate_logs(out, step if state is not None else -1)  # no checkpoint yet: start the logs over
     model.train()
     model, optimizer = accelerator.prepare(model, optimizer)
-    unwrapped = accelerator.unwrap_model(model)
-
-    packing = config.packing
     tracking = config.tracking
     probe_length = min(tracking.probe_length, config.context_length - 1)
     probes = lab_data.probe_documents(validation_source, tracking.probe_count, probe_length, PROBE_SEED)
+    rows = min(config.batch_rows, 8)
     validation = [_to_device(lab_data.make_batch(validation_source, config.seed + VALIDATION_SEED_OFFSET, i,
-                                                 range(min(config.batch_rows, 8)), config.context_length, packing),
+                                                 range(rows), config.context_length, config.packing),
                              accelerator.device)
-                  for i in range(max(1, tracking.validation_windows // min(config.batch_rows, 8)))]
+                  for i in range(max(1, tracking.validation_windows // rows))]
+    run = Run(config, out, accelerator, model, optimizer, source.tokenizer(), source, validation, probes,
+              micro_batches)
+    return run, step
 
-    def track(at_step: int) -> None:
-        if accelerator.is_main_process:
-            losses, sinks = evaluate(unwrapped, validation, probes, tracking.inference, tracking.eps, source.bos_id)
-            tokens = at_step * config.tokens_per_step
-            append_rows(out / "eval.jsonl", [{"step": at_step, "tokens": tokens, **losses}])
-            append_rows(out / "sinks.jsonl", [{"step": at_step, "tokens": tokens, **r} for r in sinks])
-        accelerator.wait_for_everyone()
 
-    def checkpoint(at_step: int, finished: bool) -> None:
-        accelerator.wait_for_everyone()
-        full_state = accelerator.get_state_dict(model)  # collective under FSDP: every process takes part
-        if accelerator.is_main_process:
-            save_checkpoint(out, unwrapped, tokenizer, optimizer.optimizer if hasattr(optimizer, "optimizer")
-                            else optimizer, {"step": at_step, "tokens": at_step * config.tokens_per_step,
-                                             "finished": finished, "parameters": count_parameters(unwrapped)},
-                            full_state)
-            write_outputs(out, config.name)
-        accelerator.wait_for_everyone()
+# -- what the loop calls ------------------------------------------------------------------------------
+def train_step(run: Run, step: int) -> tuple[float, float]:
+    """Update `step` (counted from 1): every micro-batch forward and backward, then one optimizer step.
+    Returns (loss: the global token mean, learning rate)."""
+    config, accelerator, model, optimizer = run.config, run.accelerator, run.model, run.optimizer
+    lr = learning_rate(config, step)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    batches = [_to_device(lab_data.make_batch(run.source, config.seed, step, chunk, config.context_length,
+                                              config.packing), accelerator.device) for chunk in run.micro_batches]
+    local_count = torch.tensor(float(sum(int((b.labels != -100).sum()) for b in batches)), device=accelerator.device)
+    global_count = accelerator.reduce(local_count.clone(), reduction="sum")
+    loss_sum = torch.zeros((), device=accelerator.device)
+    for index, batch in enumerate(batches):
+        # gradients are synchronised once per step, after the last micro-batch
+        last = index == len(batches) - 1
+        with contextlib.nullcontext() if last else accelerator.no_sync(model):
+            micro_loss, _ = token_losses(model, batch)
+            # DDP averages gradients over processes: scale so the result is the global token mean
+            accelerator.backward(micro_loss * accelerator.num_processes / global_count)
+        loss_sum += micro_loss.detach()
+    if config.optimizer.grad_clip:
+        accelerator.clip_grad_norm_(model.parameters(), config.optimizer.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(accelerator.reduce(loss_sum, reduction="sum") / global_count), lr
 
+
+def log_step(run: Run, step: int, loss: float, lr: float, seconds: float) -> float:
+    """Append the step's row to ``log.jsonl``; returns the throughput (tokens/s)."""
+    throughput = run.config.tokens_per_step / max(seconds, 1e-9)
+    if run.accelerator.is_main_process:
+        append_rows(run.out / "log.jsonl", [{"step": step, "tokens": step * run.config.tokens_per_step,
+                                             "loss": loss, "lr": lr, "tokens_per_s": throughput}])
+    return throughput
+
+
+def track(run: Run, step: int) -> None:
+    """Validation loss, probe losses and the sink metric of the model as it is after `step` updates."""
+    tracking = run.config.tracking
+    if run.accelerator.is_main_process:
+        losses, sinks = evaluate(run.unwrapped, run.validation, run.probes, tracking.inference, tracking.eps,
+                                 run.source.bos_id)
+        tokens = step * run.config.tokens_per_step
+        append_rows(run.out / "eval.jsonl", [{"step": step, "tokens": tokens, **losses}])
+        append_rows(run.out / "sinks.jsonl", [{"step": step, "tokens": tokens, **r} for r in sinks])
+    run.accelerator.wait_for_everyone()
+
+
+def checkpoint(run: Run, step: int, finished: bool) -> None:
+    """Model, optimizer state and step (atomically: see `save_checkpoint`), then the run's table and figure."""
+    accelerator = run.accelerator
+    accelerator.wait_for_everyone()
+    full_state = accelerator.get_state_dict(run.model)  # collective under FSDP: every process takes part
+    if accelerator.is_main_process:
+        optimizer = getattr(run.optimizer, "optimizer", run.optimizer)  # accelerate wraps it
+        state = {"step": step, "tokens": step * run.config.tokens_per_step, "finished": finished,
+                 "parameters": count_parameters(run.unwrapped)}
+        save_checkpoint(run.out, run.unwrapped, run.tokenizer, optimizer, state, full_state)
+        write_outputs(run.out, run.config.name)
+    accelerator.wait_for_everyone()
+
+
+# -- the loop -----------------------------------------------------------------------------------------
+def train(config: TrainConfig | dict[str, Any], out: str | Path, *, resume: bool = False, progress: bool = True,
+          cpu: bool | None = None, stop_after: int | None = None) -> TrainResult:
+    """Train one model, tracking the sink metric; see the module docstring for what is written.
+
+    ``stop_after``: stop (with a checkpoint) after this many steps of *this* invocation — for tests of
+    resuming, and for splitting a long run over sessions. SIGTERM and Ctrl-C stop at the next step
+    boundary, with a checkpoint, and raise `KeyboardInterrupt` (see `StopSignals`).
+    """
+    from accelerate import Accelerator
+
+    from ..experiments.base import progress_bar
+
+    config = config if isinstance(config, TrainConfig) else train_config(config)
+    out = Path(out)
+    accelerator = Accelerator(cpu=(not torch.cuda.is_available()) if cpu is None else cpu)
+    state = open_run_dir(accelerator, out, config, resume)
+    if state is not None and state.get("finished") and state["step"] >= config.steps:
+        accelerator.wait_for_everyone()
+        return _result(out, state, 0.0)
+    run, step = start_run(config, out, accelerator, state, resume)
     if step == 0:
-        track(0)
-    from ..experiments.common import progress_bar
+        track(run, 0)
+        stall_for_tests("step 0")
 
-    started = time.time()
-    first_step = step
-    interrupted = False
-    with progress_bar("train", progress and accelerator.is_main_process) as bar, _terminate_as_interrupt():
+    started, first_step = time.time(), step
+    every, checkpoint_every = config.tracking.every, config.tracking.checkpoint_every
+    with progress_bar("train", progress and accelerator.is_main_process) as bar, StopSignals() as stop:
         task = bar.add_task(config.name, total=config.steps, completed=step)
-        try:
-            while step < config.steps:
-                if stop_after is not None and step - first_step >= stop_after:
-                    break
-                current = step + 1  # `step` counts completed updates: it moves only after optimizer.step()
-                tick = time.time()
-                lr = learning_rate(config, current)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                batches = [_to_device(lab_data.make_batch(source, config.seed, current, chunk, config.context_length,
-                                                          packing), accelerator.device) for chunk in micro_batches]
-                local_count = torch.tensor(float(sum(int((b.labels != -100).sum()) for b in batches)),
-                                           device=accelerator.device)
-                global_count = accelerator.reduce(local_count.clone(), reduction="sum")
-                loss_sum = torch.zeros((), device=accelerator.device)
-                for index, batch in enumerate(batches):
-                    # gradients are synchronised once per step, after the last micro-batch
-                    last = index == len(batches) - 1
-                    with contextlib.nullcontext() if last else accelerator.no_sync(model):
-                        micro_loss, _ = token_losses(model, batch)
-                        # DDP averages gradients over processes: scale so the result is the global token mean
-                        accelerator.backward(micro_loss * world / global_count)
-                    loss_sum += micro_loss.detach()
-                if opt.grad_clip:
-                    accelerator.clip_grad_norm_(model.parameters(), opt.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                step = current
-                loss = float(accelerator.reduce(loss_sum, reduction="sum") / global_count)
-                seconds = time.time() - tick
-                throughput = config.tokens_per_step / max(seconds, 1e-9)
-                if accelerator.is_main_process:
-                    append_rows(out / "log.jsonl", [{"step": step, "tokens": step * config.tokens_per_step,
-                                                     "loss": loss, "lr": lr, "tokens_per_s": throughput}])
-                bar.update(task, completed=step,
-                           description=f"{config.name} loss {loss:.3f} {throughput / 1000:.1f}k tok/s")
-                if step % tracking.every == 0 or step == config.steps:
-                    track(step)
-                if step % tracking.checkpoint_every == 0 and step < config.steps:
-                    checkpoint(step, False)
-        except KeyboardInterrupt:
-            interrupted = True
-    # A finished step is never lost: the last completed step is checkpointed on every way out.
-    checkpoint(step, step >= config.steps)
-    if interrupted:
+        while step < config.steps and not stop.agreed(accelerator):
+            if stop_after is not None and step - first_step >= stop_after:
+                break
+            step += 1
+            tick = time.time()
+            loss, lr = train_step(run, step)
+            throughput = log_step(run, step, loss, lr, time.time() - tick)
+            bar.update(task, completed=step,
+                       description=f"{config.name} loss {loss:.3f} {throughput / 1000:.1f}k tok/s")
+            if step % every == 0 or step == config.steps:
+                track(run, step)
+            if step % checkpoint_every == 0 and step < config.steps:
+                checkpoint(run, step, finished=False)
+            stall_for_tests(f"step {step}")
+        # A finished step is never lost: the last completed step is checkpointed on every way out.
+        checkpoint(run, step, finished=step >= config.steps)
+    if stop.requested is not None and step < config.steps:
         raise KeyboardInterrupt
     return _result(out, {"step": step, "tokens": step * config.tokens_per_step}, time.time() - started)
 
 
-@contextlib.contextmanager
-def _terminate_as_interrupt() -> Iterator[None]:
-    """SIGTERM (a batch scheduler's stop, `kill`) ends the run like Ctrl-C: with a checkpoint of the last
-    finished step."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+class StopSignals:
+    """SIGTERM (a batch scheduler's stop, `kill`) and Ctrl-C end the run at the next step boundary, with a
+    checkpoint of the last finished step.
 
-    def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
+    The handlers only record the signal: an exception raised from a handler can land anywhere, e.g. inside
+    ``optimizer.step()`` after some parameters moved, and the checkpoint would then hold update N+1 labelled
+    N. A second Ctrl-C stops at once (the previous checkpoint stays as it was)."""
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.requested: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {signum: signal.signal(signum, self._record) for signum in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _record(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and self.requested == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signum
+
+    def agreed(self, accelerator: Any) -> bool:
+        """Whether to stop now; under several processes all stop at the same step if any was signalled."""
+        wanted = self.requested is not None
+        if accelerator.num_processes == 1:
+            return wanted
+        flag = torch.tensor(float(wanted), device=accelerator.device)
+        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
 
 
 def _to_device(batch: lab_data.Batch, device: torch.device) -> lab_data.Batch:

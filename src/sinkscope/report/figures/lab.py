@@ -1,13 +1,14 @@
-"""The emergence lab's figures: sink rate over training, final sink rate per run."""
+"""The emergence lab's figures: sink rate over training, final sink rate per run and per layer."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
 
-from . import pyplot
+from . import pyplot, save_figure
 
 plt = pyplot()
 
@@ -91,3 +92,31 @@ def final_sink_rate_figure(summary: Any, eps: float = 0.3) -> Figure:
         ax.set_title(group, fontsize=9)
         ax.legend(fontsize=7)
     return fig
+
+
+def final_sink_rate_by_layer_figure(by_layer: Any, eps: float = 0.3) -> Figure:
+    """Final sink rate per layer, one line per run (mean over seeds), one panel per group x inference input:
+    where in the model the sinks are, and (for a depth sweep) how that changes with the number of layers.
+    ``by_layer``: the sweep's ``final_by_layer`` table (group, label, inference, eps, layer, sink_rate)."""
+    chosen = by_layer[by_layer["eps"] == eps]
+    panels = list(dict.fromkeys(zip(chosen["group"], chosen["inference"], strict=True)))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.4), squeeze=False,
+                             constrained_layout=True)
+    colours = plt.get_cmap("viridis")
+    for ax, (group, inference) in zip(axes[0], panels, strict=True):
+        part = chosen[(chosen["group"] == group) & (chosen["inference"] == inference)]
+        labels = list(dict.fromkeys(part["label"]))
+        for index, label in enumerate(labels):
+            line = part[part["label"] == label].sort_values("layer")
+            ax.plot(line["layer"], line["sink_rate"], "o-", color=colours(index / max(len(labels) - 1, 1) * 0.9),
+                    label=label)
+        ax.set_xlabel("layer (attention block)")
+        ax.set_ylabel(f"final sink rate (eps = {eps:g})")
+        ax.set_ylim(-0.03, 1.03)
+        ax.set_title(f"{group} [{inference}]", fontsize=9)
+        ax.legend(fontsize=7)
+    return fig
+
+
+def plot_final_sink_rate_by_layer(by_layer: Any, path: str | Path, eps: float = 0.3) -> Path:
+    return save_figure(final_sink_rate_by_layer_figure(by_layer, eps), path)
