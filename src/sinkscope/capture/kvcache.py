@@ -1,0 +1,449 @@
+"""Compressed KV caches on transformers' `Cache` API: simulated quantisation, and eviction presses.
+
+`QuantisedCache(model, bits=4, axis="token", group_size=None, protect=4)` quantises every key and value
+when it is written (`metrics.quantise.fake_quantise`: quantise, then dequantise; stored in the model's
+dtype), except the protected tokens (the first ``protect`` positions, or a given set of positions: the
+sinks), which are kept bit for bit. Attention always reads the cache, the tokens of the current forward
+pass included, as a kernel reading a quantised paged cache does. Per-token scales (``axis="token"``)
+depend on the token alone, so a chunked forward gives the same predictions as token-by-token decoding.
+Per-channel scales (``axis="channel"``) run over blocks of ``group_size`` consecutive unprotected tokens:
+until a block is complete its tokens are held (and read) at full precision, as KIVI's residual; the
+forward pass that completes a block reads it quantised. ``bits=None`` (or 16) is the plain cache.
+
+`EvictingCache(model)` holds everything until `compress(press, ratio, protect)` evicts a fraction
+``ratio`` of the tokens of each full-attention layer, per key/value head, keeping the highest scores of a
+`Press` (kvpress-style: one small class per policy, overriding `score`) and always the first ``protect``
+positions. Tokens keep their original positions (rotary already applied), so the tokens fed afterwards
+need explicit ``position_ids``. Sliding-window layers keep their own window and are not compressed (as
+kvpress does for Gemma-3).
+
+Every layer records ``read_positions`` (the position of each key the last forward read: long [S], or
+[B, KVH, S] after per-head eviction), so `KeptSinkMass` can measure, through the capture engine, the
+attention the compressed cache still gives position 0. `nbytes()`: what each cache would hold — full
+precision tokens at the model's dtype, quantised ones as packed payload plus per-group scales.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer, get_layer_types_and_kwargs
+
+from ..errors import InputError, UnsupportedModelError
+from ..metrics.quantise import check_quantiser, fake_quantise, quantised_bytes
+from ..models.loader import LoadedModel, text_config
+from .engine import AttentionCall, BatchInfo, CaptureEngine, Probe
+
+RAW = -1  # held at full precision for good (protected, or no quantisation)
+RESIDUAL = -2  # held at full precision until its per-channel block is complete
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How a cache quantises: ``bits`` None = not at all."""
+
+    bits: int | None = None
+    axis: str = "token"
+    group_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.bits is None:
+            return
+        check_quantiser(self.bits, self.axis, self.group_size)
+        if self.axis == "channel" and self.group_size is None:
+            raise InputError("per-channel quantisation needs a group size (tokens per block of scales)")
+
+
+def protected_positions(protect: int | Iterable[int]) -> frozenset[int]:
+    """The first ``protect`` positions, or the positions given."""
+    if isinstance(protect, int):
+        if protect < 0:
+            raise InputError(f"protect must be >= 0 tokens (got {protect})")
+        return frozenset(range(protect))
+    chosen = frozenset(int(p) for p in protect)
+    if any(p < 0 for p in chosen):
+        raise InputError("protected positions must be >= 0")
+    return chosen
+
+
+class _Quantising:
+    """What the full and sliding layers share: quantise on write, keep the positions and status of held tokens."""
+
+    keys: Any
+    values: Any
+
+    def _setup(self, spec: QuantSpec, protect: frozenset[int]) -> None:
+        self.spec = QuantSpec() if spec.bits in (None, 16) else spec
+        self.protect = protect
+        self.written = 0  # positions written so far
+        self.positions = torch.empty(0, dtype=torch.long)  # of the held tokens: [S] (or [B, KVH, S], evicted)
+        self.status = torch.empty(0, dtype=torch.long)  # [S]: RAW, RESIDUAL or the token's group id
+        self.read_positions = self.positions
+        self._pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # residual (position, raw k, raw v)
+        self._groups = 0
+
+    def _is_protected(self, positions: torch.Tensor) -> torch.Tensor:
+        if not self.protect:
+            return torch.zeros(positions.shape, dtype=torch.bool)
+        return torch.tensor([int(p) in self.protect for p in positions], dtype=torch.bool)
+
+    def _write(self, key_states: torch.Tensor, value_states: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(keys, values, positions, status) of the held tokens followed by the new ones, quantised as written."""
+        n = key_states.shape[-2]
+        new_positions = torch.arange(self.written, self.written + n)
+        status = torch.full((n,), RAW, dtype=torch.long)
+        keys_new, values_new = key_states, value_states
+        spec = self.spec
+        if spec.bits is not None:
+            quantised = (~self._is_protected(new_positions)).nonzero().flatten()
+            if spec.axis == "token" and quantised.numel():
+                keys_new, values_new = key_states.clone(), value_states.clone()
+                keys_new[..., quantised, :] = fake_quantise(key_states[..., quantised, :], spec.bits, "token",
+                                                            spec.group_size)
+                values_new[..., quantised, :] = fake_quantise(value_states[..., quantised, :], spec.bits, "token",
+                                                              spec.group_size)
+                status[quantised] = torch.arange(self._groups, self._groups + quantised.numel())
+                self._groups += quantised.numel()
+            elif spec.axis == "channel":
+                status[quantised] = RESIDUAL
+                self._pending += [(int(new_positions[i]), key_states[..., i, :], value_states[..., i, :])
+                                  for i in quantised.tolist()]
+        held = self.positions.shape[-1]
+        if held:
+            positions = torch.cat([self.positions, new_positions.expand(*self.positions.shape[:-1], n)], -1)
+            keys = torch.cat([self.keys, keys_new], dim=-2)
+            values = torch.cat([self.values, values_new], dim=-2)
+            status = torch.cat([self.status, status])
+        else:
+            positions, keys, values = new_positions, keys_new, values_new
+        self.written += n
+        if spec.bits is not None and spec.axis == "channel":
+            keys, values, status = self._quantise_complete_blocks(keys, values, positions, status)
+        return keys, values, positions, status
+
+    def _quantise_complete_blocks(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
+                                  status: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Quantise every complete block of ``group_size`` residual tokens (per channel, over the block)."""
+        size = self.spec.group_size
+        assert size is not None and self.spec.bits is not None
+        if len(self._pending) < size:
+            return keys, values, status
+        keys, values, status = keys.clone(), values.clone(), status.clone()
+        first = int(positions[0]) if positions.dim() == 1 else 0  # quantised caches hold consecutive positions
+        while len(self._pending) >= size:
+            block, self._pending = self._pending[:size], self._pending[size:]
+            raw_k = torch.stack([k for _, k, _ in block], dim=-2)  # [B, KVH, size, D]
+            raw_v = torch.stack([v for _, _, v in block], dim=-2)
+            q_k = fake_quantise(raw_k, self.spec.bits, "channel", None)
+            q_v = fake_quantise(raw_v, self.spec.bits, "channel", None)
+            for j, (position, _, _) in enumerate(block):
+                index = position - first
+                if 0 <= index < keys.shape[-2]:  # a sliding window may have dropped it already
+                    keys[..., index, :] = q_k[..., j, :]
+                    values[..., index, :] = q_v[..., j, :]
+                    status[index] = self._groups
+            self._groups += 1
+        return keys, values, status
+
+    def nbytes(self) -> int:
+        """Bytes this layer would hold: full-precision tokens at the model's dtype, quantised tokens packed with
+        their scales (keys and values; every batch row and key/value head)."""
+        if self.keys is None or self.keys.dim() != 4:
+            return 0
+        batch, heads, _, dim = self.keys.shape
+        raw = int((self.status < 0).sum())
+        total = raw * dim * self.keys.element_size()
+        quantised = self.status[self.status >= 0]
+        if quantised.numel():
+            assert self.spec.bits is not None
+            blocks = int(quantised.unique().numel())
+            total += quantised_bytes(int(quantised.numel()), dim, self.spec.bits, self.spec.axis,
+                                     self.spec.group_size, n_groups=blocks if self.spec.axis == "channel" else None)
+        return int(2 * batch * heads * total)
+
+
+class QuantisedLayer(_Quantising, DynamicLayer):
+    """A full-attention layer of a `QuantisedCache`."""
+
+    is_croppable = False
+
+    def __init__(self, spec: QuantSpec, protect: frozenset[int]) -> None:
+        DynamicLayer.__init__(self)
+        self._setup(spec, protect)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        keys, values, positions, status = self._write(key_states, value_states)
+        self.keys, self.values, self.positions, self.status = keys, values, positions, status
+        self.read_positions = positions
+        return keys, values
+
+    def evict(self, keep: torch.Tensor) -> None:
+        """Keep the held tokens at indices ``keep`` [B, KVH, S'] (sorted), per key/value head."""
+        if self.spec.bits is not None:
+            raise UnsupportedModelError("eviction is not combined with quantisation here")
+        assert self.keys is not None and self.values is not None
+        batch, heads, held, dim = self.keys.shape
+        positions = self.positions if self.positions.dim() == 3 else self.positions.expand(batch, heads, held)
+        gather = keep[..., None].expand(-1, -1, -1, dim).to(self.keys.device)
+        self.keys = self.keys.gather(2, gather)
+        self.values = self.values.gather(2, keep[..., None].expand(-1, -1, -1, self.values.shape[-1]))
+        self.positions = positions.gather(2, keep)
+        self.status = torch.full((keep.shape[-1],), RAW, dtype=torch.long)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise InputError("a compressed cache cannot be cropped")
+
+
+class QuantisedSlidingLayer(_Quantising, DynamicSlidingWindowLayer):
+    """A sliding-window layer of a `QuantisedCache`: quantised as written, then only the window is kept."""
+
+    is_croppable = False
+
+    def __init__(self, sliding_window: int, spec: QuantSpec, protect: frozenset[int]) -> None:
+        DynamicSlidingWindowLayer.__init__(self, sliding_window=sliding_window)
+        self._setup(spec, protect)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        keys, values, positions, status = self._write(key_states, value_states)
+        self.cumulative_length += key_states.shape[-2]
+        keep = self.sliding_window - 1  # what the next token can still see
+        self.keys, self.values = keys[..., -keep:, :], values[..., -keep:, :]
+        self.positions, self.status = positions[-keep:], status[-keep:]
+        self.read_positions = positions
+        return keys, values
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise InputError("a compressed cache cannot be cropped")
+
+
+def _layers(model: LoadedModel | Any, spec: QuantSpec, protect: frozenset[int]) -> list[Any]:
+    model = model.model if isinstance(model, LoadedModel) else model
+    config = text_config(model)
+    layer_types, kwargs = get_layer_types_and_kwargs(config)
+    layers: list[Any] = []
+    for layer_type, options in zip(layer_types, kwargs, strict=True):
+        if layer_type == "full_attention":
+            layers.append(QuantisedLayer(spec, protect))
+        elif layer_type in ("sliding_attention", "chunked_attention"):
+            layers.append(QuantisedSlidingLayer(int(options["sliding_window"]), spec, protect))
+        else:
+            raise UnsupportedModelError(f"{type(model).__name__}: layer type '{layer_type}' has no compressed cache")
+    return layers
+
+
+def compressed_layer(cache: Cache, index: int) -> _Quantising:
+    """Layer ``index`` of a `QuantisedCache` or `EvictingCache`."""
+    layer = cache.layers[index]
+    if not isinstance(layer, _Quantising):
+        raise TypeError(f"layer {index} of {type(cache).__name__} is not a compressed-cache layer")
+    return layer
+
+
+class QuantisedCache(Cache):
+    """Keys and values quantised as written, protected tokens kept (see the module docstring)."""
+
+    def __init__(self, model: LoadedModel | Any, bits: int | None = None, axis: str = "token",
+                 group_size: int | None = None, protect: int | Iterable[int] = 0) -> None:
+        self.spec = QuantSpec(None if bits in (None, 16) else bits, axis, group_size)
+        self.protect = protected_positions(protect)
+        super().__init__(layers=_layers(model, self.spec, self.protect))
+
+    def nbytes(self) -> int:
+        return sum(compressed_layer(self, i).nbytes() for i in range(len(self.layers)))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(bits={self.spec.bits}, axis={self.spec.axis}, protect={sorted(self.protect)})"
+
+
+class EvictingCache(QuantisedCache):
+    """A full-precision cache whose full-attention layers `compress` evicts from (see the module docstring)."""
+
+    def __init__(self, model: LoadedModel | Any) -> None:
+        super().__init__(model)
+
+    def compress(self, press: Press, ratio: float, protect: int = 0,
+                 queries: dict[int, QueryRecord] | None = None) -> None:
+        """Evict ``ratio`` of each full-attention layer's tokens (per key/value head), by ``press.score``;
+        the first ``protect`` positions are always kept."""
+        if not 0.0 <= ratio < 1.0:
+            raise InputError(f"the compression ratio must lie in [0, 1) (got {ratio})")
+        for index, layer in enumerate(self.layers):
+            if not isinstance(layer, QuantisedLayer) or layer.keys is None or layer.keys.dim() != 4:
+                continue
+            batch, heads, held, _ = layer.keys.shape
+            keep = held - int(held * ratio)
+            if keep >= held:
+                continue
+            positions = layer.positions if layer.positions.dim() == 3 else layer.positions.expand(batch, heads, held)
+            scores = press.score(layer.keys, layer.values, positions, (queries or {}).get(index)).float()
+            scores = torch.where(positions < protect, torch.full_like(scores, float("inf")), scores)
+            chosen = scores.topk(keep, dim=-1).indices.sort(-1).values
+            layer.evict(chosen)
+
+
+# -- presses -------------------------------------------------------------------------------------------
+@dataclass
+class QueryRecord:
+    """The last queries of a prefill at one layer, with how the layer scores them."""
+
+    query: torch.Tensor  # [B, H, w, D]
+    scaling: float
+    softcap: float | None
+
+
+class Press:
+    """An eviction policy: a score per held token and head (higher = kept). Subclasses override `score`."""
+
+    name: ClassVar[str] = ""
+    needs_queries: ClassVar[bool] = False
+
+    def score(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
+              queries: QueryRecord | None) -> torch.Tensor:
+        """[B, KVH, S] from keys/values [B, KVH, S, D] and their positions [B, KVH, S]."""
+        raise NotImplementedError
+
+
+class WindowPress(Press):
+    """The most recent tokens (with ``protect`` first tokens: StreamingLLM's sinks + recent window)."""
+
+    name = "window"
+
+    def score(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
+              queries: QueryRecord | None) -> torch.Tensor:
+        return positions.float()
+
+
+class KnormPress(Press):
+    """Keep the keys of smallest L2 norm (kvpress's KnormPress: low-norm keys draw high attention)."""
+
+    name = "knorm"
+
+    def score(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
+              queries: QueryRecord | None) -> torch.Tensor:
+        norms: torch.Tensor = keys.float().norm(dim=-1)
+        return -norms
+
+
+class SnapKVPress(Press):
+    """SnapKV: the attention the last ``window`` queries of the prefill give each key (mean over those
+    queries and the query heads of a key/value head, smoothed over ``kernel`` neighbours); the window
+    itself is always kept."""
+
+    name = "snapkv"
+    needs_queries = True
+
+    def __init__(self, window: int = 32, kernel: int = 5) -> None:
+        self.window, self.kernel = window, kernel
+
+    def score(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
+              queries: QueryRecord | None) -> torch.Tensor:
+        if queries is None:
+            raise UnsupportedModelError("SnapKV needs the prefill's last queries")
+        batch, kv_heads, held, _ = keys.shape
+        query = queries.query.float()  # [B, H, w, D]
+        w = query.shape[2]
+        group = query.shape[1] // kv_heads
+        logits = torch.einsum("bhwd,bhsd->bhws", query, keys.float().repeat_interleave(group, 1)) * queries.scaling
+        if queries.softcap is not None:
+            logits = torch.tanh(logits / queries.softcap) * queries.softcap
+        causal = torch.arange(held)[None, :] <= torch.arange(held - w, held)[:, None]  # [w, S]
+        weights = logits.masked_fill(~causal, float("-inf")).softmax(-1)
+        scores = weights.mean(2).view(batch, kv_heads, group, held).mean(2)  # [B, KVH, S]
+        scores = torch.nn.functional.avg_pool1d(scores, self.kernel, 1, self.kernel // 2, count_include_pad=False)
+        recent = positions >= positions.amax(-1, keepdim=True) - w + 1
+        kept: torch.Tensor = torch.where(recent, torch.full_like(scores, torch.finfo(scores.dtype).max), scores)
+        return kept
+
+
+PRESSES: dict[str, type[Press]] = {p.name: p for p in (WindowPress, KnormPress, SnapKVPress)}
+
+
+def make_press(name: str) -> Press:
+    if name not in PRESSES:
+        raise InputError(f"unknown press '{name}' (choose from {', '.join(PRESSES)})")
+    return PRESSES[name]()
+
+
+# -- probes ---------------------------------------------------------------------------------------------
+class LastQueries(Probe):
+    """Per layer, the last ``n`` queries of each forward (for query-aware presses such as SnapKV)."""
+
+    def __init__(self, n: int = 32) -> None:
+        self.n = n
+        self.records: dict[int, QueryRecord] = {}
+
+    def on_attention(self, call: AttentionCall) -> None:
+        self.records[call.layer] = QueryRecord(call.query[:, :, -self.n:].detach().clone(), call.scaling,
+                                               call.softcap)
+
+
+class KeptSinkMass(Probe):
+    """Per layer: the attention each query gives the key holding ``position`` (0 when the cache no longer
+    holds it or the query may not see it), read through the engine from the cache's ``read_positions``.
+
+    ``records[layer]``: float [B, H, T] on CPU."""
+
+    def __init__(self, cache: Cache, position: int = 0) -> None:
+        self.cache = cache
+        self.position = position
+        self.records: dict[int, torch.Tensor] = {}
+
+    def start(self, batch: BatchInfo, engine: CaptureEngine) -> None:
+        self.records = {}
+
+    def on_attention(self, call: AttentionCall) -> None:
+        batch, kv_heads, held, _ = call.key.shape
+        positions = compressed_layer(self.cache, call.layer).read_positions.to(call.key.device)
+        positions = positions.expand(batch, kv_heads, held)
+        hits = positions == self.position
+        present = hits.any(-1)  # [B, KVH]
+        index = hits.long().argmax(-1)  # [B, KVH]
+        key = call.key.gather(2, index[..., None, None].expand(-1, -1, 1, call.key.shape[-1]))[:, :, 0]
+        group = call.n_heads // kv_heads
+        key, present, index = (t.repeat_interleave(group, 1) for t in (key, present, index))  # per query head
+        dtype = call.options.compute_dtype
+        scores = torch.einsum("bhtd,bhd->bht", call.query.to(dtype), key.to(dtype)) * call.scaling
+        if call.softcap is not None:
+            scores = torch.tanh(scores / call.softcap) * call.softcap
+        weight = call.variant.key_weight(scores, call.lse, call.inputs.logit_bias)
+        allowed = call.dense_allowed().expand(batch, call.n_heads, -1, -1)
+        visible = allowed.gather(3, index[:, :, None, None].expand(-1, -1, allowed.shape[2], 1))[..., 0]
+        weight = torch.where(visible & present[..., None], weight, torch.zeros((), dtype=weight.dtype))
+        self.records[call.layer] = weight.float().cpu()
+
+    def mean(self) -> float:
+        """Mean over layers, heads and queries of the last forward."""
+        return float(torch.stack([r.mean() for r in self.records.values()]).mean())
+
+
+def cached_forward(engine: CaptureEngine, cache: Cache, ids: torch.Tensor,
+                   positions: Sequence[int] | torch.Tensor | None = None) -> Any:
+    """One forward of ``ids`` [B, T] through ``cache`` with the engine's probes attached (the base model: no
+    LM head). ``positions``: the tokens' positions (needed once a cache has evicted; default: the cache's
+    length onwards)."""
+    model = engine.model
+    device = next(model.parameters()).device
+    ids = ids.to(device)
+    mask = torch.ones_like(ids)
+    engine.batch = BatchInfo(ids, mask, torch.zeros(ids.shape[0], dtype=torch.long, device=device))
+    for probe in engine.probes:
+        probe.start(engine.batch, engine)
+    inputs: dict[str, Any] = {"input_ids": ids, "use_cache": True, "cache": cache}
+    if positions is not None:
+        inputs["position_ids"] = torch.as_tensor(positions, device=device).view(1, -1).expand(ids.shape[0], -1)
+    model.eval()
+    with torch.inference_mode():
+        output = model.base_model(**inputs)
+    for probe in engine.probes:
+        probe.finish()
+    return output

@@ -1,0 +1,57 @@
+"""The `kv` Pareto figure: quality against memory, protected and unprotected caches told apart."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import figure_for, pyplot
+
+plt = pyplot()
+MARKERS = {"int8": "o", "int4": "s", "int2": "D", "window": "^", "knorm": "v", "snapkv": "P"}
+
+
+@figure_for("kv")
+def kv_figures(result: Any) -> dict[str, Any]:
+    """Left: Δloss (95% interval over windows) against the bytes held, relative to the full cache. Right:
+    passkey key NLL against the same. Filled markers keep the first tokens (protect > 0), hollow ones do not;
+    a grey line joins the same cache with and without protection."""
+    table = result.tables["kv"]
+    has_passkey = bool(table["key_nll"].notna().any())
+    fig, axes = plt.subplots(1, 2 if has_passkey else 1, figsize=(13 if has_passkey else 7, 5),
+                             constrained_layout=True, squeeze=False)
+    colours = {family: f"C{i % 10}" for i, family in enumerate(dict.fromkeys(table["family"]))}
+    panels = [(axes[0][0], "delta_loss", "Δloss vs full cache (nats/token)")]
+    if has_passkey:
+        panels.append((axes[0][1], "key_nll", "passkey: NLL of the key (nats/token)"))
+    for ax, column, label in panels:
+        for _, group in table.groupby(["family", table["ratio"].fillna(-1)], sort=False):
+            group = group.sort_values("protect")
+            ax.plot(group["bytes_ratio"], group[column], color="grey", lw=0.6, alpha=0.6, zorder=1)
+        for r in table.itertuples():
+            colour = "black" if r.family == "full" else colours[r.family]
+            marker = "*" if r.family == "full" else MARKERS.get(r.family.split("-")[0], "o")
+            filled = r.protect > 0
+            if column == "delta_loss":
+                ax.errorbar(r.bytes_ratio, r.delta_loss, fmt="none", ecolor=colour, alpha=0.5, lw=0.8, zorder=2,
+                            yerr=[[r.delta_loss - r.delta_low], [r.delta_high - r.delta_loss]])
+            ax.scatter(r.bytes_ratio, getattr(r, column), marker=marker, s=60 if r.family != "full" else 160,
+                       facecolors=colour if filled or r.family == "full" else "none", edgecolors=colour,
+                       linewidths=1.4, zorder=3)
+        ax.set_xscale("log")
+        ax.set_xlabel("bytes held / bytes of the full cache (log)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3, which="both")
+        if column == "delta_loss":
+            ax.set_yscale("symlog", linthresh=0.01)
+            ax.axhline(0, color="grey", lw=0.8)
+    handles = [plt.Line2D([], [], marker=MARKERS.get(f.split("-")[0], "o"), color=c, linestyle="", label=f)
+               for f, c in colours.items() if f != "full"]
+    handles += [plt.Line2D([], [], marker="o", color="grey", linestyle="", label="protect > 0 (filled)"),
+                plt.Line2D([], [], marker="o", color="grey", markerfacecolor="none", linestyle="",
+                           label="protect = 0 (hollow)"),
+                plt.Line2D([], [], marker="*", color="black", linestyle="", markersize=10, label="full cache")]
+    axes[0][-1].legend(handles=handles, fontsize=8, loc="best")
+    summary = result.summary
+    fig.suptitle(f"{result.provenance['model']['name']}: KV-cache compression, quality against memory "
+                 f"({summary['n_windows']} windows, {summary['n_passkey_prompts']} passkey prompts)")
+    return {"kv_pareto": fig}

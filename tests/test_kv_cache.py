@@ -1,0 +1,226 @@
+"""The quantiser and the compressed caches against independent references.
+
+References: a naive loop over groups (and a case worked out by hand) for the quantiser; transformers' own
+`DynamicCache` for the unquantised cache and for what protected tokens hold; token-by-token decoding for
+chunked per-token quantisation; bytes counted by hand; a full forward with a mask hiding the evicted tokens
+for eviction; transformers' eager attention weights for the sink mass the engine reads from the cache.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import helpers
+from helpers import eager_twin, tiny_model
+from sinkscope.capture import CaptureEngine, SinkKnockout
+from sinkscope.capture.kvcache import (
+    EvictingCache,
+    KeptSinkMass,
+    LastQueries,
+    QuantisedCache,
+    WindowPress,
+    cached_forward,
+    make_press,
+)
+from sinkscope.errors import InputError
+from sinkscope.metrics.quantise import fake_quantise, quantised_bytes
+
+FAMILIES = ["llama", "gemma3_text"]  # gemma3: two sliding-window layers (window 6) and one full layer
+
+
+def tokens(n: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(3, helpers.VOCAB, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def logits_through(model, cache, ids, chunks):
+    out, start = [], 0
+    with torch.inference_mode():
+        for size in chunks:
+            out.append(model(input_ids=ids[:, start:start + size], cache=cache, use_cache=True).logits)
+            start += size
+    return torch.cat(out, 1)
+
+
+def naive_quantise(x: torch.Tensor, bits: int, axis: str, group: int) -> torch.Tensor:
+    """One group at a time, in float64 Python loops."""
+    out = x.double().clone()
+    levels = 2 ** bits - 1
+    *lead, s, d = x.shape
+    for index in torch.cartesian_prod(*[torch.arange(n) for n in lead]) if lead else [()]:
+        index = tuple(index.tolist()) if lead else ()
+        m = x[index].double()
+        spans = ([(t, slice(c, c + group)) for t in range(s) for c in range(0, d, group)] if axis == "token"
+                 else [(slice(t, t + group), c) for c in range(d) for t in range(0, s, group)])
+        for rows, cols in spans:
+            block = m[rows, cols]
+            low, high = float(block.min()), float(block.max())
+            scale = (high - low) / levels
+            q = [min(max(round((v - low) / scale), 0), levels) if scale > 0 else 0 for v in block.flatten().tolist()]
+            restored = torch.tensor(q, dtype=torch.float64).view(block.shape) * scale + low
+            out[index][rows, cols] = restored
+    return out.to(x.dtype)
+
+
+def test_quantiser_by_hand():
+    x = torch.tensor([[0.0, 1.0, 2.0, 3.0], [-1.0, -1.0, -1.0, -1.0]])
+    # token 0: range 0..3, 2 bits -> scale 1: exact. token 1: constant: exact.
+    assert torch.equal(fake_quantise(x, 2, "token"), x)
+    y = torch.tensor([[0.0, 0.4, 1.0]])  # 1 bit would not do; 2 bits: scale 1/3, 0.4 -> round(1.2)=1 -> 1/3
+    torch.testing.assert_close(fake_quantise(y, 2, "token"), torch.tensor([[0.0, 1 / 3, 1.0]]))
+    # per channel over the two tokens of column 1: {1, -1}, 2 bits: scale 2/3, exact at the ends
+    assert torch.equal(fake_quantise(x, 2, "channel"), x)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("axis,group", [("token", 4), ("token", 8), ("channel", 2), ("channel", 6)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantiser_against_a_naive_loop(bits, axis, group, dtype):
+    x = (torch.randn(2, 3, 6, 8, generator=torch.Generator().manual_seed(bits)) * 3).to(dtype)
+    got = fake_quantise(x, bits, axis, group)
+    expected = naive_quantise(x.float(), bits, axis, group).to(dtype)
+    assert got.dtype == dtype
+    # float32 arithmetic vs float64: a value on a rounding boundary may land one level apart, nowhere else
+    step = (x.float().amax() - x.float().amin()) / (2 ** bits - 1)
+    difference = (got.float() - expected.float()).abs()
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2 * float(x.float().abs().max())
+    assert ((difference <= tolerance) | (difference <= float(step) * 1.001)).all()
+    assert (difference <= tolerance).float().mean() > 0.99
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("bits", [None, 16])
+def test_full_precision_equals_the_plain_cache_exactly(family, bits):
+    model = tiny_model(family)
+    ids = tokens(16)
+    expected = logits_through(model, DynamicCache(config=model.config), ids, (7, 1, 8))
+    got = logits_through(model, QuantisedCache(model, bits=bits, protect=2), ids, (7, 1, 8))
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("axis,group", [("token", None), ("token", 4), ("channel", 4)])
+def test_protected_tokens_are_untouched_bit_for_bit(family, axis, group):
+    model = tiny_model(family)
+    ids = tokens(5)  # shorter than gemma3's window: every layer still holds every token
+    plain, quantised = DynamicCache(config=model.config), QuantisedCache(model, 2, axis, group, protect=[0, 2])
+    logits_through(model, plain, ids[:, :1], (1,))
+    logits_through(model, quantised, ids[:, :1], (1,))
+    # layer 0 sees the same inputs in both caches: its protected tokens must be stored exactly, the rest not
+    logits_through(model, plain, ids[:, 1:], (4,))
+    logits_through(model, quantised, ids[:, 1:], (4,))
+    for name in ("keys", "values"):
+        reference, held = getattr(plain.layers[0], name), getattr(quantised.layers[0], name)
+        assert torch.equal(held[..., [0, 2], :], reference[..., [0, 2], :])
+        changed = (held[..., [1, 3], :] != reference[..., [1, 3], :]) if axis == "token" else None
+        if changed is not None:
+            assert changed.any()
+    if axis == "channel":  # 3 unprotected tokens < a block of 4: all still at full precision
+        assert torch.equal(quantised.layers[0].keys, plain.layers[0].keys)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_per_token_quantisation_is_the_same_in_chunks_and_token_by_token(family):
+    model = tiny_model(family)
+    ids = tokens(14)
+    chunked = logits_through(model, QuantisedCache(model, 4, protect=1), ids, (9, 5))
+    stepped = logits_through(model, QuantisedCache(model, 4, protect=1), ids, (1,) * 14)
+    unquantised = logits_through(model, DynamicCache(config=model.config), ids, (14,))
+    torch.testing.assert_close(chunked, stepped, atol=1e-4, rtol=1e-4)
+    assert (chunked - unquantised).abs().max() > 1e-2  # and quantisation did change something
+
+
+def test_bytes_by_hand():
+    model = tiny_model("llama")  # 3 layers, 2 kv heads, head dim 8, float32
+    per_head_and_tensor = {
+        # 10 tokens, 2 protected: 2 x 8 x 4 raw bytes; 8 tokens x 8 channels x 4 bits = 32 bytes + 8 scales x 4
+        ("token", None, 10): 64 + 32 + 32,
+        # blocks of 4 tokens: 8 unprotected = 2 blocks; payload 32 + 2 blocks x 8 channels x 4 bytes
+        ("channel", 4, 10): 64 + 32 + 64,
+        # 9 tokens: 7 unprotected = 1 block of 4 quantised + 3 residual at full precision
+        ("channel", 4, 9): (2 + 3) * 8 * 4 + 16 + 8 * 4,
+    }
+    for (axis, group, n), expected in per_head_and_tensor.items():
+        cache = QuantisedCache(model, 4, axis, group, protect=2)
+        logits_through(model, cache, tokens(n), (n,))
+        assert cache.nbytes() == expected * 2 * 2 * 3  # keys and values, 2 kv heads, 3 layers
+    plain = QuantisedCache(model)
+    logits_through(model, plain, tokens(10), (10,))
+    assert plain.nbytes() == sum(t.numel() * t.element_size() for layer in plain.layers
+                                 for t in (layer.keys, layer.values))
+    assert quantised_bytes(8, 8, 4, "token", None) == 64
+
+
+def test_bad_settings_are_refused():
+    model = tiny_model("llama")
+    for bad in (dict(bits=3), dict(bits=4, axis="row"), dict(bits=4, axis="channel"), dict(bits=4, protect=-1)):
+        with pytest.raises(InputError):
+            QuantisedCache(model, **bad)
+    with pytest.raises(InputError):
+        EvictingCache(model).compress(WindowPress(), 1.0)
+
+
+def test_window_eviction_equals_masking_the_evicted_tokens():
+    model = tiny_model("llama")
+    ids = tokens(16)
+    context, keep_first = 10, 2
+    cache = EvictingCache(model)
+    with CaptureEngine(model, []) as engine:
+        cached_forward(engine, cache, ids[:, :context])
+        cache.compress(WindowPress(), 0.5, protect=keep_first)  # keeps 0, 1 and the 3 most recent: 7, 8, 9
+        hidden = cached_forward(engine, cache, ids[:, context:], positions=range(context, 16)).last_hidden_state
+    kept = [0, 1, 7, 8, 9]
+    allowed = torch.tril(torch.ones(16, 16, dtype=torch.bool))
+    allowed[context:, :context] = False
+    allowed[context:, kept] = True
+    twin = eager_twin(model)
+    with torch.inference_mode():
+        additive = torch.where(allowed, 0.0, float("-inf"))[None, None]  # a 4-d mask is taken as additive
+        reference = twin.model(input_ids=ids, attention_mask=additive).last_hidden_state
+    torch.testing.assert_close(hidden, reference[:, context:], atol=1e-5, rtol=1e-5)
+    assert cache.layers[0].positions[0, 0].tolist() == kept + list(range(context, 16))
+
+
+@pytest.mark.parametrize("press", ["window", "knorm", "snapkv"])
+def test_presses_keep_the_protected_tokens_and_the_ratio(press):
+    model = tiny_model("gemma3_text")
+    ids = tokens(12)
+    cache, probe = EvictingCache(model), LastQueries(4)
+    with CaptureEngine(model, [probe]) as engine:
+        cached_forward(engine, cache, ids)
+    cache.compress(make_press(press), 0.5, protect=1, queries=probe.records)
+    full = cache.layers[2]  # the full-attention layer is compressed; sliding layers keep their window
+    assert full.keys.shape[2] == 6 and bool((full.positions[..., 0] == 0).all())
+    assert cache.layers[0].keys.shape[2] == 5
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sink_mass_read_from_the_cache_equals_eager_weights(family):
+    model = tiny_model(family)
+    ids = tokens(12)
+    cache = QuantisedCache(model)
+    probe = KeptSinkMass(cache)
+    with CaptureEngine(model, [probe]) as engine:
+        cached_forward(engine, cache, ids[:, :8])
+        cached_forward(engine, cache, ids[:, 8:])
+    twin = eager_twin(model)
+    with torch.inference_mode():
+        attentions = twin(input_ids=ids, output_attentions=True).attentions
+    for layer, weights in enumerate(attentions):
+        torch.testing.assert_close(probe.records[layer], weights[:, :, 8:, 0].float(), atol=1e-5, rtol=1e-4)
+
+
+def test_the_knockout_probe_runs_through_a_compressed_cache():
+    """With nothing quantised, knocking out the sink through the cache = the engine's own knocked-out forward."""
+    model = tiny_model("llama")
+    ids = tokens(12)
+    with CaptureEngine(model, [SinkKnockout(None)]) as engine:
+        reference = engine.forward(ids).last_hidden_state
+        cache = QuantisedCache(model)
+        first = cached_forward(engine, cache, ids[:, :7]).last_hidden_state
+        rest = cached_forward(engine, cache, ids[:, 7:]).last_hidden_state
+    torch.testing.assert_close(torch.cat([first, rest], 1), reference, atol=1e-5, rtol=1e-5)
+    assert copy.deepcopy(cache).nbytes() == cache.nbytes()

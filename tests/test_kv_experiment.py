@@ -1,0 +1,110 @@
+"""`kv`: the loss through the cache against a plain forward, the passkey score against greedy decoding, what
+eviction does to the sink mass, resume and bad input on the command line."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_ablate import TEXT, lm
+from test_passkey import passkey_tokenizer
+
+import sinkscope as ss
+from helpers import invoke, tiny_model, word_tokenizer
+from sinkscope.experiments.base import Result
+from sinkscope.experiments.kv import KV, kv
+from sinkscope.experiments.ruler import greedy_continuation
+
+SMALL = dict(window=24, context=14, max_windows=3, step=4, group_size=4, passkey_length=0)
+
+
+def test_full_cache_loss_equals_a_plain_forward():
+    model = lm()
+    result = kv(model, TEXT, bits=(), presses=(), progress=False, **SMALL)
+    text_ids = word_tokenizer()(TEXT, add_special_tokens=False)["input_ids"]
+    expected = []
+    for i in range(3):
+        window = text_ids[24 * i: 24 * (i + 1)]
+        ids = torch.tensor([[1] + window])
+        with torch.no_grad():
+            logits = model.model(input_ids=ids).logits[0]
+        # text token j sits at position j + 1; targets are text tokens 15..23, predicted from positions 15..23
+        expected.append(F.cross_entropy(logits[15:24], torch.tensor(window[15:24])).item())
+    windows = result.tables["windows"]
+    assert windows["n_tokens"].eq(9).all()
+    assert windows["loss"].tolist() == pytest.approx(expected, abs=1e-5)
+    assert result.tables["kv"]["delta_loss"].iloc[0] == 0.0
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_methods_table_quantisation_and_eviction(family):
+    model = ss.load(tiny_model(family), tokenizer=word_tokenizer())
+    result = kv(model, TEXT, bits=(8, 2), axes=("token", "channel"), protect=(0, 2), presses=("window", "snapkv"),
+                ratios=(0.5,), progress=False, **SMALL)
+    table = result.tables["kv"].set_index("method")
+    assert len(table) == 1 + 2 * 2 * 2 + 2 * 2
+    assert table.loc["full", "bytes_ratio"] == 1.0
+    for axis in ("token", "channel"):  # fewer bits, fewer bytes; protection costs bytes
+        assert table.loc[f"int2-{axis} k=0", "bytes_ratio"] < table.loc[f"int8-{axis} k=0", "bytes_ratio"] < 1
+        assert table.loc[f"int2-{axis} k=2", "bytes_ratio"] > table.loc[f"int2-{axis} k=0", "bytes_ratio"]
+    assert abs(table.loc["int2-token k=0", "delta_loss"]) > abs(table.loc["int8-token k=0", "delta_loss"])
+    # the window without sinks evicts position 0 from every full-attention layer; with 2 kept, it is there
+    window = result.tables["windows"]
+    assert table.loc["window@0.5 k=2", "sink_mass"] > 0
+    if family == "llama":  # every layer is full attention: nothing attends to position 0 any more
+        assert window[window["method"] == "window@0.5 k=0"]["sink_mass"].eq(0.0).all()
+    else:  # gemma3's sliding layers (window 6) no longer reach position 0 either once 14 tokens are in
+        assert table.loc["window@0.5 k=0", "sink_mass"] == 0.0
+    assert table.loc["full", "sink_mass_kept"] == 1.0
+    for r in table.itertuples():
+        assert r.delta_low <= r.delta_loss <= r.delta_high
+
+
+def test_passkey_score_is_what_greedy_decoding_writes():
+    tokenizer = passkey_tokenizer()
+    model = ss.load(tiny_model("llama"), tokenizer=tokenizer)
+    experiment = KV(text=TEXT, bits=(), presses=(), window=24, context=14, max_windows=1, passkey_length=80,
+                    passkey_trials=2)
+    result = ss.experiments.base.run(experiment, model, progress=False)
+    for item, row in zip(experiment._passkeys, result.tables["passkey"].itertuples(), strict=True):
+        greedy = greedy_continuation(model.model, item.context + item.question, 1)
+        first = tokenizer.decode(greedy, skip_special_tokens=True)
+        assert row.answer.startswith(first) or not first
+        assert tokenizer.decode(item.answer) == item.key  # " <key>" as the answer tokens
+
+
+def refused(*args: str) -> str:
+    from typer.testing import CliRunner
+
+    from sinkscope.cli import app
+
+    result = CliRunner().invoke(app, [*args, "--quiet"])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in result.output
+    return lines[0]
+
+
+@pytest.mark.parametrize("options,says", [(["--bits", "3"], "bits"), (["--ratio", "1.5"], "ratio"),
+                                          (["--ratio", "0"], "ratio"), (["--protect", "-1"], "protect"),
+                                          (["--press", "h2o"], "press"), (["--context", "30"], "context")])
+def test_bad_input_is_one_line_and_exit_2(model_dir, options, says):
+    assert says in refused("kv", "--model", str(model_dir), "--window", "24", *options)
+
+
+def test_cli_resumes_and_the_result_loads_back(tmp_path, model_dir):
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT)
+    out = tmp_path / "run"
+    args = ["kv", "--model", str(model_dir), "--text", str(text), "--window", "20", "--context", "12",
+            "--max-windows", "2", "--step", "4", "--group-size", "4", "--bits", "4", "--protect", "0",
+            "--protect", "1", "--press", "window", "--ratio", "0.5", "--passkey-length", "0", "--out", str(out),
+            "--quiet"]
+    assert invoke(*args).exit_code == 0
+    first = Result.load(out)
+    assert (out / "kv_pareto.png").is_file() and (out / "kv.csv").is_file()
+    sorted((out / "parts").glob("batch-*.done"))[-1].unlink()
+    assert invoke(*args, "--resume").exit_code == 0
+    again = Result.load(out)
+    for name, frame in first.tables.items():
+        assert again.tables[name].equals(frame), name
