@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 FIGURES: dict[str, Callable[[Any], dict[str, Any]]] = {}
-_MODULES = ("measure", "explain", "consequences", "retrieval")  # modules that register figures of experiments
+# modules that register figures of experiments
+_MODULES = ("measure", "explain", "consequences", "retrieval", "keys", "matrix_entropy")
 
 
 def pyplot() -> Any:

@@ -1,0 +1,1 @@
+"""Matrix entropy of the residual stream."""
