@@ -54,6 +54,7 @@ from .probes import (
     AttentionWeights,
     FirstTokenAttention,
     KeyAttention,
+    RandomKeyKnockout,
     SinkKnockout,
     ValueNorms,
 )
@@ -62,7 +63,7 @@ from .variants import VARIANT_NAMES, VARIANTS, AttentionVariant, module_variant,
 __all__ = [
     "IMPLEMENTATION", "KERNELS", "VARIANTS", "VARIANT_NAMES", "AttentionCall", "AttentionEntropy",
     "AttentionInputs", "AttentionVariant", "AttentionWeights", "BatchInfo", "CaptureEngine", "FirstTokenAttention",
-    "KernelOptions", "KernelOutput", "KeyAttention", "Probe", "SinkKnockout", "ValueNorms", "capture", "choose_kernel",
-    "final_norm", "install", "module_variant", "register_variant", "restore", "run_kernel", "sinkscope_attention",
-    "variant_of",
+    "KernelOptions", "KernelOutput", "KeyAttention", "Probe", "RandomKeyKnockout", "SinkKnockout", "ValueNorms",
+    "capture", "choose_kernel", "final_norm", "install", "module_variant", "register_variant", "restore", "run_kernel",
+    "sinkscope_attention", "variant_of",
 ]

@@ -7,6 +7,8 @@ probes stay right when a sliding window has moved during cached generation.
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 
 from .engine import AttentionCall, BatchInfo, CaptureEngine, Probe
@@ -262,3 +264,53 @@ class KeyAttention(Probe):
                                for layer in layers])[..., start:start + length]
         alpha = torch.where(queries > 0, received / queries.clamp_min(1), torch.full_like(received, float("nan")))
         return {"alpha": alpha, "received": received, "queries": queries}
+
+
+class RandomKeyKnockout(SinkKnockout):
+    """Control for `SinkKnockout` with the same budget: remove each query's attention to *one key drawn at
+    random* among the keys it may attend to other than the first token, and renormalise over the rest.
+
+    Like the knock-out it controls, it touches the queries after the first token (each sees at least
+    itself besides it) in the selected heads; the drawn key is the same for every head of a layer, drawn
+    anew for every layer. The draw is uniform per query, from a generator seeded with ``seed``, the layer
+    and the row's token ids, so it does not depend on batching, resuming or what ran before.
+    ``removed[layer]``: long [B, T], the key index each query lost (-1: none).
+    """
+
+    def __init__(self, heads: dict[int, list[int] | None] | None = None, seed: int = 0) -> None:
+        super().__init__(heads)
+        self.seed = int(seed)
+        self.removed: dict[int, torch.Tensor] = {}
+
+    def start(self, batch: BatchInfo, engine: CaptureEngine) -> None:
+        self.removed = {}
+
+    def _uniforms(self, call: AttentionCall) -> torch.Tensor:
+        """float64 [B, T]: one uniform draw per (row, query position), fixed by seed, layer and the row's ids."""
+        positions = call.query_positions.cpu()
+        draws = []
+        for ids in call.batch.input_ids.cpu():
+            digest = hashlib.sha256(f"{self.seed}:{call.layer}:".encode() + ids.numpy().tobytes()).digest()
+            generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+            draws.append(torch.rand(int(positions.max()) + 1, generator=generator, dtype=torch.float64)[positions])
+        return torch.stack(draws).to(call.query.device)
+
+    def on_attention(self, call: AttentionCall) -> torch.Tensor | None:
+        selected = self._selected(call)
+        if selected is None or not selected.any():
+            return None
+        b = call.query.shape[0]
+        first = call.batch.first_positions.to(call.query.device)
+        allowed = call.dense_allowed().expand(b, -1, -1, -1)
+        # candidates: the keys each query may see (the mask is the same for every head), the first one excluded
+        candidates = allowed[:, 0] & (call.key_positions[None, None, :] != first[:, None, None])  # [B, T, S]
+        count = candidates.sum(-1)  # [B, T]
+        hide = (call.query_positions[None, :] > first[:, None]) & (count > 0)
+        if not bool(hide.any()):
+            return None
+        rank = (self._uniforms(call) * count).floor().long().clamp(max=(count - 1).clamp_min(0))
+        chosen = (candidates & (candidates.cumsum(-1, dtype=torch.int32) == (rank + 1)[..., None])).int().argmax(-1)
+        self.removed[call.layer] = torch.where(hide, chosen, torch.full_like(chosen, -1)).cpu()
+        drop = torch.zeros_like(candidates).scatter_(2, chosen[..., None], hide[..., None])
+        knocked = call.attend_with(allowed & ~drop[:, None]).output
+        return torch.where(selected.to(call.output.device)[None, :, None, None], knocked, call.output)

@@ -16,7 +16,8 @@ one: itself), so the token and position aggregates use only keys that at least `
 see. Inputs: windows of a long text (default Hamlet) of ``max_tokens`` tokens, prefix included, or prompts.
 
 Tables: ``keys`` (sequence x layer x head x position: alpha, n_queries), ``positions`` (per position over
-sequences, layers, heads), ``sink_tokens`` (per token string, positions > 0).
+sequences, layers, heads), ``sink_positions`` (per key of each sequence over layers x heads, strongest
+first), ``sink_tokens`` (per token string, positions > 0).
 """
 
 from __future__ import annotations
@@ -164,6 +165,7 @@ class KeyAttentionExperiment(Experiment):
     def finalise(self, tables: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
         keys = tables["keys"]
         return {"keys": keys, "positions": position_table(keys, self.eps),
+                "sink_positions": sink_position_table(keys, self.eps),
                 "sink_tokens": sink_token_table(keys, self.eps, self.min_queries)}
 
     def summarise(self, loaded: LoadedModel, tables: dict[str, pd.DataFrame], units: Sequence[Encoded]
@@ -175,8 +177,8 @@ class KeyAttentionExperiment(Experiment):
         # the interval resamples keys (sequence, position), each with its share of heads above eps
         per_key = later.assign(sink=later["alpha"] > self.eps).groupby(["sequence", "position"])["sink"].mean()
         rate, low, high = bootstrap_interval(per_key.to_numpy())
-        positions = (sinks.groupby(["sequence", "position", "token"]).size().rename("n_heads").reset_index()
-                     .nlargest(10, "n_heads"))
+        positions = tables["sink_positions"]
+        positions = positions[(positions["position"] > 0) & (positions["n_queries_min"] >= self.min_queries)]
         return {
             "model": loaded.info.name, "bos": self.bos, "first_token": self._first_token, "text": self.source,
             "n_sequences": len(units), "n_tokens": [len(u) for u in units], "eps": self.eps,
@@ -189,12 +191,14 @@ class KeyAttentionExperiment(Experiment):
                            "n_sink_entries": int(len(sinks)),
                            "n_sink_positions": int(len(sinks.drop_duplicates(["sequence", "position"])))},
             "top_sink_tokens": [
-                {"token": str(r.token), "n_keys": int(r.n_keys), "alpha_mean": float(r.alpha_mean),
+                {"token": str(r.token), "n_keys": int(r.n_keys), "n_sink_keys": int(r.n_sink_keys),
+                 "alpha_mean": float(r.alpha_mean),
                  "sink_rate": float(r.sink_rate), "alpha_max": float(r.alpha_max)}
                 for r in tokens.head(10).itertuples()],
             "top_sink_positions": [
                 {"sequence": int(r.sequence), "position": int(r.position), "token": str(r.token),
-                 "n_heads": int(r.n_heads)} for r in positions.itertuples()],
+                 "alpha_mean": float(r.alpha_mean), "n_sink_heads": int(r.n_sink_heads)}
+                for r in positions.head(10).itertuples()],
         }
 
 
@@ -205,24 +209,37 @@ def position_table(keys: pd.DataFrame, eps: float) -> pd.DataFrame:
                          "n_queries_mean": grouped["n_queries"].mean()}).reset_index()
 
 
+def sink_position_table(keys: pd.DataFrame, eps: float) -> pd.DataFrame:
+    """Per key (sequence, position, token): mean alpha over layers x heads, in how many (layer, head) it is a
+    sink (alpha > eps), and the fewest queries that see it in any layer. Strongest (mean alpha) first."""
+    grouped = keys.assign(sink=keys["alpha"] > eps).groupby(["sequence", "position", "token"])
+    table = pd.DataFrame({"alpha_mean": grouped["alpha"].mean(), "n_sink_heads": grouped["sink"].sum(),
+                          "n_queries_min": grouped["n_queries"].min()}).reset_index()
+    return table.sort_values("alpha_mean", ascending=False, ignore_index=True)
+
+
 def sink_token_table(keys: pd.DataFrame, eps: float, min_queries: int) -> pd.DataFrame:
     """Per token string, over its keys at positions > 0 seen by at least ``min_queries`` queries: how many
     keys (occurrences) it has, mean and max alpha over them x layers x heads, the share above eps (its sink
-    rate), and the (layer, head) where its mean alpha is highest. Sorted by sink rate, then mean alpha."""
+    rate), how many of its keys are a sink in at least one head, and the (layer, head) where its mean alpha is
+    highest. Sorted by sink rate, then mean alpha."""
     eligible = keys[(keys["position"] > 0) & (keys["n_queries"] >= min_queries)]
-    columns = ["token", "n_keys", "alpha_mean", "alpha_max", "sink_rate", "top_layer", "top_head", "top_alpha"]
+    columns = ["token", "n_keys", "n_sink_keys", "alpha_mean", "alpha_max", "sink_rate", "top_layer", "top_head",
+               "top_alpha"]
     if eligible.empty:
         return pd.DataFrame(columns=columns)
     eligible = eligible.assign(sink=eligible["alpha"] > eps)
     grouped = eligible.groupby("token")
     table = pd.DataFrame({
         "n_keys": eligible.drop_duplicates(["sequence", "position"]).groupby("token").size(),
+        "n_sink_keys": eligible[eligible["sink"]].drop_duplicates(["sequence", "position"]).groupby("token").size(),
         "alpha_mean": grouped["alpha"].mean(), "alpha_max": grouped["alpha"].max(),
         "sink_rate": grouped["sink"].mean(),
     })
     per_head = eligible.groupby(["token", "layer", "head"])["alpha"].mean().reset_index()
     best = per_head.loc[per_head.groupby("token")["alpha"].idxmax()].set_index("token")
     table["top_layer"], table["top_head"], table["top_alpha"] = best["layer"], best["head"], best["alpha"]
+    table["n_sink_keys"] = table["n_sink_keys"].fillna(0).astype(int)
     table = table.reset_index().sort_values(["sink_rate", "alpha_mean"], ascending=False, ignore_index=True)
     return table[columns]
 

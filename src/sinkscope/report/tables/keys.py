@@ -19,9 +19,16 @@ def keys_table(result: Any, top: int = 10) -> list[Any]:
     low, high = other["sink_rate_ci"]
     overview.add_row(f"positions > 0 (>= {s['min_queries']} queries)", f"{other['alpha_mean']:.4f}",
                      f"{other['sink_rate']:.5f} [{low:.5f}, {high:.5f}]")
-    tokens = Table("token", "keys", "mean alpha_k", "max alpha_k", "sink rate", "strongest (layer:head)",
+    tokens = Table("token", "keys", "sink keys", "mean alpha_k", "max alpha_k", "sink rate", "strongest (layer:head)",
                    title="tokens that act as sinks besides position 0")
     for r in result.tables["sink_tokens"].head(top).itertuples():
-        tokens.add_row(repr(r.token), str(r.n_keys), f"{r.alpha_mean:.4f}", f"{r.alpha_max:.3f}",
+        tokens.add_row(repr(r.token), str(r.n_keys), str(r.n_sink_keys), f"{r.alpha_mean:.4f}", f"{r.alpha_max:.3f}",
                        f"{r.sink_rate:.4f}", f"{r.top_layer}:{r.top_head} ({r.top_alpha:.3f})")
-    return [overview, tokens]
+    keys = Table("position", "token", "mean alpha_k", "sink in (layer, head)s",
+                 title="the keys after position 0 that receive the most attention")
+    strongest = result.tables["sink_positions"]
+    strongest = strongest[(strongest["position"] > 0) & (strongest["n_queries_min"] >= s["min_queries"])]
+    for r in strongest.head(top).itertuples():
+        keys.add_row(f"{r.position}" + (f" (seq {r.sequence})" if s["n_sequences"] > 1 else ""), repr(r.token),
+                     f"{r.alpha_mean:.4f}", str(r.n_sink_heads))
+    return [overview, tokens, keys]
