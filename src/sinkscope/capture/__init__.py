@@ -53,6 +53,8 @@ from .probes import (
     AttentionEntropy,
     AttentionWeights,
     FirstTokenAttention,
+    KeyAttention,
+    RandomKeyKnockout,
     SinkKnockout,
     ValueNorms,
 )
@@ -61,7 +63,7 @@ from .variants import VARIANT_NAMES, VARIANTS, AttentionVariant, module_variant,
 __all__ = [
     "IMPLEMENTATION", "KERNELS", "VARIANTS", "VARIANT_NAMES", "AttentionCall", "AttentionEntropy",
     "AttentionInputs", "AttentionVariant", "AttentionWeights", "BatchInfo", "CaptureEngine", "FirstTokenAttention",
-    "KernelOptions", "KernelOutput", "Probe", "SinkKnockout", "ValueNorms", "capture", "choose_kernel",
-    "final_norm", "install", "module_variant", "register_variant", "restore", "run_kernel", "sinkscope_attention",
-    "variant_of",
+    "KernelOptions", "KernelOutput", "KeyAttention", "Probe", "RandomKeyKnockout", "SinkKnockout", "ValueNorms",
+    "capture", "choose_kernel", "final_norm", "install", "module_variant", "register_variant", "restore", "run_kernel",
+    "sinkscope_attention", "variant_of",
 ]

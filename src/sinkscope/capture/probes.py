@@ -7,9 +7,12 @@ probes stay right when a sliding window has moved during cached generation.
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 
 from .engine import AttentionCall, BatchInfo, CaptureEngine, Probe
+from .kernels import scores_block
 
 
 class FirstTokenAttention(Probe):
@@ -181,4 +184,133 @@ class SinkKnockout(Probe):
         column = allowed[rows, :, :, index]  # [B, 1|H, T]
         allowed[rows, :, :, index] = column & ~hide[:, None, :]
         knocked = call.attend_with(allowed).output
+        return torch.where(selected.to(call.output.device)[None, :, None, None], knocked, call.output)
+
+
+class KeyAttention(Probe):
+    """Per (layer, head, key): the attention every key receives, summed over the queries that may see it,
+    in O(chunk x n) memory (Gu et al.'s alpha_k for every key k, not only the first).
+
+    From the call's log-normaliser, each query block's weights p_ij = exp(s_ij - lse_i) (s_ij the logits as
+    the model computes them: scale, soft-cap, additive bias; the layer's own mask; a learned sink's share
+    stays in lse) are summed over the block's real queries, one block of ``chunk_size`` queries at a time;
+    the n x n matrix never exists. For sigmoid attention p_ij = sigmoid(s_ij + b).
+
+    Records, per layer, on CPU (key j of the call holds position ``key_offset + j``):
+      ``received``  float [B, H, S]    sum over real queries i that may attend to key j of p_ij
+      ``queries``   int   [B, 1|H, S]  how many real queries may attend to key j (its own query included)
+    alpha_j = received_j / queries_j: the mean attention key j receives from the queries that can see it.
+    A forward pass without a cache gives one call per layer (key j = position j); for generation, each
+    step's call would add its own records, so use `CaptureEngine.forward`.
+    """
+
+    def __init__(self, chunk_size: int = 512) -> None:
+        if chunk_size < 1:
+            raise ValueError("chunk_size must be >= 1")
+        self.chunk_size = chunk_size
+        self.records: dict[int, dict[str, torch.Tensor]] = {}
+        self._batch: BatchInfo | None = None
+
+    def start(self, batch: BatchInfo, engine: CaptureEngine) -> None:
+        self.records = {}
+        self._batch = batch
+
+    def _block_allowed(self, call: AttentionCall, start: int, stop: int) -> torch.Tensor:
+        """bool [B|1, 1|H, stop - start, S]: the call's own mask for queries [start, stop), built only for
+        those rows when the call has none (plain causal)."""
+        if call.allowed is not None:
+            return call.allowed[:, :, start:stop]
+        t, s = call.query.shape[2], call.key.shape[2]
+        keys = torch.arange(s, device=call.query.device)
+        if not call.causal or t == 1:
+            return torch.ones(1, 1, stop - start, s, dtype=torch.bool, device=keys.device)
+        queries = torch.arange(start, stop, device=keys.device) + (s - t)
+        return (queries[:, None] >= keys[None, :])[None, None]
+
+    def on_attention(self, call: AttentionCall) -> None:
+        inputs, dtype = call.inputs, call.options.compute_dtype
+        b, h, t, _ = call.query.shape
+        s = call.key.shape[2]
+        real = call.query_valid()  # [B, T]
+        received = torch.zeros(b, h, s, dtype=dtype, device=call.query.device)
+        queries: torch.Tensor | None = None
+        for start in range(0, t, self.chunk_size):
+            stop = min(start + self.chunk_size, t)
+            block = self._block_allowed(call, start, stop) & real[:, None, start:stop, None]
+            counts = block.sum(2, dtype=torch.int64)  # [B, 1|H, S]
+            queries = counts if queries is None else queries + counts
+            cols = block.reshape(-1, s).any(0).nonzero()
+            if cols.numel() == 0:
+                continue
+            lo, hi = int(cols[0]), int(cols[-1]) + 1
+            bias = None if inputs.bias is None else inputs.bias[:, :, start:stop, lo:hi]
+            scores = scores_block(inputs.query[:, :, start:stop], inputs.key[:, :, lo:hi], inputs.scaling,
+                                  inputs.softcap, bias, dtype)  # [B, H, chunk, hi - lo]
+            weights = call.variant.key_weight(scores, call.lse[:, :, start:stop, None].to(dtype), inputs.logit_bias)
+            weights = torch.where(block[..., lo:hi], weights, torch.zeros((), dtype=dtype, device=weights.device))
+            received[..., lo:hi] += weights.sum(2)
+        assert queries is not None
+        self.records[call.layer] = {"received": received.float().cpu(), "queries": queries.cpu()}
+
+    def alpha(self, row: int) -> dict[str, torch.Tensor]:
+        """One batch row, its real tokens only, the layers stacked: ``alpha`` float [L, H, n] (NaN where no
+        query sees a key), ``received`` float [L, H, n], ``queries`` int [L, H, n]."""
+        assert self._batch is not None
+        start = int(self._batch.first_positions[row])
+        length = int(self._batch.attention_mask[row].sum())
+        layers = sorted(self.records)
+        received = torch.stack([self.records[layer]["received"][row] for layer in layers])[..., start:start + length]
+        queries = torch.stack([self.records[layer]["queries"][row].expand(received.shape[1], -1)
+                               for layer in layers])[..., start:start + length]
+        alpha = torch.where(queries > 0, received / queries.clamp_min(1), torch.full_like(received, float("nan")))
+        return {"alpha": alpha, "received": received, "queries": queries}
+
+
+class RandomKeyKnockout(SinkKnockout):
+    """Control for `SinkKnockout` with the same budget: remove each query's attention to *one key drawn at
+    random* among the keys it may attend to other than the first token, and renormalise over the rest.
+
+    Like the knock-out it controls, it touches the queries after the first token (each sees at least
+    itself besides it) in the selected heads; the drawn key is the same for every head of a layer, drawn
+    anew for every layer. The draw is uniform per query, from a generator seeded with ``seed``, the layer
+    and the row's token ids, so it does not depend on batching, resuming or what ran before.
+    ``removed[layer]``: long [B, T], the key index each query lost (-1: none).
+    """
+
+    def __init__(self, heads: dict[int, list[int] | None] | None = None, seed: int = 0) -> None:
+        super().__init__(heads)
+        self.seed = int(seed)
+        self.removed: dict[int, torch.Tensor] = {}
+
+    def start(self, batch: BatchInfo, engine: CaptureEngine) -> None:
+        self.removed = {}
+
+    def _uniforms(self, call: AttentionCall) -> torch.Tensor:
+        """float64 [B, T]: one uniform draw per (row, query position), fixed by seed, layer and the row's ids."""
+        positions = call.query_positions.cpu()
+        draws = []
+        for ids in call.batch.input_ids.cpu():
+            digest = hashlib.sha256(f"{self.seed}:{call.layer}:".encode() + ids.numpy().tobytes()).digest()
+            generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+            draws.append(torch.rand(int(positions.max()) + 1, generator=generator, dtype=torch.float64)[positions])
+        return torch.stack(draws).to(call.query.device)
+
+    def on_attention(self, call: AttentionCall) -> torch.Tensor | None:
+        selected = self._selected(call)
+        if selected is None or not selected.any():
+            return None
+        b = call.query.shape[0]
+        first = call.batch.first_positions.to(call.query.device)
+        allowed = call.dense_allowed().expand(b, -1, -1, -1)
+        # candidates: the keys each query may see (the mask is the same for every head), the first one excluded
+        candidates = allowed[:, 0] & (call.key_positions[None, None, :] != first[:, None, None])  # [B, T, S]
+        count = candidates.sum(-1)  # [B, T]
+        hide = (call.query_positions[None, :] > first[:, None]) & (count > 0)
+        if not bool(hide.any()):
+            return None
+        rank = (self._uniforms(call) * count).floor().long().clamp(max=(count - 1).clamp_min(0))
+        chosen = (candidates & (candidates.cumsum(-1, dtype=torch.int32) == (rank + 1)[..., None])).int().argmax(-1)
+        self.removed[call.layer] = torch.where(hide, chosen, torch.full_like(chosen, -1)).cpu()
+        drop = torch.zeros_like(candidates).scatter_(2, chosen[..., None], hide[..., None])
+        knocked = call.attend_with(allowed & ~drop[:, None]).output
         return torch.where(selected.to(call.output.device)[None, :, None, None], knocked, call.output)

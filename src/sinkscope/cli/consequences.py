@@ -37,13 +37,16 @@ def knockout(model: options.Model = "gemma3-270m", text: options.Text = None, bo
                  help="single heads to knock out, layer:head, e.g. 5:1,11:0-3 (default: every head of --layers)")]
              = None,
              per_head: Annotated[bool, typer.Option(help="also knock out each head alone")] = True,
+             control: Annotated[bool, typer.Option(
+                 help="also remove one random non-first key per query (all heads, each layer): the control")] = True,
+             seed: Annotated[int, typer.Option(help="seed of the control's random keys")] = 0,
              top: Annotated[int, typer.Option(help="layers and heads shown in the table")] = 8,
              out: options.Out = None, resume: options.Resume = False, quiet: options.Quiet = False) -> None:
     """Δloss when attention to position 0 is removed (renormalised) in all heads, per layer, per head."""
     from ..experiments.knockout import Knockout
 
     experiment = Knockout(text=text, window=window, max_windows=max_windows, stride=stride, batch_size=batch_size,
-                          bos=bos, layers=layers, heads=heads, per_head=per_head)
+                          bos=bos, layers=layers, heads=heads, per_head=per_head, control=control, seed=seed)
     run_command(experiment, model, out=out, resume=resume, quiet=quiet, show={"top": top})
 
 

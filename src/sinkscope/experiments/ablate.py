@@ -22,6 +22,7 @@ import pandas as pd
 
 from ..data.texts import LongText
 from ..metrics.loss import bucket_losses, delta_summary, mean_loss, perplexity
+from ..metrics.stats import bootstrap_interval, paired_difference_interval
 from ..models.loader import LoadedModel
 from .base import Result, run
 from .inputs import bos_conditions, first_token_label, prefix_ids, require_tokenizer
@@ -114,7 +115,8 @@ class Ablate(TextLoss):
             values = nll[condition]
             loss[condition] = {"mean_loss": mean_loss(values), "ppl": perplexity(values), "n_tokens": int(values.size),
                                **{f"{k}_vs_{reference}": v for k, v in delta_summary(nll[reference], values).items()
-                                  if k != "n_tokens"}}
+                                  if k != "n_tokens"},
+                               **_intervals(nll[reference], values, reference)}
             buckets = bucket_losses(flat_positions, values)
             by_bucket[condition] = {
                 str(label): {"mean_loss": float(m), "ppl": perplexity(float(m)), "n_tokens": int(n)}
@@ -125,6 +127,14 @@ class Ablate(TextLoss):
             "window": window, "stride": self.stride or window, "n_windows": n_windows,
             "scored_positions": [1, window - 1], "loss": loss, "by_bucket": by_bucket,
         }
+
+
+def _intervals(reference: np.ndarray, values: np.ndarray, name: str) -> dict[str, list[float]]:
+    """95% bootstrap intervals over windows (each window's mean loss one unit): of the mean loss, and of the
+    paired Δloss against the reference condition."""
+    _, low, high = bootstrap_interval(values.mean(1))
+    _, delta_low, delta_high = paired_difference_interval(values.mean(1), reference.mean(1))
+    return {"mean_loss_ci": [low, high], f"delta_loss_vs_{name}_ci": [delta_low, delta_high]}
 
 
 def ablate(

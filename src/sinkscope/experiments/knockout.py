@@ -1,6 +1,15 @@
 """`knockout`: leave the tokens alone and remove the attention to position 0 (renormalising over the rest)
 in all heads, one layer at a time, or one head at a time; Δloss against the unmodified model.
 
+The equal-budget control (``control``, on by default): the same interventions at the all-heads and
+per-layer scopes, removing instead *one random key* per query among the keys it sees other than the first
+(`capture.RandomKeyKnockout`, seeded), so "the sink matters" is compared with "any one key matters".
+Rows say which key went in ``target`` ("first" or "random").
+
+Uncertainty: every Δloss comes with a 95% percentile bootstrap interval over windows (each window's mean
+Δloss is one unit; table ``windows`` holds them), and the summary gives the paired interval of
+Δloss(first) - Δloss(random) over the same windows.
+
 Work units: the interventions — all heads of every layer, then for each chosen layer all its heads and
 (``per_head``) each head alone, or the single heads a ``heads`` spec names. Each runs over every window
 (see `loss` for the targets) and is one batch, so an interrupted run resumes at the next intervention.
@@ -17,10 +26,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..capture import Probe, SinkKnockout
+from ..capture import Probe, RandomKeyKnockout, SinkKnockout
 from ..data.texts import LongText
 from ..errors import InputError
 from ..metrics.loss import delta_summary, mean_loss, perplexity
+from ..metrics.stats import bootstrap_interval, paired_difference_interval
 from ..models.loader import LoadedModel
 from ..models.tokens import parse_bos
 from .base import Result, run
@@ -81,11 +91,13 @@ def parse_heads(spec: str | Sequence[Sequence[int]], n_layers: int, n_heads: int
 
 @dataclass(frozen=True)
 class Intervention:
-    """What is knocked out: every head (``all``), one layer's heads (``layer``) or one head (``head``)."""
+    """What is knocked out: every head (``all``), one layer's heads (``layer``) or one head (``head``); the
+    first key (``target="first"``) or one random key per query (``"random"``, the control)."""
 
     scope: str
     layer: int | None = None
     head: int | None = None
+    target: str = "first"
 
     @property
     def heads(self) -> dict[int, list[int] | None] | None:
@@ -97,7 +109,8 @@ class Intervention:
 
 
 class KnockoutResult(Result):
-    """Table ``knockout``: one row per intervention (scope, layer, head, loss, Δloss, ...)."""
+    """Tables ``knockout`` (one row per intervention: scope, layer, head, target, loss, Δloss and its 95%
+    interval over windows, ...) and ``windows`` (intervention x window: that window's mean Δloss)."""
 
     experiment = "knockout"
 
@@ -116,6 +129,8 @@ class Knockout(TextLoss):
     layers: str | list[int] | None = None
     heads: str | list[tuple[int, int]] | None = None
     per_head: bool = True
+    control: bool = True
+    seed: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -138,9 +153,11 @@ class Knockout(TextLoss):
         self.text_windows(loaded, len(self._prefix))
         self._chosen, self._pairs, self._shape = chosen, pairs, (info.n_layers, info.n_heads)
         self._baseline: np.ndarray | None = None
-        units = [Intervention("all")]
+        units = [Intervention("all")] + ([Intervention("all", target="random")] if self.control else [])
         for layer in chosen:
             units.append(Intervention("layer", layer))
+            if self.control:
+                units.append(Intervention("layer", layer, target="random"))
             if pairs is not None:
                 units += [Intervention("head", layer, head) for lay, head in pairs if lay == layer]
             elif self.per_head:
@@ -149,15 +166,18 @@ class Knockout(TextLoss):
 
     def probes(self) -> list[Probe]:
         self._probe = SinkKnockout({})
-        return [self._probe]
+        self._control = RandomKeyKnockout({}, seed=self.seed)
+        return [self._probe, self._control]
 
     def describe(self, units: Sequence[Intervention]) -> str:
         unit = units[0]
-        return {"all": "all heads", "layer": f"layer {unit.layer}"}.get(unit.scope, f"layer {unit.layer} head "
-                                                                                    f"{unit.head}")
+        label = {"all": "all heads", "layer": f"layer {unit.layer}"}.get(unit.scope, f"layer {unit.layer} head "
+                                                                                     f"{unit.head}")
+        return label + (" (random key)" if unit.target == "random" else "")
 
-    def _run_nll(self, engine: Any, heads: dict[int, list[int] | None] | None) -> np.ndarray:
-        self._probe.heads = heads  # {}: no layer touched; None: every head of every layer
+    def _run_nll(self, engine: Any, heads: dict[int, list[int] | None] | None, target: str = "first") -> np.ndarray:
+        # {}: no layer touched; None: every head of every layer
+        self._probe.heads, self._control.heads = (heads, {}) if target == "first" else ({}, heads)
         return self.nll(engine, [ids for _, ids in self._windows], self._prefix)
 
     def begin(self, engine: Any, units: Sequence[Intervention]) -> None:
@@ -165,14 +185,21 @@ class Knockout(TextLoss):
 
     def measure(self, engine: Any, units: Sequence[Intervention]) -> dict[str, pd.DataFrame]:
         assert self._baseline is not None
-        rows = []
+        rows, windows = [], []
         for unit in units:
-            knocked = self._run_nll(engine, unit.heads)
+            knocked = self._run_nll(engine, unit.heads, unit.target)
             delta = delta_summary(self._baseline, knocked)
-            rows.append({"scope": unit.scope, "layer": unit.layer, "head": unit.head, "loss": mean_loss(knocked),
-                         "ppl": perplexity(knocked), "delta_loss": delta["delta_loss"], "delta_se": delta["delta_se"],
-                         "fraction_worse": delta["fraction_worse"], "n_tokens": delta["n_tokens"]})
-        return {"knockout": pd.DataFrame(rows).astype({"layer": "Int64", "head": "Int64"})}
+            per_window = (knocked - self._baseline).mean(1)  # [windows]: the units of the interval
+            _, low, high = bootstrap_interval(per_window, seed=self.seed)
+            key = {"scope": unit.scope, "layer": unit.layer, "head": unit.head, "target": unit.target}
+            rows.append({**key, "loss": mean_loss(knocked), "ppl": perplexity(knocked),
+                         "delta_loss": delta["delta_loss"], "delta_se": delta["delta_se"], "delta_loss_low": low,
+                         "delta_loss_high": high, "fraction_worse": delta["fraction_worse"],
+                         "n_tokens": delta["n_tokens"]})
+            windows.append(pd.DataFrame({**key, "window": np.arange(len(per_window)), "delta_loss": per_window}))
+        types = {"layer": "Int64", "head": "Int64"}
+        return {"knockout": pd.DataFrame(rows).astype(types),
+                "windows": pd.concat(windows, ignore_index=True).astype(types)}
 
     def summarise(self, loaded: LoadedModel, tables: dict[str, pd.DataFrame], units: Sequence[Intervention]
                   ) -> dict[str, Any]:
@@ -182,11 +209,14 @@ class Knockout(TextLoss):
         baseline = self._baseline
         assert baseline is not None
         frame = tables["knockout"]
+        control = frame[frame["target"] == "random"]
+        frame = frame[frame["target"] == "first"]
 
         def top(scope: str, n: int) -> list[dict[str, Any]]:
             rows = frame[frame["scope"] == scope].nlargest(n, "delta_loss")
             return [{"layer": int(r.layer), **({"head": int(r.head)} if scope == "head" else {}),
-                     "delta_loss": float(r.delta_loss), "delta_se": float(r.delta_se)} for r in rows.itertuples()]
+                     "delta_loss": float(r.delta_loss), "delta_se": float(r.delta_se),
+                     "delta_loss_ci": [float(r.delta_loss_low), float(r.delta_loss_high)]} for r in rows.itertuples()]
 
         everything = frame[frame["scope"] == "all"].iloc[0]
         per_layer = frame[frame["scope"] == "layer"]
@@ -198,17 +228,52 @@ class Knockout(TextLoss):
             "n_layers": n_layers, "n_heads": n_heads, "layers": self._chosen, "per_head": self.per_head,
             "heads": None if self._pairs is None else [list(p) for p in self._pairs],
             "baseline": {"loss": mean_loss(baseline), "ppl": perplexity(baseline)},
-            "all_heads": {"loss": float(everything["loss"]), "ppl": float(everything["ppl"]),
-                          "delta_loss": float(everything["delta_loss"]), "delta_se": float(everything["delta_se"])},
+            "all_heads": _headline(everything),
             "delta_loss_by_layer": {int(r.layer): float(r.delta_loss) for r in per_layer.itertuples()},
+            "delta_loss_by_layer_ci": {int(r.layer): [float(r.delta_loss_low), float(r.delta_loss_high)]
+                                       for r in per_layer.itertuples()},
             "top_layers": top("layer", 5), "top_heads": top("head", 10) if with_heads else [],
+            "control": self._control_summary(control, tables["windows"]),
         }
+
+    def _control_summary(self, control: pd.DataFrame, windows: pd.DataFrame) -> dict[str, Any] | None:
+        """The random-key rows, and per scope the paired interval of Δloss(first) - Δloss(random) over windows."""
+        if control.empty:
+            return None
+
+        def paired(scope: str, layer: int | None) -> dict[str, Any]:
+            rows = windows[(windows["scope"] == scope) & (windows["head"].isna())]
+            if layer is not None:
+                rows = rows[rows["layer"] == layer]
+            first = rows[rows["target"] == "first"].sort_values("window")["delta_loss"].to_numpy()
+            random = rows[rows["target"] == "random"].sort_values("window")["delta_loss"].to_numpy()
+            mean, low, high = paired_difference_interval(first, random, seed=self.seed)
+            return {"delta_loss": mean, "delta_loss_ci": [low, high]}
+
+        per_layer = control[control["scope"] == "layer"]
+        return {
+            "target": "one random key per query among the visible keys other than the first", "seed": self.seed,
+            "all_heads": _headline(control[control["scope"] == "all"].iloc[0]),
+            "delta_loss_by_layer": {int(r.layer): float(r.delta_loss) for r in per_layer.itertuples()},
+            "delta_loss_by_layer_ci": {int(r.layer): [float(r.delta_loss_low), float(r.delta_loss_high)]
+                                       for r in per_layer.itertuples()},
+            "first_minus_random": {"all_heads": paired("all", None),
+                                   "by_layer": {int(r.layer): paired("layer", int(r.layer))
+                                                for r in per_layer.itertuples()}},
+        }
+
+
+def _headline(row: Any) -> dict[str, Any]:
+    return {"loss": float(row["loss"]), "ppl": float(row["ppl"]), "delta_loss": float(row["delta_loss"]),
+            "delta_se": float(row["delta_se"]), "delta_loss_ci": [float(row["delta_loss_low"]),
+                                                                  float(row["delta_loss_high"])]}
 
 
 def knockout(
     model: LoadedModel | Any, text: str | Path | LongText | None = None, *, window: int = 256,
     layers: str | Sequence[int] | None = None, heads: str | Sequence[Sequence[int]] | None = None,
-    per_head: bool = True, max_windows: int = 2, stride: int | None = None, bos: str = "add", batch_size: int = 4,
+    per_head: bool = True, control: bool = True, seed: int = 0, max_windows: int = 2, stride: int | None = None,
+    bos: str = "add", batch_size: int = 4,
     chunk: int = LOSS_CHUNK, out: str | Path | None = None, resume: bool = False, path: str = "auto",
     progress: bool | Any = True, command: str | None = None,
 ) -> KnockoutResult:
@@ -217,14 +282,16 @@ def knockout(
 
     ``layers`` limits the per-layer and per-head runs ("0-3,7" or a list); ``heads`` ("5:1,11:0-3" or
     (layer, head) pairs) runs just those single heads (and, without ``layers``, their layers). The
-    all-heads run always covers every layer. ``out``: each finished intervention is written to
-    ``out/parts/`` so ``resume`` can continue.
+    all-heads run always covers every layer. ``control``: also remove one random non-first key per query
+    (seeded by ``seed``) at the all-heads and per-layer scopes, the equal-budget comparison. Every Δloss has a
+    95% bootstrap interval over windows. ``out``: each finished intervention is written to ``out/parts/`` so
+    ``resume`` can continue.
     """
     experiment = Knockout(
         text=text, window=window, max_windows=max_windows, stride=stride, batch_size=batch_size, chunk=chunk,
         path=path, bos=bos, layers=layers if layers is None or isinstance(layers, str) else [int(x) for x in layers],
         heads=heads if heads is None or isinstance(heads, str) else [(int(a), int(b)) for a, b in heads],
-        per_head=per_head)
+        per_head=per_head, control=control, seed=seed)
     result = run(experiment, model, out=out, resume=resume, progress=progress, command=command)
     assert isinstance(result, KnockoutResult)
     return result

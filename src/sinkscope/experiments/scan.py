@@ -21,6 +21,7 @@ from ..capture import FirstTokenAttention, Probe
 from ..data import Prompt
 from ..errors import InputError
 from ..metrics import sink as sink_metrics
+from ..metrics.stats import bootstrap_interval
 from ..models.loader import LoadedModel
 from .base import Experiment, Result, run
 from .inputs import (
@@ -202,6 +203,8 @@ class Scan(Experiment):
             "max_tokens": self.max_tokens,
             "eps": eps,
             "sink_rate": {str(e): sink_metrics.sink_rate(alpha, e) for e in eps},
+            # 95% bootstrap interval over prompts (each prompt's share of heads above eps is one unit)
+            "sink_rate_ci": {str(e): list(bootstrap_interval((alpha > e).mean(axis=(1, 2)))[1:]) for e in eps},
             "sink_rate_by_layer": {str(e): sink_metrics.sink_rate_by_layer(alpha, e).tolist() for e in eps},
             "sink_rate_by_layer_type": {
                 str(kind): {str(e): sink_metrics.sink_rate(alpha[:, types == kind], e) for e in eps}

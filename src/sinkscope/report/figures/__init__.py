@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 FIGURES: dict[str, Callable[[Any], dict[str, Any]]] = {}
-_MODULES = ("measure", "explain", "consequences", "retrieval", "kv")  # modules that register figures of experiments
+# modules that register figures of experiments
+_MODULES = ("measure", "explain", "consequences", "retrieval", "kv", "keys", "matrix_entropy")
 
 
 def pyplot() -> Any:

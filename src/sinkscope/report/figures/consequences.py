@@ -52,6 +52,9 @@ def knockout_figures(result: Any) -> dict[str, Any]:
     """A layer x head heatmap of Δloss (when single heads were knocked out) and a per-layer bar chart."""
     summary = result.summary
     frame = result.tables["knockout"]
+    target = frame["target"] if "target" in frame else pd.Series("first", index=frame.index)
+    control = frame[(frame["scope"] == "layer") & (target == "random")]
+    frame = frame[target == "first"]
     heads = frame[frame["scope"] == "head"]
     layers = frame[frame["scope"] == "layer"]
     panels = 2 if len(heads) else 1
@@ -59,13 +62,20 @@ def knockout_figures(result: Any) -> dict[str, Any]:
     fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 1.8 + 0.2 * n_layers), squeeze=False,
                              constrained_layout=True)
     bars = axes[0][-1]
-    bars.barh(layers["layer"].astype(int), layers["delta_loss"], color="tab:red")
+    height = 0.4 if len(control) else 0.8
+    _interval_bars(bars, layers, -height / 2 if len(control) else 0.0, height, "tab:red", "first key (the sink)")
+    if len(control):
+        _interval_bars(bars, control, height / 2, height, "tab:grey", "one random other key per query")
+        bars.legend(fontsize=7, loc="lower right")
     bars.set_yticks(range(0, n_layers, max(1, n_layers // 15)))
     bars.set_ylim(n_layers - 0.5, -0.5)  # layer 0 on top, as in the heatmap
     bars.axvline(0, color="grey", lw=0.8)
-    bars.set_xlabel("Δloss, all heads of the layer knocked out (nats)")
+    bars.set_xlabel("Δloss, all heads of the layer (nats; 95% interval over windows)")
     bars.set_ylabel("layer")
-    bars.set_title(f"all heads, all layers: Δloss {summary['all_heads']['delta_loss']:+.3f}", fontsize=9)
+    title = f"all heads, all layers: Δloss {summary['all_heads']['delta_loss']:+.3f}"
+    if summary.get("control"):
+        title += f" (random key: {summary['control']['all_heads']['delta_loss']:+.3f})"
+    bars.set_title(title, fontsize=9)
     if len(heads):
         grid = np.full((n_layers, int(summary["n_heads"])), np.nan)
         grid[heads["layer"].astype(int), heads["head"].astype(int)] = heads["delta_loss"]
@@ -82,6 +92,17 @@ def knockout_figures(result: Any) -> dict[str, Any]:
     fig.suptitle(f"{result.provenance['model']['name']}: sink knock-out (baseline loss "
                  f"{summary['baseline']['loss']:.3f})", fontsize=10)
     return {"knockout": fig}
+
+
+def _interval_bars(ax: Any, rows: pd.DataFrame, offset: float, height: float, color: str, label: str) -> None:
+    """Horizontal Δloss bars per layer, with their bootstrap intervals where the table has them."""
+    y = rows["layer"].astype(int).to_numpy() + offset
+    values = rows["delta_loss"].to_numpy(dtype=float)
+    error = None
+    if "delta_loss_low" in rows:
+        error = np.abs(np.stack([values - rows["delta_loss_low"].to_numpy(dtype=float),
+                                 rows["delta_loss_high"].to_numpy(dtype=float) - values]))
+    ax.barh(y, values, height=height, color=color, xerr=error, error_kw={"lw": 0.7}, label=label)
 
 
 @figure_for("passkey")

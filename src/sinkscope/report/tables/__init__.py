@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 TABLES: dict[str, Callable[[Any], list[Any]]] = {}
-_MODULES = ("measure", "explain", "consequences", "retrieval", "kv")
+_MODULES = ("measure", "explain", "consequences", "retrieval", "kv", "keys", "matrix_entropy")
 
 
 def table_for_experiment(experiment: str) -> Callable[[Callable[[Any], list[Any]]], Callable[[Any], list[Any]]]:

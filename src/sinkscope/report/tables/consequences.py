@@ -31,16 +31,28 @@ def ablate_table(result: Any) -> list[Any]:
 def knockout_table(result: Any, top: int = 8) -> list[Any]:
     """The all-heads row, then the ``top`` layers and heads whose knock-out raises the loss most."""
     s = result.summary
-    table = Table("knocked out", "loss", "Δloss", "± se", title=f"sink knock-out, baseline loss "
-                  f"{s['baseline']['loss']:.3f} (ppl {s['baseline']['ppl']:.2f}), {s['n_tokens']} tokens")
+    table = Table("knocked out", "key", "loss", "Δloss", "95% interval (windows)", "± se (tokens)",
+                  title=f"sink knock-out, baseline loss {s['baseline']['loss']:.3f} (ppl {s['baseline']['ppl']:.2f}), "
+                  f"{s['n_tokens']} tokens in {s['n_windows']} windows")
     frame = result.tables["knockout"]
-    shown = [frame[frame["scope"] == "all"], frame[frame["scope"] == "layer"].nlargest(top, "delta_loss"),
-             frame[frame["scope"] == "head"].nlargest(top, "delta_loss")]
+    first, random = frame[frame["target"] == "first"], frame[frame["target"] == "random"]
+    layers = first[first["scope"] == "layer"].nlargest(top, "delta_loss")
+    shown = [first[first["scope"] == "all"], random[random["scope"] == "all"], layers,
+             random[random["layer"].isin(layers["layer"]) & (random["scope"] == "layer")],
+             first[first["scope"] == "head"].nlargest(top, "delta_loss")]
     for part in shown:
         for r in part.itertuples():
             label = {"all": "all heads", "layer": f"layer {r.layer}"}.get(r.scope, f"layer {r.layer} head {r.head}")
-            table.add_row(label, f"{r.loss:.3f}", f"{r.delta_loss:+.4f}", f"{r.delta_se:.4f}")
-    return [table]
+            table.add_row(label, "first" if r.target == "first" else "random other", f"{r.loss:.3f}",
+                          f"{r.delta_loss:+.4f}", f"[{r.delta_loss_low:+.4f}, {r.delta_loss_high:+.4f}]",
+                          f"{r.delta_se:.4f}")
+    tables: list[Any] = [table]
+    if s.get("control"):
+        paired = s["control"]["first_minus_random"]["all_heads"]
+        low, high = paired["delta_loss_ci"]
+        tables.append(f"all heads: Δloss(first key) - Δloss(random key) = {paired['delta_loss']:+.4f} "
+                      f"[{low:+.4f}, {high:+.4f}] (paired over windows)")
+    return tables
 
 
 @table_for_experiment("generate")
