@@ -111,7 +111,7 @@ def _root(version: Annotated[bool, typer.Option("--version", help="print the ver
 
 
 # Command modules register themselves on `app` when imported, in the order --help shows their panels.
-for _module in ("scan", "explain", "collapse", "perturb", "consequences", "streaming", "lab", "ruler"):
+for _module in ("scan", "explain", "collapse", "perturb", "consequences", "streaming", "lab", "ruler", "report"):
     importlib.import_module(f"{__name__}.{_module}")
 
 
