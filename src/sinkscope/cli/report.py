@@ -36,14 +36,8 @@ def _timing_table(seconds: dict[str, float], total: float) -> Table:
     return table
 
 
-def _print_report(written: dict[str, Path]) -> None:
-    import pandas as pd
-
-    from ..paper.verdicts import Finding
-
-    frame = pd.read_csv(written["csv"], keep_default_na=False)
-    findings = [Finding(**{k: (None if v == "" and k in ("value", "low", "high") else v) for k, v in row.items()})
-                for row in frame.to_dict("records")]
+def _print_report(built: tuple[dict[str, Path], list[Any]]) -> None:
+    written, findings = built
     console.print(_verdict_table(findings))
     console.print(f"report: {written['html']}  (also {written['md'].name}, {written['findings'].name})",
                   highlight=False)
@@ -76,10 +70,10 @@ def paper(
     inputs = Inputs(read_prompts(prompts), prompts.name) if prompts is not None else Inputs()
     manifest = run_paper(model, out, QUICK if quick else FULL, inputs, lab=lab, progress=not quiet,
                          command=command_line())
-    written = build_report([out], out, findings_md=findings_md,
-                           prompt_texts=[(p.id, p.text) for p in inputs.prompts])
+    built = build_report([out], out, findings_md=findings_md, prompt_texts=[(p.id, p.text) for p in inputs.prompts])
     console.print(_timing_table(manifest["section_seconds"], manifest["seconds"]))
-    _print_report(written)
+    _print_report(built)
+    console.print(f"open {built[0]['html'].resolve()}", highlight=False)
 
 
 @app.command(rich_help_panel=REPORT)

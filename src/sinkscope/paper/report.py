@@ -343,9 +343,10 @@ def findings_frame(findings: list[Finding]) -> pd.DataFrame:
 
 
 def build_report(directories: list[Path], out: Path, *, findings_md: Path | None = None,
-                 prompt_texts: list[tuple[str, str]] | None = None) -> dict[str, Path]:
+                 prompt_texts: list[tuple[str, str]] | None = None) -> tuple[dict[str, Path], list[Finding]]:
     """Write report.html, report.md, findings.md and findings.csv into ``out`` (and the findings table also
-    to ``findings_md``, e.g. the docs). ``prompt_texts``: (id, text) of the prompts, listed in the report."""
+    to ``findings_md``, e.g. the docs). ``prompt_texts``: (id, text) of the prompts, listed in the report.
+    Returns the files written and the findings."""
     runs = load_runs(directories)
     data = report_data(runs)
     data["prompt_texts"] = [{"id": i, "text": t} for i, t in (prompt_texts or [])[:20]]
@@ -363,4 +364,4 @@ def build_report(directories: list[Path], out: Path, *, findings_md: Path | None
         atomic_write_bytes(findings_md, findings)
         written["findings_md"] = findings_md
     write_table(written["csv"], findings_frame(data["findings"]))
-    return written
+    return written, data["findings"]
