@@ -115,8 +115,8 @@ def _root(version: Annotated[bool, typer.Option("--version", help="print the ver
 
 
 # Command modules register themselves on `app` when imported, in the order --help shows their panels.
-for _module in ("scan", "keys", "explain", "matrix_entropy", "collapse", "perturb", "consequences", "streaming", "ruler",
-                "kv", "lab", "report"):
+for _module in ("scan", "keys", "explain", "matrix_entropy", "collapse", "perturb", "consequences", "streaming",
+                "ruler", "kv", "lab", "report"):
     importlib.import_module(f"{__name__}.{_module}")
 
 
