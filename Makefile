@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # torch is pinned here only (the CPU wheel on disk); the library itself asks for torch>=2.4.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup demo lab-demo test test-fast lint docs bench clean
+.PHONY: setup demo findings lab-demo test test-fast lint docs bench clean
 
 setup: $(VENV)/.installed
 
@@ -23,6 +23,13 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(VENV)/bin/sinkscope scan --model gemma3-270m --bos add --bos strip --out runs/demo-gemma3 --resume
 
+# The paper on both bundled models (the lab's cpu-demo sweep included), and the findings table in the README
+# and the docs regenerated from that run.
+findings: setup
+	$(VENV)/bin/sinkscope paper --model gemma3-270m --model smollm2-135m --out runs/paper \
+		--findings-md docs/generated/findings.md
+	$(PY) scripts/readme_findings.py docs/generated/findings.md README.md
+
 # The emergence lab: pre-train 14 small models and watch sinks form (~7 min on 2 CPU cores).
 lab-demo: setup
 	$(VENV)/bin/sinkscope sweep cpu-demo --out runs/lab/cpu-demo --resume
@@ -34,7 +41,7 @@ test-fast: setup
 	$(PY) -m pytest -m "not slow and not bundled"
 
 lint: setup
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks scripts
 	$(VENV)/bin/mypy
 
 # The documentation site; --strict turns a broken link or a missing snippet into an error.
