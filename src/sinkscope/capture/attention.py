@@ -20,7 +20,7 @@ import torch
 from ..errors import ModelLoadError
 from .kernels import repeat_kv, scores_block
 from .masks import dense_allowed, parse_mask
-from .variants import SOFTMAX, VARIANTS, default_sigmoid_bias, module_variant
+from .variants import GATE_MODULE, SOFTMAX, VARIANTS, default_sigmoid_bias, module_variant
 
 IMPLEMENTATION = "sinkscope"
 CONFIG_KEY = "sinkscope_attention"  # in a model's config: the name of its attention variant
@@ -77,7 +77,7 @@ def plain_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: 
     if dropout and module.training:
         weights = torch.nn.functional.dropout(weights, p=dropout)
     output = torch.matmul(weights.to(value.dtype), repeat_kv(value, query.shape[1] // value.shape[1]))
-    return output.transpose(1, 2).contiguous(), weights
+    return variant.gate_output(module, output).transpose(1, 2).contiguous(), weights
 
 
 def sinkscope_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -138,8 +138,9 @@ def restore(model: Any, directory: str | Path) -> Any:
     if variant is None:
         return model
     install(model, variant, getattr(model.config, SIGMOID_BIAS_KEY, None))
-    # Parameters a variant adds (learned sink logits; off-by-one's zeros are a buffer, not saved).
-    wanted = {name: param for name, param in model.named_parameters() if name.endswith("sink_logits")}
+    # Parameters a variant adds (learned sink logits, output gates; off-by-one's zeros are a buffer, not saved).
+    wanted = {name: param for name, param in model.named_parameters()
+              if name.endswith("sink_logits") or f".{GATE_MODULE}." in name}
     if not wanted:
         return model
     found: set[str] = set()
@@ -150,5 +151,6 @@ def restore(model: Any, directory: str | Path) -> Any:
                     wanted[name].copy_(handle.get_tensor(name))
                 found.add(name)
     if found != set(wanted):
-        raise ModelLoadError(f"{directory}: checkpoint lacks learned sink logits {sorted(set(wanted) - found)[:2]}")
+        missing = sorted(set(wanted) - found)[:2]
+        raise ModelLoadError(f"{directory}: checkpoint lacks the variant's parameters {missing}")
     return model

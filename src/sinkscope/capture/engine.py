@@ -455,7 +455,8 @@ class CaptureEngine:
             replaced = probe.on_attention(call)
             if replaced is not None:
                 call.output = replaced
-        return call.output.transpose(1, 2).contiguous(), None
+        # a gated variant's gate acts on the (possibly replaced) output, as in the model's own computation
+        return variant.gate_output(module, call.output).transpose(1, 2).contiguous(), None
 
 
 def _batch_tensors(input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None,

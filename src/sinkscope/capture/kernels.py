@@ -19,6 +19,8 @@ float64), whatever the model's dtype; only the output is cast back (to the model
   it is compiled (a fused kernel); on CPU it runs flex's unfused reference, so the same logic is checked
   against eager in CI. ``auto`` picks it on CUDA.
 - ``sigmoid``: sigmoid attention (a lab variant), p_ij = sigmoid(s_ij + b); no normaliser.
+- ``softpick``: softpick (a lab variant), p_ij = relu(e^s_ij - 1) / sum_k |e^s_ik - 1|; rows sum to at most
+  one. Its ``lse`` slot holds the log of that denominator, so a weight is still relu(e^s - 1) / e^lse.
 
 `choose_kernel` picks the kernel for a call (the variant's own kernel, else what the engine's ``path``
 asks for, else fused wherever it can express the layer); `run_kernel` runs one by name. The engine and
@@ -277,12 +279,42 @@ def sigmoid_kernel(inputs: AttentionInputs, options: KernelOptions) -> KernelOut
                         torch.cat(weights, 2) if options.keep_weights else None)
 
 
+SOFTPICK_EPS = 1e-6  # keeps the denominator of a row whose logits are all 0 away from zero
+
+
+def softpick_terms(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(numerators, |terms| summed, m): relu(e^s - 1) and sum_k |e^s_k - 1| scaled by e^-m (m = the row's
+    largest logit, at least 0) so nothing overflows; masked logits (-inf) count for nothing."""
+    m = scores.amax(-1, keepdim=True).clamp(min=0.0).nan_to_num(0.0)
+    shifted = torch.exp(scores - m) - torch.exp(-m)  # (e^s - 1) e^-m; masked: -e^-m, excluded below
+    seen = torch.isfinite(scores)
+    shifted = torch.where(seen, shifted, torch.zeros((), dtype=shifted.dtype, device=shifted.device))
+    return torch.relu(shifted), shifted.abs().sum(-1, keepdim=True) + SOFTPICK_EPS * torch.exp(-m), m
+
+
+def softpick_kernel(inputs: AttentionInputs, options: KernelOptions) -> KernelOutput:
+    """Softpick attention from explicit logits, one query chunk at a time (Zuhri et al. 2025)."""
+    dtype = options.compute_dtype
+    n_rep = inputs.query.shape[1] // inputs.key.shape[1]
+    outputs, lses, weights = [], [], []
+    for _, _, lo, hi, scores in masked_score_blocks(inputs, dtype, options.chunk_size):
+        numerators, denominator, m = softpick_terms(scores)
+        probs = numerators / denominator
+        outputs.append(torch.matmul(probs, repeat_kv(inputs.value[:, :, lo:hi], n_rep).to(dtype)))
+        lses.append((torch.log(denominator) + m)[..., 0])
+        if options.keep_weights:
+            weights.append(torch.nn.functional.pad(probs, (lo, inputs.key.shape[2] - hi)))
+    return KernelOutput(torch.cat(outputs, 2).to(_output_dtype(inputs, options)), torch.cat(lses, 2),
+                        torch.cat(weights, 2) if options.keep_weights else None)
+
+
 KERNELS: dict[str, Kernel] = {
     "fused": fused_kernel,
     "chunked": chunked_kernel,
     "eager": eager_kernel,
     "flex": flex_kernel,
     "sigmoid": sigmoid_kernel,
+    "softpick": softpick_kernel,
 }
 PATHS = ("auto", "fused", "chunked", "eager", "flex")  # what a CaptureEngine may be asked to use
 

@@ -24,6 +24,7 @@ class FirstTokenAttention(Probe):
                       (False where a sliding window no longer holds it)
       ``first_k``     float [B, H, T]  summed weight on the first ``first_k`` tokens (StreamingLLM's sinks)
       ``sink_logit``  float [B, H, T]  share taken by a learned sink logit (gpt-oss), absent otherwise
+      ``gate``        float [B, H, T]  mean output gate of gated attention, absent otherwise
     """
 
     def __init__(self, first_k: int = 4) -> None:
@@ -52,6 +53,9 @@ class FirstTokenAttention(Probe):
         sink = call.sink_attention()
         if sink is not None:
             record["sink_logit"] = sink.float().cpu()
+        gate = call.variant.gate(call.module)
+        if gate is not None:  # gated attention: the mean gate of each head's output, per query
+            record["gate"] = gate.detach().float().mean(-1).cpu()
         self.records[call.layer] = record
 
     def per_prompt(self, row: int) -> dict[str, torch.Tensor]:

@@ -5,6 +5,12 @@
                   so a head can attend to "nothing" (Miller 2023, "softmax1")
 ``learned_sink``  softmax with a learned per-head sink logit b_h in the normaliser (gpt-oss style)
 ``sigmoid``       p_ij = sigmoid(s_ij + b), no normalisation over keys (Gu et al. 2024 find no sinks form)
+``softpick``      p_ij = relu(e^s_ij - 1) / sum_k |e^s_ik - 1|: rows sum to at most one, so a head can put
+                  weight nowhere (Zuhri et al. 2025)
+``gated_headwise``, ``gated_elementwise``
+                  softmax, then each head's output multiplied by a sigmoid gate computed from the layer's
+                  input, one scalar per head or one per output dimension (Qiu et al. 2025, as in Qwen3-Next):
+                  the gate, not a sink, can switch a head off
 
 Each variant is an `AttentionVariant` in the `VARIANTS` registry. It declares what the capture engine
 needs: the reference weights formula, the kernel it needs (``None``: any softmax kernel), its extra
@@ -57,6 +63,15 @@ class AttentionVariant:
     def key_weight(self, scores: torch.Tensor, lse: torch.Tensor, logit_bias: float | None) -> torch.Tensor:
         """The weight of one key given its logits [B, H, T] and the rows' log-normaliser ``lse`` [B, H, T]."""
         return torch.exp(scores - lse)
+
+    def gate(self, module: Any) -> torch.Tensor | None:
+        """The output gate of the module's current call, [B, H, T, 1 | Dv] in (0, 1), or None (no gate)."""
+        return None
+
+    def gate_output(self, module: Any, output: torch.Tensor) -> torch.Tensor:
+        """The attention output [B, H, T, Dv] as the layer passes it on (gated variants multiply it)."""
+        gate = self.gate(module)
+        return output if gate is None else output * gate.to(output.dtype)
 
 
 class Softmax(AttentionVariant):
@@ -126,6 +141,68 @@ class Sigmoid(AttentionVariant):
         return torch.sigmoid(scores + logit_bias)
 
 
+class Softpick(AttentionVariant):
+    name = "softpick"
+    kernel = "softpick"
+    normalised = False  # rows sum to at most one: no entropy, no softmax normaliser
+
+    def weights(self, scores: torch.Tensor, allowed: torch.Tensor, extra_logit: torch.Tensor | None = None,
+                logit_bias: float | None = None) -> torch.Tensor:
+        from .kernels import softpick_terms
+
+        numerators, denominator, _ = softpick_terms(scores.masked_fill(~allowed, float("-inf")))
+        return numerators / denominator
+
+    def key_weight(self, scores: torch.Tensor, lse: torch.Tensor, logit_bias: float | None) -> torch.Tensor:
+        return torch.relu(torch.exp(scores - lse) - torch.exp(-lse))
+
+
+GATE_MODULE = "output_gate"  # on a gated attention module: the linear map from its input to the gate logits
+
+
+class _Gated(AttentionVariant):
+    """Softmax attention whose output is gated: sigmoid(W_g x + b_g) per head (or per output dimension),
+    x the hidden state the attention module was called with (kept by a forward pre-hook for the call)."""
+
+    per_dimension: ClassVar[bool] = False
+
+    def setup(self, module: Any, n_heads: int, logit_bias: float | None) -> None:
+        super().setup(module, n_heads, logit_bias)
+        weight = module.q_proj.weight
+        head_dim = int(module.head_dim)
+        gate = torch.nn.Linear(weight.shape[1], n_heads * (head_dim if self.per_dimension else 1), bias=True,
+                               dtype=weight.dtype, device=weight.device)
+        torch.nn.init.zeros_(gate.weight)
+        torch.nn.init.constant_(gate.bias, 3.0)  # starts nearly open (sigmoid(3) = 0.95): softmax at first
+        module.add_module(GATE_MODULE, gate)
+        module.gate_shape = (n_heads, head_dim if self.per_dimension else 1)
+        if not getattr(module, "_gate_hooked", False):
+            module.register_forward_pre_hook(_keep_gate_input, with_kwargs=True)
+            module._gate_hooked = True
+
+    def gate(self, module: Any) -> torch.Tensor | None:
+        hidden = getattr(module, "_gate_input", None)
+        if hidden is None:
+            raise UnsupportedModelError(f"{type(module).__name__} is gated but was called without its input")
+        logits = getattr(module, GATE_MODULE)(hidden)  # [B, T, H * (1 | D)]
+        b, t, _ = logits.shape
+        heads, width = module.gate_shape
+        return torch.sigmoid(logits.view(b, t, heads, width).transpose(1, 2))  # [B, H, T, 1 | D]
+
+
+def _keep_gate_input(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    module._gate_input = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+
+class GatedHeadwise(_Gated):
+    name = "gated_headwise"
+
+
+class GatedElementwise(_Gated):
+    name = "gated_elementwise"
+    per_dimension = True
+
+
 VARIANTS: dict[str, AttentionVariant] = {}
 
 
@@ -135,9 +212,9 @@ def register_variant(variant: AttentionVariant) -> AttentionVariant:
     return variant
 
 
-for _variant in (Softmax(), OffByOne(), LearnedSink(), Sigmoid()):
+for _variant in (Softmax(), OffByOne(), LearnedSink(), Sigmoid(), Softpick(), GatedHeadwise(), GatedElementwise()):
     register_variant(_variant)
-VARIANT_NAMES = tuple(VARIANTS)  # ("softmax", "off_by_one", "learned_sink", "sigmoid")
+VARIANT_NAMES = tuple(VARIANTS)
 SOFTMAX = VARIANTS["softmax"]
 
 

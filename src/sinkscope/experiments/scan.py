@@ -252,6 +252,7 @@ def _rows_for_batch(probe: FirstTokenAttention, units: Sequence[Encoded], prompt
         alpha = sink_metrics.alpha_from_query_weights(attention, visible, include_self)
         first_k = record["first_k"].numpy().mean(-1)
         sink = record["sink_logit"].numpy().mean(-1) if "sink_logit" in record else np.full_like(alpha, np.nan)
+        gate = record["gate"].numpy().mean(-1) if "gate" in record else np.full_like(alpha, np.nan)
         first_id = unit.ids[0]
         frames.append(pd.DataFrame({
             "prompt": unit.prompt,
@@ -263,6 +264,7 @@ def _rows_for_batch(probe: FirstTokenAttention, units: Sequence[Encoded], prompt
             "alpha": alpha.reshape(-1),
             "first_k_mass": first_k.reshape(-1),
             "sink_logit_mass": sink.reshape(-1),
+            "gate_mean": gate.reshape(-1),
             "n_visible": np.repeat(np.broadcast_to(visible, attention.shape).sum(-1)[:, 0], n_heads),
             "n_tokens": len(unit.ids),
             "first_token_id": int(first_id),
