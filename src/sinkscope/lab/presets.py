@@ -52,10 +52,12 @@ SWEEP_PRESETS: dict[str, dict[str, Any]] = {
         ],
     },
     "variants-demo": {
-        "description": "the same task under each attention variant (softmax, off-by-one, learned sink, sigmoid)",
+        "description": "the same task under each attention variant (softmax, off-by-one, learned sink, sigmoid, "
+                       "softpick, gated head-wise and element-wise)",
         "base": _DEMO_BASE,
         "grids": [{"group": "variants",
-                   "model.attention": ["softmax", "off_by_one", "learned_sink", "sigmoid"]}],
+                   "model.attention": ["softmax", "off_by_one", "learned_sink", "sigmoid", "softpick",
+                                       "gated_headwise", "gated_elementwise"]}],
     },
     "depth-demo": {
         "description": "sinks vs depth: 1, 2, 4, 8 layers at the cpu-demo width and token budget (2 CPU cores)",
