@@ -44,7 +44,11 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=None, help="default: the model's context length")
     parser.add_argument("--out", type=Path, default=Path("runs/long-context"))
     parser.add_argument("--markdown", type=Path, default=None)
+    parser.add_argument("--replot", action="store_true", help="only redraw the figure of the run in --out")
     args = parser.parse_args()
+    if args.replot:
+        replot(args)
+        return
 
     import sinkscope as ss
     from sinkscope.data import Prompt
@@ -86,6 +90,18 @@ def main() -> None:
         args.markdown.write_text("\n".join(lines))
         image = args.markdown.parent / f"long-context-{args.model}.png"
         shutil.copyfile(args.out / "first_token_by_position.png", image)
+
+
+def replot(args: argparse.Namespace) -> None:
+    """Redraw the figure from the saved run (the positions table), without measuring again."""
+    from sinkscope.experiments.base import Result
+    from sinkscope.report.figures import save_figure
+
+    figure = Result.load(args.out).figures()["first_token_by_position"]
+    save_figure(figure, args.out / "first_token_by_position.png")
+    if args.markdown is not None:
+        shutil.copyfile(args.out / "first_token_by_position.png", args.markdown.parent /
+                        f"long-context-{args.model}.png")
 
 
 if __name__ == "__main__":

@@ -24,12 +24,14 @@ def scan_figures(result: Any) -> dict[str, Any]:
 
 def position_curves(positions: pd.DataFrame, max_points: int = MAX_POINTS) -> pd.DataFrame:
     """Mean first-token attention per (layer, position bin) over heads and prompts (visible queries only):
-    columns layer, layer_type, position (the bin's first position), attention."""
+    columns layer, layer_type, position (the bin's first position), attention. Bins are spaced evenly on a
+    log scale (every position while there are fewer than ``max_points``), as the figure's axis is."""
     n = int(positions["position"].max()) + 1
-    width = max(1, -(-n // max_points))
-    binned = positions.assign(position=(positions["position"] // width) * width)
+    edges = np.unique(np.geomspace(1, n + 1, num=max_points).astype(np.int64)) - 1  # starts at position 0
+    starts = edges[np.searchsorted(edges, positions["position"].to_numpy(), side="right") - 1]
+    binned = positions.assign(position=starts)
     curves = binned.groupby(["layer", "layer_type", "position"], observed=True)["attention"].mean()
-    return curves.reset_index()
+    return curves.reset_index().dropna(subset=["attention"])
 
 
 def position_figure(positions: pd.DataFrame, title: str) -> Any:
