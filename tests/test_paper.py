@@ -98,8 +98,8 @@ def test_scale_pairs_prompts_and_orders_models_by_heads():
     rng = np.random.default_rng(2)
     small = rng.uniform(0.0, 1.0, (25, 2, 2))
     large = np.clip(small.repeat(2, axis=1) + 0.3, 0, 1)  # every prompt sinks more in the larger model
-    contexts = [Context("large", {"scan_add": scan_result(large)}, {}), Context("small", {"scan_add": scan_result(small)},
-                                                                                {})]
+    contexts = [Context("large", {"scan_add": scan_result(large)}, {}),
+                Context("small", {"scan_add": scan_result(small)}, {})]
     meta = [{"n_layers": 4, "n_heads": 2}, {"n_layers": 2, "n_heads": 2}]
     (finding,) = judge_scale(contexts, meta)
     assert finding.model == "large − small" and finding.verdict == REPRODUCED

@@ -40,12 +40,13 @@ def launch(playwright):
 
 @pytest.fixture(scope="module")
 def report_html(tmp_path_factory) -> Path:
+    from test_paper import TINY
+
     import sinkscope as ss
     from helpers import SENTENCES, tiny_model, word_tokenizer
     from sinkscope.data import Prompt
     from sinkscope.paper import build_report, run_paper
     from sinkscope.paper.plan import Inputs
-    from test_paper import TINY
 
     out = tmp_path_factory.mktemp("paper-browser")
     prompts = [Prompt(f"p{i}", s, "test") for i, s in enumerate(SENTENCES)] + [Prompt("hostile", HOSTILE, "test")]
