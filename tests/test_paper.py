@@ -98,8 +98,8 @@ def test_scale_pairs_prompts_and_orders_models_by_heads():
     rng = np.random.default_rng(2)
     small = rng.uniform(0.0, 1.0, (25, 2, 2))
     large = np.clip(small.repeat(2, axis=1) + 0.3, 0, 1)  # every prompt sinks more in the larger model
-    contexts = [Context("large", {"scan_add": scan_result(large)}, {}), Context("small", {"scan_add": scan_result(small)},
-                                                                                {})]
+    contexts = [Context("large", {"scan_add": scan_result(large)}, {}),
+                Context("small", {"scan_add": scan_result(small)}, {})]
     meta = [{"n_layers": 4, "n_heads": 2}, {"n_layers": 2, "n_heads": 2}]
     (finding,) = judge_scale(contexts, meta)
     assert finding.model == "large − small" and finding.verdict == REPRODUCED
@@ -215,3 +215,31 @@ def test_every_section_runs_on_a_tiny_model(tmp_path):
     build_report([tmp_path], tmp_path)
     findings = pd.read_csv(tmp_path / "findings.csv")
     assert set(findings["section"]) == {s.key for s in SECTIONS}
+
+
+@pytest.mark.bundled
+@pytest.mark.slow
+def test_table1_on_gemma_matches_its_own_scan(tmp_path):
+    from test_ablate import bundled_gemma
+
+    loaded = bundled_gemma()
+    run_paper([loaded], tmp_path, sized(QUICK, scan_prompts=6), progress=False, only=("scan_add", "scan_strip"))
+    _, findings = build_report([tmp_path], tmp_path)
+    table1 = next(f for f in findings if f.section == "table1")
+    scan = ss.scan(loaded, one_per_domain(ss.data.probe_set(), 6), bos="add", progress=False)
+    assert table1.value == pytest.approx(scan.sink_rate(0.3))
+    assert table1.low <= table1.value <= table1.high
+
+
+@pytest.mark.slow
+def test_paper_command_end_to_end_on_a_model_directory(model_dir, prompt_file, tmp_path):
+    out = tmp_path / "report"
+    result = invoke("paper", "--model", str(model_dir), "--quick", "--prompts", str(prompt_file), "--out", str(out),
+                    "--quiet", "--findings-md", str(tmp_path / "findings.md"))
+    assert result.exit_code == 0, result.output
+    assert "time per section" in result.output and "report.html" in result.output
+    manifest = json.loads((out / "paper.json").read_text())
+    assert manifest["prompts"] == prompt_file.name and manifest["lab"]["status"] == "skipped"
+    measured = {k for k, v in manifest["models"][0]["experiments"].items() if v["status"] == "measured"}
+    assert {"scan_add", "scan_strip", "smoothing", "noop", "rank_collapse", "massive"} <= measured
+    assert (tmp_path / "findings.md").read_text() == (out / "findings.md").read_text()

@@ -124,7 +124,8 @@ def judge_table1(ctx: Context) -> list[Finding]:
     strict, s_low, s_high = bootstrap_interval(per_prompt_sink_rate(scan, STRICT_EPS).to_numpy())
     return [Finding("table1", ctx.model, claim, f"sink rate at ε = {SINK_EPS} (with ⟨bos⟩)", value, low, high,
                     above(low, high, 0.5), rule, f"{len(rates)} prompts",
-                    note=f"at ε = {STRICT_EPS}: {strict:.3f} [{s_low:.3f}, {s_high:.3f}] (paper, LLaMa 3.1 8B: 0.4597)")]
+                    note=f"at ε = {STRICT_EPS}: {strict:.3f} [{s_low:.3f}, {s_high:.3f}] "
+                         "(paper, LLaMa 3.1 8B: 0.4597)")]
 
 
 def judge_scale(contexts: list[Context], meta: list[dict[str, Any]]) -> list[Finding]:
