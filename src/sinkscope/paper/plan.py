@@ -66,11 +66,11 @@ class PlanSize:
 
 
 FULL = PlanSize("full", scan_prompts=None, explain_prompts=60)
-QUICK = PlanSize("quick", scan_prompts=18, explain_prompts=18, ablate_window=256, ablate_windows=4,
-                 passkey_lengths=(256, 512), passkey_depths=(0.25, 0.75), passkey_trials=2,
+QUICK = PlanSize("quick", scan_prompts=18, explain_prompts=10, ablate_window=256, ablate_windows=2,
+                 passkey_lengths=(384,), passkey_depths=(0.5,), passkey_trials=2,
                  repr_lengths=(16, 64, 256), repr_families=("repeated",), oversquash_probes=8,
-                 knockout_windows=1, stream_window=64, stream_length=192, stream_sinks=(0, 4), stream_full=False,
-                 lab_preset=None)
+                 knockout_window=128, knockout_windows=1, stream_window=48, stream_length=144, stream_sinks=(0, 4),
+                 stream_full=False, lab_preset=None)
 
 
 def one_per_domain(prompts: list[Prompt], n: int | None) -> list[Prompt]:
