@@ -214,9 +214,10 @@ def test_sink_mass_read_from_the_cache_equals_eager_weights(family):
         torch.testing.assert_close(probe.records[layer], weights[:, :, 8:, 0].float(), atol=1e-5, rtol=1e-4)
 
 
-def test_the_knockout_probe_runs_through_a_compressed_cache():
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_knockout_probe_runs_through_a_compressed_cache(family):
     """With nothing quantised, knocking out the sink through the cache = the engine's own knocked-out forward."""
-    model = tiny_model("llama")
+    model = tiny_model(family)
     ids = tokens(12)
     with CaptureEngine(model, [SinkKnockout(None)]) as engine:
         reference = engine.forward(ids).last_hidden_state
