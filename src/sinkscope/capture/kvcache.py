@@ -6,9 +6,10 @@ dtype), except the protected tokens (the first ``protect`` positions, or a given
 sinks), which are kept bit for bit. Attention always reads the cache, the tokens of the current forward
 pass included, as a kernel reading a quantised paged cache does. Per-token scales (``axis="token"``)
 depend on the token alone, so a chunked forward gives the same predictions as token-by-token decoding.
-Per-channel scales (``axis="channel"``) run over blocks of ``group_size`` consecutive unprotected tokens:
-until a block is complete its tokens are held (and read) at full precision, as KIVI's residual; the
-forward pass that completes a block reads it quantised. ``bits=None`` (or 16) is the plain cache.
+Per-channel scales (``axis="channel"``) run over blocks of positions ``[b G, (b + 1) G)`` (``G`` =
+``group_size``; protected tokens in a block are left out of it): until a block's last position is
+written its tokens are held (and read) at full precision, as KIVI's residual; the forward pass that
+completes a block reads it quantised. ``bits=None`` (or 16) is the plain cache.
 
 `EvictingCache(model)` holds everything until `compress(press, ratio, protect)` evicts a fraction
 ``ratio`` of the tokens of each full-attention layer, per key/value head, keeping the highest scores of a
@@ -83,6 +84,7 @@ class _Quantising:
         self.status = torch.empty(0, dtype=torch.long)  # [S]: RAW, RESIDUAL or the token's group id
         self.read_positions = self.positions
         self._pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # residual (position, raw k, raw v)
+        # per-token groups are numbered as written; per-channel blocks by position // group_size
         self._groups = 0
 
     def _is_protected(self, positions: torch.Tensor) -> torch.Tensor:
@@ -127,26 +129,28 @@ class _Quantising:
 
     def _quantise_complete_blocks(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
                                   status: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Quantise every complete block of ``group_size`` residual tokens (per channel, over the block)."""
+        """Quantise (per channel) the unprotected tokens of every block of positions ``[b G, (b + 1) G)`` whose
+        last position has been written. Blocks are fixed by position, so protecting tokens changes which
+        tokens a block quantises, never when it is quantised."""
         size = self.spec.group_size
         assert size is not None and self.spec.bits is not None
-        if len(self._pending) < size:
+        complete = self.written // size  # blocks 0 .. complete-1 are fully written
+        ready = [p for p in self._pending if p[0] // size < complete]
+        if not ready:
             return keys, values, status
+        self._pending = [p for p in self._pending if p[0] // size >= complete]
         keys, values, status = keys.clone(), values.clone(), status.clone()
         first = int(positions[0]) if positions.dim() == 1 else 0  # quantised caches hold consecutive positions
-        while len(self._pending) >= size:
-            block, self._pending = self._pending[:size], self._pending[size:]
-            raw_k = torch.stack([k for _, k, _ in block], dim=-2)  # [B, KVH, size, D]
-            raw_v = torch.stack([v for _, _, v in block], dim=-2)
-            q_k = fake_quantise(raw_k, self.spec.bits, "channel", None)
-            q_v = fake_quantise(raw_v, self.spec.bits, "channel", None)
+        for block_id in sorted({p[0] // size for p in ready}):
+            block = [p for p in ready if p[0] // size == block_id]
+            q_k = fake_quantise(torch.stack([k for _, k, _ in block], dim=-2), self.spec.bits, "channel", None)
+            q_v = fake_quantise(torch.stack([v for _, _, v in block], dim=-2), self.spec.bits, "channel", None)
             for j, (position, _, _) in enumerate(block):
                 index = position - first
                 if 0 <= index < keys.shape[-2]:  # a sliding window may have dropped it already
                     keys[..., index, :] = q_k[..., j, :]
                     values[..., index, :] = q_v[..., j, :]
-                    status[index] = self._groups
-            self._groups += 1
+                    status[index] = block_id
         return keys, values, status
 
     def nbytes(self) -> int:

@@ -52,6 +52,7 @@ def kv_figures(result: Any) -> dict[str, Any]:
                 plt.Line2D([], [], marker="*", color="black", linestyle="", markersize=10, label="full cache")]
     axes[0][-1].legend(handles=handles, fontsize=8, loc="best")
     summary = result.summary
-    fig.suptitle(f"{result.provenance['model']['name']}: KV-cache compression, quality against memory "
-                 f"({summary['n_windows']} windows, {summary['n_passkey_prompts']} passkey prompts)")
+    fig.suptitle(f"{result.provenance['model']['name']}: KV-cache compression, quality against memory\n"
+                 f"({summary['n_windows']} windows, {summary['n_passkey_prompts']} passkey prompts; bars: 95% "
+                 "interval over windows)", fontsize=10)
     return {"kv_pareto": fig}
