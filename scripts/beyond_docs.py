@@ -105,20 +105,27 @@ def entropy_page(result: Result) -> str:
     lines = [f"**{s['model']}**, {s['n_prompts']} prompts of at most {s['max_tokens']} tokens, "
              f"sink at alpha > {s['eps']}. {_command(result)}", "",
              "| `<bos>` | entropy at depth 0 | valley: depth, entropy (95% over prompts) | entropy at depth "
-             f"{s['n_layers']} | mean sink rate |", "|---|---|---|---|---|"]
+             f"{s['n_layers']} | lowest centred entropy (depth) | mean sink rate |", "|---|---|---|---|---|---|"]
     for c in conditions:
         v = s["conditions"][c]
+        centred_values = v.get("entropy_centred_by_depth")
+        lowest = "–" if not centred_values else (
+            f"{min(centred_values[1:-1] or centred_values):.3f} "
+            f"({centred_values.index(min(centred_values[1:-1] or centred_values))})")
         lines.append(f"| {c} | {v['embedding_entropy']:.3f} | {v['valley_depth']}, {v['valley_entropy']:.3f} "
                      f"[{v['valley_entropy_ci'][0]:.3f}, {v['valley_entropy_ci'][1]:.3f}] | {v['final_entropy']:.3f} | "
-                     f"{v['sink_rate']:.3f} |")
-    header = " | ".join(f"entropy / ‖h₀‖÷median / sink rate, {c}" for c in conditions)
+                     f"{lowest} | {v['sink_rate']:.3f} |")
+    centred = "entropy_centred" in per_depth
+    shown = "entropy / centred / ‖h₀‖÷median / sink rate" if centred else "entropy / ‖h₀‖÷median / sink rate"
+    header = " | ".join(f"{shown}, {c}" for c in conditions)
     lines += ["", f"| depth (layer) | {header} |", "|---" * (1 + len(conditions)) + "|"]
     for depth in sorted(per_depth["depth"].unique()):
         cells = []
         for c in conditions:
             row = per_depth[(per_depth["bos"] == c) & (per_depth["depth"] == depth)].iloc[0]
             rate = "–" if row["sink_rate"] != row["sink_rate"] else f"{row['sink_rate']:.2f}"
-            cells.append(f"{row['entropy']:.2f} / {row['first_norm_ratio']:.1f} / {rate}")
+            extra = f" / {row['entropy_centred']:.2f}" if centred else ""
+            cells.append(f"{row['entropy']:.2f}{extra} / {row['first_norm_ratio']:.1f} / {rate}")
         layer = "embeddings" if depth == 0 else f"after layer {depth - 1}"
         lines.append(f"| {depth} ({layer}) | " + " | ".join(cells) + " |")
     difference = s.get("entropy_difference")
