@@ -83,7 +83,7 @@ def knockout_page(result: Result) -> str:
             f"| difference, first - random (paired over windows) | {paired['delta_loss']:+.3f} | "
             f"{_interval(paired['delta_loss_ci'])} |",
             "",
-            "Per layer (all heads of one layer), the five layers whose sink matters most:",
+            "Per layer (all heads of one layer; of the layers run, up to five, largest Δloss first):",
             "",
             "| layer | Δloss, first key | Δloss, random key | first - random (95%) |",
             "|---|---|---|---|",
