@@ -158,7 +158,7 @@ def test_gemma3_needs_its_sink():
     result = knockout(bundled_gemma(), window=48, max_windows=1, layers="0", progress=False)
     summary = result.summary
     assert summary["all_heads"]["delta_loss"] > 0.5
-    assert len(result.to_frame()) == 1 + 1 + 4
+    assert len(result.to_frame()) == 2 + 2 + 4  # all heads, layer 0 (each also with the control), its heads
 
 
 class Calls(Probe):

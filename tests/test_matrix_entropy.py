@@ -47,6 +47,16 @@ def test_entropy_matches_the_gram_eigendecomposition(shape, order):
     assert 0.0 < matrix_entropy(z, order) < np.log(min(shape))
 
 
+def test_centring_removes_a_direction_every_token_shares():
+    q, _ = np.linalg.qr(np.random.default_rng(2).normal(size=(12, 5)))
+    z = q.T + 50.0 * np.random.default_rng(3).normal(size=12)  # 5 orthonormal tokens plus one large shared vector
+    assert matrix_entropy(z) < 0.1
+    centred = z - z.mean(0)
+    assert matrix_entropy(z, centre=True) == pytest.approx(hand_entropy(centred, 1.0), abs=1e-9)
+    assert matrix_entropy(z, 2.0, centre=True) == pytest.approx(hand_entropy(centred, 2.0), abs=1e-9)
+    assert matrix_entropy(z, centre=True) == pytest.approx(np.log(4), abs=1e-9)  # n - 1 equal directions left
+
+
 def test_one_dominant_token_lowers_the_entropy_and_batches_broadcast():
     z = np.random.default_rng(1).normal(size=(10, 8))
     loud = z.copy()
@@ -71,6 +81,8 @@ def test_experiment_against_the_eager_residual_stream_and_scan(family):
     np.testing.assert_allclose(rows["renyi2"], [hand_entropy(h, 2.0) for h in residual], atol=1e-6)
     np.testing.assert_allclose(rows["entropy_without_first"], [hand_entropy(h[1:], 1.0) for h in residual], atol=1e-6)
     np.testing.assert_allclose(rows["first_norm"], np.linalg.norm(residual[:, 0], axis=-1), rtol=1e-5)
+    np.testing.assert_allclose(rows["entropy_centred"], [hand_entropy(h - h.mean(0), 1.0) for h in residual],
+                               atol=1e-6)
     # the sink rate per layer is scan's, on the same prompts
     scanned = scan(model, SENTENCES[:4], bos="add", max_tokens=16, progress=False)
     per_depth = result.tables["per_depth"]

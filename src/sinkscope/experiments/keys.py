@@ -56,6 +56,7 @@ from .inputs import (
 )
 
 MIN_QUERIES = 32
+CONTEXT_ROWS, CONTEXT_BEFORE, CONTEXT_AFTER = 50, 6, 3  # the strongest keys get the text around them
 
 
 class KeysResult(Result):
@@ -165,7 +166,7 @@ class KeyAttentionExperiment(Experiment):
     def finalise(self, tables: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
         keys = tables["keys"]
         return {"keys": keys, "positions": position_table(keys, self.eps),
-                "sink_positions": sink_position_table(keys, self.eps),
+                "sink_positions": with_context(sink_position_table(keys, self.eps), keys, self._tokenizer),
                 "sink_tokens": sink_token_table(keys, self.eps, self.min_queries)}
 
     def summarise(self, loaded: LoadedModel, tables: dict[str, pd.DataFrame], units: Sequence[Encoded]
@@ -197,7 +198,7 @@ class KeyAttentionExperiment(Experiment):
                 for r in tokens.head(10).itertuples()],
             "top_sink_positions": [
                 {"sequence": int(r.sequence), "position": int(r.position), "token": str(r.token),
-                 "alpha_mean": float(r.alpha_mean), "n_sink_heads": int(r.n_sink_heads)}
+                 "alpha_mean": float(r.alpha_mean), "n_sink_heads": int(r.n_sink_heads), "context": str(r.context)}
                 for r in positions.head(10).itertuples()],
         }
 
@@ -216,6 +217,23 @@ def sink_position_table(keys: pd.DataFrame, eps: float) -> pd.DataFrame:
     table = pd.DataFrame({"alpha_mean": grouped["alpha"].mean(), "n_sink_heads": grouped["sink"].sum(),
                           "n_queries_min": grouped["n_queries"].min()}).reset_index()
     return table.sort_values("alpha_mean", ascending=False, ignore_index=True)
+
+
+def with_context(table: pd.DataFrame, keys: pd.DataFrame, tokenizer: Any, rows: int = CONTEXT_ROWS) -> pd.DataFrame:
+    """``table`` (a row per sequence and position) with a ``context`` column for its first ``rows`` rows: the
+    text of the tokens around the key (``CONTEXT_BEFORE`` before it, ``CONTEXT_AFTER`` after, the key in
+    brackets), to read what a secondary sink is."""
+    ids = keys[(keys["layer"] == 0) & (keys["head"] == 0)].set_index(["sequence", "position"])["token_id"]
+    contexts = []
+    for r in table.head(rows).itertuples():
+        sequence = ids.loc[r.sequence]
+
+        def text(lo: int, hi: int, sequence: pd.Series = sequence) -> str:
+            return str(tokenizer.decode([int(sequence[p]) for p in range(lo, hi) if p in sequence.index]))
+
+        contexts.append((text(r.position - CONTEXT_BEFORE, r.position) + "[" + text(r.position, r.position + 1)
+                         + "]" + text(r.position + 1, r.position + 1 + CONTEXT_AFTER)).replace("\n", "\\n"))
+    return table.assign(context=contexts + [""] * (len(table) - len(contexts)))
 
 
 def sink_token_table(keys: pd.DataFrame, eps: float, min_queries: int) -> pd.DataFrame:

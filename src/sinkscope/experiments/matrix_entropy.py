@@ -5,7 +5,8 @@ et al. 2025), next to the norm of the token at position 0 and the sink rate per 
 Per prompt, `<bos>` condition and depth (0 = embeddings, d = output of layer d - 1, L = before the final
 norm): the von Neumann and collision (order-2) entropies of the trace-normalised Gram matrix of the
 sequence's token representations (`metrics.matrix_entropy`; in nats, at most log n), the same without
-position 0, the norm of position 0's representation and the median norm of the others. One forward pass
+position 0, the same of the tokens centred on their mean (``entropy_centred``: a direction every token
+shares no longer counts), the norm of position 0's representation and the median norm of the others. One forward pass
 also gives each layer's first-token attention, so the sink rate per layer (share of heads whose alpha
 exceeds ``eps``) comes from the same tokens. The table ``per_depth`` puts them side by side: the row of
 depth d also holds layer d - 1, the block whose output depth d is (no layer at depth 0).
@@ -93,6 +94,7 @@ class MatrixEntropy(PromptExperiment):
             "n_tokens": len(unit), "depth": np.arange(residual.shape[0]),
             "entropy": matrix_entropy(residual), "renyi2": matrix_entropy(residual, order=2.0),
             "entropy_without_first": matrix_entropy(residual[:, 1:]) if residual.shape[1] > 1 else np.nan,
+            "entropy_centred": matrix_entropy(residual, centre=True),
             "max_entropy": np.log(min(residual.shape[1], residual.shape[2])),
             "first_norm": norms[:, 0], "median_norm": others, "first_norm_ratio": norms[:, 0] / others,
         })
@@ -111,6 +113,7 @@ class MatrixEntropy(PromptExperiment):
             conditions[condition] = {
                 "entropy_by_depth": rows["entropy"].tolist(),
                 "entropy_without_first_by_depth": rows["entropy_without_first"].tolist(),
+                "entropy_centred_by_depth": rows["entropy_centred"].tolist(),
                 "first_norm_ratio_by_depth": rows["first_norm_ratio"].tolist(),
                 "sink_rate_by_layer": rows["sink_rate"].dropna().tolist(),
                 "valley_depth": int(valley["depth"]), "valley_entropy": float(valley["entropy"]),
@@ -147,6 +150,7 @@ def per_depth_table(entropy: pd.DataFrame, sink_rate: pd.DataFrame) -> pd.DataFr
         mean, low, high = bootstrap_interval(group["entropy"].to_numpy())
         rows.append({"bos": bos, "depth": int(depth), "entropy": mean, "entropy_low": low, "entropy_high": high,
                      "renyi2": group["renyi2"].mean(), "entropy_without_first": group["entropy_without_first"].mean(),
+                     "entropy_centred": group["entropy_centred"].mean(),
                      "first_norm": group["first_norm"].mean(), "median_norm": group["median_norm"].mean(),
                      "first_norm_ratio": group["first_norm_ratio"].median()})
     table = pd.DataFrame(rows)

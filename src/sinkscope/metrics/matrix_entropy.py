@@ -11,7 +11,9 @@ the von Neumann entropy for a = 1 and the collision entropy -log sum_i lambda_i^
 K has rank one (every token on one line, or one token's norm dominating), and log n for n orthogonal
 tokens of equal norm (K proportional to the identity); in general 0 <= S_a <= log rank(K). Skean et al.
 ("Layer by Layer", 2025) track it per depth of the residual stream; the dip at intermediate depths is
-the "compression valley". As in their prompt entropy, Z is not centred. The eigenvalues of Z Z^T are the
+the "compression valley". As in their prompt entropy, Z is not centred by default; ``centre=True``
+subtracts the tokens' mean first, so a direction all tokens share (which dominates an uncentred residual
+stream) does not count. The eigenvalues of Z Z^T are the
 squared singular values of Z, so the cost is O(n d min(n, d)). Natural logarithms (nats).
 """
 
@@ -21,24 +23,26 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 
-def gram_spectrum(h: ArrayLike) -> NDArray[np.float64]:
+def gram_spectrum(h: ArrayLike, centre: bool = False) -> NDArray[np.float64]:
     """[..., n, d] -> [..., min(n, d)]: eigenvalues of the Gram matrix h h^T divided by its trace, largest
-    first (NaN for an all-zero matrix)."""
+    first (NaN for an all-zero matrix). ``centre``: of the tokens minus their mean."""
     z = np.asarray(h, dtype=np.float64)
     if z.ndim < 2:
         raise ValueError(f"token representations must be [..., n, d], got shape {z.shape}")
+    if centre:
+        z = z - z.mean(-2, keepdims=True)
     power = np.linalg.svd(z, compute_uv=False) ** 2
     total = power.sum(-1, keepdims=True)
     with np.errstate(invalid="ignore", divide="ignore"):
         return power / total
 
 
-def matrix_entropy(h: ArrayLike, order: float = 1.0) -> NDArray[np.float64]:
+def matrix_entropy(h: ArrayLike, order: float = 1.0, centre: bool = False) -> NDArray[np.float64]:
     """[..., n, d] -> [...]: the order-``order`` matrix entropy S_a of the normalised Gram matrix (nats);
-    ``order=1`` is the von Neumann entropy."""
+    ``order=1`` is the von Neumann entropy; ``centre``: of the tokens minus their mean."""
     if order <= 0:
         raise ValueError("the entropy order must be > 0")
-    p = gram_spectrum(h)
+    p = gram_spectrum(h, centre)
     if order == 1.0:
         with np.errstate(invalid="ignore", divide="ignore"):
             terms = np.where(p > 0, -p * np.log(np.where(p > 0, p, 1.0)), 0.0)

@@ -21,6 +21,9 @@ def matrix_entropy_figures(result: Any) -> dict[str, Any]:
         left.fill_between(rows["depth"], rows["entropy_low"], rows["entropy_high"], color=line.get_color(), alpha=0.2)
         left.plot(rows["depth"], rows["entropy_without_first"], ls=":", color=line.get_color(),
                   label=f"bos={bos}, position 0 left out")
+        if "entropy_centred" in rows:
+            left.plot(rows["depth"], rows["entropy_centred"], ls="--", color=line.get_color(),
+                      label=f"bos={bos}, tokens centred")
         style = {"marker": "o", "ms": 3, "color": line.get_color(), "label": f"bos={bos}"}
         middle.plot(rows["depth"], rows["first_norm_ratio"], **style)
         layers = rows.dropna(subset=["sink_rate"])

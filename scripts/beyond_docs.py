@@ -1,0 +1,159 @@
+"""Write docs/generated/*.md from finished run directories of `keys`, `knockout` and `matrix-entropy`.
+
+    python scripts/beyond_docs.py RUN_DIR [RUN_DIR ...]
+
+Each run directory's experiment decides the page: keys-<model>.md, knockout-control-<model>.md or
+matrix-entropy-<model>.md. Every number on a page is read from the run's files; the page names the command
+that made them.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from sinkscope.experiments.base import Result
+
+GENERATED = Path(__file__).resolve().parent.parent / "docs" / "generated"
+
+
+def _command(result: Result) -> str:
+    version = result.provenance["versions"]["sinkscope"]
+    return f"Made by `{result.provenance.get('command', '?')}` (sinkscope {version})."
+
+
+def _interval(values: list[float], digits: int = 3) -> str:
+    return f"[{values[0]:+.{digits}f}, {values[1]:+.{digits}f}]"
+
+
+def _token(token: str) -> str:
+    return "`" + token.replace("`", "'").replace("|", "\\|") + "`" if token.strip() else repr(token)
+
+
+def keys_page(result: Result) -> str:
+    s = result.summary
+    first, other = s["position0"], s["other_keys"]
+    lines = [
+        f"**{s['model']}**, `--bos {s['bos']}`, {s['n_sequences']} sequence(s) of {max(s['n_tokens'])} tokens "
+        f"({s['text']}), {s['n_layers']} layers x {s['n_heads']} heads. {_command(result)}",
+        "",
+        f"| keys | mean alpha_k | share of (key, layer, head) with alpha_k > {s['eps']} |",
+        "|---|---|---|",
+        f"| position 0 ({_token(s['first_token'])}) | {first['alpha_mean']:.3f} | {first['sink_rate']:.3f} |",
+        f"| positions > 0 seen by >= {s['min_queries']} queries ({other['n_keys']} key x head entries) | "
+        f"{other['alpha_mean']:.4f} | {other['sink_rate']:.5f} (95% over keys: [{other['sink_rate_ci'][0]:.5f}, "
+        f"{other['sink_rate_ci'][1]:.5f}]) |",
+        "",
+        f"{other['n_sink_positions']} key positions after position 0 are a sink (alpha_k > {s['eps']}) in at least "
+        f"one head ({other['n_sink_entries']} (key, layer, head) entries). The keys after position 0 that receive the "
+        "most attention (mean over all layers x heads):",
+        "",
+        "| position | token | in context | mean alpha_k | sink in how many (layer, head) |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [f"| {p['position']} | {_token(p['token'])} | {_token(p.get('context', ''))} | {p['alpha_mean']:.4f} | "
+              f"{p['n_sink_heads']} |"
+              for p in s["top_sink_positions"]]
+    lines += ["", "By token (positions > 0), highest sink rate first:", "",
+              "| token | keys | keys that are a sink in some head | mean alpha_k | max alpha_k | sink rate |",
+              "|---|---|---|---|---|---|"]
+    lines += [f"| {_token(t['token'])} | {t['n_keys']} | {t['n_sink_keys']} | {t['alpha_mean']:.4f} | "
+              f"{t['alpha_max']:.3f} | {t['sink_rate']:.4f} |" for t in s["top_sink_tokens"][:6]]
+    return "\n".join(lines) + "\n"
+
+
+def knockout_page(result: Result) -> str:
+    s = result.summary
+    control = s["control"]
+    lines = [
+        f"**{s['model']}**, `--bos {s['bos']}`, {s['n_windows']} windows x {s['window']} text tokens ({s['text']}), "
+        f"baseline loss {s['baseline']['loss']:.3f}. {_command(result)}",
+        "",
+        "| knocked out (all heads) | Δloss (nats) | 95% interval over windows |",
+        "|---|---|---|",
+        f"| the first key (the sink) | {s['all_heads']['delta_loss']:+.3f} | "
+        f"{_interval(s['all_heads']['delta_loss_ci'])} |",
+    ]
+    if control:
+        paired = control["first_minus_random"]["all_heads"]
+        lines += [
+            f"| one random other key per query (seed {control['seed']}) | {control['all_heads']['delta_loss']:+.3f} | "
+            f"{_interval(control['all_heads']['delta_loss_ci'])} |",
+            f"| difference, first - random (paired over windows) | {paired['delta_loss']:+.3f} | "
+            f"{_interval(paired['delta_loss_ci'])} |",
+            "",
+            "Per layer (all heads of one layer; of the layers run, up to five, largest Δloss first):",
+            "",
+            "| layer | Δloss, first key | Δloss, random key | first - random (95%) |",
+            "|---|---|---|---|",
+        ]
+        for row in s["top_layers"]:
+            layer = row["layer"]
+            diff = control["first_minus_random"]["by_layer"][str(layer)]
+            lines.append(f"| {layer} | {row['delta_loss']:+.4f} {_interval(row['delta_loss_ci'], 4)} | "
+                         f"{control['delta_loss_by_layer'][str(layer)]:+.4f} "
+                         f"{_interval(control['delta_loss_by_layer_ci'][str(layer)], 4)} | "
+                         f"{diff['delta_loss']:+.4f} {_interval(diff['delta_loss_ci'], 4)} |")
+    return "\n".join(lines) + "\n"
+
+
+def entropy_page(result: Result) -> str:
+    s = result.summary
+    per_depth = result.tables["per_depth"]
+    conditions = list(s["bos"])
+    lines = [f"**{s['model']}**, {s['n_prompts']} prompts of at most {s['max_tokens']} tokens, "
+             f"sink at alpha > {s['eps']}. {_command(result)}", "",
+             "| `<bos>` | entropy at depth 0 | valley: depth, entropy (95% over prompts) | entropy at depth "
+             f"{s['n_layers']} | lowest centred entropy (depth) | mean sink rate |", "|---|---|---|---|---|---|"]
+    for c in conditions:
+        v = s["conditions"][c]
+        centred_values = v.get("entropy_centred_by_depth")
+        lowest = "–" if not centred_values else (
+            f"{min(centred_values[1:-1] or centred_values):.3f} "
+            f"({centred_values.index(min(centred_values[1:-1] or centred_values))})")
+        lines.append(f"| {c} | {v['embedding_entropy']:.3f} | {v['valley_depth']}, {v['valley_entropy']:.3f} "
+                     f"[{v['valley_entropy_ci'][0]:.3f}, {v['valley_entropy_ci'][1]:.3f}] | {v['final_entropy']:.3f} | "
+                     f"{lowest} | {v['sink_rate']:.3f} |")
+    centred = "entropy_centred" in per_depth
+    shown = "entropy / centred / ‖h₀‖÷median / sink rate" if centred else "entropy / ‖h₀‖÷median / sink rate"
+    header = " | ".join(f"{shown}, {c}" for c in conditions)
+    lines += ["", f"| depth (layer) | {header} |", "|---" * (1 + len(conditions)) + "|"]
+    for depth in sorted(per_depth["depth"].unique()):
+        cells = []
+        for c in conditions:
+            row = per_depth[(per_depth["bos"] == c) & (per_depth["depth"] == depth)].iloc[0]
+            rate = "–" if row["sink_rate"] != row["sink_rate"] else f"{row['sink_rate']:.2f}"
+            extra = f" / {row['entropy_centred']:.2f}" if centred else ""
+            cells.append(f"{row['entropy']:.2f}{extra} / {row['first_norm_ratio']:.1f} / {rate}")
+        layer = "embeddings" if depth == 0 else f"after layer {depth - 1}"
+        lines.append(f"| {depth} ({layer}) | " + " | ".join(cells) + " |")
+    difference = s.get("entropy_difference")
+    if difference:
+        first, second = difference["conditions"]
+        by_depth = difference["by_depth"]
+        lowest = min(range(len(by_depth)), key=lambda d: by_depth[d]["mean"])
+        lines += ["", f"Entropy with `{first}` minus with `{second}` (paired over prompts): largest drop at depth "
+                  f"{lowest}, {by_depth[lowest]['mean']:+.3f} {_interval(by_depth[lowest]['ci'])}."]
+    return "\n".join(lines) + "\n"
+
+
+PAGES: dict[str, tuple[str, Any]] = {"keys": ("keys", keys_page), "knockout": ("knockout-control", knockout_page),
+                                     "matrix_entropy": ("matrix-entropy", entropy_page)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("runs", nargs="+", type=Path)
+    args = parser.parse_args()
+    GENERATED.mkdir(parents=True, exist_ok=True)
+    for run in args.runs:
+        result = Result.load(run)
+        stem, page = PAGES[result.experiment]
+        path = GENERATED / f"{stem}-{result.summary['model']}.md"
+        path.write_text(page(result), encoding="utf-8")
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
