@@ -8,11 +8,13 @@ process says it has reached the point and blocks; the test reads that line, then
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -22,7 +24,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from sinkscope.cli import app
-from sinkscope.lab.train import STALL_ENV, train
+from sinkscope.lab.train import STALL_ENV, LabRunError, train
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
@@ -45,24 +47,33 @@ def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "sinkscope.cli", *args]
 
 
-def kill_at(point: str, command: list[str]) -> str:
-    """Start `command`, wait until it reports it stalled at `point`, SIGKILL its whole process group (the
-    sweep's workers too, as a scheduler or the OOM killer of a job's cgroup does); returns its stderr."""
+@contextlib.contextmanager
+def stalled(point: str, command: list[str]) -> Iterator[subprocess.Popen]:
+    """`command` running, blocked at `point` (it said so on stderr); on exit its whole process group is
+    SIGKILLed (the sweep's workers too, as a scheduler or the OOM killer of a job's cgroup does)."""
     process = subprocess.Popen(command, env={**ENV, STALL_ENV: point}, stderr=subprocess.PIPE,
                                stdout=subprocess.DEVNULL, text=True, start_new_session=True)
     assert process.stderr is not None
     seen = []
-    for line in process.stderr:  # blocks until the process writes a line (or exits)
-        seen.append(line)
-        if f"stalled at {point}" in line:
-            break
-    else:
+    try:
+        for line in process.stderr:  # blocks until the process writes a line (or exits)
+            seen.append(line)
+            if f"stalled at {point}" in line:
+                break
+        else:
+            process.wait()
+            raise AssertionError(f"never reached {point!r} (exit {process.returncode}): {''.join(seen)[-2000:]}")
+        yield process
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
         process.wait()
-        raise AssertionError(f"never reached {point!r} (exit {process.returncode}): {''.join(seen)[-2000:]}")
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+
+
+def kill_at(point: str, command: list[str]) -> None:
+    with stalled(point, command) as process:
+        pass
     assert process.returncode == -signal.SIGKILL
-    return "".join(seen)
 
 
 def run_ok(command: list[str]) -> subprocess.CompletedProcess:
@@ -192,3 +203,24 @@ def test_bad_run_directories_are_one_line_and_exit_2(command, tmp_path):
     unwritable = _error(runner.invoke(app, [command, str(config), "--out", str(a_file / "run"), "--quiet"]))
     assert "cannot create" in unwritable and "--out" in unwritable
     assert a_file.read_text() == "not a directory"
+
+
+@pytest.mark.slow
+def test_a_run_being_trained_is_locked_against_a_second_process(reference, tmp_path):
+    """A `--resume` while the first process still trains is refused (their writes would interleave); once
+    that process is killed the lock is gone with it and the resume finishes the run exactly."""
+    config, whole = reference
+    out = tmp_path / "busy"
+    with stalled("step 4", cli("train", str(config), "--out", str(out), "--quiet")):
+        with pytest.raises(LabRunError, match="being trained by another process"):
+            train(json.loads(config.read_text()), out, resume=True, progress=False)
+        assert rows(out, "log.jsonl")[-1]["step"] == 4  # the refused resume truncated nothing
+    run_ok(cli("train", str(config), "--out", str(out), "--resume", "--quiet"))
+    assert_same_run(whole, out)
+
+
+def test_sweep_tables_only_needs_a_sweep(tmp_path):
+    config = tmp_path / "sweep.json"
+    config.write_text(json.dumps(SWEEP))
+    result = CliRunner().invoke(app, ["sweep", str(config), "--out", str(tmp_path / "none"), "--tables-only"])
+    assert "holds no sweep" in _error(result)

@@ -269,7 +269,7 @@ def test_sigterm_checkpoints_and_resume_finishes_identically(tmp_path):
     checkpoint the weights of update N+1 under the number N."""
     import signal
 
-    config = small(steps=40, tracking={"every": 10, "checkpoint_every": 1000})
+    config = small(steps=20, tracking={"every": 10, "checkpoint_every": 1000})
     stopped = _signal_inside_step(tmp_path, config, signal.SIGTERM, at_update=13)
     assert stopped.returncode == 130, stopped.stderr[-2000:]
     assert "--resume" in stopped.stderr and "Traceback" not in stopped.stderr
@@ -312,8 +312,9 @@ def test_sweep_reports_the_final_sink_rate_per_layer_of_each_depth(tmp_path):
             assert match.mean_alpha.item() == pytest.approx(row["mean_alpha"])
     assert (tmp_path / "sweep/final_sink_rate_by_layer.png").stat().st_size > 10_000
     text = markdown.read_text()
-    assert "| layer 0 | layer 1 | layer 2 |" in text
+    assert "| all layers | layer 0 | layer 1 | layer 2 |" in text
     three = next(line for line in text.splitlines() if line.startswith("| depth | layers=3 | bos+text |")
-                 and line.count("|") == 7)
+                 and line.count("|") == 8)
     wanted = table[(table.label == "layers=3") & (table.eps == 0.3) & (table.inference == "bos+text")]
-    assert three.split("|")[4:7] == [f" {v:.3f} " for v in wanted.sort_values("layer").sink_rate]
+    rates = wanted.sort_values("layer").sink_rate
+    assert three.split("|")[4:8] == [f" {v:.3f} " for v in [rates.mean(), *rates]]

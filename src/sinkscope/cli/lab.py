@@ -84,10 +84,12 @@ def sweep(
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
     markdown: Annotated[Path | None, typer.Option(help="also write the final tables (per run, per layer) as "
                                                        "markdown to this file, e.g. for the docs")] = None,
+    tables_only: Annotated[bool, typer.Option(help="train nothing: write the tables and figures (and --markdown) "
+                                                   "from what the run directories hold now")] = False,
 ) -> None:
     """Train a grid of runs (e.g. context lengths, packing variants) and plot sink rate over training."""
     from ..lab import load_sweep_config
-    from ..lab.sweep import run_sweep
+    from ..lab.sweep import run_sweep, sweep_tables
 
     settings = load_sweep_config(config)
     out = out or Path("runs/lab") / settings.name
@@ -95,7 +97,10 @@ def sweep(
         from ..lab.config import LabConfigError
 
         raise LabConfigError("--jobs and --threads must be >= 1")
-    result = run_sweep(settings, out, resume=resume, jobs=jobs, threads=threads, progress=not quiet, only=only)
+    if tables_only:
+        result = sweep_tables(settings, out)
+    else:
+        result = run_sweep(settings, out, resume=resume, jobs=jobs, threads=threads, progress=not quiet, only=only)
     summary = result.summary
     if summary.empty:
         return
@@ -115,10 +120,10 @@ def sweep(
                       f"{part.validation_loss.mean():.3f}", f"{part.probe_loss.mean():.3f}")
     console.print(table)
     if markdown is not None:
-        from ..lab.sweep import final_by_layer, sweep_markdown
+        from ..lab.sweep import sweep_markdown
         from ..report.rundir import atomic_write_bytes
 
-        atomic_write_bytes(markdown, sweep_markdown(settings.name, summary, final_by_layer(result.sinks)).encode())
+        atomic_write_bytes(markdown, sweep_markdown(settings.name, summary, result.sinks).encode())
         console.print(f"tables written to {markdown}", highlight=False)
     console.print(f"written to {out}/ (figure: {result.figure}; per layer: {out}/final_sink_rate_by_layer.png)",
                   highlight=False)

@@ -3,7 +3,7 @@
 ``cpu-demo`` fits in about ten minutes on two CPU cores: the Bigram-Backcopy task (Guo et al. 2024), on
 which sinks form within a few million tokens, a 2-layer model of ~30k parameters, a context-length sweep at
 constant tokens per step, and the packing grid of Barbero et al.'s Table 2 at the same scale.
-``depth-demo`` trains the same model with 1, 2, 4 and 8 layers (same width, same tokens; ~8 min).
+``depth-demo`` trains the same model with 1, 2, 4 and 8 layers (same width, same tokens per run).
 
 ``paper`` is the paper's setting (Barbero et al. 2025, §4-5; ../docs notes E4/E6): ~120M-parameter
 LLaMA-style models on natural text, context 128...2048 at constant tokens per step, 5B tokens per run; the

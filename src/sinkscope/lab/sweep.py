@@ -90,16 +90,16 @@ def collect(sweep: SweepConfig, out: Path) -> tuple[pd.DataFrame, pd.DataFrame, 
     return pd.DataFrame(summary), all_sinks, groups
 
 
-def final_by_layer(sinks: pd.DataFrame) -> pd.DataFrame:
-    """Each run's last evaluation, per layer: group, label, inference, eps, layer, layers (the model's
-    depth), sink_rate, mean_alpha (means over the seeds that share a label), runs (how many)."""
+def final_by_layer(sinks: pd.DataFrame, step: int | None = None) -> pd.DataFrame:
+    """Each run's last evaluation (or the one at `step`), per layer: group, label, inference, eps, layer,
+    layers (the model's depth), step, sink_rate, mean_alpha (means over the seeds that share a label), runs."""
     if sinks.empty:
         return pd.DataFrame()
-    final = sinks[sinks.step == sinks.groupby("run").step.transform("max")]
+    final = sinks[sinks.step == (sinks.groupby("run").step.transform("max") if step is None else step)]
     final = final.assign(layers=final.groupby("run").layer.transform("max") + 1)
     return (final.groupby(["group", "label", "inference", "eps", "layer"], sort=False)
-            .agg(layers=("layers", "first"), sink_rate=("sink_rate", "mean"), mean_alpha=("mean_alpha", "mean"),
-                 runs=("run", "nunique"))
+            .agg(layers=("layers", "first"), step=("step", "max"), sink_rate=("sink_rate", "mean"),
+                 mean_alpha=("mean_alpha", "mean"), runs=("run", "nunique"))
             .reset_index())
 
 
@@ -124,28 +124,44 @@ def _markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
 
-def sweep_markdown(name: str, summary: pd.DataFrame, by_layer: pd.DataFrame) -> str:
-    """The sweep's final numbers as markdown: per run (mean over layers, i.e. over all heads), then per layer
-    at the first eps. Written by ``sinkscope sweep --markdown``, for the docs."""
-    eps_values = sorted(summary.eps.unique())
+def _summary_rows(summary: pd.DataFrame, eps_values: list[float]) -> list[list[str]]:
     rows = []
     for (group, label, inference), part in summary.groupby(["group", "label", "inference"], sort=False):
         rows.append([group, label, inference, str(part.run.nunique()), f"{int(part.tokens.max()):,}",
+                     "yes" if part.finished.all() else "no",
                      *[f"{part[part.eps == e].sink_rate.mean():.3f}" for e in eps_values],
                      f"{part[part.eps == eps_values[0]].mean_alpha.mean():.3f}",
                      f"{part.validation_loss.mean():.3f}", f"{part.probe_loss.mean():.3f}"])
-    lines = [f"Sweep `{name}`: final values (the last evaluation of each run; means over seeds).", ""]
-    lines += _markdown_table(["group", "run", "input", "seeds", "tokens", *[f"sink rate ε={e:g}" for e in eps_values],
-                              "mean α", "val loss", "probe loss"], rows)
-    eps = eps_values[0]
-    chosen = by_layer[by_layer.eps == eps]
-    width = int(chosen.layer.max()) + 1
+    return rows
+
+
+def _layer_rows(by_layer: pd.DataFrame, width: int) -> list[list[str]]:
     rows = []
-    for (group, label, inference), part in chosen.groupby(["group", "label", "inference"], sort=False):
+    for (group, label, inference), part in by_layer.groupby(["group", "label", "inference"], sort=False):
         cells = dict(zip(part.layer.astype(int), part.sink_rate, strict=True))
-        rows.append([group, label, inference, *[f"{cells[k]:.3f}" if k in cells else "" for k in range(width)]])
-    lines += ["", f"Sink rate (ε = {eps:g}) per layer (attention block 0 = first):", ""]
-    lines += _markdown_table(["group", "run", "input", *[f"layer {k}" for k in range(width)]], rows)
+        rows.append([group, label, inference, f"{part.sink_rate.mean():.3f}",
+                     *[f"{cells[k]:.3f}" if k in cells else "" for k in range(width)]])
+    return rows
+
+
+def sweep_markdown(name: str, summary: pd.DataFrame, sinks: pd.DataFrame) -> str:
+    """The sweep's numbers as markdown, for the docs (``sinkscope sweep --markdown``): per run at its last
+    evaluation, then per layer at the first eps, at the last evaluation every run has reached (the end of
+    training once all have finished), so runs are compared after equal numbers of tokens."""
+    eps_values = sorted(summary.eps.unique())
+    lines = [f"Sweep `{name}`: each run at its last evaluation (means over seeds).", ""]
+    lines += _markdown_table(["group", "run", "input", "seeds", "tokens", "finished",
+                              *[f"sink rate ε={e:g}" for e in eps_values], "mean α", "val loss", "probe loss"],
+                             _summary_rows(summary, eps_values))
+    common = int(sinks.groupby("run").step.max().min())
+    tokens = int(sinks[sinks.step == common].tokens.iloc[0])
+    by_layer = final_by_layer(sinks, common)
+    chosen = by_layer[by_layer.eps == eps_values[0]]
+    width = int(chosen.layer.max()) + 1
+    lines += ["", f"Sink rate (ε = {eps_values[0]:g}) per layer (attention block; 0 = first) and its mean over "
+              f"layers (= over all heads), every run after {tokens:,} tokens (step {common}):", ""]
+    lines += _markdown_table(["group", "run", "input", "all layers", *[f"layer {k}" for k in range(width)]],
+                             _layer_rows(chosen, width))
     return "\n".join(lines) + "\n"
 
 
@@ -230,3 +246,13 @@ def run_sweep(sweep: SweepConfig, out: str | Path, *, resume: bool = False, jobs
     train_runs(sweep, todo, out, resume, jobs, threads or max(1, (os.cpu_count() or 1) // max(jobs, 1)), progress)
     summary, sinks, figure = write_sweep_outputs(sweep, out)
     return SweepResult(out, summary, sinks, figure, time.time() - started)
+
+
+def sweep_tables(sweep: SweepConfig, out: str | Path) -> SweepResult:
+    """The combined outputs from what the run directories hold now, training nothing (also while the
+    sweep still runs: a run's last evaluation so far; ``summary.csv`` says which runs have finished)."""
+    out = Path(out)
+    if not (out / "sweep.json").is_file():
+        raise LabRunError(f"{out} holds no sweep (no sweep.json); run the sweep first")
+    summary, sinks, figure = write_sweep_outputs(sweep, out)
+    return SweepResult(out, summary, sinks, figure, 0.0)

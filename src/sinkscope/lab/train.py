@@ -13,10 +13,12 @@ Run directory::
     sinks.jsonl         per evaluation x inference input x layer x eps: sink rate, mean alpha
     sinks.csv, sink_rate.png   tidy table and figure, rewritten at every checkpoint and at the end
     checkpoint/         model (safetensors + config + tokenizer: loadable by every sinkscope command),
-                        optimizer.safetensors, trainer_state.json
+                        optimizer.safetensors, trainer_state.json (swapped in whole: see `save_checkpoint`)
+    .lock               held while a process trains here (`lock_run_dir`)
 
 ``resume=True`` continues from ``checkpoint/``: rows logged after it are dropped and recomputed, and the
-result is identical to an uninterrupted run.
+result is identical to an uninterrupted run, wherever the previous process was killed. SIGTERM and Ctrl-C
+stop at the next step boundary with a checkpoint (`StopSignals`).
 """
 
 from __future__ import annotations
@@ -236,23 +238,43 @@ def write_outputs(out: Path, label: str) -> None:
 
 
 # -- the run directory -------------------------------------------------------------------------------
-def _start_run_dir(out: Path, config: TrainConfig, resume: bool) -> dict[str, Any] | None:
-    """Check the run directory; returns the checkpoint state to resume from (None = fresh start)."""
+def lock_run_dir(out: Path) -> Any:
+    """Hold an exclusive lock on the run directory while training: a second process on the same run (a
+    ``--resume`` while the first still trains, an orphaned sweep worker) would interleave their writes.
+    The operating system drops the lock when the holder exits, however it exits (``kill -9`` too)."""
+    try:
+        import fcntl
+    except ImportError:  # not on POSIX: no lock
+        return None
+    handle = (out / ".lock").open("a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise LabRunError(f"{out} is being trained by another process; wait for it to finish or stop it, "
+                          "then --resume") from None
+    return handle
+
+
+def _start_run_dir(out: Path, config: TrainConfig, resume: bool) -> tuple[dict[str, Any] | None, Any]:
+    """Check and lock the run directory; returns (the checkpoint state to resume from or None, the lock)."""
     if out.exists() and not out.is_dir():
         raise LabRunError(f"--out {out} is a file, not a run directory")
     saved = out / "config.json"
+    if resume and not saved.is_file():
+        raise LabRunError(f"--resume: {out} holds no run to resume (no config.json); drop --resume to start one")
     if not saved.is_file():
-        if resume:
-            raise LabRunError(f"--resume: {out} holds no run to resume (no config.json); drop --resume to start one")
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise LabRunError(f"cannot create the run directory {out}: {error.strerror or error}; "
                               "pick another --out") from None
+        lock = lock_run_dir(out)
         write_json(saved, config.as_dict())
-        return None
+        return None, lock
     if not resume:
         raise LabRunError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+    lock = lock_run_dir(out)
     try:
         previous = json.loads(saved.read_text())
     except (OSError, ValueError) as error:
@@ -263,17 +285,18 @@ def _start_run_dir(out: Path, config: TrainConfig, resume: bool) -> dict[str, An
         raise LabRunError(f"{out} was started with a different config (differs in {changed}); use another --out")
     recover_checkpoint(out)
     state_file = out / CHECKPOINT / "trainer_state.json"
-    return json.loads(state_file.read_text()) if state_file.is_file() else None
+    return (json.loads(state_file.read_text()) if state_file.is_file() else None), lock
 
 
-def open_run_dir(accelerator: Any, out: Path, config: TrainConfig, resume: bool) -> dict[str, Any] | None:
-    """The main process checks (or creates) the run directory; every process gets the checkpoint state."""
-    state = _start_run_dir(out, config, resume) if accelerator.is_main_process else None
+def open_run_dir(accelerator: Any, out: Path, config: TrainConfig, resume: bool) -> tuple[dict[str, Any] | None, Any]:
+    """The main process checks, creates and locks the run directory; every process gets the checkpoint
+    state. Returns (state, the lock: hold it while training)."""
+    state, lock = _start_run_dir(out, config, resume) if accelerator.is_main_process else (None, None)
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         state_file = out / CHECKPOINT / "trainer_state.json"
         state = json.loads(state_file.read_text()) if resume and state_file.is_file() else None
-    return state
+    return state, lock
 
 
 # -- one run in memory --------------------------------------------------------------------------------
@@ -409,20 +432,29 @@ def train(config: TrainConfig | dict[str, Any], out: str | Path, *, resume: bool
     """
     from accelerate import Accelerator
 
-    from ..experiments.base import progress_bar
-
     config = config if isinstance(config, TrainConfig) else train_config(config)
     out = Path(out)
     accelerator = Accelerator(cpu=(not torch.cuda.is_available()) if cpu is None else cpu)
-    state = open_run_dir(accelerator, out, config, resume)
-    if state is not None and state.get("finished") and state["step"] >= config.steps:
-        accelerator.wait_for_everyone()
-        return _result(out, state, 0.0)
-    run, step = start_run(config, out, accelerator, state, resume)
+    state, lock = open_run_dir(accelerator, out, config, resume)
+    try:
+        if state is not None and state.get("finished") and state["step"] >= config.steps:
+            accelerator.wait_for_everyone()
+            return _result(out, state, 0.0)
+        run, step = start_run(config, out, accelerator, state, resume)
+        return train_loop(run, step, progress, stop_after)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def train_loop(run: Run, step: int, progress: bool, stop_after: int | None) -> TrainResult:
+    """From `step` to the last step: update, log, evaluate and checkpoint when due, stop when signalled."""
+    from ..experiments.base import progress_bar
+
+    config, accelerator = run.config, run.accelerator
     if step == 0:
         track(run, 0)
         stall_for_tests("step 0")
-
     started, first_step = time.time(), step
     every, checkpoint_every = config.tracking.every, config.tracking.checkpoint_every
     with progress_bar("train", progress and accelerator.is_main_process) as bar, StopSignals() as stop:
@@ -445,7 +477,7 @@ def train(config: TrainConfig | dict[str, Any], out: str | Path, *, resume: bool
         checkpoint(run, step, finished=step >= config.steps)
     if stop.requested is not None and step < config.steps:
         raise KeyboardInterrupt
-    return _result(out, {"step": step, "tokens": step * config.tokens_per_step}, time.time() - started)
+    return _result(run.out, {"step": step, "tokens": step * config.tokens_per_step}, time.time() - started)
 
 
 class StopSignals:
