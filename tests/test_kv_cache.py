@@ -185,7 +185,7 @@ def test_window_eviction_equals_masking_the_evicted_tokens():
     assert cache.layers[0].positions[0, 0].tolist() == kept + list(range(context, 16))
 
 
-@pytest.mark.parametrize("press", ["window", "knorm", "snapkv"])
+@pytest.mark.parametrize("press", ["window", "knorm", "snapkv", "expected_attention"])
 def test_presses_keep_the_protected_tokens_and_the_ratio(press):
     model = tiny_model("gemma3_text")
     ids = tokens(12)
@@ -226,3 +226,18 @@ def test_the_knockout_probe_runs_through_a_compressed_cache(family):
         rest = cached_forward(engine, cache, ids[:, 7:]).last_hidden_state
     torch.testing.assert_close(torch.cat([first, rest], 1), reference, atol=1e-5, rtol=1e-5)
     assert copy.deepcopy(cache).nbytes() == cache.nbytes()
+
+
+def test_expected_attention_with_one_repeated_query_is_its_attention_times_the_value_norm():
+    """With every recent query equal, the Gaussian has no spread: the expected weight is the attention that
+    query gives each key (by hand: softmax of its logits), times the key's value norm."""
+    from sinkscope.capture.kvcache import ExpectedAttentionPress, QueryRecord
+
+    g = torch.Generator().manual_seed(0)
+    keys, values = torch.randn(1, 2, 7, 8, generator=g), torch.randn(1, 2, 7, 8, generator=g)
+    one = torch.randn(1, 4, 1, 8, generator=g)
+    record = QueryRecord(one.expand(1, 4, 5, 8).clone(), 0.3, None)
+    scores = ExpectedAttentionPress().score(keys, values, torch.arange(7).expand(1, 2, 7), record)
+    attention = torch.einsum("bhd,bhsd->bhs", one[:, :, 0], keys.repeat_interleave(2, 1)).mul(0.3).softmax(-1)
+    expected = attention.view(1, 2, 2, 7).mean(2) * values.norm(dim=-1)
+    torch.testing.assert_close(scores, expected, atol=1e-6, rtol=1e-5)

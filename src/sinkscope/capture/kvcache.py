@@ -369,7 +369,37 @@ class SnapKVPress(Press):
         return kept
 
 
-PRESSES: dict[str, type[Press]] = {p.name: p for p in (WindowPress, KnormPress, SnapKVPress)}
+class ExpectedAttentionPress(Press):
+    """Expected attention (Devoto et al. 2025, kvpress's ExpectedAttentionPress): future queries are modelled
+    as a Gaussian with the mean and covariance of the prefill's last queries, so each key's expected logit
+    weight is E[exp(s q.k)] = exp(s mu.k + s^2 k'Sigma k / 2); the scores, normalised over the held keys and
+    averaged over the query heads of a key/value head, are weighted by the value norm (what the key would
+    write). Unlike kvpress, the queries' rotary phase is not extrapolated to future positions."""
+
+    name = "expected_attention"
+    needs_queries = True
+
+    def score(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
+              queries: QueryRecord | None) -> torch.Tensor:
+        if queries is None:
+            raise UnsupportedModelError("expected attention needs the prefill's last queries")
+        batch, kv_heads, held, _ = keys.shape
+        query = queries.query.double()  # [B, H, w, D]
+        group = query.shape[1] // kv_heads
+        mean = query.mean(2)  # [B, H, D]
+        centred = query - mean[:, :, None]
+        covariance = centred.transpose(-1, -2) @ centred / max(query.shape[2] - 1, 1)  # [B, H, D, D]
+        k = keys.double().repeat_interleave(group, 1)  # [B, H, S, D]
+        s = queries.scaling
+        log_weight = s * torch.einsum("bhd,bhsd->bhs", mean, k) + 0.5 * s**2 * torch.einsum(
+            "bhsd,bhde,bhse->bhs", k, covariance, k)
+        expected = log_weight.softmax(-1).view(batch, kv_heads, group, held).mean(2)  # [B, KVH, S]
+        scored: torch.Tensor = (expected * values.double().norm(dim=-1)).float()
+        return scored
+
+
+PRESSES: dict[str, type[Press]] = {p.name: p for p in (WindowPress, KnormPress, SnapKVPress,
+                                                       ExpectedAttentionPress)}
 
 
 def make_press(name: str) -> Press:

@@ -23,7 +23,7 @@ def kv_command(
     protect: Annotated[list[int] | None, typer.Option(
         help="first tokens kept at full precision / never evicted; repeat (default 0, 1, 4)")] = None,
     press: Annotated[list[str] | None, typer.Option(
-        help="eviction policy: window | knorm | snapkv; repeat (default all)")] = None,
+        help="eviction policy: window | knorm | snapkv | expected_attention; repeat (default: not the last)")] = None,
     ratio: Annotated[list[float] | None, typer.Option(help="fraction evicted, in (0, 1); repeat (default 0.5, 0.75)")]
     = None,
     no_quant: Annotated[bool, typer.Option("--no-quant", help="skip the quantised caches")] = False,
