@@ -83,7 +83,10 @@ def final_sink_rate_figure(summary: Any, eps: float = 0.3) -> Figure:
         ax.set_xticks(np.arange(len(labels)))
         keys = {label.split("=")[0] for label in labels}
         if len(keys) == 1 and all(label.count("=") == 1 for label in labels):  # one axis: its values as ticks
-            ax.set_xticklabels([label.split("=", 1)[1] for label in labels], fontsize=8)
+            values_shown = [label.split("=", 1)[1] for label in labels]
+            long_labels = max(len(v) for v in values_shown) > 6  # words, not numbers: slant them
+            ax.set_xticklabels(values_shown, fontsize=8, rotation=30 if long_labels else 0,
+                               ha="right" if long_labels else "center")
             ax.set_xlabel(keys.pop())
         else:
             ax.set_xticklabels([label.replace(", ", "\n") for label in labels], fontsize=7)
