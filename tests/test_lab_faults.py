@@ -113,7 +113,7 @@ def reference(tmp_path_factory) -> tuple[Path, Path]:
 
 def test_the_same_train_command_twice_gives_identical_numbers(reference, tmp_path):
     config, whole = reference
-    train(json.loads(config.read_text()), tmp_path / "again", progress=False)  # another process, in-process
+    run_ok(cli("train", str(config), "--out", str(tmp_path / "again"), "--quiet"))  # the same command again
     assert_same_run(whole, tmp_path / "again")
 
 
