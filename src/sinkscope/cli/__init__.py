@@ -91,13 +91,15 @@ def run_command(experiment: Any, model: str, *, out: Path | None = None, resume:
     protocol (saving to --out as it goes), print its table and where the files are. ``show``: display options
     for the experiment's terminal table."""
     from ..experiments.base import run
+    from ..experiments.distributed import from_environment
     from ..report.tables import table_for
 
     if resume and out is None:
         raise InputError("--resume needs --out (the run directory to continue)")
     check_out(out)
     loaded = loaded or load_model(model, device, dtype, trust_remote_code)
-    result = run(experiment, loaded, out=out, resume=resume, progress=not quiet, command=command_line())
+    result = run(experiment, loaded, out=out, resume=resume, progress=not quiet, command=command_line(),
+                 shard=from_environment())
     for table in table_for(result, **(show or {})):
         console.print(table)
     if out is not None:

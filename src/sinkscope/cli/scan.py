@@ -10,6 +10,7 @@ import typer
 from ..data import read_prompts
 from ..errors import InputError
 from ..experiments.base import run
+from ..experiments.distributed import from_environment
 from . import MEASURE, app, check_out, command_line, console, load_model, options, user_errors
 
 
@@ -90,7 +91,7 @@ def scan(
                           precision=precision, per_position=per_position)
         target = None if out is None or len(conditions) == 1 else condition_dir(out, condition)
         result = run(experiment, loaded, out=target or out, resume=resume, progress=not quiet,
-                     command=command_line())
+                     command=command_line(), shard=from_environment())
         console.print(f"bos={condition}: {_first_token_audit(result)}", highlight=False)
         results.append((condition, result))
     _print_and_plot(results, thresholds, out, [f"{model}  bos={label}" for label, _ in results])

@@ -217,14 +217,16 @@ def run(
     """Run an experiment on a model: measure every batch (resuming from ``out``), summarise, save.
 
     ``progress``: True/False, or a rich ``Progress`` shared with other runs (one display over a plan).
-    ``shard``: measure only this process's batches (the result is then partial; gather with `gather`).
+    ``shard``: this process's share of a multi-process run (`distributed.from_environment()` under torchrun /
+    accelerate launch); every process then returns the whole result. Default: one process, even inside a
+    launched program (e.g. the lab's tracking scan, which only the first training process runs).
     """
     loaded = load(model)
     units = experiment.prepare(loaded)
     if not units:
         raise InputError(f"{experiment.name}: nothing to measure")
     batches = experiment.batches(units)
-    shard = shard or distributed.from_environment()
+    shard = shard or Shard()  # one process unless asked: the CLI passes the launcher's shard
     distributed.join(shard)
     rundir = RunDir(out) if out is not None else None
     finished: set[int] = set()
