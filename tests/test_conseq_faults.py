@@ -85,9 +85,9 @@ def command(name: str, model_dir: Path, text_file: Path, prompts: Path) -> tuple
         return (["ablate", "--model", str(model_dir), "--text", str(text_file), "--window", "16",
                  "--max-windows", "3", "--batch-size", "1", "--bos", "add", "--bos", "strip"],
                 ["condition", "window", "bucket"], 6)
-    if name == "knockout":
+    if name == "knockout":  # all heads, 3 layers and their 4 heads, then the random-key control: all, each layer
         return (["knockout", "--model", str(model_dir), "--text", str(text_file), "--window", "12",
-                 "--max-windows", "2"], ["scope", "layer", "head"], 1 + 3 * (1 + 4))
+                 "--max-windows", "2"], ["scope", "target", "layer", "head"], 1 + 3 * (1 + 4) + (1 + 3))
     if name == "passkey":
         return (["passkey", "--model", str(model_dir), "--length", "120", "--depth", "0.5", "--trials", "2",
                  "--bos", "add", "--bos", "strip", "--max-new-tokens", "2"], ["bos", "length", "depth", "trial"], 4)
