@@ -51,6 +51,47 @@ def active_handlers() -> tuple[AttentionHandler, ...]:
     return tuple(_handlers)
 
 
+def sdpa_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor | None,
+                   bias: torch.Tensor | None, causal: bool, scaling: float, sinks: torch.Tensor | None = None,
+                   dropout: float = 0.0) -> torch.Tensor:
+    """Softmax attention [B, H, T, Dv] through PyTorch SDPA (differentiable, fused where the device has it).
+
+    A per-head sink logit b_h [H] joins the normaliser as one more key with value 0: off-by-one's b = 0 is
+    the zero key; a learned b_h rides on one extra query/key dimension (query 1, sink key b_h / scaling, other
+    keys 0), so autograd reaches it through the op. ``allowed``/``bias`` as `masks.parse_mask` returns them."""
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    t, s = query.shape[2], key.shape[2]
+    plain_causal = allowed is None and causal and t > 1
+    if plain_causal and t != s:  # SDPA's is_causal aligns queries with the first keys, not the last
+        allowed, plain_causal = dense_allowed(None, t, s, True, query.device), False
+    mask = bias if bias is not None else allowed
+    if sinks is None:
+        output = sdpa(query, key, value, attn_mask=mask, dropout_p=dropout, is_causal=plain_causal, scale=scaling,
+                      enable_gqa=query.shape[1] != key.shape[1])
+        # A query that sees no key (a padded row) gets no output, as in the explicit formula.
+        return output if allowed is None else output.masked_fill(~allowed.any(-1, keepdim=True), 0.0)
+    n_rep = query.shape[1] // key.shape[1]
+    key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
+    b, h, _, d = query.shape
+    sinks = sinks.to(query.dtype)
+    if sinks.requires_grad or bool(sinks.any()):
+        query = torch.cat([query, query.new_ones(b, h, t, 1)], -1)
+        key = torch.cat([key, key.new_zeros(b, h, s, 1)], -1)
+        sink_key = torch.cat([key.new_zeros(1, h, 1, d), (sinks / scaling).view(1, h, 1, 1)], -1)
+    else:
+        sink_key = key.new_zeros(1, h, 1, d)
+    key = torch.cat([sink_key.expand(b, -1, -1, -1), key], 2)
+    value = torch.cat([value.new_zeros(b, h, 1, value.shape[-1]), value], 2)
+    if plain_causal:
+        # With one leading placeholder query, SDPA's top-left causal mask lets query i see the sink and keys
+        # 0..i: exactly causal attention plus the sink. The placeholder's row is dropped.
+        query = torch.cat([query.new_zeros(b, h, 1, query.shape[-1]), query], 2)
+        return sdpa(query, key, value, dropout_p=dropout, is_causal=True, scale=scaling)[:, :, 1:]
+    if mask is not None:
+        mask = torch.nn.functional.pad(mask, (1, 0), value=True if mask.dtype == torch.bool else 0.0)
+    return sdpa(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling)
+
+
 def plain_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                     **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -70,8 +111,15 @@ def plain_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: 
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     t, s = query.shape[2], key.shape[2]
     allowed, mask_bias = parse_mask(attention_mask, s)
+    causal = bool(getattr(module, "is_causal", True))
+    fused = variant.normalised and variant.kernel is None and softcap is None and position_bias is None
+    if fused and not kwargs.get("output_attentions"):  # asked for the weights: the explicit formula has them
+        # Softmax with a sink logit (off-by-one, learned sink) or a gate: the fused op, at softmax speed.
+        output = sdpa_attention(query, key, value, allowed, mask_bias, causal, scaling, extra_logit,
+                                dropout if module.training else 0.0)
+        return variant.gate_output(module, output).transpose(1, 2).contiguous(), None
     bias = mask_bias if position_bias is None else position_bias if mask_bias is None else position_bias + mask_bias
-    allowed = dense_allowed(allowed, t, s, bool(getattr(module, "is_causal", True)), query.device)
+    allowed = dense_allowed(allowed, t, s, causal, query.device)
     scores = scores_block(query, key, scaling, softcap, bias, query.dtype)
     weights = variant.weights(scores, allowed, extra_logit, variant.logit_bias(module))
     if dropout and module.training:
