@@ -4,9 +4,9 @@ For each context length, times training steps (batch built, forward, backward, A
 with a constant number of tokens per step, and prints tokens/s and the ratio to the baseline: softmax
 attention (PyTorch SDPA) with causal packing. The other rows are
 
-- the attention variants: off-by-one and learned sink through the same fused SDPA op as softmax (the sink is
-  one extra key; target >= 0.9x the baseline at context 256), gated attention (SDPA, then the gate), and
-  sigmoid and softpick (explicit n x n weights: no fused op computes them),
+- the attention variants: off-by-one and learned sink through the same fused op as softmax (the sink's share
+  from the op's log-sum-exp; target >= 0.9x the baseline at context 256), gated attention (SDPA, then the
+  gate), and sigmoid and softpick (explicit n x n weights: no fused op computes them),
 - intra-document masking (an explicit block-diagonal mask instead of SDPA's causal fast path),
 - ``--model`` sizes other than the demo's via ``--hidden``/``--layers``/``--heads``.
 

@@ -46,7 +46,7 @@ def padded(t):
 MASKS = {"causal": lambda t, s: None, "intra_doc": lambda t, s: intra_doc(t), "padded": lambda t, s: padded(t)}
 
 
-def compare(variant, mask_name, heads=4, kv_heads=4, t=9, s=9, dtype=torch.float64, atol=1e-10):
+def compare(variant, mask_name, heads=4, kv_heads=4, t=9, s=9, dtype=torch.float64, atol=1e-10, through_lse=None):
     q, k, v, sinks = case(0, heads, kv_heads, t, s, dtype=dtype)
     if variant == "off_by_one":
         sinks = torch.zeros(heads, dtype=dtype)
@@ -55,7 +55,7 @@ def compare(variant, mask_name, heads=4, kv_heads=4, t=9, s=9, dtype=torch.float
     allowed = MASKS[mask_name](t, s)
     scaling = q.shape[-1] ** -0.5
     tensors = [x for x in (q, k, v, sinks) if x is not None and x.requires_grad]
-    fast = sdpa_attention(q, k, v, allowed, None, True, scaling, sinks)
+    fast = sdpa_attention(q, k, v, allowed, None, True, scaling, sinks, through_lse=through_lse)
     expected = reference(q.double(), k.double(), v.double(), allowed, True, scaling,
                          None if sinks is None else sinks.double(), "softmax" if sinks is None else variant)
     torch.testing.assert_close(fast.double(), expected, atol=atol, rtol=atol)
@@ -66,27 +66,44 @@ def compare(variant, mask_name, heads=4, kv_heads=4, t=9, s=9, dtype=torch.float
         torch.testing.assert_close(a.double(), b.double(), atol=atol * 10, rtol=atol * 10, msg=f"d/d{name}")
 
 
+# Both routes of a sink: its share from the flash op's log-sum-exp (CPU), and the sink as an extra key (elsewhere).
+ROUTES = pytest.mark.parametrize("through_lse", [True, False], ids=["lse", "extra_key"])
+
+
+@ROUTES
 @pytest.mark.parametrize("variant", ["softmax", "off_by_one", "learned_sink"])
 @pytest.mark.parametrize("mask_name", list(MASKS))
-def test_sdpa_matches_the_formula_in_float64(variant, mask_name):
-    compare(variant, mask_name)
+def test_sdpa_matches_the_formula_in_float64(variant, mask_name, through_lse):
+    compare(variant, mask_name, through_lse=through_lse)
 
 
+@ROUTES
 @pytest.mark.parametrize("variant", ["off_by_one", "learned_sink"])
-def test_grouped_kv_heads(variant):
-    compare(variant, "causal", heads=4, kv_heads=2)
-    compare(variant, "intra_doc", heads=4, kv_heads=1)
+def test_grouped_kv_heads(variant, through_lse):
+    compare(variant, "causal", heads=4, kv_heads=2, through_lse=through_lse)
+    compare(variant, "intra_doc", heads=4, kv_heads=1, through_lse=through_lse)
 
 
+@ROUTES
 @pytest.mark.parametrize("variant", ["softmax", "learned_sink"])
-def test_fewer_queries_than_keys_is_causal_with_the_queries_last(variant):
-    compare(variant, "causal", t=3, s=9)
+def test_fewer_queries_than_keys_is_causal_with_the_queries_last(variant, through_lse):
+    compare(variant, "causal", t=3, s=9, through_lse=through_lse)
+    compare(variant, "padded", t=9, s=9, through_lse=through_lse)
 
 
+@ROUTES
 @pytest.mark.parametrize(("dtype", "atol"), [(torch.float32, 2e-5), (torch.bfloat16, 3e-2), (torch.float16, 4e-3)])
-def test_low_precision_against_the_float64_formula(dtype, atol):
-    compare("learned_sink", "causal", dtype=dtype, atol=atol)
-    compare("off_by_one", "intra_doc", dtype=dtype, atol=atol)
+def test_low_precision_against_the_float64_formula(dtype, atol, through_lse):
+    compare("learned_sink", "causal", dtype=dtype, atol=atol, through_lse=through_lse)
+    compare("learned_sink", "padded", dtype=dtype, atol=atol, through_lse=through_lse)
+    compare("off_by_one", "intra_doc", dtype=dtype, atol=atol, through_lse=through_lse)
+
+
+def test_the_cpu_route_is_the_lse_one():
+    """On CPU a learned sink is computed through `_SinkThroughLse` (the fast route the lab trains with)."""
+    q, k, v, sinks = case(0, dtype=torch.float32)
+    out = sdpa_attention(q, k, v, None, None, True, q.shape[-1] ** -0.5, sinks)
+    assert "SinkThroughLse" in type(out.grad_fn).__name__
 
 
 def test_a_sink_logit_moves_weight_off_the_keys():
@@ -127,6 +144,7 @@ def test_lab_model_trains_the_same_through_sdpa_and_the_formula(variant, monkeyp
         torch.testing.assert_close(fast[name], slow[name], atol=1e-9, rtol=1e-7, msg=name)
 
 
-def _formula_attention(query, key, value, allowed, bias, causal, scaling, sinks=None, dropout=0.0):
+def _formula_attention(query, key, value, allowed, bias, causal, scaling, sinks=None, dropout=0.0,
+                       through_lse=None):
     return reference(query, key, value, allowed, causal, scaling, sinks,
                      "softmax" if sinks is None else "learned_sink")

@@ -22,6 +22,9 @@ from .kernels import repeat_kv, scores_block
 from .masks import dense_allowed, parse_mask
 from .variants import GATE_MODULE, SOFTMAX, VARIANTS, default_sigmoid_bias, module_variant
 
+_flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_flash_cpu_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
 IMPLEMENTATION = "sinkscope"
 CONFIG_KEY = "sinkscope_attention"  # in a model's config: the name of its attention variant
 SIGMOID_BIAS_KEY = "sinkscope_sigmoid_bias"
@@ -51,14 +54,52 @@ def active_handlers() -> tuple[AttentionHandler, ...]:
     return tuple(_handlers)
 
 
+class _SinkThroughLse(torch.autograd.Function):
+    """Softmax attention with a per-head sink logit b_h (value 0) through the CPU flash op, which returns the
+    log-sum-exp: the sink's share of row i is sigmoid(b_h - lse_i), so the output is O * sigmoid(lse - b).
+
+    The op's backward takes no gradient for the lse, but it does not need one: with w = sigmoid(lse - b) and
+    dO = w * G, the lse's term P_ij * D_i (1 - w_i) folds into the op's row term D_i = dO_i . out_i when it is
+    handed the rescaled output w * O as ``out``: ds_ij = P_ij (dP_ij - w_i D_i), exactly the chain rule."""
+
+    @staticmethod
+    def forward(ctx: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, sinks: torch.Tensor,
+                mask: torch.Tensor | None, causal: bool, scaling: float) -> torch.Tensor:
+        output, lse = _flash_cpu(query, key, value, 0.0, causal, attn_mask=mask, scale=scaling)
+        wide = torch.promote_types(lse.dtype, torch.float32)
+        keep = torch.sigmoid(lse.to(wide) - sinks.to(wide)[None, :, None])  # the keys' share of each row
+        result = output * keep.to(output.dtype)[..., None]
+        ctx.save_for_backward(query, key, value, mask, output, result, lse, keep)
+        ctx.causal, ctx.scaling = causal, scaling
+        return result
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        query, key, value, mask, output, result, lse, keep = ctx.saved_tensors
+        grad_output = grad * keep.to(grad.dtype)[..., None]
+        grad_q, grad_k, grad_v = _flash_cpu_backward(grad_output.contiguous(), query, key, value, result, lse, 0.0,
+                                                     ctx.causal, attn_mask=mask, scale=ctx.scaling)
+        grad_keep = (grad.to(keep.dtype) * output.to(keep.dtype)).sum(-1)
+        grad_sinks = -(grad_keep * keep * (1 - keep)).sum((0, 2))
+        return grad_q, grad_k, grad_v, grad_sinks, None, None, None
+
+
+def _lse_route(query: torch.Tensor, value: torch.Tensor, dropout: float) -> bool:
+    """Whether `_SinkThroughLse` can take the call: the CPU flash op, no dropout, values as wide as keys."""
+    return (query.device.type == "cpu" and not dropout and value.shape[-1] == query.shape[-1]
+            and query.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16))
+
+
 def sdpa_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor | None,
                    bias: torch.Tensor | None, causal: bool, scaling: float, sinks: torch.Tensor | None = None,
-                   dropout: float = 0.0) -> torch.Tensor:
+                   dropout: float = 0.0, through_lse: bool | None = None) -> torch.Tensor:
     """Softmax attention [B, H, T, Dv] through PyTorch SDPA (differentiable, fused where the device has it).
 
-    A per-head sink logit b_h [H] joins the normaliser as one more key with value 0: off-by-one's b = 0 is
-    the zero key; a learned b_h rides on one extra query/key dimension (query 1, sink key b_h / scaling, other
-    keys 0), so autograd reaches it through the op. ``allowed``/``bias`` as `masks.parse_mask` returns them."""
+    A per-head sink logit b_h [H] joins the normaliser as one more key with value 0. On CPU (``through_lse``
+    None or True) the flash op's log-sum-exp gives the sink's share directly (`_SinkThroughLse`); elsewhere
+    (or ``through_lse=False``) the sink is an extra key: off-by-one's b = 0 the zero key, a learned b_h on one
+    extra query/key dimension (query 1, sink key b_h / scaling, other keys 0), so autograd reaches it through
+    the op. ``allowed``/``bias`` as `masks.parse_mask` returns them."""
     sdpa = torch.nn.functional.scaled_dot_product_attention
     t, s = query.shape[2], key.shape[2]
     plain_causal = allowed is None and causal and t > 1
@@ -72,6 +113,13 @@ def sdpa_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
         return output if allowed is None else output.masked_fill(~allowed.any(-1, keepdim=True), 0.0)
     n_rep = query.shape[1] // key.shape[1]
     key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
+    if through_lse is None:
+        through_lse = _lse_route(query, value, dropout)
+    if through_lse:
+        if mask is not None and mask.dtype == torch.bool:  # the op takes additive masks
+            mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(~mask, float("-inf"))
+        output = _SinkThroughLse.apply(query, key, value, sinks, mask, plain_causal, scaling)
+        return output if allowed is None else output.masked_fill(~allowed.any(-1, keepdim=True), 0.0)
     b, h, _, d = query.shape
     sinks = sinks.to(query.dtype)
     if sinks.requires_grad or bool(sinks.any()):
