@@ -68,7 +68,7 @@ class _SinkThroughLse(torch.autograd.Function):
         output, lse = _flash_cpu(query, key, value, 0.0, causal, attn_mask=mask, scale=scaling)
         wide = torch.promote_types(lse.dtype, torch.float32)
         keep = torch.sigmoid(lse.to(wide) - sinks.to(wide)[None, :, None])  # the keys' share of each row
-        result = output * keep.to(output.dtype)[..., None]
+        result: torch.Tensor = output * keep.to(output.dtype)[..., None]
         ctx.save_for_backward(query, key, value, mask, output, result, lse, keep)
         ctx.causal, ctx.scaling = causal, scaling
         return result
@@ -118,8 +118,8 @@ def sdpa_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     if through_lse:
         if mask is not None and mask.dtype == torch.bool:  # the op takes additive masks
             mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(~mask, float("-inf"))
-        output = _SinkThroughLse.apply(query, key, value, sinks, mask, plain_causal, scaling)
-        return output if allowed is None else output.masked_fill(~allowed.any(-1, keepdim=True), 0.0)
+        shared: torch.Tensor = _SinkThroughLse.apply(query, key, value, sinks, mask, plain_causal, scaling)
+        return shared if allowed is None else shared.masked_fill(~allowed.any(-1, keepdim=True), 0.0)
     b, h, _, d = query.shape
     sinks = sinks.to(query.dtype)
     if sinks.requires_grad or bool(sinks.any()):
