@@ -111,15 +111,15 @@ def sdpa_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
                       enable_gqa=query.shape[1] != key.shape[1])
         # A query that sees no key (a padded row) gets no output, as in the explicit formula.
         return output if allowed is None else output.masked_fill(~allowed.any(-1, keepdim=True), 0.0)
-    n_rep = query.shape[1] // key.shape[1]
-    key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
     if through_lse is None:
         through_lse = _lse_route(query, value, dropout)
-    if through_lse:
+    if through_lse:  # the op takes grouped K/V heads (GQA) as they are, in both directions
         if mask is not None and mask.dtype == torch.bool:  # the op takes additive masks
             mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(~mask, float("-inf"))
         shared: torch.Tensor = _SinkThroughLse.apply(query, key, value, sinks, mask, plain_causal, scaling)
         return shared if allowed is None else shared.masked_fill(~allowed.any(-1, keepdim=True), 0.0)
+    n_rep = query.shape[1] // key.shape[1]
+    key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
     b, h, _, d = query.shape
     sinks = sinks.to(query.dtype)
     if sinks.requires_grad or bool(sinks.any()):

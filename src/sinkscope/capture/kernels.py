@@ -140,8 +140,7 @@ def fused_kernel(inputs: AttentionInputs, options: KernelOptions) -> KernelOutpu
     width = value.shape[-1]
     if width < query.shape[-1]:  # the flash op wants values as wide as the keys: pad with zeros
         value = torch.nn.functional.pad(value, (0, query.shape[-1] - width))
-    n_rep = query.shape[1] // key.shape[1]
-    key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
+    # K/V stay grouped (GQA): the op reads kv head h // n_rep itself, so they are never expanded.
     if inputs.allowed is None:
         output, lse = _flash_cpu(query, key, value, 0.0, inputs.causal and query.shape[2] > 1,
                                  scale=inputs.scaling)
