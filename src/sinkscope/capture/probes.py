@@ -24,7 +24,8 @@ class FirstTokenAttention(Probe):
                       (False where a sliding window no longer holds it)
       ``first_k``     float [B, H, T]  summed weight on the first ``first_k`` tokens (StreamingLLM's sinks)
       ``sink_logit``  float [B, H, T]  share taken by a learned sink logit (gpt-oss), absent otherwise
-      ``gate``        float [B, H, T]  mean output gate of gated attention, absent otherwise
+      ``gate``        float [B, H, T]  mean output gate of gated attention (a lab variant's or the model's own,
+                      Qwen3-Next's), absent otherwise
     """
 
     def __init__(self, first_k: int = 4) -> None:
@@ -53,13 +54,19 @@ class FirstTokenAttention(Probe):
         sink = call.sink_attention()
         if sink is not None:
             record["sink_logit"] = sink.float().cpu()
-        gate = call.variant.gate(call.module)
+        gate = call.gate()
         if gate is not None:  # gated attention: the mean gate of each head's output, per query
             record["gate"] = gate.detach().float().mean(-1).cpu()
         self.records[call.layer] = record
 
+    def layers(self) -> list[int]:
+        """The recorded layers, in the order `per_prompt` stacks them (every layer but a hybrid model's
+        linear-attention ones)."""
+        return sorted(self.records)
+
     def per_prompt(self, row: int) -> dict[str, torch.Tensor]:
-        """Stack the layers for one batch row, cut to its real tokens: [L, H, n] (visible: [L, 1|H, n])."""
+        """Stack the layers for one batch row, cut to its real tokens: [L, H, n] (visible: [L, 1|H, n]);
+        row l of the stack is layer ``layers()[l]``."""
         assert self._batch is not None
         mask = self._batch.attention_mask[row].bool().cpu()
         start = int(self._batch.first_positions[row])

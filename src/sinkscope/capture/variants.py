@@ -218,6 +218,47 @@ VARIANT_NAMES = tuple(VARIANTS)
 SOFTMAX = VARIANTS["softmax"]
 
 
+# Models that gate each head's output themselves, after the attention function (so the engine never applies
+# these gates, it only reports them): attention class name -> the gate [B, H, T, D] in (0, 1) from the output
+# of the module's query projection, which the engine keeps for the call (`NATIVE_GATE_INPUT`).
+NATIVE_GATE_INPUT = "q_proj"
+_NATIVE_PROJECTION = "_sinkscope_gate_projection"
+
+
+def _query_half_gate(module: Any, projected: torch.Tensor) -> torch.Tensor:
+    """Qwen3-Next: q_proj gives [query | gate] per head; the model multiplies its output by sigmoid(gate)."""
+    b, t, _ = projected.shape
+    head_dim = int(module.head_dim)
+    return torch.sigmoid(projected.view(b, t, -1, 2 * head_dim)[..., head_dim:].transpose(1, 2))
+
+
+NATIVE_GATES = {"Qwen3NextAttention": _query_half_gate}
+
+
+def keep_native_gate_input(module: Any) -> Any:
+    """Hook ``module``'s query projection so its output is kept for `native_gate` (returns the handle),
+    or None when the module's class does not gate its output itself."""
+    if type(module).__name__ not in NATIVE_GATES:
+        return None
+
+    def keep(_projection: Any, _args: Any, output: torch.Tensor) -> None:
+        setattr(module, _NATIVE_PROJECTION, output)
+
+    return getattr(module, NATIVE_GATE_INPUT).register_forward_hook(keep)
+
+
+def native_gate(module: Any) -> torch.Tensor | None:
+    """The output gate [B, H, T, D] a model's own attention module applies in its current call, or None."""
+    projected = getattr(module, _NATIVE_PROJECTION, None)
+    return None if projected is None else NATIVE_GATES[type(module).__name__](module, projected)
+
+
+def drop_native_gate_input(module: Any) -> None:
+    """Forget the kept projection once the call's probes are done (it is one layer's [B, T, 2 H D])."""
+    if getattr(module, _NATIVE_PROJECTION, None) is not None:
+        setattr(module, _NATIVE_PROJECTION, None)
+
+
 def module_variant(module: Any) -> AttentionVariant:
     """The variant an attention module computes with (softmax unless it names another)."""
     name = getattr(module, VARIANT_ATTRIBUTE, None)

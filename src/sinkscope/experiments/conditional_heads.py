@@ -119,7 +119,7 @@ class ConditionalHeads(Experiment):
         return {"queries": pd.DataFrame({
             "prompt": unit.prompt,
             "position": np.broadcast_to(queries, shape).reshape(-1),
-            "layer": np.repeat(np.arange(n_layers), n_heads * len(queries)),
+            "layer": np.repeat(np.array(self._first.layers()), n_heads * len(queries)),
             "head": np.tile(np.repeat(np.arange(n_heads), len(queries)), n_layers),
             "follows_trigger": np.broadcast_to(self._follows[unit.prompt][queries], shape).reshape(-1),
             "sees_first": visible[..., queries].reshape(-1),

@@ -77,7 +77,7 @@ class MatrixEntropy(PromptExperiment):
             record = self._probe.per_prompt(row)
             alpha = sink_metrics.alpha_from_query_weights(record["attention"].numpy(), record["visible"].numpy())
             layer_frames.append(pd.DataFrame({
-                **self._common(unit), "layer": np.arange(alpha.shape[0]),
+                **self._common(unit), "layer": np.array(self._probe.layers()),
                 "sink_rate": (alpha > self.eps).mean(-1), "alpha_mean": alpha.mean(-1)}))
         return {"matrix_entropy": pd.concat(depth_frames, ignore_index=True),
                 "sink_rate": pd.concat(layer_frames, ignore_index=True)}

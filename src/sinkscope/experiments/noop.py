@@ -74,18 +74,19 @@ class Noop(PromptExperiment):
         text_queries = np.zeros(len(unit.ids), dtype=bool)
         text_queries[max(1, unit.text_start):unit.text_stop] = True  # text queries other than position 0 itself
         rows = []
+        stacked = {layer: i for i, layer in enumerate(self._first.layers())}  # row of each layer in `alpha`
         for layer, record in self._values.records.items():
             norms = record["value_norm"][0].numpy()  # [H, S]
             attention = record["first_attention"][0].numpy()  # [H, T]
             output = record["output_norm"][0].numpy()
             share = record["first_share"][0].numpy()
             for head in range(norms.shape[0]):
-                queries = text_queries & visible[layer, head]
+                queries = text_queries & visible[stacked[layer], head]
                 sinking = attention[head, queries] > self.eps
                 out_q = output[head, queries]
                 rows.append({
                     "prompt": unit.prompt, "bos": unit.bos, "layer": layer, "head": head,
-                    "alpha": float(alpha[layer, head]),
+                    "alpha": float(alpha[stacked[layer], head]),
                     "first_value_norm": float(norms[head, 0]),
                     "median_value_norm": float(np.median(norms[head, 1:])) if norms.shape[1] > 1 else np.nan,
                     "first_value_rank": int((norms[head] < norms[head, 0]).sum()) + 1,

@@ -58,8 +58,14 @@ class ScanResult(Result):
         return int(self.frame["prompt"].nunique())
 
     @property
+    def layers(self) -> list[int]:
+        """The measured layers: all of them, except a hybrid model's linear-attention layers (no softmax)."""
+        return sorted(int(x) for x in self.frame["layer"].unique())
+
+    @property
     def n_layers(self) -> int:
-        return int(self.frame["layer"].max()) + 1
+        """How many layers were measured (the second axis of `alpha`; layer ``layers[i]`` is row i)."""
+        return len(self.layers)
 
     @property
     def n_heads(self) -> int:
@@ -82,6 +88,15 @@ class ScanResult(Result):
     def sink_logit_mass(self) -> np.ndarray | None:
         """[prompts, layers, heads] share of attention a learned sink logit takes (gpt-oss); None otherwise."""
         cube = self._cube("sink_logit_mass")
+        return None if np.isnan(cube).all() else cube
+
+    @property
+    def gate_mean(self) -> np.ndarray | None:
+        """[prompts, layers, heads] mean output gate of gated attention (a lab variant, Qwen3-Next); None
+        for ungated models."""
+        if "gate_mean" not in self.frame:  # runs recorded before the column existed
+            return None
+        cube = self._cube("gate_mean")
         return None if np.isnan(cube).all() else cube
 
     @property
@@ -179,7 +194,7 @@ class Scan(Experiment):
     def finalise(self, tables: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
         frame = tables["alpha"].sort_values(["prompt", "layer", "head"], ignore_index=True)
         result = ScanResult({"alpha": frame}, {})
-        per_layer = pd.DataFrame({"layer": range(result.n_layers), "layer_type": result.layer_types})
+        per_layer = pd.DataFrame({"layer": result.layers, "layer_type": result.layer_types})
         for e in self.eps:
             per_layer[f"sink_rate@{e}"] = result.sink_rate_by_layer(e)
         per_layer["alpha_mean"] = result.alpha_map().mean(1)
@@ -199,6 +214,7 @@ class Scan(Experiment):
             "bos": "given" if self.input_ids is not None else self.bos,
             "n_prompts": result.n_prompts,
             "n_layers": result.n_layers,
+            "layers": result.layers,
             "n_heads": result.n_heads,
             "max_tokens": self.max_tokens,
             "eps": eps,
@@ -216,6 +232,10 @@ class Scan(Experiment):
             "first_k_mass": float(result.first_k_mass.mean()),
             "first_tokens": result.first_tokens,
         }
+        gate = result.gate_mean
+        if gate is not None:
+            summary["gate_mean"] = float(gate.mean())
+            summary["gate_mean_map"] = gate.mean(0).tolist()
         learned = result.sink_logit_mass
         if learned is not None:
             summary["learned_sink_mass"] = float(learned.mean())
@@ -231,12 +251,13 @@ def _position_rows(probe: FirstTokenAttention, units: Sequence[Encoded], layer_t
         attention = record["attention"].numpy().astype(np.float32)
         visible = np.broadcast_to(record["visible"].numpy(), attention.shape)
         n_layers, n_heads, n = attention.shape
+        layers = np.array(probe.layers(), dtype=np.int16)
         frames.append(pd.DataFrame({
             "prompt": np.int32(unit.prompt),
-            "layer": np.repeat(np.arange(n_layers, dtype=np.int16), n_heads * n),
+            "layer": np.repeat(layers, n_heads * n),
             "head": np.tile(np.repeat(np.arange(n_heads, dtype=np.int16), n), n_layers),
             "position": np.tile(np.arange(n, dtype=np.int32), n_layers * n_heads),
-            "layer_type": pd.Categorical(np.repeat(np.array(layer_types[:n_layers], dtype=object), n_heads * n)),
+            "layer_type": pd.Categorical(np.repeat(np.array(layer_types, dtype=object)[layers], n_heads * n)),
             "attention": np.where(visible, attention, np.nan).reshape(-1),
         }))
     return pd.concat(frames, ignore_index=True)
@@ -249,6 +270,7 @@ def _rows_for_batch(probe: FirstTokenAttention, units: Sequence[Encoded], prompt
         record = probe.per_prompt(row)
         attention, visible = record["attention"].numpy(), record["visible"].numpy()
         n_layers, n_heads, _ = attention.shape
+        layers = np.array(probe.layers())
         alpha = sink_metrics.alpha_from_query_weights(attention, visible, include_self)
         first_k = record["first_k"].numpy().mean(-1)
         sink = record["sink_logit"].numpy().mean(-1) if "sink_logit" in record else np.full_like(alpha, np.nan)
@@ -258,9 +280,9 @@ def _rows_for_batch(probe: FirstTokenAttention, units: Sequence[Encoded], prompt
             "prompt": unit.prompt,
             "prompt_id": prompts[unit.prompt].id,
             "domain": prompts[unit.prompt].domain,
-            "layer": np.repeat(np.arange(n_layers), n_heads),
+            "layer": np.repeat(layers, n_heads),
             "head": np.tile(np.arange(n_heads), n_layers),
-            "layer_type": np.repeat(np.array(layer_types[:n_layers], dtype=object), n_heads),
+            "layer_type": np.repeat(np.array(layer_types, dtype=object)[layers], n_heads),
             "alpha": alpha.reshape(-1),
             "first_k_mass": first_k.reshape(-1),
             "sink_logit_mass": sink.reshape(-1),

@@ -83,6 +83,11 @@ def placement(model: Any) -> str:
     return str(input_device(model))
 
 
+# Model types whose softmax layers call transformers' attention interface though their class does not declare
+# it (the engine still checks, every forward, that each softmax layer's call came through it).
+ROUTES_ATTENTION = frozenset({"qwen3_next"})
+
+
 def check_attention_supported(model: Any) -> None:
     """Refuse models whose attention sinkscope cannot see (no softmax attention, or no attention interface)."""
     config = text_config(model)
@@ -92,7 +97,7 @@ def check_attention_supported(model: Any) -> None:
             f"{name} (model_type '{config.model_type}') has no softmax attention heads; "
             "attention sinks are not defined for it"
         )
-    if not getattr(model, "_supports_attention_backend", False):
+    if not (getattr(model, "_supports_attention_backend", False) or config.model_type in ROUTES_ATTENTION):
         raise UnsupportedModelError(
             f"{name} does not route attention through transformers' attention interface, so sinkscope "
             "cannot capture it (supported: llama, mistral, qwen2/3, gemma/2/3, gpt2, gpt_neox, phi3, gpt_oss, ...)"
