@@ -62,7 +62,7 @@ SWEEP_PRESETS: dict[str, dict[str, Any]] = {
     "depth-demo": {
         "description": "sinks vs depth: 1, 2, 4, 8 layers at the cpu-demo width and token budget (2 CPU cores)",
         "base": _DEMO_BASE,
-        "grids": [{"group": "depth", "model.layers": [1, 2, 4, 8], "seed": [0]}],  # more seeds: [0, 1, ...]
+        "grids": [{"group": "depth", "model.layers": [1, 2, 4, 8], "seed": [0, 1, 2]}],
     },
     "text-demo": {
         "description": "context-length sweep on natural text (all of Shakespeare, BPE-512): ~25 min on 2 CPU cores",
