@@ -1,10 +1,10 @@
-"""Write docs/generated/*.md from finished run directories of `keys`, `knockout` and `matrix-entropy`.
+"""Write docs/generated/*.md from finished run directories of `keys`, `knockout`, `matrix-entropy`, `ruler`.
 
     python scripts/beyond_docs.py RUN_DIR [RUN_DIR ...]
 
-Each run directory's experiment decides the page: keys-<model>.md, knockout-control-<model>.md or
-matrix-entropy-<model>.md. Every number on a page is read from the run's files; the page names the command
-that made them.
+Each run directory's experiment decides the page: keys-<model>.md, knockout-control-<model>.md,
+matrix-entropy-<model>.md or ruler-<model>.md. Every number on a page is read from the run's files; the page
+names the command that made them.
 """
 
 from __future__ import annotations
@@ -95,6 +95,14 @@ def knockout_page(result: Result) -> str:
                          f"{control['delta_loss_by_layer'][str(layer)]:+.4f} "
                          f"{_interval(control['delta_loss_by_layer_ci'][str(layer)], 4)} | "
                          f"{diff['delta_loss']:+.4f} {_interval(diff['delta_loss_ci'], 4)} |")
+        by_layer = control["first_minus_random"]["by_layer"]
+        above = sorted(int(layer) for layer, d in by_layer.items() if d["delta_loss_ci"][0] > 0)
+        below = sorted(int(layer) for layer, d in by_layer.items() if d["delta_loss_ci"][1] < 0)
+        lines += ["", f"Of the {len(by_layer)} layers run, removing the first key costs more than removing a random "
+                  f"key (95% interval of the difference above 0) in {len(above)}"
+                  + (f" (layers {', '.join(map(str, above))})" if above else "")
+                  + f", less in {len(below)}" + (f" (layers {', '.join(map(str, below))})" if below else "")
+                  + ", and the two are not told apart in the others."]
     return "\n".join(lines) + "\n"
 
 
@@ -138,8 +146,36 @@ def entropy_page(result: Result) -> str:
     return "\n".join(lines) + "\n"
 
 
+def ruler_page(result: Result) -> str:
+    s = result.summary
+    accuracy = result.tables["accuracy"]
+    conditions = list(s["bos"])
+    lengths = [int(n) for n in s["lengths"]]
+    lines = [f"**{s['model']}**, {len(s['tasks'])} tasks x lengths {', '.join(map(str, lengths))} (text tokens) x "
+             f"depths {', '.join(f'{d:g}' for d in s['depths'])} x {s['trials']} trials, values: {s['values']}, "
+             f"haystack: {s['haystack'] or 'repeated filler'}; {s['n_prompts']} prompts answered greedily. "
+             f"{_command(result)}", "",
+             "| `<bos>` | accuracy (95% interval over trials) |", "|---|---|"]
+    for c in conditions:
+        a = s["accuracy"][c]
+        lines.append(f"| {c} | {a['mean']:.3f} [{a['low']:.3f}, {a['high']:.3f}] |")
+    for label, d in s.get("difference", {}).items():
+        lines.append(f"| {label} (paired) | {d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] |")
+    lines += ["", "Accuracy per task and length, " + " / ".join(f"`{c}`" for c in conditions) + ":", "",
+              "| task | " + " | ".join(str(n) for n in lengths) + " |", "|---" * (1 + len(lengths)) + "|"]
+    for task in s["tasks"]:
+        cells = []
+        for n in lengths:
+            rows = accuracy[(accuracy["task"] == task) & (accuracy["length"] == n)].set_index("bos")["accuracy"]
+            cells.append(" / ".join(f"{rows[c]:.2f}" if c in rows else "–" for c in conditions))
+        lines.append(f"| {task} | " + " | ".join(cells) + " |")
+    if s.get("skipped"):
+        lines += ["", f"Skipped (longer than the model's context): {s['skipped']}."]
+    return "\n".join(lines) + "\n"
+
+
 PAGES: dict[str, tuple[str, Any]] = {"keys": ("keys", keys_page), "knockout": ("knockout-control", knockout_page),
-                                     "matrix_entropy": ("matrix-entropy", entropy_page)}
+                                     "matrix_entropy": ("matrix-entropy", entropy_page), "ruler": ("ruler", ruler_page)}
 
 
 def main() -> None:
