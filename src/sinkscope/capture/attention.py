@@ -18,11 +18,10 @@ from typing import Any, Protocol
 import torch
 
 from ..errors import ModelLoadError
-from .kernels import repeat_kv, scores_block
+from .kernels import _flash_cpu, repeat_kv, scores_block
 from .masks import dense_allowed, parse_mask
 from .variants import GATE_MODULE, SOFTMAX, VARIANTS, default_sigmoid_bias, module_variant
 
-_flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_cpu_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 IMPLEMENTATION = "sinkscope"
