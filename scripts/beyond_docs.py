@@ -170,7 +170,8 @@ def ruler_page(result: Result) -> str:
             cells.append(" / ".join(f"{rows[c]:.2f}" if c in rows else "–" for c in conditions))
         lines.append(f"| {task} | " + " | ".join(cells) + " |")
     if s.get("skipped"):
-        lines += ["", f"Skipped (longer than the model's context): {s['skipped']}."]
+        skipped = "; ".join(f"{x['task']} at {x['length']} ({x['reason']})" for x in s["skipped"])
+        lines += ["", f"Not run: {skipped}."]
     return "\n".join(lines) + "\n"
 
 
