@@ -19,7 +19,7 @@ import torch
 
 from ..errors import ModelLoadError
 from .kernels import _flash_cpu, repeat_kv, scores_block
-from .masks import dense_allowed, parse_mask
+from .masks import additive_mask, dense_allowed, parse_mask
 from .variants import GATE_MODULE, SOFTMAX, VARIANTS, default_sigmoid_bias, module_variant
 
 _flash_cpu_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -114,7 +114,7 @@ def sdpa_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
         through_lse = _lse_route(query, value, dropout)
     if through_lse:  # the op takes grouped K/V heads (GQA) as they are, in both directions
         if mask is not None and mask.dtype == torch.bool:  # the op takes additive masks
-            mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(~mask, float("-inf"))
+            mask = additive_mask(mask, query.dtype)
         shared: torch.Tensor = _SinkThroughLse.apply(query, key, value, sinks, mask, plain_causal, scaling)
         return shared if allowed is None else shared.masked_fill(~allowed.any(-1, keepdim=True), 0.0)
     n_rep = query.shape[1] // key.shape[1]

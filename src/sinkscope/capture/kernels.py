@@ -37,7 +37,7 @@ from typing import Any, cast
 
 import torch
 
-from .masks import dense_allowed
+from .masks import additive_mask, dense_allowed
 
 _flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
@@ -151,10 +151,8 @@ def fused_kernel(inputs: AttentionInputs, options: KernelOptions) -> KernelOutpu
             block = inputs.allowed[:, :, start:stop]
             lo, hi = _key_range(block)
             block = block[..., lo:hi]
-            bias = torch.zeros(block.shape, dtype=dtype, device=query.device)
-            bias.masked_fill_(~block, float("-inf"))
             out_c, lse_c = _flash_cpu(query[:, :, start:stop], key[:, :, lo:hi], value[:, :, lo:hi], 0.0, False,
-                                      attn_mask=bias, scale=inputs.scaling)
+                                      attn_mask=additive_mask(block, dtype), scale=inputs.scaling)
             # The op reports lse = 0 for a query that sees no key; the true normaliser is empty.
             lse_c = lse_c.masked_fill(~block.any(-1).expand_as(lse_c), float("-inf"))
             outputs.append(out_c)

@@ -34,3 +34,8 @@ def dense_allowed(allowed: torch.Tensor | None, query_length: int, key_length: i
         return torch.ones(1, 1, query_length, key_length, dtype=torch.bool, device=device)
     queries = torch.arange(query_length, device=device)[:, None] + (key_length - query_length)
     return (queries >= torch.arange(key_length, device=device)[None, :])[None, None]
+
+
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """bool ``allowed`` as the additive mask the CPU flash op takes: 0 where allowed, -inf elsewhere."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, float("-inf"))
