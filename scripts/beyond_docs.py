@@ -1,15 +1,17 @@
 """Write docs/generated/*.md from finished run directories of `keys`, `knockout`, `matrix-entropy`, `ruler`.
 
-    python scripts/beyond_docs.py RUN_DIR [RUN_DIR ...]
+    python scripts/beyond_docs.py [--stem STEM] RUN_DIR [RUN_DIR ...]
 
 Each run directory's experiment decides the page: keys-<model>.md, knockout-control-<model>.md,
-matrix-entropy-<model>.md or ruler-<model>.md. Every number on a page is read from the run's files; the page
+matrix-entropy-<model>.md or ruler-<model>.md (``--stem ruler-long`` writes ruler-long-<model>.md, for a
+second run of the same experiment). Every number on a page is read from the run's files; the page
 names the command that made them.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 from typing import Any
 
@@ -182,12 +184,15 @@ PAGES: dict[str, tuple[str, Any]] = {"keys": ("keys", keys_page), "knockout": ("
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("runs", nargs="+", type=Path)
+    parser.add_argument("--stem", help="page name before -<model>.md (default: by the run's experiment)")
     args = parser.parse_args()
+    if args.stem is not None and not re.fullmatch(r"[a-z0-9][a-z0-9-]*", args.stem):
+        parser.error("--stem: lower-case letters, digits and '-' only (the page stays in docs/generated)")
     GENERATED.mkdir(parents=True, exist_ok=True)
     for run in args.runs:
         result = Result.load(run)
         stem, page = PAGES[result.experiment]
-        path = GENERATED / f"{stem}-{result.summary['model']}.md"
+        path = GENERATED / f"{args.stem or stem}-{result.summary['model']}.md"
         path.write_text(page(result), encoding="utf-8")
         print(f"wrote {path}")
 

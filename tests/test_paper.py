@@ -29,6 +29,7 @@ from sinkscope.paper.verdicts import (
     judge_lab,
     judge_scale,
     judge_table1,
+    judge_table3,
 )
 
 TEXT = " ".join(SENTENCES * 12)
@@ -92,6 +93,33 @@ def test_table1_value_is_the_sink_rate_and_the_verdict_follows_the_interval():
     assert judge_table1(Context("m", {"scan_add": scan_result(rarely)}, {}))[0].verdict == NOT_REPRODUCED
     missing = judge_table1(Context("m", {}, {"scan_add": "the model has no tokenizer"}))[0]
     assert missing.verdict == INCONCLUSIVE and "no tokenizer" in missing.note
+
+
+def retrieval_result(key: str, score: str, scores: dict[str, np.ndarray], tasks: tuple[str, ...]) -> Result:
+    """A saved passkey / RULER-like result: one row per task x trial x condition (depth None on the second
+    task, as a task without a target depth has)."""
+    rows = [{"task": task, "length": 64, "depth": 0.5 if t == 0 else None, "trial": trial, "bos": bos,
+             score: float(values[t * len(values) // len(tasks) + trial])}
+            for bos, values in scores.items() for t, task in enumerate(tasks)
+            for trial in range(len(values) // len(tasks))]
+    return Result({key: pd.DataFrame(rows)}, {"accuracy": {b: {"mean": float(v.mean())} for b, v in scores.items()}})
+
+
+def test_table3_pairs_each_prompt_and_judges_passkey_and_ruler_alike():
+    rng = np.random.default_rng(3)
+    with_bos = rng.uniform(0.6, 1.0, 40)
+    ruler = retrieval_result("ruler", "score", {"add": with_bos, "strip": with_bos - 0.3}, ("niah", "vt"))
+    tie = (rng.uniform(size=40) < 0.5).astype(float)  # every prompt scores the same with and without
+    passkey = retrieval_result("passkey", "correct", {"add": tie, "strip": tie}, ("passkey",))
+    judged = judge_table3(Context("m", {"ruler": ruler, "passkey": passkey}, {}))
+    found = {f.measurement.split(",")[0]: f for f in judged}
+    assert found["RULER-style score"].value == pytest.approx(0.3) and found["RULER-style score"].verdict == REPRODUCED
+    assert found["RULER-style score"].units == "40 prompts"  # the depth-less task's rows are kept
+    assert found["passkey accuracy"].value == 0 and found["passkey accuracy"].verdict == NOT_REPRODUCED
+    hopeless = retrieval_result("ruler", "score", {"add": np.zeros(40), "strip": np.zeros(40)}, ("niah", "vt"))
+    (missing, ruler_finding) = judge_table3(Context("m", {"ruler": hopeless}, {}))
+    assert ruler_finding.verdict == INCONCLUSIVE  # cannot retrieve even with <bos>: says nothing
+    assert missing.verdict == INCONCLUSIVE and missing.measurement == "not measured"
 
 
 def test_scale_pairs_prompts_and_orders_models_by_heads():
@@ -211,7 +239,7 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
 def test_every_section_runs_on_a_tiny_model(tmp_path):
     manifest = run_paper([tiny_loaded()], tmp_path, TINY, Inputs(prompts(), "x"), progress=False)
     outcomes = manifest["models"][0]["experiments"]
-    assert {k for k, v in outcomes.items() if v["status"] == "failed"} <= {"passkey"}  # digits are <unk> here
+    assert {k for k, v in outcomes.items() if v["status"] == "failed"} <= {"passkey", "ruler"}  # digits are <unk> here
     build_report([tmp_path], tmp_path)
     findings = pd.read_csv(tmp_path / "findings.csv")
     assert set(findings["section"]) == {s.key for s in SECTIONS}

@@ -23,6 +23,7 @@ from ..experiments.passkey import Passkey
 from ..experiments.perturb import DEFAULT_SWAP, SHAKESPEARE, Perturb
 from ..experiments.rank_collapse import RankCollapse
 from ..experiments.repr_collapse import ReprCollapse
+from ..experiments.ruler import Ruler
 from ..experiments.scan import Scan
 from ..experiments.smoothing import AttentionSmoothing
 from ..experiments.stream import Stream
@@ -42,6 +43,9 @@ class PlanSize:
     passkey_lengths: tuple[int, ...] = (512, 1024, 2048)
     passkey_depths: tuple[float, ...] = (0.1, 0.5, 0.9)
     passkey_trials: int = 2
+    ruler_lengths: tuple[int, ...] = (512, 1024, 2048)
+    ruler_depths: tuple[float, ...] = (0.1, 0.5, 0.9)
+    ruler_trials: int = 2
     repr_lengths: tuple[int, ...] = (8, 16, 32, 64, 128, 256, 512)
     repr_families: tuple[str, ...] = ("repeated", "natural")
     oversquash_probes: int = 16
@@ -68,6 +72,7 @@ class PlanSize:
 FULL = PlanSize("full", scan_prompts=None, explain_prompts=60)
 QUICK = PlanSize("quick", scan_prompts=18, explain_prompts=10, ablate_window=256, ablate_windows=2,
                  passkey_lengths=(384,), passkey_depths=(0.5,), passkey_trials=2,
+                 ruler_lengths=(512,), ruler_depths=(0.5,), ruler_trials=2,
                  repr_lengths=(16, 64, 256), repr_families=("repeated",), oversquash_probes=8,
                  knockout_window=128, knockout_windows=1, stream_window=48, stream_length=144, stream_sinks=(0, 4),
                  stream_full=False, lab_preset=None)
@@ -108,6 +113,7 @@ def experiments(size: PlanSize, inputs: Inputs) -> dict[str, Experiment]:
         "scan_strip": Scan(prompts=scan_prompts, bos="strip", max_tokens=t),
         "ablate": Ablate(text=text, bos=("add", "strip"), window=size.ablate_window, max_windows=size.ablate_windows),
         "passkey": Passkey(lengths=size.passkey_lengths, depths=size.passkey_depths, trials=size.passkey_trials),
+        "ruler": Ruler(lengths=size.ruler_lengths, depths=size.ruler_depths, trials=size.ruler_trials),
         "perturb": Perturb(text=size.perturb_text, swap=size.perturb_swap),
         "smoothing": AttentionSmoothing(prompts=explain, bos=("add", "strip"), max_tokens=t),
         "noop": Noop(prompts=explain, bos=("add",), max_tokens=t),
@@ -150,7 +156,7 @@ SECTIONS: tuple[Section, ...] = (
             ("scan_add", "scan_strip", "ablate")),
     Section("table3", "Table 3: perplexity and retrieval with vs without ⟨bos⟩",
             "Removing the sink (the ⟨bos⟩ token) at inference consistently lowers performance, most of all on "
-            "long-context retrieval (Gemma 7B RULER-4K: 82.57 → 0.00).", "§5, Table 3", ("ablate", "passkey")),
+            "long-context retrieval (Gemma 7B RULER-4K: 82.57 → 0.00).", "§5, Table 3", ("ablate", "passkey", "ruler")),
     Section("fig2", "Fig. 2: perturbation spread",
             "Without ⟨bos⟩ a one-token change of the prompt spreads more strongly across layers and positions "
             "(predicts R = spread without / with ⟨bos⟩ > 1).", "§3.2, Fig. 2; prediction 4(a)", ("perturb",)),

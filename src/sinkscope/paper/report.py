@@ -185,6 +185,8 @@ def _bos_table(model: ModelResults) -> list[tuple[str, pd.DataFrame]]:
             row.update({"loss (nats)": loss["mean_loss"], "ppl": loss["ppl"]})
         if "passkey" in results:
             row["passkey accuracy"] = results["passkey"].summary["accuracy"].get(condition)
+        if "ruler" in results:
+            row["RULER-style score"] = results["ruler"].summary["accuracy"].get(condition, {}).get("mean")
         rows.append(row)
     return [(f"{model.context.model}: with vs without ⟨bos⟩", pd.DataFrame(rows))]
 

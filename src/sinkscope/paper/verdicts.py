@@ -188,30 +188,53 @@ def judge_table2(ctx: Context) -> list[Finding]:
 
 
 # -- Table 3 -----------------------------------------------------------------------------------------------
-def judge_table3(ctx: Context) -> list[Finding]:
-    claim = "removing ⟨bos⟩ lowers performance, most on long-context retrieval"
-    absent = ctx.missing("table3", claim, "passkey")
-    if absent:
-        return [absent]
-    frame = ctx.results["passkey"].tables["passkey"]
-    paired = frame.pivot_table(index=["length", "depth", "trial"], columns="bos", values="correct", aggfunc="mean")
-    with_bos, without = paired["add"].to_numpy(float), paired["strip"].to_numpy(float)
+RETRIEVAL_RULE = ("accuracy with − without ⟨bos⟩, paired by prompt: interval above 0 → reproduced; below 0, or "
+                  "[0, 0] while the accuracy with ⟨bos⟩ is ≥ 0.2 → not reproduced; otherwise (or when the model "
+                  "cannot retrieve even with ⟨bos⟩, accuracy < 0.2) inconclusive")
+
+
+def retrieval_verdict(with_bos: np.ndarray, without: np.ndarray) -> tuple[float, float, float, str]:
+    """The paired difference of per-prompt scores (with − without ⟨bos⟩), its interval and the verdict of
+    `RETRIEVAL_RULE` (shared by the passkey and the RULER-style tasks)."""
     value, low, high = paired_difference_interval(with_bos, without)
-    rule = ("passkey accuracy with − without ⟨bos⟩, paired by prompt: interval above 0 → reproduced; below 0, "
-            "or [0, 0] while the accuracy with ⟨bos⟩ is ≥ 0.2 → not reproduced; otherwise (or when the model "
-            "cannot retrieve even with ⟨bos⟩, accuracy < 0.2) inconclusive")
     accuracy = float(with_bos.mean())
     verdict = above(low, high, 0.0)
     if verdict == INCONCLUSIVE and high <= 0.0 and accuracy >= 0.2:
         verdict = NOT_REPRODUCED
     if accuracy < 0.2 and verdict != REPRODUCED:
         verdict = INCONCLUSIVE
-    note = f"accuracy with ⟨bos⟩ {accuracy:.2f}, without {float(without.mean()):.2f}"
-    if "ablate" in ctx.results:
-        loss = ctx.results["ablate"].summary["loss"]
-        note += f"; perplexity with ⟨bos⟩ {loss['add']['ppl']:.2f}, without {loss['strip']['ppl']:.2f}"
-    return [Finding("table3", ctx.model, claim, "passkey accuracy, with − without ⟨bos⟩", value, low, high, verdict,
-                    rule, f"{len(paired)} prompts", note=note)]
+    return value, low, high, verdict
+
+
+def _paired_scores(frame: pd.DataFrame, index: list[str], score: str) -> pd.DataFrame:
+    """One row per prompt, one column per ⟨bos⟩ condition (prompts measured under both only). A task without
+    a target depth has none (NaN), which would drop its rows from the pivot: it is keyed as depth -1."""
+    keyed = frame.assign(depth=frame["depth"].astype(float).fillna(-1.0))
+    return keyed.pivot_table(index=index, columns="bos", values=score, aggfunc="mean").dropna()
+
+
+def judge_table3(ctx: Context) -> list[Finding]:
+    claim = "removing ⟨bos⟩ lowers performance, most on long-context retrieval"
+    findings = []
+    for key, label, index, score in (("passkey", "passkey accuracy", ["length", "depth", "trial"], "correct"),
+                                     ("ruler", "RULER-style score", ["task", "length", "depth", "trial"], "score")):
+        absent = ctx.missing("table3", claim, key)
+        if absent:
+            findings.append(absent)
+            continue
+        paired = _paired_scores(ctx.results[key].tables[key], index, score)
+        with_bos, without = paired["add"].to_numpy(float), paired["strip"].to_numpy(float)
+        value, low, high, verdict = retrieval_verdict(with_bos, without)
+        note = f"{label} with ⟨bos⟩ {float(with_bos.mean()):.2f}, without {float(without.mean()):.2f}"
+        if key == "ruler":
+            lengths = ", ".join(str(n) for n in sorted({int(n) for n in paired.index.get_level_values("length")}))
+            note += f" ({paired.index.get_level_values('task').nunique()} tasks at {lengths} tokens)"
+        if key == "passkey" and "ablate" in ctx.results:
+            loss = ctx.results["ablate"].summary["loss"]
+            note += f"; perplexity with ⟨bos⟩ {loss['add']['ppl']:.2f}, without {loss['strip']['ppl']:.2f}"
+        findings.append(Finding("table3", ctx.model, claim, f"{label}, with − without ⟨bos⟩", value, low, high,
+                                verdict, RETRIEVAL_RULE, f"{len(paired)} prompts", note=note))
+    return findings
 
 
 # -- Fig. 2-4 ----------------------------------------------------------------------------------------------
