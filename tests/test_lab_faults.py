@@ -117,6 +117,15 @@ def test_the_same_train_command_twice_gives_identical_numbers(reference, tmp_pat
     assert_same_run(whole, tmp_path / "again")
 
 
+def test_resume_where_there_is_nothing_to_resume_starts_the_run(reference, tmp_path):
+    """A retry loop's first attempt (or a kill before the run's first write) has nothing to continue: the
+    run starts, and equals the run the plain command trains."""
+    config, whole = reference
+    (tmp_path / "empty").mkdir()
+    run_ok(cli("train", str(config), "--out", str(tmp_path / "empty"), "--resume", "--quiet"))
+    assert_same_run(whole, tmp_path / "empty")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("point", [
     "step 0",  # after the first evaluation, before any update or checkpoint
@@ -195,10 +204,6 @@ def test_bad_run_directories_are_one_line_and_exit_2(command, tmp_path):
     runner = CliRunner()
     a_file = tmp_path / "a-file"
     a_file.write_text("not a directory")
-    nothing = "no run to resume" if command == "train" else "no sweep to resume"
-    resumed = runner.invoke(app, [command, str(config), "--out", str(tmp_path / "none"), "--resume", "--quiet"])
-    assert nothing in _error(resumed)
-    assert not (tmp_path / "none").exists()
     assert "is a file" in _error(runner.invoke(app, [command, str(config), "--out", str(a_file), "--quiet"]))
     unwritable = _error(runner.invoke(app, [command, str(config), "--out", str(a_file / "run"), "--quiet"]))
     assert "cannot create" in unwritable and "--out" in unwritable

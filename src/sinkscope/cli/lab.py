@@ -36,7 +36,8 @@ def _parse_overrides(items: list[str] | None) -> dict[str, Any]:
 def train(
     config: Annotated[str, typer.Argument(help="config file (.toml/.yaml/.json) or preset (cpu-demo, tiny, paper)")],
     out: Annotated[Path | None, typer.Option(help="run directory (default runs/lab/<name>)")] = None,
-    resume: Annotated[bool, typer.Option(help="continue the run in --out from its last checkpoint")] = False,
+    resume: Annotated[bool, typer.Option(help="continue the run in --out from its last checkpoint (start it if "
+                                               "there is none)")] = False,
     overrides: SetOption = None,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
 ) -> None:
@@ -77,7 +78,8 @@ def sweep(
     config: Annotated[str, typer.Argument(help="sweep file (.toml/.yaml/.json) or preset (cpu-demo, variants-demo, "
                                                "depth-demo, text-demo, paper)")],
     out: Annotated[Path | None, typer.Option(help="sweep directory (default runs/lab/<name>)")] = None,
-    resume: Annotated[bool, typer.Option(help="skip finished runs and continue unfinished ones")] = False,
+    resume: Annotated[bool, typer.Option(help="skip finished runs and continue unfinished ones (start the sweep "
+                                               "if there is none)")] = False,
     jobs: Annotated[int, typer.Option(help="runs trained at once (worker processes)")] = 2,
     threads: Annotated[int | None, typer.Option(help="torch threads per run (default: cores / jobs)")] = None,
     only: Annotated[list[str] | None, typer.Option(help="run only this run or group; repeat")] = None,

@@ -180,8 +180,6 @@ def select_runs(sweep: SweepConfig, only: list[str] | None) -> list[SweepRun]:
 def open_sweep_dir(sweep: SweepConfig, out: Path, resume: bool) -> None:
     if out.exists() and not out.is_dir():
         raise LabRunError(f"--out {out} is a file, not a sweep directory")
-    if resume and not (out / "sweep.json").is_file():
-        raise LabRunError(f"--resume: {out} holds no sweep to resume (no sweep.json); drop --resume to start one")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:

@@ -261,8 +261,8 @@ def _start_run_dir(out: Path, config: TrainConfig, resume: bool) -> tuple[dict[s
     if out.exists() and not out.is_dir():
         raise LabRunError(f"--out {out} is a file, not a run directory")
     saved = out / "config.json"
-    if resume and not saved.is_file():
-        raise LabRunError(f"--resume: {out} holds no run to resume (no config.json); drop --resume to start one")
+    # Nothing to resume (a kill before the run's first write, or a first attempt under a retry loop): start it,
+    # as the measurement commands do.
     if not saved.is_file():
         try:
             out.mkdir(parents=True, exist_ok=True)
