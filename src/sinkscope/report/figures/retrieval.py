@@ -43,7 +43,6 @@ def accuracy_heatmaps_figure(accuracy: pd.DataFrame, difference: pd.DataFrame | 
         grid = accuracy[accuracy["bos"] == bos].pivot(index="task", columns="length", values="accuracy")
         image = _annotated(ax, grid.reindex(index=tasks, columns=lengths), 0.0, 1.0, "viridis")
         ax.set_title(f"bos={bos}", fontsize=9)
-        ax.set_xlabel("prompt length (text tokens)")
     for ax in axes[0][1:len(conditions)]:
         ax.set_yticklabels([])
     fig.colorbar(image, ax=axes[0][:len(conditions)].tolist(), label="score (RULER string match)")
@@ -54,8 +53,9 @@ def accuracy_heatmaps_figure(accuracy: pd.DataFrame, difference: pd.DataFrame | 
         diverging = _annotated(ax, grid, -1.0, 1.0, "RdBu")
         ax.set_yticklabels([])
         ax.set_title(f"{first['first'].iloc[0]} - {first['other'].iloc[0]}", fontsize=9)
-        ax.set_xlabel("prompt length (text tokens)")
         fig.colorbar(diverging, ax=ax, label="score difference")
+    # One label for the row: per-panel labels overlap when a panel holds a single length.
+    fig.supxlabel("prompt length (text tokens)", fontsize=10)
     fig.suptitle(title, fontsize=10)
     return fig
 
