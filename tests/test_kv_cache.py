@@ -3,13 +3,18 @@
 References: a naive loop over groups (and a case worked out by hand) for the quantiser; transformers' own
 `DynamicCache` for the unquantised cache and for what protected tokens hold; token-by-token decoding for
 chunked per-token quantisation; bytes counted by hand; a full forward with a mask hiding the evicted tokens
-for eviction; transformers' eager attention weights for the sink mass the engine reads from the cache.
+for eviction; transformers' eager attention weights for the sink mass the engine reads from the cache; and for
+the presses named after a published policy, the positions NVIDIA kvpress 0.5.5 keeps, worked out by hand in
+plain Python/numpy loops from kvpress's definitions (ScorerPress / compute_n_kept, KnormPress,
+StreamingLLMPress, SnapKVPress).
 """
 
 from __future__ import annotations
 
 import copy
+import math
 
+import numpy as np
 import pytest
 import torch
 from transformers import DynamicCache
@@ -20,8 +25,11 @@ from sinkscope.capture import CaptureEngine, SinkKnockout
 from sinkscope.capture.kvcache import (
     EvictingCache,
     KeptSinkMass,
+    KnormPress,
     LastQueries,
     QuantisedCache,
+    QueryRecord,
+    SnapKVPress,
     WindowPress,
     cached_forward,
     make_press,
@@ -185,11 +193,12 @@ def test_window_eviction_equals_masking_the_evicted_tokens():
     assert cache.layers[0].positions[0, 0].tolist() == kept + list(range(context, 16))
 
 
-@pytest.mark.parametrize("press", ["window", "knorm", "snapkv", "expected_attention"])
+@pytest.mark.parametrize("press", ["window", "knorm", "snapkv", "expected_attention", "window_sinkscope",
+                                   "knorm_sinkscope", "snapkv_sinkscope", "expected_attention_sinkscope"])
 def test_presses_keep_the_protected_tokens_and_the_ratio(press):
     model = tiny_model("gemma3_text")
     ids = tokens(12)
-    cache, probe = EvictingCache(model), LastQueries(4)
+    cache, probe = EvictingCache(model), LastQueries()
     with CaptureEngine(model, [probe]) as engine:
         cached_forward(engine, cache, ids)
     cache.compress(make_press(press), 0.5, protect=1, queries=probe.records)
@@ -241,3 +250,182 @@ def test_expected_attention_with_one_repeated_query_is_its_attention_times_the_v
     attention = torch.einsum("bhd,bhsd->bhs", one[:, :, 0], keys.repeat_interleave(2, 1)).mul(0.3).softmax(-1)
     expected = attention.view(1, 2, 2, 7).mean(2) * values.norm(dim=-1)
     torch.testing.assert_close(scores, expected, atol=1e-6, rtol=1e-5)
+
+
+# -- the kept sets of kvpress 0.5.5, worked out by hand -----------------------------------------------------
+# kvpress's count (kvpress.utils.compute_n_kept): max(1, int(k_len * (1 - compression_ratio))) in Python floats,
+# written out here as numbers. The old count here, k_len - int(k_len * ratio), differs on every odd case.
+KVPRESS_KEPT = {
+    (129, 0.5): 64,  # 129 * 0.5 = 64.5 -> 64 (rounded up it would be 65)
+    (129, 0.75): 32,  # 129 * 0.25 = 32.25 -> 32 (not 33)
+    (129, 0.25): 96,  # 129 * 0.75 = 96.75 -> 96 (not 97)
+    (128, 0.5): 64,
+    (21, 0.5): 10,  # 10.5 -> 10 (not 11)
+    (20, 0.9): 1,  # 20 * (1 - 0.9) = 20 * 0.09999999999999998 = 1.9999999999999996 in floats -> 1 (not 2)
+    (30, 0.9): 2,  # 2.999999999999999 -> 2 (not 3)
+}
+
+
+def evict(keys: torch.Tensor, press, ratio: float, protect: int = 0, query: torch.Tensor | None = None):
+    """The positions each key/value head of an `EvictingCache` layer keeps after ``compress``, the layer holding
+    exactly ``keys`` [1, KVH, S, D] (written through the cache API; the model only gives the cache its layout)."""
+    cache = EvictingCache(tiny_model("llama"))
+    cache.layers[0].update(keys, torch.zeros_like(keys))
+    # the model's scale is given as 1/sqrt(head_dim), what kvpress divides the window logits by
+    queries = None if query is None else {0: QueryRecord(query, keys.shape[-1] ** -0.5, None)}
+    cache.compress(press, ratio, protect=protect, queries=queries)
+    return [sorted(head) for head in cache.layers[0].positions[0].tolist()]
+
+
+def distinct_norm_keys(held: int, heads: int = 2, dim: int = 8, seed: int = 0) -> torch.Tensor:
+    """Keys whose norms are a shuffled 1 + j / held (j = 0 .. held-1) per head, in random directions: distinct by
+    1/held, far above float32 rounding (~1e-7), so the norm order cannot depend on how the norm is computed."""
+    g = torch.Generator().manual_seed(seed)
+    direction = torch.randn(1, heads, held, dim, generator=g, dtype=torch.float64)
+    direction /= direction.norm(dim=-1, keepdim=True)
+    norms = torch.stack([1 + torch.randperm(held, generator=g).double() / held for _ in range(heads)])
+    return (direction * norms[None, :, :, None]).float()
+
+
+@pytest.mark.parametrize("held,ratio", list(KVPRESS_KEPT))
+@pytest.mark.parametrize("protect", [0, 4])
+def test_knorm_keeps_what_kvpress_keeps(held, ratio, protect):
+    keys = distinct_norm_keys(held)
+    expected = []
+    for head in keys[0].double().numpy():
+        norms = [math.sqrt(sum(x * x for x in key)) for key in head]
+        # kvpress: score -norm, keep the n_kept highest. protect (this project's extension) keeps the first
+        # positions first and fills the rest of the budget, which it may enlarge, by norm
+        budget = max(KVPRESS_KEPT[held, ratio], min(protect, held))
+        sinks = list(range(min(protect, held)))
+        rest = sorted((j for j in range(held) if j >= protect), key=lambda j: norms[j])
+        expected.append(sorted(sinks + rest[:budget - len(sinks)]))
+    assert evict(keys, KnormPress(), ratio, protect) == expected
+
+
+@pytest.mark.parametrize("held,ratio", list(KVPRESS_KEPT))
+@pytest.mark.parametrize("n_sink", [0, 1, 4])
+def test_window_keeps_what_kvpress_streaming_llm_keeps(held, ratio, n_sink):
+    keys = torch.randn(1, 2, held, 8, generator=torch.Generator().manual_seed(held))
+    n_kept = KVPRESS_KEPT[held, ratio]
+    # kvpress StreamingLLMPress.score: ones, zeros on [n_sink, n_sink + n_pruned) with
+    # n_pruned = k_len - int(k_len * (1 - ratio)); ScorerPress keeps the n_kept highest: exactly the ones
+    n_pruned = held - int(held * (1 - ratio))
+    scores = [1] * held
+    for j in range(n_sink, min(n_sink + n_pruned, held)):
+        scores[j] = 0
+    kept = [j for j in range(held) if scores[j] == 1]
+    if n_kept >= n_sink:
+        assert len(kept) == n_kept  # as many ones as the budget: no tie decides which
+    else:  # fewer kept than sinks: kvpress keeps topk's pick of n_kept sinks; protect here keeps them all
+        assert kept == list(range(n_sink))
+    assert evict(keys, WindowPress(), ratio, protect=n_sink) == [kept, kept]
+
+
+def kvpress_snapkv_scores(query: np.ndarray, keys: np.ndarray, window: int, kernel: int = 5) -> np.ndarray:
+    """kvpress SnapKVPress.score with compute_window_attention, in float64 loops: query [H, >=window, D],
+    keys [KVH, S, D] -> scores [KVH, S]."""
+    heads, kv_heads, (_, held, dim) = query.shape[0], keys.shape[0], keys.shape
+    group, before = heads // kv_heads, held - window
+    q = query[:, -window:]
+    attention = np.zeros((heads, before))  # mean over the window queries of their weight on each earlier key
+    for h in range(heads):
+        k = keys[h // group]
+        for i in range(window):
+            visible = before + i + 1  # query i sits at position before + i and sees keys 0 .. before + i
+            logits = [float(q[h, i] @ k[j]) / math.sqrt(dim) for j in range(visible)]
+            top = max(logits)
+            weights = [math.exp(v - top) for v in logits]
+            total = sum(weights)
+            for j in range(before):
+                attention[h, j] += weights[j] / total / window
+    pooled = np.zeros((heads, before))  # avg_pool1d(kernel, stride 1, padding kernel // 2), padding counted
+    for h in range(heads):
+        for j in range(before):
+            pooled[h, j] = sum(attention[h, t] for t in range(j - kernel // 2, j + kernel // 2 + 1)
+                               if 0 <= t < before) / kernel
+    per_kv = np.array([pooled[g * group:(g + 1) * group].mean(0) for g in range(kv_heads)])
+    return np.concatenate([per_kv, np.full((kv_heads, window), per_kv.max() + 1)], axis=1)
+
+
+def kept_by_score(scores: np.ndarray, n_kept: int) -> list[int]:
+    """The n_kept highest; among equal scores the later position (this project's rule, see top_indices)."""
+    order = sorted(range(len(scores)), key=lambda j: (-scores[j], -j))
+    return sorted(order[:n_kept])
+
+
+def snapkv_inputs(held: int, window: int, seed: int = 0):
+    """Queries [1, 4, window, 8] and keys [1, 2, held, 8] (2 query heads per key/value head) with an attention
+    pattern that separates kvpress's pooling from the old one: every query looks along one direction, the
+    first two window keys lie far along it, and a few earlier keys somewhat."""
+    g = torch.Generator().manual_seed(seed)
+    direction = torch.zeros(8)
+    direction[0] = 3.0
+    query = direction + 0.3 * torch.randn(1, 4, window, 8, generator=g)
+    along = torch.rand(1, 2, held, generator=g)
+    along[..., held - window:held - window + 2] = 4.0
+    along[..., [3, held // 3, held // 2]] = 2.0
+    keys = along[..., None] * direction / 3.0 + 0.3 * torch.randn(1, 2, held, 8, generator=g)
+    return query, keys
+
+
+@pytest.mark.parametrize("held,window,ratio", [(21, 8, 0.5), (20, 8, 0.5), (40, 8, 0.6), (129, 64, 0.25),
+                                              (129, 64, 0.5), (129, 64, 0.75)])
+def test_snapkv_keeps_what_kvpress_keeps(held, window, ratio):
+    query, keys = snapkv_inputs(held, window)
+    n_kept = KVPRESS_KEPT.get((held, ratio), int(held * (1 - ratio)))  # 40 * (1 - 0.6) = 16.000000000000004 -> 16
+    scores = kvpress_snapkv_scores(query[0].double().numpy(), keys[0].double().numpy(), window)
+    expected = []
+    for head in scores:
+        if n_kept > window:  # the window (scored max + 1) and the best earlier keys
+            earlier = sorted(head[:held - window], reverse=True)
+            # float32 here vs float64 in the reference: ~1e-6 relative at most; a relative gap of 1e-4 at the
+            # budget's edge means rounding cannot change which earlier keys are kept
+            assert earlier[n_kept - window - 1] - earlier[n_kept - window] > 1e-4 * earlier[n_kept - window]
+        expected.append(kept_by_score(head, n_kept))
+    got = evict(keys, SnapKVPress(window), ratio, query=query)
+    assert got == expected
+    if n_kept <= window:  # kvpress keeps some n_kept of its window (topk's unspecified pick among its ties);
+        assert all(head == list(range(held - n_kept, held)) for head in got)  # here: the most recent
+
+
+def test_snapkv_scores_equal_kvpress_scores():
+    """The scores themselves, against the float64 loops (the window's max + 1 included). kvpress divides the
+    logits by sqrt(head_dim) whatever scale and softcap the model uses: the record's are ignored."""
+    query, keys = snapkv_inputs(21, 8, seed=3)
+    record = QueryRecord(query, 0.123, 5.0)
+    scores = SnapKVPress(8).score(keys, keys, torch.arange(21).expand(1, 2, 21), record)
+    expected = torch.from_numpy(kvpress_snapkv_scores(query[0].double().numpy(), keys[0].double().numpy(), 8))
+    # float32 arithmetic against float64 loops: agreement to a few float32 ulps of weights below 1
+    torch.testing.assert_close(scores[0].double(), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_snapkv_needs_its_window_of_queries_and_shrinks_it_for_a_short_prefill():
+    query, keys = snapkv_inputs(40, 8)
+    with pytest.raises(InputError, match="last 16 queries"):  # kvpress scores with all 16 window queries
+        evict(keys, SnapKVPress(16), 0.5, query=query)
+    short_query, short_keys = snapkv_inputs(10, 9)  # kvpress refuses 10 tokens with a window of 64: here 9
+    scores = SnapKVPress().score(short_keys, short_keys, torch.arange(10).expand(1, 2, 10),
+                                 QueryRecord(short_query, 1.0, None))
+    expected = kvpress_snapkv_scores(short_query[0].double().numpy(), short_keys[0].double().numpy(), 9)
+    # float32 against float64 loops, as above
+    torch.testing.assert_close(scores[0].double(), torch.from_numpy(expected), atol=1e-6, rtol=1e-5)
+
+
+def test_protect_beyond_the_budget_keeps_every_protected_token():
+    keys = distinct_norm_keys(12)
+    # kvpress would keep int(12 * 0.25) = 3; the 4 protected positions are all kept (this project's extension)
+    assert evict(keys, KnormPress(), 0.75, protect=4) == [[0, 1, 2, 3]] * 2
+
+
+@pytest.mark.parametrize("held,ratio,rounded_up", [(129, 0.5, 65), (129, 0.75, 33), (20, 0.9, 2)])
+def test_the_earlier_definitions_stay_available_under_their_own_names(held, ratio, rounded_up):
+    keys = distinct_norm_keys(held)
+    for name in ("window_sinkscope", "knorm_sinkscope"):  # this project's count: evict int(held * ratio)
+        assert [len(head) for head in evict(keys, make_press(name), ratio)] == [rounded_up] * 2
+    # the earlier SnapKV: its 32-query window always kept, the rest by its own pooling, the count rounded up
+    window = min(32, held)  # LastQueries records at most the tokens there are
+    query, _ = snapkv_inputs(held, window)
+    kept = evict(keys, make_press("snapkv_sinkscope"), ratio, query=query)
+    assert all(len(head) == rounded_up for head in kept)
+    assert all(set(range(held - min(window, rounded_up), held)) <= set(head) for head in kept)

@@ -11,10 +11,13 @@ Per-channel scales (``axis="channel"``) run over blocks of positions ``[b G, (b 
 written its tokens are held (and read) at full precision, as KIVI's residual; the forward pass that
 completes a block reads it quantised. ``bits=None`` (or 16) is the plain cache.
 
-`EvictingCache(model)` holds everything until `compress(press, ratio, protect)` evicts a fraction
-``ratio`` of the tokens of each full-attention layer, per key/value head, keeping the highest scores of a
-`Press` (kvpress-style: one small class per policy, overriding `score`) and always the first ``protect``
-positions. Tokens keep their original positions (rotary already applied), so the tokens fed afterwards
+`EvictingCache(model)` holds everything until `compress(press, ratio, protect)` evicts, per key/value head,
+from each full-attention layer all but ``press.n_kept(held, ratio)`` tokens (kvpress's count by default:
+``max(1, int(held * (1 - ratio)))``), keeping the highest scores of a `Press` (kvpress-style: one small class
+per policy, overriding `score`) and always the first ``protect`` positions. The presses named after a
+published policy (``window`` = StreamingLLM, ``knorm``, ``snapkv``) follow NVIDIA kvpress 0.5.5; this
+project's earlier definitions stay available as ``<name>_sinkscope`` (see docs/kv.md, "Faithfulness to
+kvpress"). Tokens keep their original positions (rotary already applied), so the tokens fed afterwards
 need explicit ``position_ids``. Sliding-window layers keep their own window and are not compressed (as
 kvpress does for Gemma-3).
 
@@ -26,11 +29,13 @@ precision tokens at the model's dtype, quantised ones as packed payload plus per
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer, get_layer_types_and_kwargs
 
 from ..errors import InputError, UnsupportedModelError
@@ -277,22 +282,55 @@ class EvictingCache(QuantisedCache):
 
     def compress(self, press: Press, ratio: float, protect: int = 0,
                  queries: dict[int, QueryRecord] | None = None) -> None:
-        """Evict ``ratio`` of each full-attention layer's tokens (per key/value head), by ``press.score``;
-        the first ``protect`` positions are always kept."""
+        """Keep ``press.n_kept(held, ratio)`` of each full-attention layer's tokens (per key/value head), those
+        of highest ``press.score``, as kvpress's ScorerPress.compress does; ties go to the later position
+        (kvpress leaves them to ``torch.topk``, whose choice among equal scores is unspecified). The first
+        ``protect`` positions are always kept, the budget growing to hold them if it is smaller (for ``window``
+        this is StreamingLLM's ``n_sink``; for the other presses it is this project's extension)."""
+        ratio = float(ratio)
         if not 0.0 <= ratio < 1.0:
             raise InputError(f"the compression ratio must lie in [0, 1) (got {ratio})")
+        if ratio == 0.0:  # kvpress: a compression ratio of 0 leaves the cache as it is
+            return
         for index, layer in enumerate(self.layers):
             if not isinstance(layer, QuantisedLayer) or layer.keys is None or layer.keys.dim() != 4:
                 continue
             batch, heads, held, _ = layer.keys.shape
-            keep = held - int(held * ratio)
+            positions = layer.positions if layer.positions.dim() == 3 else layer.positions.expand(batch, heads, held)
+            protected = positions < protect
+            keep = max(press.n_kept(held, ratio), int(protected.sum(-1).max()) if protect > 0 else 0)
             if keep >= held:
                 continue
-            positions = layer.positions if layer.positions.dim() == 3 else layer.positions.expand(batch, heads, held)
             scores = press.score(layer.keys, layer.values, positions, (queries or {}).get(index)).float()
-            scores = torch.where(positions < protect, torch.full_like(scores, float("inf")), scores)
-            chosen = scores.topk(keep, dim=-1).indices.sort(-1).values
-            layer.evict(chosen)
+            scores = torch.where(protected, torch.full_like(scores, float("inf")), scores)
+            layer.evict(top_indices(scores, keep))
+
+
+def top_indices(scores: torch.Tensor, keep: int) -> torch.Tensor:
+    """The indices (ascending) of the ``keep`` highest scores along the last dimension; among equal scores the
+    later index wins. kvpress calls ``scores.topk(n_kept)``: the same set wherever the kept set is decided by
+    the scores, and a defined choice where it is not (e.g. SnapKV's window, all scored alike, larger than the
+    budget)."""
+    held = scores.shape[-1]
+    order = scores.flip(-1).sort(dim=-1, descending=True, stable=True).indices[..., :keep]
+    kept: torch.Tensor = (held - 1 - order).sort(dim=-1).values
+    return kept
+
+
+def kvpress_n_kept(held: int, ratio: float) -> int:
+    """kvpress 0.5.5's count (``kvpress.utils.compute_n_kept``, called by ``ScorerPress.compress``):
+    ``max(1, int(k_len * (1 - compression_ratio)))`` for a ratio below 1 (0.5.0-0.5.4: the same without the
+    floor of 1). The same Python float expression, so the float rounding is kvpress's too: 129 tokens at 0.5
+    keep 64, at 0.75 keep 32, and 20 tokens at 0.9 keep 1 (20 * 0.09999999999999998 = 1.9999999999999996)."""
+    if ratio >= 1.0:
+        return 0
+    return max(1, int(held * (1 - ratio)))
+
+
+def rounded_up_n_kept(held: int, ratio: float) -> int:
+    """This project's earlier count (the ``*_sinkscope`` presses): evict ``int(held * ratio)``, keep the rest, so
+    the kept count rounds up (129 tokens at 0.5: 65; at 0.75: 33)."""
+    return held - int(held * ratio)
 
 
 # -- presses -------------------------------------------------------------------------------------------
@@ -306,10 +344,15 @@ class QueryRecord:
 
 
 class Press:
-    """An eviction policy: a score per held token and head (higher = kept). Subclasses override `score`."""
+    """An eviction policy: a score per held token and head (higher = kept), and how many tokens a ratio keeps
+    (`n_kept`: kvpress's count unless a press says otherwise). Subclasses override `score`."""
 
     name: ClassVar[str] = ""
     needs_queries: ClassVar[bool] = False
+
+    def n_kept(self, held: int, ratio: float) -> int:
+        """Tokens kept of ``held`` at compression ratio ``ratio`` (before ``protect`` may raise it)."""
+        return kvpress_n_kept(held, ratio)
 
     def score(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
               queries: QueryRecord | None) -> torch.Tensor:
@@ -318,7 +361,11 @@ class Press:
 
 
 class WindowPress(Press):
-    """The most recent tokens (with ``protect`` first tokens: StreamingLLM's sinks + recent window)."""
+    """The most recent tokens; with ``protect`` k, kvpress's StreamingLLMPress with ``n_sink`` = k (sinks +
+    recent window). StreamingLLMPress scores 0 the ``n_pruned = k_len - int(k_len * (1 - ratio))`` tokens after
+    the sinks and 1 the rest, and keeps ``n_kept``: the sinks and the last ``n_kept - n_sink`` tokens, the set
+    that scoring by position with the first k protected keeps. (Keys are not re-rotated, as in kvpress without
+    its KeyRerotationPress.)"""
 
     name = "window"
 
@@ -328,45 +375,64 @@ class WindowPress(Press):
 
 
 class KnormPress(Press):
-    """Keep the keys of smallest L2 norm (kvpress's KnormPress: low-norm keys draw high attention)."""
+    """Keep the keys of smallest L2 norm (kvpress's KnormPress: low-norm keys draw high attention). kvpress 0.5.5
+    scores ``-vector_norm(keys, dim=-1, dtype=promote_types(keys.dtype, float32))``, as here (0.5.0-0.5.4 took
+    the norm in the keys' own dtype: the same for float32 caches). ``protect`` (the first tokens always kept) is
+    this project's extension: kvpress's KnormPress has no sinks."""
 
     name = "knorm"
 
     def score(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
               queries: QueryRecord | None) -> torch.Tensor:
-        norms: torch.Tensor = keys.float().norm(dim=-1)
+        norms: torch.Tensor = torch.linalg.vector_norm(keys, dim=-1,
+                                                       dtype=torch.promote_types(keys.dtype, torch.float32))
         return -norms
 
 
+KVPRESS_SNAPKV_WINDOW = 64  # kvpress SnapKVPress.window_size default
+
+
 class SnapKVPress(Press):
-    """SnapKV: the attention the last ``window`` queries of the prefill give each key (mean over those
-    queries and the query heads of a key/value head, smoothed over ``kernel`` neighbours); the window
-    itself is always kept."""
+    """SnapKV as kvpress 0.5.5's SnapKVPress (``compute_window_attention`` and ``score``): the last ``window``
+    (64) queries of the prefill attend to every key, causally (logits over ``sqrt(head_dim)``, softmax in
+    float32, no softcap, whatever scale the model itself uses); the weights on the keys *before* the window are
+    averaged over those queries, smoothed by ``avg_pool1d(kernel, stride 1, padding kernel // 2)`` (zero
+    padding counted), averaged over the query heads of each key/value head; the window's own keys are scored
+    ``scores.max() + 1`` (over the whole layer), so it is kept whole whenever the budget holds it (kvpress
+    0.5.0-0.5.3 scored it ``scores.max()``, a tie). Deliberate differences: a prefill of no more than ``window``
+    tokens (kvpress asserts) shrinks the window to ``held - 1``; the queries are the model's own, recorded by
+    `LastQueries` (kvpress recomputes them from the hidden states); ``protect`` is this project's extension.
+    The earlier definition of this project is `SnapKVSinkscopePress` (``snapkv_sinkscope``)."""
 
     name = "snapkv"
     needs_queries = True
 
-    def __init__(self, window: int = 32, kernel: int = 5) -> None:
+    def __init__(self, window: int = KVPRESS_SNAPKV_WINDOW, kernel: int = 5) -> None:
         self.window, self.kernel = window, kernel
 
     def score(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
               queries: QueryRecord | None) -> torch.Tensor:
         if queries is None:
             raise UnsupportedModelError("SnapKV needs the prefill's last queries")
-        batch, kv_heads, held, _ = keys.shape
-        query = queries.query.float()  # [B, H, w, D]
-        w = query.shape[2]
+        batch, kv_heads, held, head_dim = keys.shape
+        window = min(self.window, held - 1)
+        if window < 1:
+            raise InputError("SnapKV needs at least two held tokens")
+        if queries.query.shape[2] < window:
+            raise InputError(f"SnapKV scores with the prefill's last {window} queries, but only "
+                             f"{queries.query.shape[2]} were recorded (record them with LastQueries({self.window}))")
+        query = queries.query[:, :, -window:].to(device=keys.device, dtype=keys.dtype)  # [B, H, w, D]
         group = query.shape[1] // kv_heads
-        logits = torch.einsum("bhwd,bhsd->bhws", query, keys.float().repeat_interleave(group, 1)) * queries.scaling
-        if queries.softcap is not None:
-            logits = torch.tanh(logits / queries.softcap) * queries.softcap
-        causal = torch.arange(held)[None, :] <= torch.arange(held - w, held)[:, None]  # [w, S]
-        weights = logits.masked_fill(~causal, float("-inf")).softmax(-1)
-        scores = weights.mean(2).view(batch, kv_heads, group, held).mean(2)  # [B, KVH, S]
-        scores = torch.nn.functional.avg_pool1d(scores, self.kernel, 1, self.kernel // 2, count_include_pad=False)
-        recent = positions >= positions.amax(-1, keepdim=True) - w + 1
-        kept: torch.Tensor = torch.where(recent, torch.full_like(scores, torch.finfo(scores.dtype).max), scores)
-        return kept
+        # kvpress SnapKVPress.compute_window_attention
+        logits = torch.matmul(query, keys.repeat_interleave(group, 1).transpose(2, 3)) / math.sqrt(head_dim)
+        mask = torch.triu(torch.full_like(logits, float("-inf")), diagonal=held - window + 1)
+        weights = F.softmax(logits + mask, dim=-1, dtype=torch.float32).to(query.dtype)[..., :-window]
+        # kvpress SnapKVPress.score
+        scores = weights.mean(dim=-2)
+        scores = F.avg_pool1d(scores, kernel_size=self.kernel, padding=self.kernel // 2, stride=1)
+        scores = scores.view(batch, kv_heads, group, held - window).mean(2)
+        padded: torch.Tensor = F.pad(scores, (0, window), value=scores.max().item() + 1)
+        return padded
 
 
 class ExpectedAttentionPress(Press):
@@ -398,8 +464,68 @@ class ExpectedAttentionPress(Press):
         return scored
 
 
-PRESSES: dict[str, type[Press]] = {p.name: p for p in (WindowPress, KnormPress, SnapKVPress,
-                                                       ExpectedAttentionPress)}
+# -- this project's earlier definitions, under their own names ---------------------------------------------
+class _RoundedUp(Press):
+    """The kept count rounded up (`rounded_up_n_kept`), as this project counted before following kvpress."""
+
+    def n_kept(self, held: int, ratio: float) -> int:
+        return rounded_up_n_kept(held, ratio)
+
+
+class WindowSinkscopePress(_RoundedUp, WindowPress):
+    """`WindowPress` with the kept count rounded up."""
+
+    name = "window_sinkscope"
+
+
+class KnormSinkscopePress(_RoundedUp, KnormPress):
+    """`KnormPress` with the kept count rounded up."""
+
+    name = "knorm_sinkscope"
+
+
+class ExpectedAttentionSinkscopePress(_RoundedUp, ExpectedAttentionPress):
+    """`ExpectedAttentionPress` with the kept count rounded up."""
+
+    name = "expected_attention_sinkscope"
+
+
+class SnapKVSinkscopePress(_RoundedUp):
+    """This project's earlier SnapKV (not kvpress's): the attention the last ``window`` (32) recorded queries of
+    the prefill give *every* key, the window's own included (logits at the model's scale and softcap; mean over
+    those queries and the query heads of a key/value head), smoothed over ``kernel`` neighbours without
+    counting the padding (``count_include_pad=False``); the window itself is always kept; the kept count rounds
+    up. ``protect`` is this project's extension."""
+
+    name = "snapkv_sinkscope"
+    needs_queries = True
+
+    def __init__(self, window: int = 32, kernel: int = 5) -> None:
+        self.window, self.kernel = window, kernel
+
+    def score(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
+              queries: QueryRecord | None) -> torch.Tensor:
+        if queries is None:
+            raise UnsupportedModelError("SnapKV needs the prefill's last queries")
+        batch, kv_heads, held, _ = keys.shape
+        query = queries.query[:, :, -self.window:].float()  # [B, H, w, D]
+        w = query.shape[2]
+        group = query.shape[1] // kv_heads
+        logits = torch.einsum("bhwd,bhsd->bhws", query, keys.float().repeat_interleave(group, 1)) * queries.scaling
+        if queries.softcap is not None:
+            logits = torch.tanh(logits / queries.softcap) * queries.softcap
+        causal = torch.arange(held)[None, :] <= torch.arange(held - w, held)[:, None]  # [w, S]
+        weights = logits.masked_fill(~causal, float("-inf")).softmax(-1)
+        scores = weights.mean(2).view(batch, kv_heads, group, held).mean(2)  # [B, KVH, S]
+        scores = F.avg_pool1d(scores, self.kernel, 1, self.kernel // 2, count_include_pad=False)
+        recent = positions >= positions.amax(-1, keepdim=True) - w + 1
+        kept: torch.Tensor = torch.where(recent, torch.full_like(scores, torch.finfo(scores.dtype).max), scores)
+        return kept
+
+
+PRESSES: dict[str, type[Press]] = {p.name: p for p in (
+    WindowPress, KnormPress, SnapKVPress, ExpectedAttentionPress,
+    WindowSinkscopePress, KnormSinkscopePress, SnapKVSinkscopePress, ExpectedAttentionSinkscopePress)}
 
 
 def make_press(name: str) -> Press:
@@ -410,9 +536,10 @@ def make_press(name: str) -> Press:
 
 # -- probes ---------------------------------------------------------------------------------------------
 class LastQueries(Probe):
-    """Per layer, the last ``n`` queries of each forward (for query-aware presses such as SnapKV)."""
+    """Per layer, the last ``n`` queries of each forward (for query-aware presses such as SnapKV, whose kvpress
+    window is 64 queries)."""
 
-    def __init__(self, n: int = 32) -> None:
+    def __init__(self, n: int = KVPRESS_SNAPKV_WINDOW) -> None:
         self.n = n
         self.records: dict[int, QueryRecord] = {}
 

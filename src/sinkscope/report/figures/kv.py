@@ -29,7 +29,7 @@ def kv_figures(result: Any) -> dict[str, Any]:
             ax.plot(group["bytes_ratio"], group[column], color="grey", lw=0.6, alpha=0.6, zorder=1)
         for r in table.itertuples():
             colour = "black" if r.family == "full" else colours[r.family]
-            marker = "*" if r.family == "full" else MARKERS.get(r.family.split("-")[0], "o")
+            marker = "*" if r.family == "full" else MARKERS.get(r.family.split("-")[0].removesuffix("_sinkscope"), "o")
             filled = r.protect > 0
             if column == "delta_loss":
                 ax.errorbar(r.bytes_ratio, r.delta_loss, fmt="none", ecolor=colour, alpha=0.5, lw=0.8, zorder=2,
@@ -44,7 +44,8 @@ def kv_figures(result: Any) -> dict[str, Any]:
         if column == "delta_loss":
             ax.set_yscale("symlog", linthresh=0.01)
             ax.axhline(0, color="grey", lw=0.8)
-    handles = [plt.Line2D([], [], marker=MARKERS.get(f.split("-")[0], "o"), color=c, linestyle="", label=f)
+    handles = [plt.Line2D([], [], marker=MARKERS.get(f.split("-")[0].removesuffix("_sinkscope"), "o"), color=c,
+                          linestyle="", label=f)
                for f, c in colours.items() if f != "full"]
     handles += [plt.Line2D([], [], marker="o", color="grey", linestyle="", label="protect > 0 (filled)"),
                 plt.Line2D([], [], marker="o", color="grey", markerfacecolor="none", linestyle="",
