@@ -2,8 +2,9 @@
 
 Modules, in dependency order: `masks` (the one mask parser), `kernels` (one signature, the name -> kernel
 mapping, the dispatch), `variants` (softmax, off-by-one, learned sink, sigmoid), `attention` (the one
-attention function registered with transformers, and installing a variant on a model), `engine` (the
-engine, `AttentionCall`, `Probe`), `probes`, `cache` (the StreamingLLM cache).
+attention function registered with transformers, and installing a variant on a model), `interventions`
+(what a condition does to the attention on the first token), `engine` (the engine, `AttentionCall`,
+`Probe`), `probes`, `cache` (the StreamingLLM cache).
 
 Conventions (every module of this package, and every table built on it, uses these)
 -----------------------------------------------------------------------------------
@@ -48,6 +49,7 @@ Layers and depth
 
 from .attention import IMPLEMENTATION, install, restore, sinkscope_attention, variant_of
 from .engine import AttentionCall, BatchInfo, CaptureEngine, Probe, capture, final_norm
+from .interventions import INTERVENTION_TYPES, SinkIntervention, make_intervention
 from .kernels import KERNELS, AttentionInputs, KernelOptions, KernelOutput, choose_kernel, run_kernel
 from .probes import (
     AttentionEntropy,
@@ -56,6 +58,7 @@ from .probes import (
     KeyAttention,
     RandomKeyKnockout,
     SinkKnockout,
+    TextStartAttention,
     ValueNorms,
 )
 from .variants import VARIANT_NAMES, VARIANTS, AttentionVariant, module_variant, register_variant
@@ -64,6 +67,7 @@ __all__ = [
     "IMPLEMENTATION", "KERNELS", "VARIANTS", "VARIANT_NAMES", "AttentionCall", "AttentionEntropy",
     "AttentionInputs", "AttentionVariant", "AttentionWeights", "BatchInfo", "CaptureEngine", "FirstTokenAttention",
     "KernelOptions", "KernelOutput", "KeyAttention", "Probe", "RandomKeyKnockout", "SinkKnockout", "ValueNorms",
+    "TextStartAttention", "INTERVENTION_TYPES", "SinkIntervention", "make_intervention",
     "capture", "choose_kernel", "final_norm", "install", "module_variant", "register_variant", "restore", "run_kernel",
     "sinkscope_attention", "variant_of",
 ]

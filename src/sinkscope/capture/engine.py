@@ -17,15 +17,18 @@ Shapes, positions and the meaning of ``layer``: see the `sinkscope.capture` pack
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
+from ..conditions import Condition, Intervention, parse_condition
 from ..errors import NonFiniteError, UnsupportedModelError
 from ..models.loader import LoadedModel, check_attention_supported, input_device, text_config
 from .attention import IMPLEMENTATION, active_handlers, pop_handler, push_handler, register
+from .interventions import SinkIntervention, make_intervention
 from .kernels import PATHS, AttentionInputs, KernelOptions, KernelOutput, choose_kernel, row_statistics, run_kernel
 from .masks import parse_mask
 from .variants import AttentionVariant, drop_native_gate_input, keep_native_gate_input, module_variant, native_gate
@@ -85,6 +88,9 @@ class AttentionCall:
     weights: torch.Tensor | None = None  # [B, H, T, S] on the eager path only
     key_offset: int = 0  # position of key 0
     query_offset: int = 0  # position of query 0
+    # the layer's inputs as the model gave them, when an intervention replaced ``inputs`` (its mask says which
+    # queries *could* see a key: the denominator of alpha stays the model's under a knock-out)
+    model_inputs: AttentionInputs | None = None
 
     # -- the layer's own inputs -------------------------------------------------------------------
     @property
@@ -154,18 +160,20 @@ class AttentionCall:
         """bool [B|1, 1|H, T, S]: which keys each query may attend to."""
         return self.inputs.dense_allowed()
 
-    def key_allowed(self, position: torch.Tensor) -> torch.Tensor:
-        """bool [B, 1|H, T]: which queries may attend to the key at position ``position[b]`` of row b."""
+    def key_allowed(self, position: torch.Tensor, model_mask: bool = False) -> torch.Tensor:
+        """bool [B, 1|H, T]: which queries may attend to the key at position ``position[b]`` of row b — under
+        the intervention in force, or (``model_mask``) under the model's own mask."""
         b, _, t, _ = self.query.shape
         s = self.key.shape[2]
         index, present = self.locate_key(position)
-        if self.allowed is None:  # plain causal: O(T), without the T x S mask
+        mask = (self.model_inputs or self.inputs).allowed if model_mask else self.allowed
+        if mask is None:  # plain causal: O(T), without the T x S mask
             if self.causal and t > 1:
                 visible = (torch.arange(t, device=index.device) + (s - t))[None, :] >= index[:, None]
             else:
                 visible = torch.ones(b, t, dtype=torch.bool, device=index.device)
             return (visible & present[:, None])[:, None, :]
-        allowed = self.allowed.expand(b, -1, -1, -1)
+        allowed = mask.expand(b, -1, -1, -1)
         gathered = torch.gather(allowed, 3, index.view(-1, 1, 1, 1).expand(*allowed.shape[:3], 1))[..., 0]
         return gathered & present.view(-1, 1, 1)
 
@@ -302,6 +310,7 @@ class CaptureEngine:
         if not self.attention_layers:
             raise UnsupportedModelError(f"{type(self.model).__name__} has no softmax attention layers")
         self.batch: BatchInfo | None = None
+        self.intervention: SinkIntervention | None = None  # applied to every call before the probes read it
         self.calls_seen = 0
         self.kernels_used: set[str] = set()
         self._saved: Any = None
@@ -348,6 +357,24 @@ class CaptureEngine:
     def _require_active(self) -> None:
         if not self._active:
             raise RuntimeError("use the engine as a context manager: with CaptureEngine(...) as engine")
+
+    @contextmanager
+    def intervening(self, what: str | Condition | Intervention | SinkIntervention | None) -> Iterator[
+            SinkIntervention | None]:
+        """Run the forwards inside under a condition's intervention (`sinkscope.conditions`; its position-0
+        part is the caller's business), or none; the previous one is restored on leaving."""
+        if isinstance(what, str | Condition):
+            what = parse_condition(what).intervention
+        if isinstance(what, Intervention):
+            what = make_intervention(what)
+        if what is not None:
+            what.spec.check(self.n_layers, max(1, int(getattr(text_config(self.model), "num_attention_heads", 1))),
+                            str(what.spec))
+        saved, self.intervention = self.intervention, what
+        try:
+            yield what
+        finally:
+            self.intervention = saved
 
     # -- running --------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, *,
@@ -469,13 +496,20 @@ class CaptureEngine:
             output=result.output, lse=result.lse, weights=result.weights, key_offset=end - s if s <= end else 0,
             query_offset=end - t,
         )
+        self._intervene_and_probe(call)
+        drop_native_gate_input(module)  # the model applies its own gate; only the probes needed it kept
+        # a gated variant's gate acts on the (possibly replaced) output, as in the model's own computation
+        return variant.gate_output(module, call.output).transpose(1, 2).contiguous(), None
+
+    def _intervene_and_probe(self, call: AttentionCall) -> None:
+        """The condition's intervention first (so every probe reads the intervened attention), then the probes,
+        each of which may replace the output."""
+        if self.intervention is not None and self.intervention.apply(call):
+            self.kernels_used.add(call.kernel)
         for probe in self.probes:
             replaced = probe.on_attention(call)
             if replaced is not None:
                 call.output = replaced
-        drop_native_gate_input(module)  # the model applies its own gate; only the probes needed it kept
-        # a gated variant's gate acts on the (possibly replaced) output, as in the model's own computation
-        return variant.gate_output(module, call.output).transpose(1, 2).contiguous(), None
 
 
 def _batch_tensors(input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None,

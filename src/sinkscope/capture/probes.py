@@ -7,11 +7,14 @@ probes stay right when a sliding window has moved during cached generation.
 
 from __future__ import annotations
 
-import hashlib
+from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 
+from ..conditions import Intervention
 from .engine import AttentionCall, BatchInfo, CaptureEngine, Probe
+from .interventions import RandomKey, SinkIntervention, make_intervention
 from .kernels import scores_block
 
 
@@ -48,7 +51,7 @@ class FirstTokenAttention(Probe):
         query_valid = call.query_valid()[:, None, :]
         record = {
             "attention": attention.float().cpu(),
-            "visible": (call.key_allowed(first) & query_valid).cpu(),
+            "visible": (call.key_allowed(first, model_mask=True) & query_valid).cpu(),
             "first_k": mass.float().cpu(),
         }
         sink = call.sink_attention()
@@ -76,6 +79,36 @@ class FirstTokenAttention(Probe):
         for name in self.records[layers[0]]:
             out[name] = torch.stack([self.records[layer][name][row] for layer in layers])[..., start:start + length]
         return out
+
+
+class TextStartAttention(Probe):
+    """Where the sink is: per (layer, head, query), the attention on each row's first token and on its first
+    *text* token (``text_starts[b]`` positions after the first; 0 when nothing precedes the text), so "the
+    sink is gone" and "the sink moved to the first text token" are measured, not assumed.
+
+    Records, per layer, on CPU: ``first`` / ``text`` float [B, H, T] and ``first_visible`` / ``text_visible``
+    bool [B, 1|H, T] (real queries that may attend to that key).
+    """
+
+    def __init__(self, text_starts: Sequence[int]) -> None:
+        self.text_starts = [int(x) for x in text_starts]
+        self.records: dict[int, dict[str, torch.Tensor]] = {}
+
+    def start(self, batch: BatchInfo, engine: CaptureEngine) -> None:
+        if len(self.text_starts) != batch.input_ids.shape[0]:
+            raise ValueError("TextStartAttention needs one text start per batch row")
+        self.records = {}
+
+    def on_attention(self, call: AttentionCall) -> None:
+        first = call.batch.first_positions
+        text = first + torch.tensor(self.text_starts, device=first.device, dtype=first.dtype)
+        query_valid = call.query_valid()[:, None, :]
+        self.records[call.layer] = {
+            "first": call.key_attention(first).float().cpu(),
+            "text": call.key_attention(text).float().cpu(),
+            "first_visible": (call.key_allowed(first, model_mask=True) & query_valid).cpu(),
+            "text_visible": (call.key_allowed(text, model_mask=True) & query_valid).cpu(),
+        }
 
 
 class AttentionWeights(Probe):
@@ -158,44 +191,37 @@ class ValueNorms(Probe):
 
 
 class SinkKnockout(Probe):
-    """Intervention: remove each query's attention to the first token and renormalise over the rest.
+    """Intervention as a probe: remove each later query's attention to the first token and renormalise over
+    the rest (`interventions.Knockout`, the mechanism of the ``knockout`` condition).
 
-    ``heads``: None (every head of every layer) or ``{layer: None | [head, ...]}``. The layer's attention
-    is recomputed with the first key masked for every later query — exactly an explicit attention mask
-    (tested against one; during cached generation too, where the first token is found by its position
-    and a sliding window that no longer holds it leaves the layer alone). The first token's own query,
-    which sees nothing else, is left as it is. A learned sink logit (gpt-oss) keeps its place in the
-    normaliser.
+    ``heads``: None (every head of every layer) or ``{layer: None | [head, ...]}``; the selection may be
+    changed between forwards. Exactly an explicit attention mask (tested against one; during cached
+    generation too, where the first token is found by its position and a sliding window that no longer
+    holds it leaves the layer alone). A learned sink logit (gpt-oss) keeps its place in the normaliser.
+    Prefer ``engine.intervening("add+knockout@...")``; this probe serves per-layer head lists.
     """
+
+    kind = "knockout"
 
     def __init__(self, heads: dict[int, list[int] | None] | None = None) -> None:
         self.heads = heads
 
-    def _selected(self, call: AttentionCall) -> torch.Tensor | None:
+    def _spec(self, layer: int) -> Intervention | None:
         if self.heads is None:
-            return torch.ones(call.n_heads, dtype=torch.bool)
-        if call.layer not in self.heads:
+            return Intervention(self.kind)
+        if layer not in self.heads:
             return None
-        chosen = self.heads[call.layer]
-        mask = torch.zeros(call.n_heads, dtype=torch.bool)
-        mask[list(range(call.n_heads)) if chosen is None else list(chosen)] = True
-        return mask
+        chosen = self.heads[layer]
+        return Intervention(self.kind, layers=(layer,), heads=None if chosen is None else tuple(sorted(chosen)))
+
+    def _intervention(self, spec: Intervention) -> SinkIntervention:
+        return make_intervention(spec)
 
     def on_attention(self, call: AttentionCall) -> torch.Tensor | None:
-        selected = self._selected(call)
-        if selected is None or not selected.any():
+        spec = self._spec(call.layer)
+        if spec is None:
             return None
-        first = call.batch.first_positions.to(call.query.device)
-        index, present = call.locate_key(first)
-        hide = (call.query_positions[None, :] > first[:, None]) & present[:, None]  # [B, T]
-        if not bool(hide.any()):  # the first token has left every row's window (or only sees itself)
-            return None
-        allowed = call.dense_allowed().expand(call.query.shape[0], -1, -1, -1).clone()
-        rows = torch.arange(allowed.shape[0], device=allowed.device)
-        column = allowed[rows, :, :, index]  # [B, 1|H, T]
-        allowed[rows, :, :, index] = column & ~hide[:, None, :]
-        knocked = call.attend_with(allowed).output
-        return torch.where(selected.to(call.output.device)[None, :, None, None], knocked, call.output)
+        return call.output if self._intervention(spec).apply(call) else None
 
 
 class KeyAttention(Probe):
@@ -226,11 +252,12 @@ class KeyAttention(Probe):
         self.records = {}
         self._batch = batch
 
-    def _block_allowed(self, call: AttentionCall, start: int, stop: int) -> torch.Tensor:
-        """bool [B|1, 1|H, stop - start, S]: the call's own mask for queries [start, stop), built only for
-        those rows when the call has none (plain causal)."""
-        if call.allowed is not None:
-            return call.allowed[:, :, start:stop]
+    def _block_allowed(self, call: AttentionCall, start: int, stop: int, model_mask: bool = False) -> torch.Tensor:
+        """bool [B|1, 1|H, stop - start, S]: the call's mask (the intervention's, or with ``model_mask`` the
+        model's own) for queries [start, stop), built only for those rows when the call has none (plain causal)."""
+        allowed = (call.model_inputs or call.inputs).allowed if model_mask else call.allowed
+        if allowed is not None:
+            return allowed[:, :, start:stop]
         t, s = call.query.shape[2], call.key.shape[2]
         keys = torch.arange(s, device=call.query.device)
         if not call.causal or t == 1:
@@ -248,7 +275,9 @@ class KeyAttention(Probe):
         for start in range(0, t, self.chunk_size):
             stop = min(start + self.chunk_size, t)
             block = self._block_allowed(call, start, stop) & real[:, None, start:stop, None]
-            counts = block.sum(2, dtype=torch.int64)  # [B, 1|H, S]
+            # alpha's denominator: the queries that could see the key in the model (a knock-out zeroes the weight)
+            seen = self._block_allowed(call, start, stop, model_mask=True) & real[:, None, start:stop, None]
+            counts = seen.sum(2, dtype=torch.int64)  # [B, 1|H, S]
             queries = counts if queries is None else queries + counts
             cols = block.reshape(-1, s).any(0).nonzero()
             if cols.numel() == 0:
@@ -278,15 +307,13 @@ class KeyAttention(Probe):
 
 
 class RandomKeyKnockout(SinkKnockout):
-    """Control for `SinkKnockout` with the same budget: remove each query's attention to *one key drawn at
-    random* among the keys it may attend to other than the first token, and renormalise over the rest.
-
-    Like the knock-out it controls, it touches the queries after the first token (each sees at least
-    itself besides it) in the selected heads; the drawn key is the same for every head of a layer, drawn
-    anew for every layer. The draw is uniform per query, from a generator seeded with ``seed``, the layer
-    and the row's token ids, so it does not depend on batching, resuming or what ran before.
-    ``removed[layer]``: long [B, T], the key index each query lost (-1: none).
+    """Control for `SinkKnockout` with the same budget (`interventions.RandomKey`, the ``random-key``
+    condition): remove each later query's attention to *one key drawn at random* among the keys it may attend
+    to other than the first token, and renormalise over the rest; seeded by ``seed``, the layer and the row's
+    token ids. ``removed[layer]``: long [B, T], the key index each query lost (-1: none).
     """
+
+    kind = "random-key"
 
     def __init__(self, heads: dict[int, list[int] | None] | None = None, seed: int = 0) -> None:
         super().__init__(heads)
@@ -296,32 +323,7 @@ class RandomKeyKnockout(SinkKnockout):
     def start(self, batch: BatchInfo, engine: CaptureEngine) -> None:
         self.removed = {}
 
-    def _uniforms(self, call: AttentionCall) -> torch.Tensor:
-        """float64 [B, T]: one uniform draw per (row, query position), fixed by seed, layer and the row's ids."""
-        positions = call.query_positions.cpu()
-        draws = []
-        for ids in call.batch.input_ids.cpu():
-            digest = hashlib.sha256(f"{self.seed}:{call.layer}:".encode() + ids.numpy().tobytes()).digest()
-            generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
-            draws.append(torch.rand(int(positions.max()) + 1, generator=generator, dtype=torch.float64)[positions])
-        return torch.stack(draws).to(call.query.device)
-
-    def on_attention(self, call: AttentionCall) -> torch.Tensor | None:
-        selected = self._selected(call)
-        if selected is None or not selected.any():
-            return None
-        b = call.query.shape[0]
-        first = call.batch.first_positions.to(call.query.device)
-        allowed = call.dense_allowed().expand(b, -1, -1, -1)
-        # candidates: the keys each query may see (the mask is the same for every head), the first one excluded
-        candidates = allowed[:, 0] & (call.key_positions[None, None, :] != first[:, None, None])  # [B, T, S]
-        count = candidates.sum(-1)  # [B, T]
-        hide = (call.query_positions[None, :] > first[:, None]) & (count > 0)
-        if not bool(hide.any()):
-            return None
-        rank = (self._uniforms(call) * count).floor().long().clamp(max=(count - 1).clamp_min(0))
-        chosen = (candidates & (candidates.cumsum(-1, dtype=torch.int32) == (rank + 1)[..., None])).int().argmax(-1)
-        self.removed[call.layer] = torch.where(hide, chosen, torch.full_like(chosen, -1)).cpu()
-        drop = torch.zeros_like(candidates).scatter_(2, chosen[..., None], hide[..., None])
-        knocked = call.attend_with(allowed & ~drop[:, None]).output
-        return torch.where(selected.to(call.output.device)[None, :, None, None], knocked, call.output)
+    def _intervention(self, spec: Intervention) -> SinkIntervention:
+        intervention = RandomKey(replace(spec, seed=self.seed))
+        intervention.removed = self.removed
+        return intervention

@@ -16,7 +16,6 @@ import typer
 from rich.console import Console
 
 from ..errors import InputError, SinkscopeError
-from . import options
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode="rich",
@@ -27,10 +26,6 @@ MEASURE, EXPLAIN, CONSEQUENCES, LAB, REPORT = "Measure", "Explain", "Consequence
 # In a multi-process run (torchrun / accelerate launch) only the first process prints; errors show from all.
 console = Console(quiet=os.environ.get("RANK", "0").strip() not in ("", "0"))
 errors = Console(stderr=True)
-
-ModelOption = options.Model  # older names, kept for the command modules not yet on `options`
-BosOption = options.Bos
-
 
 def user_errors(command: Any) -> Any:
     """Turn sinkscope's own errors into one line on stderr and exit code 2 (bugs keep their traceback)."""
@@ -105,6 +100,30 @@ def run_command(experiment: Any, model: str, *, out: Path | None = None, resume:
     if out is not None:
         console.print(f"results written to {out}/", highlight=False)
     return result
+
+
+def run_each_condition(make: Any, conditions: list[str] | None, default: str, model: str, *,
+                       out: Path | None = None, resume: bool = False, quiet: bool = False, device: str = "cpu",
+                       dtype: str = "float32", trust_remote_code: bool = False,
+                       show: dict[str, Any] | None = None) -> list[Any]:
+    """`run_command` once per condition (``make(condition)`` builds the experiment) for commands whose
+    experiment takes one condition: the model is loaded once; with several conditions each run goes to its
+    own sub-directory of --out, named after the condition."""
+    from ..experiments.inputs import bos_conditions
+    from ..report.rundir import child, safe_name
+
+    chosen = bos_conditions(conditions or [default])
+    experiments = [make(condition) for condition in chosen]  # settings are checked before the model loads
+    check_out(out)
+    loaded = load_model(model, device, dtype, trust_remote_code)
+    results = []
+    for condition, experiment in zip(chosen, experiments, strict=True):
+        target = out if out is None or len(chosen) == 1 else child(out, "bos-" + safe_name(condition))
+        if len(chosen) > 1:
+            console.print(f"[bold]condition {condition}[/]", highlight=False)
+        results.append(run_command(experiment, model, out=target, resume=resume, quiet=quiet, loaded=loaded,
+                                   show=show))
+    return results
 
 
 @app.callback()

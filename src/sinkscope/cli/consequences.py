@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from . import CONSEQUENCES, app, options, run_command, user_errors
+from . import CONSEQUENCES, app, options, run_command, run_each_condition, user_errors
 
 Window = Annotated[int, typer.Option(help="text tokens per window")]
 Stride = Annotated[int | None, typer.Option(help="window start distance (default: window)")]
@@ -30,7 +30,7 @@ def ablate(model: options.Model = "gemma3-270m", text: options.Text = None, bos:
 
 @app.command(rich_help_panel=CONSEQUENCES)
 @user_errors
-def knockout(model: options.Model = "gemma3-270m", text: options.Text = None, bos: options.OneBos = "add",
+def knockout(model: options.Model = "gemma3-270m", text: options.Text = None, bos: options.Bos = None,
              window: Window = 256, max_windows: int = 2, stride: Stride = None, batch_size: int = 4,
              layers: Annotated[str | None, typer.Option(help="e.g. 0-3,7 (default all)")] = None,
              heads: Annotated[str | None, typer.Option(
@@ -45,9 +45,11 @@ def knockout(model: options.Model = "gemma3-270m", text: options.Text = None, bo
     """Δloss when attention to position 0 is removed (renormalised) in all heads, per layer, per head."""
     from ..experiments.knockout import Knockout
 
-    experiment = Knockout(text=text, window=window, max_windows=max_windows, stride=stride, batch_size=batch_size,
-                          bos=bos, layers=layers, heads=heads, per_head=per_head, control=control, seed=seed)
-    run_command(experiment, model, out=out, resume=resume, quiet=quiet, show={"top": top})
+    run_each_condition(
+        lambda condition: Knockout(text=text, window=window, max_windows=max_windows, stride=stride,
+                                   batch_size=batch_size, bos=condition, layers=layers, heads=heads, per_head=per_head,
+                                   control=control, seed=seed),
+        bos, "add", model, out=out, resume=resume, quiet=quiet, show={"top": top})
 
 
 @app.command(rich_help_panel=CONSEQUENCES)
@@ -70,7 +72,7 @@ def generate(model: options.Model = "gemma3-270m",
 def downstream_command(
     task: Annotated[list[str], typer.Option(help="lm-eval task name; repeatable (e.g. arc_easy, piqa)")],
     model: options.Model = "gemma3-270m",
-    bos: Annotated[list[str] | None, typer.Option(help="add | strip; repeatable")] = None,
+    bos: options.Bos = None,
     limit: Annotated[int | None, typer.Option(help="examples per task")] = None,
     num_fewshot: Annotated[int | None, typer.Option()] = None,
     out: options.Out = None, resume: options.Resume = False, quiet: options.Quiet = False,

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from . import EXPLAIN, app, options, run_command, user_errors
+from . import EXPLAIN, app, options, run_command, run_each_condition, user_errors
 
 
 @app.command(rich_help_panel=EXPLAIN)
@@ -48,7 +48,7 @@ def conditional_heads(
     model: options.Model = "gemma3-270m", prompts: options.Prompts = None,
     trigger: Annotated[str, typer.Option(help="a query follows the trigger when the token before it contains this")]
     = "'",
-    bos: options.OneBos = "add", top: Annotated[int, typer.Option(help="heads to list")] = 8,
+    bos: options.Bos = None, top: Annotated[int, typer.Option(help="heads to list")] = 8,
     out: options.Out = None, resume: options.Resume = False, quiet: options.Quiet = False,
     device: options.Device = "cpu", dtype: options.Dtype = "float32",
     trust_remote_code: options.TrustRemoteCode = False,
@@ -58,6 +58,6 @@ def conditional_heads(
     from ..experiments.inputs import prompt_list
 
     texts = options.prompts_from(prompts) if prompts is not None else prompt_list(TRIGGER_TEXTS)
-    experiment = ConditionalHeads(prompts=texts, trigger=trigger, bos=bos, top=top)
-    run_command(experiment, model, out=out, resume=resume, quiet=quiet, device=device, dtype=dtype,
-                trust_remote_code=trust_remote_code)
+    run_each_condition(lambda condition: ConditionalHeads(prompts=texts, trigger=trigger, bos=condition, top=top),
+                       bos, "add", model, out=out, resume=resume, quiet=quiet, device=device, dtype=dtype,
+                       trust_remote_code=trust_remote_code)

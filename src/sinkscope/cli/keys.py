@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from . import MEASURE, app, options, run_command, user_errors
+from . import MEASURE, app, options, run_each_condition, user_errors
 
 
 @app.command(rich_help_panel=MEASURE)
@@ -16,7 +16,7 @@ def keys(
     model: options.Model = "gemma3-270m", text: options.Text = None,
     prompts: Annotated[Path | None, typer.Option(
         help=".txt/.jsonl/.csv prompts instead of windows of --text")] = None,
-    limit: options.Limit = None, bos: options.OneBos = "add",
+    limit: options.Limit = None, bos: options.Bos = None,
     max_tokens: Annotated[int, typer.Option(help="tokens per sequence, <bos> included")] = 4096,
     windows: Annotated[int, typer.Option(min=1, help="windows of --text (ignored with --prompts)")] = 1,
     eps: Annotated[float, typer.Option(help="a key is a sink in a head when its alpha_k exceeds this")] = 0.3,
@@ -32,8 +32,8 @@ def keys(
     from ..experiments.keys import KeyAttentionExperiment
 
     chosen = options.prompts_from(prompts, limit) if prompts is not None else []
-    experiment = KeyAttentionExperiment(text=text, prompts=chosen, max_tokens=max_tokens, windows=windows, bos=bos,
-                                        eps=eps, min_queries=min_queries, batch_size=batch_size,
-                                        chunk_size=chunk_size, path=path, precision=precision)
-    run_command(experiment, model, out=out, resume=resume, quiet=quiet, device=device, dtype=dtype,
-                show={"top": top})
+    run_each_condition(
+        lambda condition: KeyAttentionExperiment(
+            text=text, prompts=chosen, max_tokens=max_tokens, windows=windows, bos=condition, eps=eps,
+            min_queries=min_queries, batch_size=batch_size, chunk_size=chunk_size, path=path, precision=precision),
+        bos, "add", model, out=out, resume=resume, quiet=quiet, device=device, dtype=dtype, show={"top": top})

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from . import CONSEQUENCES, app, options, run_command, user_errors
+from . import CONSEQUENCES, app, options, run_each_condition, user_errors
 
 
 @app.command("kv", rich_help_panel=CONSEQUENCES)
@@ -23,21 +23,25 @@ def kv_command(
     protect: Annotated[list[int] | None, typer.Option(
         help="first tokens kept at full precision / never evicted; repeat (default 0, 1, 4)")] = None,
     press: Annotated[list[str] | None, typer.Option(
-        help="eviction policy: window | knorm | snapkv | expected_attention; repeat (default: not the last)")] = None,
+        help="eviction policy: window | knorm | snapkv | expected_attention (kvpress's definitions), or the earlier "
+             "*_sinkscope variants; repeat (default: window, knorm, snapkv)")] = None,
     ratio: Annotated[list[float] | None, typer.Option(help="fraction evicted, in (0, 1); repeat (default 0.5, 0.75)")]
     = None,
     no_quant: Annotated[bool, typer.Option("--no-quant", help="skip the quantised caches")] = False,
     no_press: Annotated[bool, typer.Option("--no-press", help="skip the eviction presses")] = False,
     passkey_length: Annotated[int, typer.Option(help="passkey prompt length in text tokens (0 = no passkey)")] = 160,
     passkey_trials: Annotated[int, typer.Option(help="passkey prompts (one key each)")] = 2,
-    out: options.Out = None, resume: options.Resume = False, quiet: options.Quiet = False,
+    bos: options.Bos = None, out: options.Out = None, resume: options.Resume = False, quiet: options.Quiet = False,
 ) -> None:
     """KV-cache quantisation and eviction with and without the sink kept: Δloss, passkey, bytes, sink mass."""
     from ..experiments.kv import DEFAULT_PRESSES, KV
 
-    experiment = KV(text=text, window=window, context=context, max_windows=max_windows, step=step,
-                    bits=() if no_quant else tuple(bits or (8, 4, 2)), axes=tuple(axis or ("token", "channel")),
-                    group_size=group_size, protect=tuple((0, 1, 4) if protect is None else protect),
-                    presses=() if no_press else tuple(press or DEFAULT_PRESSES),
-                    ratios=tuple(ratio or (0.5, 0.75)), passkey_length=passkey_length, passkey_trials=passkey_trials)
-    run_command(experiment, model, out=out, resume=resume, quiet=quiet)
+    run_each_condition(
+        lambda condition: KV(text=text, window=window, context=context, max_windows=max_windows, step=step,
+                             bits=() if no_quant else tuple(bits or (8, 4, 2)),
+                             axes=tuple(axis or ("token", "channel")),
+                             group_size=group_size, protect=tuple((0, 1, 4) if protect is None else protect),
+                             presses=() if no_press else tuple(press or DEFAULT_PRESSES),
+                             ratios=tuple(ratio or (0.5, 0.75)), passkey_length=passkey_length,
+                             passkey_trials=passkey_trials, bos=condition),
+        bos, "add", model, out=out, resume=resume, quiet=quiet)

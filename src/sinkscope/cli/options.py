@@ -11,9 +11,10 @@ if TYPE_CHECKING:
     from ..data import Prompt
 
 Model = Annotated[str, typer.Option("--model", "-m", help="bundled name, hub id, local dir or .gguf file")]
-Bos = Annotated[list[str] | None, typer.Option(
-    help="auto | add | strip | replace:<token>; repeat to compare conditions side by side")]
-OneBos = Annotated[str, typer.Option("--bos", help="what sits at position 0: auto | add | strip | replace:<tok>")]
+CONDITION_HELP = ("a condition: what sits at position 0 (auto | add | strip | replace:<tok>), optionally +knockout, "
+                  "+scale:λ, +zero-value or +random-key, @layers/heads (e.g. add+scale:0.25@3-5; docs: Conditions); "
+                  "repeat to compare conditions side by side")
+Bos = Annotated[list[str] | None, typer.Option("--bos", "--condition", help=CONDITION_HELP)]
 Prompts = Annotated[Path | None, typer.Option(help=".txt/.jsonl/.csv prompts (default: built-in probe set)")]
 Limit = Annotated[int | None, typer.Option(help="only the first N prompts")]
 MaxTokens = Annotated[int, typer.Option(help="tokens per prompt, <bos> included (paper: 64)")]

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from . import CONSEQUENCES, app, options, run_command, user_errors
+from . import CONSEQUENCES, app, options, run_command, run_each_condition, user_errors
 
 
 @app.command(rich_help_panel=CONSEQUENCES)
@@ -40,7 +40,7 @@ def stream(
     sinks: Annotated[list[int] | None, typer.Option(help="sink tokens kept (0 = window only); repeat")] = None,
     full: Annotated[bool, typer.Option(help="also run the full (unbounded) cache")] = True,
     length: Annotated[int, typer.Option(help="tokens to stream, <bos> included")] = 1024,
-    bos: options.OneBos = "add",
+    bos: options.Bos = None,
     out: options.Out = None, resume: options.Resume = False, quiet: options.Quiet = False,
 ) -> None:
     """Streaming KV caches (StreamingLLM): perplexity and memory of full / window-only / k sinks + window."""
@@ -48,7 +48,9 @@ def stream(
     from ..experiments.stream import Stream
 
     given = None if text is None else read_text_file(text)
-    experiment = Stream(text=None if given is None else given.text, source=None if given is None else given.source,
-                        window=window, sinks=(0, 1, 4) if sinks is None else tuple(sinks), full=full, length=length,
-                        bos=bos)
-    run_command(experiment, model, out=out, resume=resume, quiet=quiet)
+    run_each_condition(
+        lambda condition: Stream(text=None if given is None else given.text,
+                                 source=None if given is None else given.source, window=window,
+                                 sinks=(0, 1, 4) if sinks is None else tuple(sinks), full=full, length=length,
+                                 bos=condition),
+        bos, "add", model, out=out, resume=resume, quiet=quiet)

@@ -24,7 +24,7 @@ from ..data.texts import LongText
 from ..metrics.loss import bucket_losses, delta_summary, mean_loss, perplexity
 from ..metrics.stats import bootstrap_interval, paired_difference_interval
 from ..models.loader import LoadedModel
-from .base import Result, run
+from .base import Result, run, takes_conditions
 from .inputs import bos_conditions, first_token_label, prefix_ids, require_tokenizer
 from .loss import LOSS_CHUNK, TextLoss
 
@@ -137,6 +137,7 @@ def _intervals(reference: np.ndarray, values: np.ndarray, name: str) -> dict[str
     return {"mean_loss_ci": [low, high], f"delta_loss_vs_{name}_ci": [delta_low, delta_high]}
 
 
+@takes_conditions
 def ablate(
     model: LoadedModel | Any, text: str | Path | LongText | None = None, *, bos: Sequence[str] = DEFAULT_CONDITIONS,
     window: int = 1024, max_windows: int | None = 8, stride: int | None = None, batch_size: int = 4,

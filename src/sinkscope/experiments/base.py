@@ -19,15 +19,17 @@ a `Result`: ``.to_frame()``, ``.summary`` (with ``provenance``), ``.figures()``,
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
+import inspect
 import json
 import os
 import platform
 import sys
 import threading
 import time
-from collections.abc import Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -36,15 +38,41 @@ import torch
 
 from .. import __version__
 from ..capture import CaptureEngine, Probe
+from ..conditions import parse_condition
 from ..errors import InputError, SinkscopeError
 from ..models.loader import LoadedModel, load
 from ..report.rundir import RunDir, write_json, write_table
 from . import distributed
 from .distributed import Shard
+from .whereabouts import TABLE as WHEREABOUTS
+from .whereabouts import measures_prompts, whereabouts_rows, whereabouts_summary
 
 CSV_MAX_ROWS = 20_000  # tables up to this size are also written as CSV
 STALL_ENV = "SINKSCOPE_TEST_STALL_AFTER_BATCHES"  # fault-injection hook for tests; see `stall_for_tests`
 RESULT_TYPES: dict[str, type[Result]] = {}  # experiment name -> its result class (for Result.load)
+
+
+def takes_conditions(function: Callable[..., Any]) -> Callable[..., Any]:
+    """Lets a public experiment function take ``conditions=`` (`sinkscope.conditions` syntax: one string or
+    several) as the name of its ``bos=`` argument."""
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, conditions: str | Sequence[str] | None = None, **kwargs: Any) -> Any:
+        if conditions is not None:
+            if "bos" in kwargs:
+                raise InputError("give conditions= or bos=, not both")
+            single = inspect.signature(function).parameters["bos"].default
+            kwargs["bos"] = conditions if isinstance(conditions, str) or not isinstance(single, str) else (
+                _one(conditions))
+        return function(*args, **kwargs)
+
+    return wrapper
+
+
+def _one(conditions: Sequence[str]) -> str:
+    if len(conditions) != 1:
+        raise InputError(f"this experiment runs one condition at a time, not {len(conditions)}; call it once each")
+    return str(conditions[0])
 
 
 def versions() -> dict[str, str]:
@@ -137,6 +165,8 @@ class Experiment:
     name: ClassVar[str] = ""
     result_type: ClassVar[type[Result]] = Result
     unit_label: ClassVar[str] = "units"  # what the progress bar counts
+    # prompt units get a `whereabouts` table (one more forward per batch); off where that forward is the cost
+    records_whereabouts: ClassVar[bool] = True
 
     # -- what a subclass supplies ---------------------------------------------------------------------
     def prepare(self, loaded: LoadedModel) -> list[Any]:
@@ -184,6 +214,26 @@ class Experiment:
         """Progress-bar text for a batch."""
         return ""
 
+    # -- conditions -----------------------------------------------------------------------------------
+    def condition_names(self) -> list[str]:
+        """Every condition this experiment runs (`sinkscope.conditions` syntax; default: its ``bos`` setting)."""
+        bos = getattr(self, "bos", None)
+        if bos is None:
+            return []
+        return [bos] if isinstance(bos, str) else [str(b) for b in bos]
+
+    def condition_of(self, units: Sequence[Any]) -> str | None:
+        """The condition a batch runs under — its intervention is applied to every forward of `measure` —
+        from the units' ``bos`` (or ``condition``), else the experiment's single ``bos``. A batch never mixes
+        conditions; an experiment that runs several inside one batch sets `engine.intervening` itself."""
+        names = {getattr(u, "bos", None) or getattr(u, "condition", None) for u in units} - {None}
+        if len(names) > 1:
+            raise SinkscopeError(f"{self.name}: a batch mixes the conditions {sorted(names)}")
+        if names:
+            return str(next(iter(names)))
+        bos = getattr(self, "bos", None)
+        return bos if isinstance(bos, str) else None
+
 
 def _jsonable(unit: Any) -> Any:
     if dataclasses.is_dataclass(unit) and not isinstance(unit, type):
@@ -222,6 +272,8 @@ def run(
     launched program (e.g. the lab's tracking scan, which only the first training process runs).
     """
     loaded = load(model)
+    for condition in experiment.condition_names():  # layers/heads an intervention names must exist
+        parse_condition(condition).check(loaded.info.n_layers, loaded.info.n_heads)
     units = experiment.prepare(loaded)
     if not units:
         raise InputError(f"{experiment.name}: nothing to measure")
@@ -247,8 +299,13 @@ def run(
         measured.update({b: rundir.read_batch(b) for b in mine if b not in measured})
     measured = distributed.exchange(shard, measured)
     tables = _gather(batches, measured, rundir)
-    tables = experiment.finalise(tables)
+    where = tables.pop(WHEREABOUTS, None)
+    single = getattr(experiment, "bos", None)
+    tables = with_condition_column(experiment.finalise(tables), single if isinstance(single, str) else None)
     summary = experiment.summarise(loaded, tables, units)
+    if where is not None:
+        tables[WHEREABOUTS] = where
+        summary["whereabouts"] = whereabouts_summary(where)
     summary["provenance"] = provenance(loaded, command, experiment=experiment.name, settings=experiment.settings(),
                                        tables=list(tables), kernels=kernels,
                                        seconds=round(time.time() - started, 3),
@@ -273,7 +330,10 @@ def _measure(experiment: Experiment, engine: Any, units: Sequence[Any], batches:
         chosen = [units[i] for i in batches[b]]
         bar.update(task, description=f"{experiment.name} {experiment.describe(chosen)}".rstrip())
         try:
-            tables = experiment.measure(engine, chosen)
+            with _under(engine, experiment.condition_of(chosen), experiment.name):
+                tables = experiment.measure(engine, chosen)
+                if experiment.records_whereabouts and isinstance(engine, CaptureEngine) and measures_prompts(chosen):
+                    tables[WHEREABOUTS] = whereabouts_rows(engine, chosen)
         except torch.OutOfMemoryError as error:
             raise SinkscopeError(f"{experiment.name}: out of memory on a batch of {len(chosen)} "
                                  f"{experiment.unit_label}; use smaller batches or shorter inputs "
@@ -285,6 +345,28 @@ def _measure(experiment: Experiment, engine: Any, units: Sequence[Any], batches:
         measured[b] = tables
         bar.advance(task, len(chosen))
     return measured
+
+
+def _under(engine: Any, condition: str | None, experiment: str) -> AbstractContextManager[Any]:
+    """The engine's `intervening` context for a condition; an intervention where the experiment does not run
+    through the capture engine is refused (it would silently not happen)."""
+    if condition is None or parse_condition(condition).intervention is None:
+        return nullcontext()
+    if not isinstance(engine, CaptureEngine):
+        raise InputError(f"{experiment} does not run through the capture engine, so it cannot apply the "
+                         f"intervention of '{condition}'; give a condition without one (e.g. add, strip)")
+    return engine.intervening(condition)
+
+
+def with_condition_column(tables: dict[str, pd.DataFrame], single: str | None) -> dict[str, pd.DataFrame]:
+    """Every table gets a ``condition`` column (`sinkscope.conditions` syntax): its ``bos`` column where it has
+    one, else the run's single condition ``single``; a table that names its rows' conditions keeps them."""
+    out = {}
+    for name, frame in tables.items():
+        if "condition" not in frame and ("bos" in frame or single is not None):
+            frame = frame.assign(condition=frame["bos"] if "bos" in frame else single)
+        out[name] = frame
+    return out
 
 
 def stall_for_tests(rundir: RunDir | None, written: int) -> None:

@@ -24,7 +24,7 @@ from ..capture import AttentionWeights, FirstTokenAttention, Probe
 from ..data import Prompt
 from ..errors import InputError
 from ..models.loader import LoadedModel
-from .base import Experiment, Result, run
+from .base import Experiment, Result, run, takes_conditions
 from .inputs import Encoded, bos_conditions, check_context, encode_prompts, prompt_list, require_tokenizer
 
 TRIGGER_TEXTS = [
@@ -162,6 +162,7 @@ class ConditionalHeads(Experiment):
         }
 
 
+@takes_conditions
 def conditional_heads(
     model: LoadedModel | Any, texts: Sequence[str | Prompt] | None = None, *, trigger: str = "'", bos: str = "add",
     max_tokens: int | None = 256, top: int = 8, out: str | Path | None = None, resume: bool = False,

@@ -17,9 +17,10 @@ from typing import Any
 
 import pandas as pd
 
+from ..conditions import parse_conditions
 from ..errors import InputError
 from ..models.loader import LoadedModel
-from .base import Experiment, Result, run
+from .base import Experiment, Result, run, takes_conditions
 
 BOS_SWITCH = {"add": True, "strip": False}
 COLUMNS = ["bos", "task", "metric", "value"]
@@ -62,14 +63,20 @@ class Downstream(Experiment):
 
     def __post_init__(self) -> None:
         require_lm_eval()
-        unknown = [b for b in self.bos if b not in BOS_SWITCH]
+        if not self.bos:
+            raise InputError("give each --bos condition once (at least one)")
+        conditions = parse_conditions(self.bos)
+        unknown = [str(c) for c in conditions if c.bos not in BOS_SWITCH]
         if unknown:
             raise InputError(f"downstream supports --bos add and strip only, not {unknown}")
-        if not self.bos or len(set(self.bos)) != len(self.bos):
-            raise InputError("give each --bos condition once (at least one)")
+        changed = [str(c) for c in conditions if c.intervention is not None]
+        if changed:  # lm-eval calls the model itself, outside the capture engine that applies interventions
+            raise InputError(f"downstream cannot apply interventions ({changed[0]}): lm-eval runs the model itself; "
+                             "use add or strip")
+        self.bos = tuple(str(c) for c in conditions)
         if not self.tasks:
             raise InputError("name at least one lm-eval task with --task")
-        self.tasks, self.bos = tuple(self.tasks), tuple(self.bos)
+        self.tasks = tuple(self.tasks)
 
     def prepare(self, loaded: LoadedModel) -> list[Task]:
         return [Task(condition, task) for condition in self.bos for task in self.tasks]
@@ -113,6 +120,7 @@ class Downstream(Experiment):
                            for b, g in frame.groupby("bos", sort=False)}}
 
 
+@takes_conditions
 def downstream(
     model: LoadedModel | Any, tasks: Sequence[str], *, bos: Sequence[str] = ("add", "strip"), limit: int | None = None,
     num_fewshot: int | None = None, batch_size: int = 1, out: str | Path | None = None, resume: bool = False,

@@ -23,7 +23,7 @@ import torch
 from ..capture import Probe, SinkKnockout
 from ..errors import InputError
 from ..models.loader import LoadedModel
-from .base import Experiment, Result, run
+from .base import Experiment, Result, run, takes_conditions
 from .inputs import bos_conditions, encode_prompts, require_tokenizer
 
 DEFAULT_PROMPT = "The old lighthouse keeper climbed the stairs every evening, and on the night of the storm he saw"
@@ -148,6 +148,7 @@ class Generate(Experiment):
         }
 
 
+@takes_conditions
 def generate_side_by_side(
     model: LoadedModel | Any, prompt: str | Sequence[str] | None = None, *, bos: Sequence[str] = ("add", "strip"),
     max_new_tokens: int = 40, knockout: bool = False, out: str | Path | None = None, resume: bool = False,

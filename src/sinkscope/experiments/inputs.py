@@ -16,11 +16,13 @@ from typing import Any
 
 import torch
 
+from ..capture.kernels import PATHS
+from ..conditions import parse_condition, parse_conditions
 from ..data import Prompt, probe_set
 from ..data.texts import LongText, load_text, read_text_file
 from ..errors import InputError, TokenizationError
 from ..models.loader import LoadedModel, text_config
-from ..models.tokens import encode, parse_bos
+from ..models.tokens import encode
 from .base import Experiment
 
 TOKENS_PER_BATCH = 8192  # padded tokens per forward pass: long inputs run one (or a few) at a time
@@ -45,13 +47,9 @@ def prompt_list(texts: Sequence[str | Prompt] | str | None = None, limit: int | 
 
 
 def bos_conditions(bos: str | Sequence[str]) -> list[str]:
-    """Normalised `<bos>` conditions, each once (an unknown mode raises TokenizationError)."""
-    conditions = [str(parse_bos(mode)) for mode in ([bos] if isinstance(bos, str) else list(bos))]
-    if not conditions:
-        raise InputError("give at least one --bos condition")
-    if len(set(conditions)) != len(conditions):
-        raise InputError("each --bos condition may be given once")
-    return conditions
+    """Conditions (`sinkscope.conditions`: what sits at position 0, and an intervention) in their canonical
+    spelling, each once; a malformed one raises an error naming it."""
+    return [str(c) for c in parse_conditions(bos)]
 
 
 def require_tokenizer(loaded: LoadedModel, what: str = "this experiment") -> Any:
@@ -83,7 +81,8 @@ def text_span(ids: Sequence[int], text_ids: Sequence[int]) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class Encoded:
-    """One prompt under one `<bos>` condition: its ids and where its text tokens lie, [text_start, text_stop)."""
+    """One prompt under one condition: its ids and where its text tokens lie, [text_start, text_stop).
+    ``bos`` is the whole condition string (position 0 and any intervention), the ``bos`` column of tables."""
 
     prompt: int
     bos: str
@@ -103,7 +102,7 @@ def encode_one(tokenizer: Any, text: str, bos: str, max_tokens: int | None, prom
     """One text under one condition, with its text span found by alignment."""
     ids = encode(tokenizer, text, bos, max_tokens)
     start, stop = text_span(ids, encode(tokenizer, text, "strip", None))
-    return Encoded(prompt, str(parse_bos(bos)), ids, start, stop)
+    return Encoded(prompt, str(parse_condition(bos)), ids, start, stop)
 
 
 def encode_prompts(loaded: LoadedModel, prompts: Sequence[Prompt | str], conditions: Sequence[str],
@@ -233,7 +232,7 @@ def check_context(loaded: LoadedModel, lengths: Sequence[int], max_tokens: int |
         check_length(loaded, length, f"{what} {index}")
 
 
-KERNEL_PATHS = ("auto", "fused", "chunked", "eager")
+KERNEL_PATHS = PATHS  # every kernel path the engine offers (flex included)
 PRECISIONS = ("float32", "float64")
 
 

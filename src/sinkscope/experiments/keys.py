@@ -31,14 +31,14 @@ import numpy as np
 import pandas as pd
 
 from ..capture import KeyAttention, Probe
+from ..conditions import parse_condition
 from ..data import Prompt
 from ..data.texts import LongText
 from ..errors import InputError
 from ..metrics.sink import DEFAULT_EPS
 from ..metrics.stats import bootstrap_interval
 from ..models.loader import LoadedModel
-from ..models.tokens import parse_bos
-from .base import Experiment, Result, run
+from .base import Experiment, Result, run, takes_conditions
 from .inputs import (
     Encoded,
     check_context,
@@ -97,7 +97,7 @@ class KeyAttentionExperiment(Experiment):
             raise InputError("--min-queries must be at least 1")
         if self.chunk_size < 1 or self.batch_size < 1:
             raise InputError("--chunk-size and --batch-size must be at least 1")
-        self.bos = str(parse_bos(self.bos))
+        self.bos = str(parse_condition(self.bos))
         if not self.prompts:
             self.text = long_text(self.text)
 
@@ -262,6 +262,7 @@ def sink_token_table(keys: pd.DataFrame, eps: float, min_queries: int) -> pd.Dat
     return table[columns]
 
 
+@takes_conditions
 def keys(
     model: LoadedModel | Any, text: str | Path | LongText | None = None, *,
     prompts: Sequence[str | Prompt] | None = None, max_tokens: int = 4096, windows: int = 1, bos: str = "add",

@@ -19,7 +19,7 @@ The unmodified baseline every intervention is compared with is computed once, in
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +27,14 @@ import numpy as np
 import pandas as pd
 
 from ..capture import Probe, RandomKeyKnockout, SinkKnockout
+from ..conditions import Intervention as ConditionIntervention
+from ..conditions import parse_condition
 from ..data.texts import LongText
 from ..errors import InputError
 from ..metrics.loss import delta_summary, mean_loss, perplexity
 from ..metrics.stats import bootstrap_interval, paired_difference_interval
 from ..models.loader import LoadedModel
-from ..models.tokens import parse_bos
-from .base import Result, run
+from .base import Result, run, takes_conditions
 from .inputs import first_token_label, prefix_ids, require_tokenizer
 from .loss import LOSS_CHUNK, TextLoss
 
@@ -134,7 +135,11 @@ class Knockout(TextLoss):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.bos = str(parse_bos(self.bos))
+        condition = parse_condition(self.bos)
+        if condition.intervention is not None:
+            raise InputError(f"knockout sweeps its own knockout and random-key conditions; give what sits at "
+                             f"position 0 only, not '{condition}'")
+        self.bos = str(condition)
 
     def prepare(self, loaded: LoadedModel) -> list[Intervention]:
         info = loaded.info
@@ -164,6 +169,15 @@ class Knockout(TextLoss):
                 units += [Intervention("head", layer, head) for head in range(info.n_heads)]
         return units
 
+    def condition(self, unit: Intervention) -> str:
+        """The intervention as a condition string (`sinkscope.conditions`), e.g. ``add+knockout@3/1``."""
+        base = parse_condition(self.bos)
+        kind = "knockout" if unit.target == "first" else "random-key"
+        layers = None if unit.layer is None else (unit.layer,)
+        heads = None if unit.head is None else (unit.head,)
+        spec = ConditionIntervention(kind, seed=self.seed if kind == "random-key" else 0, layers=layers, heads=heads)
+        return str(replace(base, intervention=spec))
+
     def probes(self) -> list[Probe]:
         self._probe = SinkKnockout({})
         self._control = RandomKeyKnockout({}, seed=self.seed)
@@ -191,7 +205,8 @@ class Knockout(TextLoss):
             delta = delta_summary(self._baseline, knocked)
             per_window = (knocked - self._baseline).mean(1)  # [windows]: the units of the interval
             _, low, high = bootstrap_interval(per_window, seed=self.seed)
-            key = {"scope": unit.scope, "layer": unit.layer, "head": unit.head, "target": unit.target}
+            key = {"scope": unit.scope, "layer": unit.layer, "head": unit.head, "target": unit.target,
+                   "condition": self.condition(unit)}
             rows.append({**key, "loss": mean_loss(knocked), "ppl": perplexity(knocked),
                          "delta_loss": delta["delta_loss"], "delta_se": delta["delta_se"], "delta_loss_low": low,
                          "delta_loss_high": high, "fraction_worse": delta["fraction_worse"],
@@ -269,6 +284,7 @@ def _headline(row: Any) -> dict[str, Any]:
                                                                   float(row["delta_loss_high"])]}
 
 
+@takes_conditions
 def knockout(
     model: LoadedModel | Any, text: str | Path | LongText | None = None, *, window: int = 256,
     layers: str | Sequence[int] | None = None, heads: str | Sequence[Sequence[int]] | None = None,

@@ -6,10 +6,11 @@ Methods (the work units, one batch each, so ``--resume`` continues with the next
 - ``int{8,4,2}-{token,channel}``: every key and value quantised as it is written to the cache
   (`capture.kvcache.QuantisedCache`, simulated: quantise then dequantise), with the first ``protect``
   positions kept at full precision;
-- ``{window,knorm,snapkv}@ratio``: after the context is prefilled, a fraction ``ratio`` of each
-  full-attention layer's tokens is evicted per key/value head (`capture.kvcache.EvictingCache`, kvpress
-  style), the first ``protect`` positions always kept. ``window`` with ``protect`` k is StreamingLLM
-  (k sinks + recent window); with 0, the window alone.
+- ``{window,knorm,snapkv}@ratio``: after the context is prefilled, each full-attention layer keeps
+  ``max(1, int(held * (1 - ratio)))`` tokens per key/value head (kvpress's count;
+  `capture.kvcache.EvictingCache`), the first ``protect`` positions always kept (``protect`` for knorm
+  and SnapKV is this project's extension; the ``*_sinkscope`` presses keep the earlier definitions).
+  ``window`` with ``protect`` k is StreamingLLM (k sinks + recent window); with 0, the window alone.
 
 Loss, on the same text tokens for every method: each window of text tokens (``<bos>`` first) is fed
 through the method's cache: a prefill of the first ``context`` text tokens, then the rest in chunks of
@@ -42,6 +43,7 @@ import torch
 
 from ..capture import CaptureEngine
 from ..capture.kvcache import (
+    KVPRESS_SNAPKV_WINDOW,
     PRESSES,
     EvictingCache,
     KeptSinkMass,
@@ -51,6 +53,7 @@ from ..capture.kvcache import (
     make_press,
     protected_positions,
 )
+from ..conditions import parse_condition
 from ..data.passkey import QUESTION, passkey_prompts
 from ..data.texts import LongText
 from ..errors import InputError
@@ -59,12 +62,12 @@ from ..metrics.quantise import AXES, BITS
 from ..metrics.stats import bootstrap_interval, paired_difference_interval
 from ..models.loader import LoadedModel
 from ..models.tokens import encode
-from .base import Result, run
+from .base import Result, run, takes_conditions
 from .inputs import check_length, prefix_ids, require_tokenizer
 from .loss import TextLoss, hidden_nll, output_logits
 
 DEFAULT_PRESSES = ("window", "knorm", "snapkv")
-SNAPKV_WINDOW = 32  # last prefill queries SnapKV scores with (recorded for every prefill)
+SNAPKV_WINDOW = KVPRESS_SNAPKV_WINDOW  # last prefill queries SnapKV scores with (recorded for every prefill)
 
 
 @dataclass(frozen=True)
@@ -131,6 +134,7 @@ class KV(TextLoss):
     passkey_depths: tuple[float, ...] = (0.5,)
     passkey_trials: int = 2
     seed: int = 0
+    bos: str = "add"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -138,6 +142,7 @@ class KV(TextLoss):
         self.protect = tuple(sorted({int(k) for k in self.protect}))
         self.ratios = tuple(float(r) for r in self.ratios)
         self.axes, self.presses = tuple(self.axes), tuple(self.presses)
+        self.bos = str(parse_condition(self.bos))
         self._check_settings()
 
     def _check_settings(self) -> None:
@@ -176,7 +181,7 @@ class KV(TextLoss):
 
     def prepare(self, loaded: LoadedModel) -> list[Method]:
         tokenizer = require_tokenizer(loaded, "kv")
-        self._prefix = prefix_ids(tokenizer, "add")
+        self._prefix = prefix_ids(tokenizer, self.bos)
         self.text_windows(loaded, len(self._prefix))
         head_dim = loaded.info.head_dim
         if self.bits and "token" in self.axes and head_dim % self.group_size:
@@ -194,13 +199,13 @@ class KV(TextLoss):
         items = []
         for _, depth, _, prompt in passkey_prompts(tokenizer, [self.passkey_length], self.passkey_depths,
                                                    self.passkey_trials, self.seed):
-            ids = encode(tokenizer, prompt.text, "add", None)
-            head = encode(tokenizer, prompt.text[: -len(QUESTION)].rstrip(), "add", None)
+            ids = encode(tokenizer, prompt.text, self.bos, None)
+            head = encode(tokenizer, prompt.text[: -len(QUESTION)].rstrip(), self.bos, None)
             shared = next((i for i, (a, b) in enumerate(zip(ids, head, strict=False)) if a != b),
                           min(len(ids), len(head)))
             shared = min(shared, len(ids) - 1)
-            answer = encode(tokenizer, prompt.text + f" {prompt.key}", "add", None)[len(ids):]
-            if not answer or encode(tokenizer, prompt.text + f" {prompt.key}", "add", None)[:len(ids)] != ids:
+            answer = encode(tokenizer, prompt.text + f" {prompt.key}", self.bos, None)[len(ids):]
+            if not answer or encode(tokenizer, prompt.text + f" {prompt.key}", self.bos, None)[:len(ids)] != ids:
                 answer = encode(tokenizer, f" {prompt.key}", "strip", None)
             check_length(loaded, len(ids) + len(answer), "a passkey prompt with its answer")
             items.append(PasskeyItem(ids[:shared], ids[shared:], answer, prompt.key, depth))
@@ -337,20 +342,22 @@ class KV(TextLoss):
         }
 
 
+@takes_conditions
 def kv(
     model: LoadedModel | Any, text: str | Path | LongText | None = None, *, window: int = 160, context: int = 128,
     max_windows: int = 4, step: int = 32, bits: Sequence[int] = (8, 4, 2), axes: Sequence[str] = AXES,
     group_size: int = 32, protect: Sequence[int] = (0, 1, 4), presses: Sequence[str] = DEFAULT_PRESSES,
     ratios: Sequence[float] = (0.5, 0.75), passkey_length: int = 160,
-    passkey_depths: Sequence[float] = (0.5,), passkey_trials: int = 2, out: str | Path | None = None,
-    resume: bool = False, progress: bool | Any = True, command: str | None = None,
+    passkey_depths: Sequence[float] = (0.5,), passkey_trials: int = 2, bos: str = "add",
+    out: str | Path | None = None, resume: bool = False, progress: bool | Any = True, command: str | None = None,
 ) -> KVResult:
     """Loss (Δ vs the full cache, with intervals), passkey accuracy, bytes and sink mass for quantised caches
-    (``bits`` x ``axes`` x ``protect``) and eviction presses (``presses`` x ``ratios`` x ``protect``)."""
+    (``bits`` x ``axes`` x ``protect``) and eviction presses (``presses`` x ``ratios`` x ``protect``), under one
+    condition ``bos`` (`sinkscope.conditions`: what sits at position 0, and any intervention)."""
     experiment = KV(text=text, window=window, context=context, max_windows=max_windows, step=step, bits=tuple(bits),
                     axes=tuple(axes), group_size=group_size, protect=tuple(protect), presses=tuple(presses),
                     ratios=tuple(ratios), passkey_length=passkey_length, passkey_depths=tuple(passkey_depths),
-                    passkey_trials=passkey_trials)
+                    passkey_trials=passkey_trials, bos=bos)
     result = run(experiment, model, out=out, resume=resume, progress=progress, command=command)
     assert isinstance(result, KVResult)
     return result

@@ -23,7 +23,7 @@ from ..data import Prompt
 from ..errors import InputError
 from ..metrics import activations as activation_metrics
 from ..models.loader import LoadedModel
-from .base import Result, run
+from .base import Result, run, takes_conditions
 from .inputs import (
     Encoded,
     PromptExperiment,
@@ -135,6 +135,7 @@ class MassiveActivations(PromptExperiment):
         }
 
 
+@takes_conditions
 def massive_activations(
     model: LoadedModel | Any,
     texts: Sequence[str | Prompt] | None = None,

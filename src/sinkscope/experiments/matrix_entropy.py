@@ -33,7 +33,7 @@ from ..metrics import sink as sink_metrics
 from ..metrics.matrix_entropy import matrix_entropy
 from ..metrics.stats import bootstrap_interval, paired_difference_interval
 from ..models.loader import LoadedModel
-from .base import Result, run
+from .base import Result, run, takes_conditions
 from .inputs import Encoded, PromptExperiment, bos_conditions, condition_batches, prompt_list, token_strings
 from .residual import DEPTH_CONVENTION, first_token_counts, residual_streams
 
@@ -160,6 +160,7 @@ def per_depth_table(entropy: pd.DataFrame, sink_rate: pd.DataFrame) -> pd.DataFr
     return table.merge(layers, on=["bos", "layer"], how="left")
 
 
+@takes_conditions
 def matrix_entropy_by_depth(
     model: LoadedModel | Any, texts: Sequence[str | Prompt] | None = None, *,
     bos: str | Sequence[str] = ("add", "strip"), max_tokens: int | None = 64, eps: float = sink_metrics.DEFAULT_EPS,

@@ -26,7 +26,7 @@ from ..data import Prompt
 from ..errors import InputError
 from ..metrics import sink as sink_metrics
 from ..models.loader import LoadedModel
-from .base import Result, run
+from .base import Result, run, takes_conditions
 from .inputs import Encoded, PromptExperiment, bos_conditions, check_engine_options, prompt_list
 
 
@@ -123,6 +123,7 @@ class Noop(PromptExperiment):
         return summary
 
 
+@takes_conditions
 def noop(
     model: LoadedModel | Any, texts: Sequence[str | Prompt] | None = None, *, bos: str | Sequence[str] = ("add",),
     max_tokens: int | None = 64, limit: int | None = None, eps: float = 0.3, path: str = "auto",

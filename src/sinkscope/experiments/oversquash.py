@@ -52,7 +52,7 @@ from ..data.texts import SHAKESPEARE_PARAGRAPH as SHAKESPEARE
 from ..errors import InputError
 from ..metrics import sensitivity
 from ..models.loader import LoadedModel
-from .base import Experiment, Result, run
+from .base import Experiment, Result, run, takes_conditions
 from .inputs import bos_conditions, check_context, check_length, encode_one, require_tokenizer, token_label
 from .residual import check_finite
 
@@ -294,6 +294,7 @@ class Oversquash(Experiment):
         return summary
 
 
+@takes_conditions
 def oversquash(
     model: LoadedModel | Any,
     text: str = SHAKESPEARE,

@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import torch
 
 from ..data.passkey import passkey_prompts, score_answer
 from ..errors import InputError
-from ..models.loader import LoadedModel, input_device
-from .base import Experiment, Result, run
+from ..models.loader import LoadedModel
+from .base import Experiment, Result, run, takes_conditions
+from .decoding import decoding_context, generate
 from .inputs import bos_conditions, context_limit, encode_one, require_tokenizer
 
 COLUMNS = ["bos", "length", "depth", "trial", "key", "n_tokens", "key_position", "answer", "correct", "seconds"]
@@ -99,7 +99,7 @@ class Passkey(Experiment):
                 for mode in self.bos for length, depth, trial, prompt in prompts]
 
     def open(self, loaded: LoadedModel) -> contextlib.AbstractContextManager[Any]:
-        return contextlib.nullcontext(loaded.model)  # plain greedy decoding: no probes needed
+        return decoding_context(loaded, self.bos)  # the model itself, or the engine for an intervention
 
     def describe(self, units: Sequence[Trial]) -> str:
         return f"bos={units[0].bos} length={units[0].length}"
@@ -134,16 +134,12 @@ class Passkey(Experiment):
         }
 
 
-def _answer(model: Any, tokenizer: Any, ids: list[int], generation: Any) -> str:
-    device = input_device(model)
-    input_ids = torch.tensor([ids], device=device)
-    model.eval()
-    with torch.inference_mode():  # generate keeps the LM head to the last position (logits_to_keep)
-        output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                generation_config=generation)
+def _answer(runner: Any, tokenizer: Any, ids: list[int], generation: Any) -> str:
+    output = generate(runner, ids, generation)
     return tokenizer.decode(output[0, len(ids):], skip_special_tokens=True)
 
 
+@takes_conditions
 def passkey(
     model: LoadedModel | Any, *, lengths: Sequence[int] = (512, 1024, 2048, 4096),
     depths: Sequence[float] = (0.1, 0.3, 0.5, 0.7, 0.9), trials: int = 3, bos: Sequence[str] = ("add", "strip"),

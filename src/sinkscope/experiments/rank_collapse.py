@@ -23,7 +23,7 @@ from ..data import Prompt
 from ..errors import InputError
 from ..metrics import collapse as collapse_metrics
 from ..models.loader import LoadedModel
-from .base import Result, run
+from .base import Result, run, takes_conditions
 from .inputs import (
     Encoded,
     PromptExperiment,
@@ -123,6 +123,7 @@ class RankCollapse(PromptExperiment):
         }
 
 
+@takes_conditions
 def rank_collapse(
     model: LoadedModel | Any,
     texts: Sequence[str | Prompt] | None = None,

@@ -25,7 +25,7 @@ from ..errors import InputError
 from ..metrics import collapse as collapse_metrics
 from ..models.loader import LoadedModel
 from ..models.tokens import encode
-from .base import Experiment, Result, run
+from .base import Experiment, Result, run, takes_conditions
 from .inputs import bos_conditions, check_length, prefix_ids, require_tokenizer, token_strings
 from .residual import residual_streams
 
@@ -157,6 +157,7 @@ def loglog_slope(n: Sequence[float], values: Sequence[float]) -> float:
     return float(np.polyfit(np.log(x[keep]), np.log(y[keep]), 1)[0])
 
 
+@takes_conditions
 def representational_collapse(
     model: LoadedModel | Any,
     *,

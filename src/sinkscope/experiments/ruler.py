@@ -28,13 +28,14 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 
+from ..capture import CaptureEngine
 from ..data import ruler as tasks_
 from ..errors import InputError, TokenizationError
 from ..metrics.stats import bootstrap_interval
-from ..models.loader import LoadedModel, input_device
-from .base import Experiment, Result, run
+from ..models.loader import LoadedModel
+from .base import Experiment, Result, run, takes_conditions
+from .decoding import decoding_context, generate
 from .inputs import bos_conditions, check_token_ids, context_limit, encode_one, prefix_ids, require_tokenizer
 
 DEFAULT_LENGTHS = (512, 1024, 2048, 4096)
@@ -163,8 +164,7 @@ class Ruler(Experiment):
                          self.max_new_tokens or prompt.max_new_tokens)
 
     def open(self, loaded: LoadedModel) -> contextlib.AbstractContextManager[Any]:
-        loaded.model.eval()
-        return contextlib.nullcontext(loaded)  # plain greedy decoding: nothing inside attention is measured
+        return decoding_context(loaded, self.bos)  # the model itself, or the engine for an intervention
 
     def describe(self, units: Sequence[RulerUnit]) -> str:
         u = units[0]
@@ -174,7 +174,7 @@ class Ruler(Experiment):
         rows = []
         for unit in units:
             started = time.time()
-            new = greedy_continuation(engine.model, unit.ids, unit.max_new_tokens)
+            new = greedy_continuation(engine, unit.ids, unit.max_new_tokens)
             answer = self._tokenizer.decode(new, skip_special_tokens=True)
             score = tasks_.score(answer, unit.answers)
             rows.append({
@@ -229,23 +229,20 @@ def _needs_text(names: Sequence[str]) -> bool:
 
 
 # -- greedy decoding ---------------------------------------------------------------------------------------
-def greedy_continuation(model: Any, ids: Sequence[int], max_new_tokens: int) -> list[int]:
+def greedy_continuation(runner: Any, ids: Sequence[int], max_new_tokens: int) -> list[int]:
     """The greedy continuation of ``ids`` (up to ``max_new_tokens``, stopping at the model's end-of-sequence
-    tokens), without the model's own sampling defaults."""
+    tokens), without the model's own sampling defaults; ``runner``: the model, or a capture engine (which
+    applies its intervention while decoding)."""
     from transformers import GenerationConfig
 
+    model = runner.model if isinstance(runner, CaptureEngine) else runner
     eos = getattr(model.generation_config, "eos_token_id", None)
     eos = eos if eos is not None else model.config.eos_token_id
     pad = getattr(model.generation_config, "pad_token_id", None)
     pad = pad if pad is not None else (eos[0] if isinstance(eos, list) else eos)
     config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, eos_token_id=eos,
                               pad_token_id=pad)
-    device = input_device(model)
-    input_ids = torch.tensor([list(ids)], device=device)
-    with torch.inference_mode():
-        output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                generation_config=config)
-    new = output[0, len(ids):].tolist()
+    new = generate(runner, ids, config)[0, len(ids):].tolist()
     stops = set(eos if isinstance(eos, list) else [eos]) - {None}
     return new[: next((i for i, t in enumerate(new) if t in stops), len(new))]
 
@@ -296,6 +293,7 @@ def difference_table(frame: pd.DataFrame, conditions: Sequence[str], seed: int =
     return pd.DataFrame(rows)
 
 
+@takes_conditions
 def ruler(
     model: LoadedModel | Any, *, tasks: Sequence[str] | None = None, lengths: Sequence[int] = DEFAULT_LENGTHS,
     depths: Sequence[float] = DEFAULT_DEPTHS, trials: int = 3, bos: Sequence[str] = ("add", "strip"),

@@ -10,7 +10,7 @@ first token), which is what a long context is read by.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +18,13 @@ import numpy as np
 import pandas as pd
 
 from ..capture import FirstTokenAttention, Probe
+from ..conditions import Position, parse_condition
 from ..data import Prompt
 from ..errors import InputError
 from ..metrics import sink as sink_metrics
 from ..metrics.stats import bootstrap_interval
 from ..models.loader import LoadedModel
-from .base import Experiment, Result, run
+from .base import Experiment, Result, run, takes_conditions
 from .inputs import (
     Encoded,
     check_engine_options,
@@ -129,7 +130,7 @@ class ScanResult(Result):
 
 @dataclass
 class Scan(Experiment):
-    """First-token attention of every head on each prompt under one `<bos>` condition."""
+    """First-token attention of every head on each prompt under one condition (position 0 + intervention)."""
 
     name = "scan"
     result_type = ScanResult
@@ -158,7 +159,8 @@ class Scan(Experiment):
         if self.first_k < 1:
             raise InputError("--first-k must be at least 1")
         if self.input_ids is not None:
-            units = [Encoded(i, "given", [int(t) for t in seq], 0, len(seq)) for i, seq in enumerate(self.input_ids)]
+            given = str(replace(parse_condition(self.bos), position=Position("given")))  # the ids as they are
+            units = [Encoded(i, given, [int(t) for t in seq], 0, len(seq)) for i, seq in enumerate(self.input_ids)]
             self.prompts = [Prompt(f"p{i}", "") for i in range(len(units))]
         else:
             require_tokenizer(loaded, "scanning text")
@@ -181,7 +183,7 @@ class Scan(Experiment):
         return {"path": self.path, "chunk_size": self.chunk_size, "precision": self.precision}
 
     def describe(self, units: Sequence[Encoded]) -> str:
-        return f"bos={self.bos if self.input_ids is None else 'given'}"
+        return f"bos={units[0].bos}"
 
     def measure(self, engine: Any, units: Sequence[Encoded]) -> dict[str, pd.DataFrame]:
         engine.forward(*pad_right([u.ids for u in units]))
@@ -211,7 +213,7 @@ class Scan(Experiment):
         types = np.array(result.layer_types)
         summary: dict[str, Any] = {
             "model": loaded.info.name,
-            "bos": "given" if self.input_ids is not None else self.bos,
+            "bos": units[0].bos if self.input_ids is not None else self.bos,
             "n_prompts": result.n_prompts,
             "n_layers": result.n_layers,
             "layers": result.layers,
@@ -295,6 +297,7 @@ def _rows_for_batch(probe: FirstTokenAttention, units: Sequence[Encoded], prompt
     return pd.concat(frames, ignore_index=True)
 
 
+@takes_conditions
 def scan(
     model: LoadedModel | Any,
     texts: Sequence[str | Prompt] | None = None,
@@ -318,9 +321,9 @@ def scan(
     """Measure first-token attention of every head on each prompt.
 
     ``texts``: strings or `Prompt`s (default: the built-in probe set). ``input_ids``: token ids scanned
-    exactly as given (``bos`` is then ignored). ``per_position``: also table ``positions``, the attention on
-    position 0 of every query. ``out``: a run directory written batch by batch; ``resume`` continues one
-    that was interrupted.
+    exactly as given (then only an intervention ``bos`` names applies, e.g. ``given+scale:0.5``).
+    ``per_position``: also table ``positions``, the attention on position 0 of every query. ``out``: a run
+    directory written batch by batch; ``resume`` continues one that was interrupted.
     """
     experiment = Scan(
         prompts=[] if input_ids is not None else prompt_list(texts),

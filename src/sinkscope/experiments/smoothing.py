@@ -18,7 +18,7 @@ import torch
 from ..capture import AttentionEntropy, Probe
 from ..data import Prompt
 from ..models.loader import LoadedModel
-from .base import Result, run
+from .base import Result, run, takes_conditions
 from .inputs import Encoded, PromptExperiment, bos_conditions, check_engine_options, prompt_list
 
 
@@ -72,6 +72,7 @@ class AttentionSmoothing(PromptExperiment):
         }
 
 
+@takes_conditions
 def attention_smoothing(
     model: LoadedModel | Any, texts: Sequence[str | Prompt] | None = None, *,
     bos: str | Sequence[str] = ("add", "strip"),

@@ -26,10 +26,11 @@ import psutil
 import torch
 
 from ..capture.cache import StreamingCache, cache_argument, cache_nbytes
+from ..conditions import parse_condition
 from ..errors import InputError
 from ..models.loader import LoadedModel
-from ..models.tokens import encode, parse_bos
-from .base import Experiment, Result, run
+from ..models.tokens import encode
+from .base import Experiment, Result, run, takes_conditions
 from .inputs import context_limit, require_tokenizer
 
 
@@ -104,7 +105,11 @@ class Stream(Experiment):
         if self.length < self.eval_start + 2:
             raise InputError(f"length {self.length} must exceed window + max(sinks) = {self.eval_start} by at least "
                              "2 tokens so that there is something past the window to score")
-        self.bos = str(parse_bos(self.bos))
+        condition = parse_condition(self.bos)
+        if condition.intervention is not None:  # the model runs its own forward here, outside the engine
+            raise InputError(f"stream runs the model's own forward with the cache under test and cannot apply "
+                             f"'{condition}'; give what sits at position 0 only (add, strip, replace:<tok>)")
+        self.bos = str(condition)
         if self.text is None:
             self.text, self.source = _default_text()
         self.source = self.source or "given text"
@@ -181,6 +186,7 @@ class Stream(Experiment):
         }
 
 
+@takes_conditions
 def stream(
     model: LoadedModel | Any, text: str | None = None, *, window: int = 256, sinks: Sequence[int] = (0, 1, 4),
     full: bool = True, length: int = 1024, bos: str = "add", source: str | None = None,

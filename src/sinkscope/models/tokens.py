@@ -1,4 +1,5 @@
-"""Explicit, audited `<bos>` handling.
+"""Explicit, audited `<bos>` handling: how the position-0 part of a condition (`sinkscope.conditions`)
+becomes token ids.
 
 Modes:
   ``auto``           the tokenizer's own default (``tokenizer(text)``)
@@ -14,31 +15,19 @@ sits at position 0. ``max_tokens`` counts the whole sequence, prefix included (G
 from __future__ import annotations
 
 import codecs
-from dataclasses import dataclass
 from typing import Any
 
+from ..conditions import Condition, Position, parse_condition
 from ..errors import TokenizationError
 
 SPECIAL_NAMES = ("eos", "bos", "pad", "unk")
 
 
-@dataclass(frozen=True)
-class BosMode:
-    kind: str  # auto | add | strip | replace | given
-    token: str | None = None
-
-    def __str__(self) -> str:
-        return f"replace:{self.token}" if self.kind == "replace" else self.kind
-
-
-def parse_bos(spec: str | BosMode) -> BosMode:
-    if isinstance(spec, BosMode):
+def parse_bos(spec: str | Position | Condition) -> Position:
+    """The position-0 part of a condition (any intervention it names does not change the tokens)."""
+    if isinstance(spec, Position):
         return spec
-    if spec in ("auto", "add", "strip"):
-        return BosMode(spec)
-    if spec.startswith("replace:") and len(spec) > len("replace:"):
-        return BosMode("replace", spec[len("replace:"):])
-    raise TokenizationError(f"unknown --bos mode '{spec}' (use auto, add, strip or replace:<token>)")
+    return parse_condition(spec).position
 
 
 def resolve_token(tokenizer: Any, token: str) -> int:
@@ -62,13 +51,20 @@ def resolve_token(tokenizer: Any, token: str) -> int:
     return int(ids[0])
 
 
-def encode(tokenizer: Any, text: str, bos: str | BosMode = "auto", max_tokens: int | None = 64) -> list[int]:
-    """Token ids for one prompt under a `<bos>` mode (see module docstring)."""
-    mode = parse_bos(bos)
+def _check_request(text: str, mode: Position, max_tokens: int | None) -> None:
+    if mode.kind == "given":
+        raise TokenizationError("the condition 'given' takes token ids as they are, not text")
     if not text or not text.strip():
         raise TokenizationError("empty prompt")
     if max_tokens is not None and max_tokens < 2:
         raise TokenizationError("max_tokens must be at least 2")
+
+
+def encode(tokenizer: Any, text: str, bos: str | Position | Condition = "auto",
+           max_tokens: int | None = 64) -> list[int]:
+    """Token ids for one prompt under a `<bos>` mode (see module docstring)."""
+    mode = parse_bos(bos)
+    _check_request(text, mode, max_tokens)
     if mode.kind == "auto":
         if not tokenizer(text, add_special_tokens=False)["input_ids"]:
             raise TokenizationError("prompt has no text tokens (the tokenizer's normaliser removed all of it)")

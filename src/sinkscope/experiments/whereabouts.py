@@ -1,0 +1,94 @@
+"""Where the sink went: for every prompt experiment, under every condition, the attention on position 0 and
+on the first text token, per prompt x layer x head.
+
+`run` adds this table (``whereabouts``) to every experiment whose work units are prompts under a condition
+(ids and a text span: scan, keys, smoothing, noop, matrix entropy, massive activations, rank collapse,
+conditional heads, perturb, over-squashing), with one extra forward pass per batch under the batch's
+condition, and a ``whereabouts`` block to the summary:
+per condition, mean α at each place and the sink rate at each (ε = 0.3 and 0.8). Without `<bos>` a model
+may move its sink to the first text token instead of losing it (SmolLM2 does); next to every effect, this
+says which happened.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..capture import CaptureEngine, TextStartAttention
+from ..metrics import sink as sink_metrics
+
+WHEREABOUTS_EPS = (0.3, 0.8)
+TABLE = "whereabouts"
+
+
+def measures_prompts(units: Sequence[Any]) -> bool:
+    """Whether these work units are prompts under a condition: token ids, a condition and where the text starts
+    (`inputs.Encoded`, perturb's and over-squashing's units, ...)."""
+    return bool(units) and all(hasattr(u, "text_start") and hasattr(u, "ids") and hasattr(u, "bos") for u in units)
+
+
+def unit_label(unit: Any) -> str:
+    """What identifies a unit apart from its condition and tokens (e.g. ``prompt=3``), for the table."""
+    if dataclasses.is_dataclass(unit):
+        fields = {f.name: getattr(unit, f.name) for f in dataclasses.fields(unit)}
+    else:
+        fields = dict(vars(unit))
+    kept = {k: v for k, v in fields.items() if isinstance(v, int | float | str) and k not in ("bos", "text_start",
+                                                                                              "text_stop")}
+    return " ".join(f"{k}={v}" for k, v in kept.items())
+
+
+def whereabouts_rows(engine: CaptureEngine, units: Sequence[Any]) -> pd.DataFrame:
+    """One forward over ``units`` (one condition) with `TextStartAttention`: Gu's α (query 0 of each key
+    included) on position 0 and on the first text token, per prompt x layer x head."""
+    longest = max(len(u.ids) for u in units)
+    ids = torch.zeros(len(units), longest, dtype=torch.long)
+    mask = torch.zeros(len(units), longest, dtype=torch.long)
+    for row, unit in enumerate(units):
+        ids[row, :len(unit.ids)] = torch.tensor(unit.ids, dtype=torch.long)
+        mask[row, :len(unit.ids)] = 1
+    probe = TextStartAttention([u.text_start for u in units])
+    saved = engine.probes
+    engine.probes = [probe]
+    try:
+        engine.forward(ids, mask)
+    finally:
+        engine.probes = saved
+    layers = sorted(probe.records)
+    frames = []
+    for row, unit in enumerate(units):
+        n = len(unit.ids)
+
+        def alpha(name: str, row: int = row, n: int = n) -> np.ndarray:
+            weights = torch.stack([probe.records[layer][name][row, :, :n] for layer in layers]).numpy()
+            visible = torch.stack([probe.records[layer][f"{name}_visible"][row, :, :n] for layer in layers]).numpy()
+            return sink_metrics.alpha_from_query_weights(weights, visible, True)  # [L, H]
+
+        first, text = alpha("first"), alpha("text")
+        n_layers, n_heads = first.shape
+        frames.append(pd.DataFrame({
+            "unit": unit_label(unit), "bos": unit.bos, "condition": unit.bos,
+            "layer": np.repeat(np.array(layers), n_heads), "head": np.tile(np.arange(n_heads), n_layers),
+            "text_start": unit.text_start, "alpha_first": first.reshape(-1), "alpha_first_text": text.reshape(-1),
+        }))
+    return pd.concat(frames, ignore_index=True)
+
+
+def whereabouts_summary(frame: pd.DataFrame) -> dict[str, Any]:
+    """Per condition: mean α on position 0 and on the first text token, and the sink rate at each."""
+    out: dict[str, Any] = {}
+    for condition, rows in frame.groupby("condition", sort=False):
+        entry: dict[str, Any] = {"n_units": int(rows["unit"].nunique()),
+                                 "text_start": int(rows["text_start"].iloc[0])}
+        for place, column in (("first", "alpha_first"), ("first_text", "alpha_first_text")):
+            values = rows[column].to_numpy(dtype=np.float64)
+            entry[f"alpha_{place}"] = float(np.nanmean(values))
+            entry[f"sink_rate_{place}"] = {str(e): float(np.nanmean(values > e)) for e in WHEREABOUTS_EPS}
+        out[str(condition)] = entry
+    return out
