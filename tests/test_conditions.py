@@ -20,6 +20,7 @@ from sinkscope.capture.kernels import AttentionInputs, KernelOptions, run_kernel
 from sinkscope.capture.variants import VARIANTS
 from sinkscope.conditions import Condition, Intervention, Position, parse_condition, parse_conditions
 from sinkscope.errors import InputError, TokenizationError
+from sinkscope.models.tokens import encode
 
 # families with relative positions (RoPE): hiding key 0 everywhere is stripping it; gpt2's absolute
 # positions are the contrast
@@ -347,3 +348,69 @@ def test_every_experiment_runs_under_an_intervention(name):
     if "whereabouts" in result.tables:
         where = result.summary["whereabouts"]
         assert where["add+scale:0.2"]["alpha_first"] < where["add"]["alpha_first"]
+
+
+def test_lab_tracks_conditions_with_an_intervention(tmp_path):
+    """The lab's tracking takes conditions: bos+text / text are add / strip, and an intervention is applied
+    to the probe documents (its sink rate and probe loss differ from the plain condition's)."""
+    from sinkscope.lab import train
+    from sinkscope.lab.config import LabConfigError
+
+    config = {
+        "name": "tracked", "seed": 3, "context_length": 32, "tokens_per_step": 256, "steps": 8,
+        "data": {"vocab": 16, "triggers": 2, "doc_min": 8, "doc_max": 40},
+        "model": {"hidden_size": 16, "layers": 2, "heads": 2},
+        "packing": {"mask": "intra_doc", "bos": "fixed"}, "optimizer": {"lr": 1e-2, "warmup_steps": 3},
+        "tracking": {"every": 4, "probe_count": 4, "probe_length": 16, "checkpoint_every": 4,
+                     "validation_windows": 4, "inference": ["bos+text", "add+scale:0", "strip"]},
+    }
+    result = train(config, tmp_path / "run", progress=False)
+    sinks = result.sinks[result.sinks.eps == 0.3]
+    last = sinks[sinks.step == sinks.step.max()].groupby("inference")["mean_alpha"].mean()
+    assert set(last.index) == {"bos+text", "add+scale:0", "strip"}
+    assert last["add+scale:0"] < last["bos+text"]  # the knocked-out sink receives only its own query's weight
+    evals = result.evals.iloc[-1]
+    assert evals["probe[add+scale:0]"] != pytest.approx(evals["probe[bos+text]"], abs=1e-6)
+    with pytest.raises(LabConfigError, match="add or strip"):
+        train({**config, "tracking": {**config["tracking"], "inference": ["replace:."]}}, tmp_path / "bad",
+              progress=False)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "gpt_oss"])
+def test_smoothing_reports_key_count_free_entropies(family):
+    """entropy_norm = H / log(keys seen) and entropy_text = the entropy over the text keys alone, renormalised,
+    against the eager weights in float64 (gpt-oss: its learned sink's share left out as well)."""
+    import sinkscope as ss
+
+    lm = ss.load(tiny_model(family), tokenizer=word_tokenizer())
+    texts = ["the cat sat on the mat .", "the dog ran far away and it was very quiet ."]
+    frame = ss.attention_smoothing(lm, texts, conditions=["add", "strip"], progress=False).to_frame()
+    weights: dict[int, torch.Tensor] = {}
+
+    class Grab(Probe):
+        def on_attention(self, call: AttentionCall) -> None:
+            weights[call.layer] = call.weights.double()[0]  # [H, T, S], the sink's share excluded
+
+    for condition, start in (("add", 1), ("strip", 0)):
+        for prompt, text in enumerate(texts):
+            ids = torch.tensor([encode(word_tokenizer(), text, condition)])
+            _logits(lm.model, ids, None, [Grab()], path="eager", precision="float64")
+            for layer, w in weights.items():
+                text_w = w[:, start:, start:]  # text queries, text keys
+                mass = text_w.sum(-1, keepdim=True)
+                q = text_w / mass
+                per_query = -(q * q.clamp_min(1e-300).log()).sum(-1)
+                # defined wherever a text key is visible, however small its share (float64 weights keep it)
+                want_text = torch.where(mass[..., 0] > 0, per_query, torch.nan).nanmean(-1)  # [H]
+                full = w[:, start:]
+                p = torch.cat([full, (1 - full.sum(-1, keepdim=True)).clamp_min(0)], -1)  # the sink as one more cell
+                entropy = -(p * p.clamp_min(1e-300).log()).sum(-1)
+                keys = (full > 0).sum(-1).double() if family != "gemma3_text" else None
+                rows = frame[(frame.bos == condition) & (frame.prompt == prompt) & (frame.layer == layer)]
+                rows = rows.sort_values("head")
+                # float32 engine against float64 weights: entropies of O(1) agree to ~1e-6
+                assert rows["entropy_text"].to_numpy() == pytest.approx(want_text.numpy(), abs=1e-4)
+                if keys is not None:  # (sliding windows: zero weight is not the only way to miss a key)
+                    want_norm = torch.where(keys > 1, entropy / keys.clamp_min(2).log(), torch.nan)
+                    assert rows["entropy_norm"].to_numpy() == pytest.approx(want_norm.nanmean(-1).numpy(),
+                                                                            abs=1e-4)

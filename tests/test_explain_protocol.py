@@ -86,7 +86,8 @@ def test_text_span_excludes_the_appended_eos(eos_lm):
 
 def test_smoothing_auto_with_eos_equals_add(eos_lm):
     frame = ss.attention_smoothing(eos_lm, SENTENCES[:3], bos=["auto", "add"], progress=False).to_frame()
-    auto, add = (frame[frame["bos"] == b].drop(columns="bos").reset_index(drop=True) for b in ("auto", "add"))
+    auto, add = (frame[frame["bos"] == b].drop(columns=["bos", "condition"]).reset_index(drop=True)
+                 for b in ("auto", "add"))
     pd.testing.assert_frame_equal(auto, add, check_exact=False, rtol=1e-5, atol=1e-6)
 
 
@@ -109,7 +110,8 @@ def test_conditional_heads_auto_with_eos_equals_add(eos_lm):
 def test_perturb_auto_with_eos_equals_add(eos_lm):
     result = ss.perturb(eos_lm, SENTENCES[0], swap=("cat", "dog"), bos=["auto", "add"], progress=False)
     frame = result.to_frame()
-    auto, add = (frame[frame["bos"] == b].drop(columns="bos").reset_index(drop=True) for b in ("auto", "add"))
+    auto, add = (frame[frame["bos"] == b].drop(columns=["bos", "condition"]).reset_index(drop=True)
+                 for b in ("auto", "add"))
     pd.testing.assert_frame_equal(auto, add)
     assert len(add) == (eos_lm.info.n_layers + 1) * len(SENTENCES[0].split())  # no </s> among the tokens
     conditions = result.summary["conditions"]
@@ -120,14 +122,16 @@ def test_oversquash_auto_with_eos_targets_the_last_text_token(eos_lm):
     result = ss.oversquash(eos_lm, SENTENCES[0], probes=3, bos=["auto", "add"], progress=False)
     assert result.summary["target_token"] == SENTENCES[0].split()[-1]
     frame = result.to_frame()
-    auto, add = (frame[frame["bos"] == b].drop(columns="bos").reset_index(drop=True) for b in ("auto", "add"))
+    auto, add = (frame[frame["bos"] == b].drop(columns=["bos", "condition"]).reset_index(drop=True)
+                 for b in ("auto", "add"))
     pd.testing.assert_frame_equal(auto, add)
 
 
 def test_repr_collapse_auto_with_eos_equals_add(eos_lm):
     frame = ss.representational_collapse(eos_lm, lengths=(3, 7), text=" ".join(SENTENCES), bos=["auto", "add"],
                                          progress=False).to_frame()
-    auto, add = (frame[frame["bos"] == b].drop(columns="bos").reset_index(drop=True) for b in ("auto", "add"))
+    auto, add = (frame[frame["bos"] == b].drop(columns=["bos", "condition"]).reset_index(drop=True)
+                 for b in ("auto", "add"))
     pd.testing.assert_frame_equal(auto, add)
 
 

@@ -15,7 +15,7 @@ import torch
 from ..conditions import Intervention
 from .engine import AttentionCall, BatchInfo, CaptureEngine, Probe
 from .interventions import RandomKey, SinkIntervention, make_intervention
-from .kernels import scores_block
+from .kernels import row_statistics, run_kernel, scores_block
 
 
 class FirstTokenAttention(Probe):
@@ -136,13 +136,19 @@ class AttentionWeights(Probe):
 class AttentionEntropy(Probe):
     """Per (layer, head, query): entropy of the attention distribution and (optionally) its max weight.
 
-    ``records[layer]``: ``entropy`` and ``max_weight`` float [B, H, T]. On the fused path the entropy
-    takes O(n) memory (one more attention call with the keys as values); the max weight needs a chunked
-    pass over the logits, so ``with_max=False`` is the choice for very long inputs.
+    ``records[layer]``: ``entropy`` and ``max_weight`` float [B, H, T]; with ``with_counts``, ``n_keys``
+    long [B, 1|H, T], the keys each query may attend to (under the intervention in force: entropy's upper
+    bound is log n_keys); with ``text_start`` k, ``entropy_text`` float [B, H, T], the entropy over the keys
+    from k positions after the first token on, renormalised (the same keys with and without a prefix).
+    On the fused path the entropy takes O(n) memory (one more attention call with the keys as values); the
+    max weight needs a chunked pass over the logits, and the key counts a T x S mask, so ``with_max=False``
+    and ``with_counts=False`` are the choice for very long inputs.
     """
 
-    def __init__(self, with_max: bool = True) -> None:
+    def __init__(self, with_max: bool = True, with_counts: bool = False, text_start: int | None = None) -> None:
         self.with_max = with_max
+        self.with_counts = with_counts
+        self.text_start = text_start
         self.records: dict[int, dict[str, torch.Tensor]] = {}
 
     def start(self, batch: BatchInfo, engine: CaptureEngine) -> None:
@@ -153,7 +159,26 @@ class AttentionEntropy(Probe):
         record = {"entropy": entropy.float().cpu()}
         if maximum is not None:
             record["max_weight"] = maximum.float().cpu()
+        if self.with_counts:
+            record["n_keys"] = call.dense_allowed().sum(-1).expand(call.query.shape[0], -1, -1).cpu()
+        if self.text_start is not None:
+            record["entropy_text"] = self._text_entropy(call).float().cpu()
         self.records[call.layer] = record
+
+    def _text_entropy(self, call: AttentionCall) -> torch.Tensor:
+        """float [B, H, T]: the entropy of each query's weights over the keys from ``text_start`` positions after
+        the first token on, renormalised (a learned sink's share left out too): the softmax over those keys'
+        logits, computed from them directly (stable where they hold a tiny share of the row); NaN where a
+        query sees none of them."""
+        b, _, t, _ = call.query.shape
+        first = call.batch.first_positions.to(call.query.device)
+        keys = call.key_positions
+        prefix = (keys[None, :] >= first[:, None]) & (keys[None, :] < first[:, None] + int(self.text_start or 0))
+        allowed = call.dense_allowed().expand(b, -1, t, -1) & ~prefix[:, None, None, :]
+        inputs = replace(call.inputs, allowed=allowed, sinks=None)
+        lse = run_kernel("chunked", inputs, replace(call.options, keep_weights=False)).lse
+        entropy, _ = row_statistics(inputs, lse, call.options.chunk_size)
+        return torch.where(torch.isfinite(lse), entropy, torch.nan)
 
 
 class ValueNorms(Probe):

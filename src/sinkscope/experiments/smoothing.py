@@ -1,8 +1,12 @@
 """`smoothing` (the paper's Fig. 3): per head, the entropy and max weight of the attention of the text
 tokens, with vs without the sink. The paper's observation: without `<bos>`, attention maps become smoother.
 
-One row per prompt x `<bos>` condition x layer x head; entropy and max weight are means over the
-queries of the text span (a `<bos>` prefix and a suffix such as an appended `<eos>` are not text).
+One row per prompt x condition x layer x head; every column is a mean over the queries of the text span
+(a `<bos>` prefix and a suffix such as an appended `<eos>` are not text). Like for like: with `<bos>` every
+query sees one key more than without, which alone shifts the entropy (a uniform head over n + 1 keys has
+log(n + 1) nats), so next to the raw ``entropy`` the table has ``entropy_norm`` = entropy / log(keys the
+query may attend to) and ``entropy_text``, the entropy of the weights over the text keys alone,
+renormalised (the same keys in every condition).
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from ..data import Prompt
 from ..models.loader import LoadedModel
 from .base import Result, run, takes_conditions
 from .inputs import Encoded, PromptExperiment, bos_conditions, check_engine_options, prompt_list
+
+COLUMNS = ("entropy", "max_weight", "entropy_norm", "entropy_text", "n_keys")
 
 
 class SmoothingResult(Result):
@@ -42,7 +48,7 @@ class AttentionSmoothing(PromptExperiment):
         check_engine_options(self.path, "float32")
 
     def probes(self) -> list[Probe]:
-        self._probe = AttentionEntropy(with_max=True)
+        self._probe = AttentionEntropy(with_max=True, with_counts=True, text_start=0)
         return [self._probe]
 
     def engine_options(self) -> dict[str, Any]:
@@ -50,23 +56,34 @@ class AttentionSmoothing(PromptExperiment):
 
     def measure(self, engine: Any, units: Sequence[Encoded]) -> dict[str, pd.DataFrame]:
         (unit,) = units
+        self._probe.text_start = unit.text_start  # the keys before the text are left out of entropy_text
         engine.forward(torch.tensor([unit.ids]))
         rows = []
+        text = slice(unit.text_start, unit.text_stop)
         for layer, record in self._probe.records.items():
-            entropy = record["entropy"][0, :, unit.text_start:unit.text_stop].mean(-1).numpy()
-            maximum = record["max_weight"][0, :, unit.text_start:unit.text_stop].mean(-1).numpy()
+            entropy = record["entropy"][0, :, text].double()  # [H, text queries]
+            n_keys = record["n_keys"][0, :, text].double().expand_as(entropy)
+            normalised = torch.where(n_keys > 1, entropy / n_keys.clamp_min(2).log(), torch.nan)
+            columns = {"entropy": entropy, "max_weight": record["max_weight"][0, :, text].double(),
+                       "entropy_norm": normalised, "entropy_text": record["entropy_text"][0, :, text].double(),
+                       "n_keys": n_keys}
+            means = {name: values.nanmean(-1).numpy() for name, values in columns.items()}
             for head in range(entropy.shape[0]):
-                rows.append((unit.prompt, unit.bos, layer, head, float(entropy[head]), float(maximum[head])))
-        return {"smoothing": pd.DataFrame(rows, columns=["prompt", "bos", "layer", "head", "entropy", "max_weight"])}
+                rows.append((unit.prompt, unit.bos, layer, head, *(float(means[c][head]) for c in COLUMNS)))
+        return {"smoothing": pd.DataFrame(rows, columns=["prompt", "bos", "layer", "head", *COLUMNS])}
 
     def summarise(self, loaded: LoadedModel, tables: dict[str, pd.DataFrame], units: Sequence[Encoded]
                   ) -> dict[str, Any]:
         frame = tables["smoothing"]
-        per_condition = frame.groupby("bos", sort=False)[["entropy", "max_weight"]].mean()
+        per_condition = frame.groupby("bos", sort=False)[list(COLUMNS)].mean()
         return {
             "bos": list(per_condition.index),
             "mean_entropy": per_condition["entropy"].to_dict(),
             "mean_max_weight": per_condition["max_weight"].to_dict(),
+            # like for like: with <bos> a query sees one key more, which alone lowers no entropy but raises
+            # its ceiling; these two do not depend on the key count / on the prefix
+            "mean_entropy_norm": per_condition["entropy_norm"].to_dict(),
+            "mean_entropy_text": per_condition["entropy_text"].to_dict(),
             "entropy_by_layer": {b: g.groupby("layer")["entropy"].mean().tolist() for b, g in frame.groupby("bos")},
             "n_prompts": int(frame["prompt"].nunique()),
         }

@@ -30,7 +30,8 @@ TABLE = "whereabouts"
 def measures_prompts(units: Sequence[Any]) -> bool:
     """Whether these work units are prompts under a condition: token ids, a condition and where the text starts
     (`inputs.Encoded`, perturb's and over-squashing's units, ...)."""
-    return bool(units) and all(hasattr(u, "text_start") and hasattr(u, "ids") and hasattr(u, "bos") for u in units)
+    return bool(units) and all(hasattr(u, "text_start") and hasattr(u, "ids") and hasattr(u, "bos")
+                               and not str(u.bos).startswith("given") for u in units)  # given ids: no text span
 
 
 def unit_label(unit: Any) -> str:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SinkscopeError
-from .data import Packing
+from .data import Packing, inference_condition
 from .models import ModelSpec
 
 
@@ -99,6 +99,8 @@ class TrainConfig:
             raise LabConfigError("micro_batch_rows must be >= 1 (or unset)")
         if self.data.kind not in ("bigram_backcopy", "text"):
             raise LabConfigError(f"data.kind must be 'bigram_backcopy' or 'text', not {self.data.kind!r}")
+        for mode in self.tracking.inference:  # bos+text, text, or an add/strip condition
+            inference_condition(mode)
 
     @property
     def batch_rows(self) -> int:

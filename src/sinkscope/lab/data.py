@@ -24,11 +24,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..conditions import Condition, parse_condition
 from ..errors import SinkscopeError
 
 MASKS = ("causal", "intra_doc")
 BOS_MODES = ("fixed", "eos", "none")
 INFERENCE_INPUTS = ("bos+text", "text")
+LEGACY_INPUTS = {"bos+text": "add", "text": "strip"}  # the lab's names of the two plain conditions
 
 
 class LabDataError(SinkscopeError):
@@ -320,7 +322,21 @@ def probe_documents(source: Any, count: int, length: int, seed: int) -> list[lis
     return out
 
 
+def inference_condition(mode: str) -> Condition:
+    """An inference input as a condition (`sinkscope.conditions`): ``bos+text`` is ``add``, ``text`` is
+    ``strip``; any ``add`` or ``strip`` condition, with an intervention, is taken as it is."""
+    try:
+        condition = parse_condition(LEGACY_INPUTS.get(mode, mode))
+    except SinkscopeError as error:
+        raise LabDataError(f"inference input {mode!r}: {error}") from None
+    if condition.bos not in ("add", "strip"):
+        raise LabDataError(f"inference input must be {' or '.join(INFERENCE_INPUTS)} or a condition starting with "
+                           f"add or strip (e.g. add+scale:0.5), not {mode!r}")
+    return condition
+
+
 def with_inference_input(documents: list[list[int]], mode: str, bos_id: int) -> list[list[int]]:
-    if mode not in INFERENCE_INPUTS:
-        raise LabDataError(f"inference input must be one of {INFERENCE_INPUTS}, not {mode!r}")
-    return [[bos_id] + d for d in documents] if mode == "bos+text" else [list(d) for d in documents]
+    """The probe documents as the inference input ``mode`` feeds them (with or without a leading <bos>)."""
+    if inference_condition(mode).bos == "add":
+        return [[bos_id] + d for d in documents]
+    return [list(d) for d in documents]

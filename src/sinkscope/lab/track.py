@@ -2,7 +2,8 @@
 
 The sink metric comes from `sinkscope.scan` (the capture engine), so a lab model is measured exactly as any
 pretrained model is, attention variant included. Probes are single documents of the validation data, fed
-as ``<bos> + text`` and as ``text`` (Barbero et al.'s Table 2 inference inputs); their loss is scored on the
+as ``<bos> + text`` and as ``text`` (Barbero et al.'s Table 2 inference inputs; any ``add`` / ``strip``
+condition of `sinkscope.conditions`, e.g. ``add+scale:0.5``, may be tracked too); their loss is scored on the
 same text tokens in both cases (text[1:]), so the two numbers are comparable.
 """
 
@@ -14,8 +15,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..capture import CaptureEngine
 from ..experiments.scan import scan
-from .data import Batch, with_inference_input
+from .data import Batch, inference_condition, with_inference_input
 
 
 def token_losses(model: Any, batch: Batch) -> tuple[torch.Tensor, int]:
@@ -42,8 +44,13 @@ def validation_loss(model: Any, batches: Sequence[Batch]) -> float:
 def probe_loss(model: Any, documents: list[list[int]], mode: str, bos_id: int) -> float:
     """Mean loss on text[1:] of each probe document, with or without a leading <bos>."""
     ids = torch.tensor(with_inference_input(documents, mode, bos_id), device=next(model.parameters()).device)
-    logits = model(input_ids=ids, use_cache=False).logits.float()
-    offset = 1 if mode == "bos+text" else 0
+    condition = inference_condition(mode)
+    if condition.intervention is None:
+        logits = model(input_ids=ids, use_cache=False).logits.float()
+    else:  # the intervention is applied by the capture engine
+        with CaptureEngine(model) as engine, engine.intervening(condition):
+            logits = engine.forward(ids, logits=True).logits.float()
+    offset = 1 if condition.bos == "add" else 0
     targets = ids[:, offset + 1:]
     predictions = logits[:, offset:-1]
     return float(torch.nn.functional.cross_entropy(predictions.flatten(0, 1), targets.flatten()))
@@ -56,7 +63,9 @@ def sink_rows(model: Any, documents: list[list[int]], inference: Sequence[str], 
     rows = []
     for mode in inference:
         ids = with_inference_input(documents, mode, bos_id)
-        result = scan(model, input_ids=ids, max_tokens=None, progress=False, batch_size=len(ids), eps=eps)
+        intervention = inference_condition(mode).intervention
+        given = "given" if intervention is None else f"given+{intervention}"
+        result = scan(model, input_ids=ids, bos=given, max_tokens=None, progress=False, batch_size=len(ids), eps=eps)
         alpha = result.alpha  # [prompts, layers, heads]
         sink_logit = result.sink_logit_mass
         for layer in range(alpha.shape[1]):
