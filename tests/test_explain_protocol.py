@@ -101,8 +101,8 @@ def test_noop_text_queries_under_auto_with_eos_equal_add(eos_lm):
 def test_conditional_heads_auto_with_eos_equals_add(eos_lm):
     runs = {bos: ss.conditional_heads(eos_lm, TRIGGER_TEXTS, trigger=",", bos=bos, progress=False)
             for bos in ("auto", "add")}
-    pd.testing.assert_frame_equal(runs["auto"].to_frame(), runs["add"].to_frame(), check_exact=False, rtol=1e-5,
-                                  atol=1e-6)
+    auto, add = (runs[b].to_frame().drop(columns="condition") for b in ("auto", "add"))  # the label differs
+    pd.testing.assert_frame_equal(auto, add, check_exact=False, rtol=1e-5, atol=1e-6)
     for key in ("n_trigger_queries", "n_other_queries"):
         assert runs["auto"].summary[key] == runs["add"].summary[key]
 
