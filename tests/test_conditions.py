@@ -99,7 +99,8 @@ def test_each_condition_once_and_checked_against_the_model():
 # -- an independent reference: the intervention applied literally to the eager weights, in float64 ---------
 class Literal(Probe):
     """The definitions of docs/conditions.md applied to the engine's eager weights in float64 (the literal
-    form, exact in float64): p0' = λ p0, p_j' = p_j (1 - λ p0) / (1 - p0); or the first value row zeroed."""
+    form, exact in float64): p0' = λ p0, p_j' = p_j (1 - λ p0) / (1 - p0); or the first value row zeroed for
+    the queries after the first token."""
 
     def __init__(self, kind: str, dose: float = 0.0, layers: tuple[int, ...] | None = None) -> None:
         self.kind, self.dose, self.layers = kind, dose, layers
@@ -117,10 +118,11 @@ class Literal(Probe):
             scaled = weights * (1 - self.dose * p0) / (1 - p0)
             scaled[rows, :, :, first] = self.dose * p0[..., 0]
             weights = torch.where(later, scaled, weights)
-        else:  # zero-value
-            values = values.clone()
-            values[rows, :, first] = 0.0
-        return (weights @ values).to(call.output.dtype)
+            return (weights @ values).to(call.output.dtype)
+        # zero-value: what every later query reads from the first token is zero; the first token's own is kept
+        zeroed = values.clone()
+        zeroed[rows, :, first] = 0.0
+        return torch.where(later, weights @ zeroed, weights @ values).to(call.output.dtype)
 
 
 def _ids(rows: int = 2, length: int = 18, seed: int = 0) -> torch.Tensor:

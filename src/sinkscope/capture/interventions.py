@@ -9,8 +9,7 @@ with the intervened output. Heads that are not selected keep their output bit fo
 
 The first token is found by position (`AttentionCall.locate_key`): during cached generation it is still
 the first token, and a sliding-window layer that no longer holds it is left alone. Only queries after the
-first token are touched (the first token's own query sees nothing else) — except by ``zero-value``, which
-changes what the first token writes, for every query. A learned sink logit (gpt-oss) stays in the
+first token are touched (the first token's own query sees nothing else). A learned sink logit (gpt-oss) stays in the
 normaliser throughout. The conditions' syntax lives in `sinkscope.conditions`.
 """
 
@@ -35,6 +34,7 @@ class SinkIntervention:
     """Base: which heads of a layer, which queries, and `apply`; a subclass supplies `edit`."""
 
     kind: ClassVar[str] = ""
+    changes_weights: ClassVar[bool] = True  # False: the weights stay the model's (probes read them as they are)
 
     def __init__(self, spec: Intervention) -> None:
         self.spec = spec
@@ -70,8 +70,10 @@ class SinkIntervention:
         # the fused kernel runs plain logits only; an added logit needs the chunked one
         kernel = "chunked" if call.kernel == "fused" and inputs.bias is not None else call.kernel
         result = run_kernel(kernel, inputs, call.options)
-        chosen = heads[None, :, None]
+        chosen = heads[None, :, None] & hide[:, None, :]  # [B, H, T]: the queries after the first token
         call.output = torch.where(chosen[..., None], result.output, call.output)
+        if not self.changes_weights:  # the attention is the model's; only what the first token writes changed
+            return True
         call.lse = torch.where(chosen, result.lse, call.lse)
         if call.weights is not None and result.weights is not None:
             call.weights = torch.where(chosen[..., None], result.weights, call.weights)
@@ -152,10 +154,13 @@ class Scale(SinkIntervention):
 
 
 class ZeroValue(SinkIntervention):
-    """The first token's value vector zeroed in the selected heads: attention still goes there, it writes
-    nothing. With a subset of the heads of a GQA group, keys and values are expanded per query head."""
+    """The first token's value vector zeroed for every later query in the selected heads: attention still goes
+    there (the weights, and what probes read of them, are the model's), it writes nothing. The first token's
+    own query is left alone, so the sink itself is computed as in the model. With a subset of the heads of a
+    GQA group, keys and values are expanded per query head for the recomputation."""
 
     kind = "zero-value"
+    changes_weights = False
 
     def edit(self, call: AttentionCall, heads: torch.Tensor, hide: torch.Tensor, index: torch.Tensor
              ) -> AttentionInputs | None:
