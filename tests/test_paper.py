@@ -4,7 +4,6 @@ direct computations, and a tiny model's plan end to end (caching, escaping, the 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,9 @@ from sinkscope.paper import QUICK, build_report, run_paper
 from sinkscope.paper.plan import SECTIONS, Inputs, one_per_domain, sized
 from sinkscope.paper.verdicts import (
     INCONCLUSIVE,
+    INSUFFICIENT,
+    NOT_APPLICABLE,
+    NOT_MEASURED,
     NOT_REPRODUCED,
     REPRODUCED,
     Context,
@@ -37,7 +39,7 @@ HOSTILE = "<script>alert('pwned')</script> the cat sat"
 # A plan small enough for a 3-layer random model and a word tokenizer.
 TINY = sized(QUICK, scan_prompts=None, explain_prompts=None, max_tokens=16, ablate_window=32, ablate_windows=2,
              passkey_lengths=(64,), passkey_depths=(0.5,), passkey_trials=2, repr_lengths=(4, 8, 16),
-             oversquash_probes=2, knockout_window=32, knockout_windows=1, stream_window=16, stream_length=48,
+             oversquash_probes=2, stream_window=16, stream_length=48,
              perturb_text=SENTENCES[0], perturb_swap=("cat", "dog"), trigger="the", trigger_texts=tuple(SENTENCES),
              text=TEXT)
 FAST = ("scan_add", "scan_strip", "ablate", "perturb", "smoothing")  # the sections with interactive figures
@@ -92,7 +94,9 @@ def test_table1_value_is_the_sink_rate_and_the_verdict_follows_the_interval():
     rarely[:, 0, 0] = 0.9
     assert judge_table1(Context("m", {"scan_add": scan_result(rarely)}, {}))[0].verdict == NOT_REPRODUCED
     missing = judge_table1(Context("m", {}, {"scan_add": "the model has no tokenizer"}))[0]
-    assert missing.verdict == INCONCLUSIVE and "no tokenizer" in missing.note
+    assert missing.verdict == NOT_MEASURED and "no tokenizer" in missing.note
+    few = judge_table1(Context("m", {"scan_add": scan_result(mostly[:9])}, {}))[0]
+    assert few.verdict == INSUFFICIENT and few.n_units == 9  # 9 prompts: no verdict
 
 
 def retrieval_result(key: str, score: str, scores: dict[str, np.ndarray], tasks: tuple[str, ...]) -> Result:
@@ -114,12 +118,15 @@ def test_table3_pairs_each_prompt_and_judges_passkey_and_ruler_alike():
     judged = judge_table3(Context("m", {"ruler": ruler, "passkey": passkey}, {}))
     found = {f.measurement.split(",")[0]: f for f in judged}
     assert found["RULER-style score"].value == pytest.approx(0.3) and found["RULER-style score"].verdict == REPRODUCED
-    assert found["RULER-style score"].units == "40 prompts"  # the depth-less task's rows are kept
+    assert found["RULER-style score"].n_units == 40  # the depth-less task's rows are kept
+    # a tie everywhere: the equivalence test says "no effect"
     assert found["passkey accuracy"].value == 0 and found["passkey accuracy"].verdict == NOT_REPRODUCED
     hopeless = retrieval_result("ruler", "score", {"add": np.zeros(40), "strip": np.zeros(40)}, ("niah", "vt"))
     (missing, ruler_finding) = judge_table3(Context("m", {"ruler": hopeless}, {}))
     assert ruler_finding.verdict == INCONCLUSIVE  # cannot retrieve even with <bos>: says nothing
-    assert missing.verdict == INCONCLUSIVE and missing.measurement == "not measured"
+    assert missing.verdict == NOT_MEASURED
+    few = retrieval_result("passkey", "correct", {"add": np.ones(2), "strip": np.ones(2)}, ("passkey",))
+    assert judge_table3(Context("m", {"passkey": few}, {}))[0].verdict == INSUFFICIENT  # a tie of 2 says nothing
 
 
 def test_scale_pairs_prompts_and_orders_models_by_heads():
@@ -128,11 +135,15 @@ def test_scale_pairs_prompts_and_orders_models_by_heads():
     large = np.clip(small.repeat(2, axis=1) + 0.3, 0, 1)  # every prompt sinks more in the larger model
     contexts = [Context("large", {"scan_add": scan_result(large)}, {}),
                 Context("small", {"scan_add": scan_result(small)}, {})]
-    meta = [{"n_layers": 4, "n_heads": 2}, {"n_layers": 2, "n_heads": 2}]
+    family = {"architecture": "LlamaForCausalLM", "tokenizer": "T/100/<s>"}
+    meta = [{"n_layers": 4, "n_heads": 2, **family}, {"n_layers": 2, "n_heads": 2, **family}]
     (finding,) = judge_scale(contexts, meta)
     assert finding.model == "large − small" and finding.verdict == REPRODUCED
     assert finding.value == pytest.approx((large > 0.8).mean() - (small > 0.8).mean())
-    assert judge_scale(contexts[:1], meta[:1])[0].verdict == INCONCLUSIVE
+    assert judge_scale(contexts[:1], meta[:1])[0].verdict == NOT_MEASURED
+    other = [meta[0], {**meta[1], "architecture": "Gemma3ForCausalLM"}]
+    (across,) = judge_scale(contexts, other)  # two families: size is confounded with everything else
+    assert across.verdict == NOT_APPLICABLE and "different families" in across.note
 
 
 def test_conditional_head_is_chosen_on_half_the_texts_and_measured_on_the_other():
@@ -151,16 +162,19 @@ def test_conditional_head_is_chosen_on_half_the_texts_and_measured_on_the_other(
 
 def test_lab_rule_reads_a_sweep_summary():
     rows = []
-    for seed in (0, 1):
+    for seed in (0, 1, 2):
         for context, rate in ((32, 0.05), (64, 0.2), (128, 0.5), (256, 0.7)):
             for inference in ("bos+text", "text"):
                 rows.append({"group": "context", "run": f"c{context}-s{seed}", "context_length": context,
                              "inference": inference, "eps": 0.3, "sink_rate": rate + 0.01 * seed})
     finding = judge_lab(pd.DataFrame(rows), "")[0]
-    assert finding.value == pytest.approx(spearman(np.repeat([32, 64, 128, 256], 2).astype(float),
-                                                   np.array([0.05, 0.06, 0.2, 0.21, 0.5, 0.51, 0.7, 0.71])))
-    assert finding.verdict == REPRODUCED
-    assert judge_lab(None, "no lab run given")[0].verdict == INCONCLUSIVE
+    assert finding.value == pytest.approx(spearman(
+        np.repeat([32, 64, 128, 256], 3).astype(float),
+        np.array([r + 0.01 * s for r in (0.05, 0.2, 0.5, 0.7) for s in (0, 1, 2)])))
+    assert finding.verdict == REPRODUCED and finding.n_units == 12
+    two_seeds = pd.DataFrame([r for r in rows if not r["run"].endswith("s2")])
+    assert judge_lab(two_seeds, "")[0].verdict == INSUFFICIENT  # 8 runs
+    assert judge_lab(None, "no lab run given")[0].verdict == NOT_MEASURED
 
 
 def test_quick_plan_spreads_prompts_over_domains():
@@ -195,7 +209,9 @@ def test_findings_come_from_the_saved_tables(paper_dir):
     alpha = pd.read_parquet(paper_dir / "LlamaForCausalLM" / "scan_add" / "alpha.parquet")
     assert table1["value"] == pytest.approx((alpha["alpha"] > 0.3).mean())
     not_run = findings[findings["section"] == "stream"].iloc[0]
-    assert not_run["verdict"] == INCONCLUSIVE and not_run["measurement"] == "not measured"
+    assert not_run["verdict"] == NOT_MEASURED and not_run["n_units"] == 0
+    assert {"conditions", "n_units", "p_value", "p_holm"} <= set(findings.columns)
+    assert findings["n_units"].dtype.kind == "i" and table1["conditions"] == "add"
 
 
 def test_rerun_reuses_finished_sections_and_remeasures_what_changed(paper_dir, tmp_path):
@@ -223,8 +239,7 @@ def test_report_command_rebuilds_from_saved_runs_and_puts_models_side_by_side(pa
     assert "Qwen2ForCausalLM" in page and "LlamaForCausalLM" in page
     findings = pd.read_csv(out / "findings.csv")
     scale = findings[findings["section"] == "scale"]
-    assert len(scale) == 1 and scale["verdict"].iloc[0] in (REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE)
-    assert not math.isnan(scale["value"].iloc[0])
+    assert len(scale) == 1 and scale["verdict"].iloc[0] == NOT_APPLICABLE  # a Llama and a Qwen2: two families
     assert findings_md.read_text() == (out / "findings.md").read_text()
 
 

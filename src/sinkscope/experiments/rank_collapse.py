@@ -4,7 +4,8 @@
 The four measures of `sinkscope.metrics.collapse` on every prompt's token matrix at every residual depth
 (0 = embeddings, d = output of layer d-1, the last before the final norm), with and without the first
 token (the sink). Table ``rank_collapse``: one row per prompt x bos x depth x exclude_sink x measure;
-``per_depth``: their means over prompts.
+``per_depth``: their means over prompts; ``text_rows``: the measures on the text tokens' rows alone (the
+same rows under every condition: without the prefix, and without a suffix such as an appended `<eos>`).
 """
 
 from __future__ import annotations
@@ -71,11 +72,17 @@ class RankCollapse(PromptExperiment):
 
     def measure(self, engine: Any, units: Sequence[Encoded]) -> dict[str, pd.DataFrame]:
         labels = [self.label(u) for u in units]
-        frames = []
+        frames, text_frames = [], []
         for unit, stream in zip(units, residual_streams(engine, [u.ids for u in units], labels), strict=True):
             residual = stream.to(torch.float64).cpu().numpy()
             n_depths = residual.shape[0]
             prompt = self.prompts[unit.prompt]
+            # like for like: the text tokens' rows only, the same rows in every condition
+            text = collapse_metrics.rank_collapse_measures(residual[:, unit.text_start:unit.text_stop], False)
+            text_frames.append(pd.DataFrame({
+                "prompt": unit.prompt, "bos": unit.bos, "n_rows": unit.text_stop - unit.text_start,
+                "depth": np.tile(np.arange(n_depths), len(text)), "measure": np.repeat(list(text), n_depths),
+                "value": np.concatenate([text[m] for m in text])}))
             for exclude in self.exclude_sink:
                 if exclude and len(unit) < 2:
                     values = {m: np.full(n_depths, np.nan) for m in collapse_metrics.RANK_MEASURES}
@@ -89,7 +96,8 @@ class RankCollapse(PromptExperiment):
                     "measure": np.repeat(list(values), n_depths),
                     "value": np.concatenate([values[m] for m in values]),
                 }))
-        return {"rank_collapse": pd.concat(frames, ignore_index=True)}
+        return {"rank_collapse": pd.concat(frames, ignore_index=True),
+                "text_rows": pd.concat(text_frames, ignore_index=True)}
 
     def finalise(self, tables: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
         order = {c: i for i, c in enumerate(self.bos)}
@@ -98,7 +106,7 @@ class RankCollapse(PromptExperiment):
             key=lambda column: column.map(order) if column.name == "bos" else column, ignore_index=True)
         per_depth = (frame.groupby(["bos", "exclude_sink", "measure", "depth"], sort=False)["value"]
                      .agg(["mean", "std", "count"]).reset_index())
-        return {"rank_collapse": frame, "per_depth": per_depth}
+        return {"rank_collapse": frame, "per_depth": per_depth, "text_rows": tables["text_rows"]}
 
     def summarise(self, loaded: LoadedModel, tables: dict[str, pd.DataFrame], units: Sequence[Encoded]
                   ) -> dict[str, Any]:

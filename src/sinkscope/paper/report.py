@@ -30,6 +30,7 @@ from .verdicts import (
     STRICT_EPS,
     Context,
     Finding,
+    holm,
     judge_lab,
     judge_scale,
     per_prompt_sink_rate,
@@ -72,7 +73,7 @@ def _load_paper_dir(directory: Path, manifest: dict[str, Any]) -> list[ModelResu
                 directories[key] = base / key
             except InputError as error:
                 errors[key] = str(error)
-        context = Context(meta["name"], results, errors, bool(meta.get("adds_bos", True)))
+        context = Context(meta["name"], results, errors, bool(meta.get("adds_bos", True)), meta=meta)
         models.append(ModelResults(meta, context, base, directories))
     return models
 
@@ -292,11 +293,14 @@ def _timing(runs: Runs) -> list[dict[str, Any]]:
 
 
 def report_data(runs: Runs) -> dict[str, Any]:
+    judged = {section.key: findings_for(section, runs) for section in SECTIONS}
+    corrected = iter(holm([f for section in SECTIONS for f in judged[section.key]]))
+    judged = {section.key: [next(corrected) for _ in judged[section.key]] for section in SECTIONS}
     sections = []
     for section in SECTIONS:
         sections.append({
             "key": section.key, "title": section.title, "claim": section.claim, "source": section.source,
-            "findings": findings_for(section, runs),
+            "findings": judged[section.key],
             "tables": [_table_payload(c, t) for c, t in tables_for(section, runs)],
             "figures": figures_for(section, runs),
             "interactive": interactive_for(section, runs),
@@ -337,7 +341,12 @@ def _environment(markdown: bool = False) -> Any:
     environment = Environment(loader=PackageLoader("sinkscope.paper", "templates"), autoescape=not markdown,
                               undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True, **options)
     environment.filters["cell"] = lambda text: str(text).replace("|", "\\|").replace("\n", " ")
+    environment.filters["pvalue"] = _pvalue
     return environment
+
+
+def _pvalue(value: float | None) -> str:
+    return "—" if value is None or not math.isfinite(float(value)) else f"{float(value):.2g}"
 
 
 def findings_frame(findings: list[Finding]) -> pd.DataFrame:

@@ -53,6 +53,8 @@ class ModelRun:
     adds_bos: bool
     n_layers: int
     n_heads: int
+    architecture: str = ""
+    tokenizer: str = ""  # class, vocabulary size and <bos>: models of one family share it
     outcomes: dict[str, Outcome] = field(default_factory=dict)
     load_seconds: float = 0.0
 
@@ -84,6 +86,14 @@ def adds_bos(loaded: LoadedModel) -> bool:
     return bool(ids) and ids[0] == tokenizer.bos_token_id
 
 
+def tokenizer_label(loaded: LoadedModel) -> str:
+    """What identifies a tokenizer across models of one family: its class, vocabulary size and <bos>."""
+    tokenizer = loaded.tokenizer
+    if tokenizer is None:
+        return ""
+    return f"{type(tokenizer).__name__}/{len(tokenizer)}/{getattr(tokenizer, 'bos_token', None)}"
+
+
 def _experiment_order() -> list[tuple[str, str]]:
     """(section key, experiment key) in plan order, each experiment under the first section that uses it."""
     seen: set[str] = set()
@@ -103,8 +113,9 @@ def _run_model(source: Any, out: Path, size: PlanSize, inputs: Inputs, bar: Any,
     loaded = load(source)
     info = loaded.info
     model_run = ModelRun(info.name, safe_name(info.name.replace("/", "--")), adds_bos(loaded), info.n_layers,
-                         info.n_heads, load_seconds=time.time() - started)
-    planned = experiments(size, inputs)
+                         info.n_heads, str(info.architecture), tokenizer_label(loaded),
+                         load_seconds=time.time() - started)
+    planned = experiments(size, inputs, info.n_layers)
     for _, key in _experiment_order():
         if only is not None and key not in only:
             bar.advance(plan_task)
@@ -175,7 +186,8 @@ def run_paper(models: Sequence[Any], out: str | Path, size: PlanSize, inputs: In
         "plan": size.to_dict(), "prompts": inputs.source, "n_prompts_given": len(inputs.prompts),
         "command": command,
         "models": [{"name": r.name, "directory": r.directory, "adds_bos": r.adds_bos, "n_layers": r.n_layers,
-                    "n_heads": r.n_heads, "load_seconds": round(r.load_seconds, 3),
+                    "n_heads": r.n_heads, "architecture": r.architecture, "tokenizer": r.tokenizer,
+                    "load_seconds": round(r.load_seconds, 3),
                     "experiments": {k: o.to_dict() for k, o in r.outcomes.items()}} for r in runs],
         "lab": lab_state, "seconds": round(time.time() - started, 3),
     }

@@ -1,18 +1,32 @@
-"""The verdict rules: each section's saved numbers -> a measurement, its 95% bootstrap interval, and
-*reproduced* / *not reproduced* / *inconclusive* by a rule written here and printed in the report.
+"""The verdict rules: each claim's rule is data (`Rule`: premise, measurement, units, direction, margin,
+minimum effect), and one function (`judge`) turns a rule and the per-unit evidence into a `Finding`.
 
 The rules were fixed before looking at any model's numbers and are never adjusted to agree with the paper.
 Every judge reads only saved tables and summaries, so `sinkscope report` reaches the same verdicts from the
-run directories as `sinkscope paper` did. Intervals are percentile bootstraps over the independent units
-the experiment has (prompts, windows, texts, runs); where the only units are tokens of one text, the
-report says so.
+run directories as `sinkscope paper` did.
+
+How a status follows (`judge`):
+
+1. the claim's experiments were not run → *not measured*;
+2. its premise does not hold (e.g. without `<bos>` the sink moved to the first text token instead of going
+   away, so "without the sink" was never measured) → *not applicable*, with the measured relocation;
+3. fewer than ``rule.min_units`` independent units (prompts, windows, texts, runs — never the tokens of one
+   text) → *insufficient data*;
+4. the 95% bootstrap interval lies on the paper's side of the null and the effect is at least the rule's
+   minimum → *reproduced*; on the other side → *not reproduced*; a TOST equivalence test (statsmodels) with
+   the rule's margin says "no effect" → *not reproduced*; otherwise *inconclusive*. A claim that predicts no
+   change (``direction="equal"``) is *reproduced* by the equivalence test and *not reproduced* by an interval
+   outside the margin.
+5. Over one report, the one-sided p-values are Holm-corrected (`holm`); a *reproduced* whose corrected
+   p-value is not below 0.05 becomes *inconclusive*. Both p-values are shown.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -29,13 +43,20 @@ from ..metrics.stats import (
 )
 
 REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE = "reproduced", "not reproduced", "inconclusive"
+INSUFFICIENT, NOT_APPLICABLE, NOT_MEASURED = "insufficient data", "not applicable", "not measured"
+STATUSES = (REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE, INSUFFICIENT, NOT_APPLICABLE, NOT_MEASURED)
 SINK_EPS = 0.3  # Gu et al.'s threshold for "this head is a sink"
 STRICT_EPS = 0.8  # Barbero et al.'s Table 1 threshold
+MIN_UNITS = 10  # no verdict below this many independent units
+ALPHA = 0.05  # the family-wise error rate of one report (Holm)
+RELOCATED = 0.5  # without <bos>, a sink rate at the first text token >= this share of the one at <bos>: moved
+DOSES = (1.0, 0.75, 0.5, 0.25, 0.0)  # λ of the dose-response conditions (add+scale:λ)
 
 
+# -- findings ------------------------------------------------------------------------------------------------
 @dataclass
 class Finding:
-    """One claim tested on one model (or across models): what was measured, how sure, and the verdict."""
+    """One claim tested on one model (or across models): what was measured, how sure, and the status."""
 
     section: str
     model: str
@@ -48,6 +69,10 @@ class Finding:
     rule: str
     units: str = ""
     note: str = ""
+    n_units: int = 0
+    conditions: str = ""  # the conditions compared, in the condition syntax (e.g. "strip vs add")
+    p_value: float | None = None  # one-sided, in the paper's direction (the equivalence test's for "equal")
+    p_holm: float | None = None  # Holm-corrected over the report's claims
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -56,28 +81,192 @@ class Finding:
     def interval(self) -> str:
         if self.value is None:
             return "n/a"
-        if self.low is None or self.high is None or (self.low == self.high == self.value):
+        if self.low is None or self.high is None:
             return f"{self.value:.3g}"
         return f"{self.value:.3g} [{self.low:.3g}, {self.high:.3g}]"
 
-
-def above(low: float, high: float, threshold: float) -> str:
-    """The interval lies above ``threshold`` -> reproduced; below it -> not reproduced; else inconclusive."""
-    if not (math.isfinite(low) and math.isfinite(high)):
-        return INCONCLUSIVE
-    if low > threshold:
-        return REPRODUCED
-    if high < threshold:
-        return NOT_REPRODUCED
-    return INCONCLUSIVE
+    @property
+    def why(self) -> str:
+        """One sentence: why the status follows from the numbers."""
+        return WHY.get(self.verdict, "")
 
 
-def below(low: float, high: float, threshold: float) -> str:
-    """The interval lies below ``threshold`` -> reproduced; above it -> not reproduced; else inconclusive."""
-    flipped = above(-high, -low, -threshold)
-    return flipped
+WHY = {
+    REPRODUCED: "the interval lies on the paper's side and the effect reaches the rule's minimum",
+    NOT_REPRODUCED: "the interval lies on the other side, or the equivalence test says there is no effect",
+    INCONCLUSIVE: "the interval straddles the null and the equivalence test cannot rule an effect out",
+    INSUFFICIENT: f"fewer than {MIN_UNITS} independent units",
+    NOT_APPLICABLE: "the claim's premise does not hold on this model (see the note)",
+    NOT_MEASURED: "the experiments this claim needs were not run",
+}
 
 
+# -- rules ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Rule:
+    """A claim's rule, as data. ``direction``: the paper's side of ``null`` ("above", "below"), or "equal"
+    when the paper predicts no change. ``min_effect``: the smallest |value - null| that counts as reproduced;
+    ``margin``: the equivalence margin of "no effect" (TOST), in the units of the per-unit values. ``kind``:
+    "mean" (per-unit values), "difference" (paired a - b per unit) or "ratio" (mean a / mean b over paired
+    units; tested on a - null·b)."""
+
+    section: str
+    claim: str
+    measurement: str
+    direction: str
+    null: float
+    min_effect: float
+    margin: float
+    units: str
+    conditions: str = ""
+    kind: str = "difference"
+    premise: str = ""  # "sink removed": without <bos> the sink must go away, not move
+    min_units: int = MIN_UNITS
+
+    def text(self) -> str:
+        side = {"above": f"above {self.null:g}", "below": f"below {self.null:g}",
+                "equal": f"within ±{self.margin:g} of {self.null:g}"}[self.direction]
+        parts = [f"{self.measurement} over {self.units} (≥ {self.min_units}), 95% bootstrap interval {side}"]
+        if self.direction != "equal":
+            parts.append(f"effect ≥ {self.min_effect:g}; TOST margin ±{self.margin:g} for 'no effect'")
+        if self.premise:
+            parts.append(f"premise: {PREMISES[self.premise]}")
+        return "; ".join(parts)
+
+
+PREMISES = {"sink removed": "without ⟨bos⟩ the sink goes away (the first text token does not take it over)"}
+
+
+@dataclass
+class Evidence:
+    """Per-unit values for a rule: ``a`` (and ``b`` for a difference or a ratio), aligned by unit."""
+
+    a: np.ndarray
+    b: np.ndarray | None = None
+    note: str = ""
+
+    def __post_init__(self) -> None:
+        self.a = np.asarray(self.a, dtype=np.float64)
+        self.b = None if self.b is None else np.asarray(self.b, dtype=np.float64)
+        keep = np.isfinite(self.a) & (np.isfinite(self.b) if self.b is not None else True)
+        self.a = self.a[keep]
+        self.b = None if self.b is None else self.b[keep]
+
+    @property
+    def n(self) -> int:
+        return int(self.a.size)
+
+
+def _differences(rule: Rule, evidence: Evidence) -> np.ndarray:
+    """The per-unit values the tests run on (null 0 for differences and ratios)."""
+    if rule.kind == "mean":
+        return evidence.a - rule.null
+    assert evidence.b is not None
+    if rule.kind == "ratio":
+        return evidence.a - rule.null * evidence.b
+    return evidence.a - evidence.b - rule.null
+
+
+def _one_sided_p(values: np.ndarray, direction: str) -> float:
+    """p-value of a one-sample t-test of mean > 0 ("above") or < 0 ("below"); exact for constant values."""
+    from scipy import stats
+
+    if values.size < 2:
+        return float("nan")
+    if np.ptp(values) == 0.0:
+        mean = float(values[0])
+        return 0.0 if (mean > 0 if direction == "above" else mean < 0) else 1.0
+    alternative = "greater" if direction == "above" else "less"
+    with warnings.catch_warnings():  # nearly constant values: scipy warns, the p-value is still right
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return float(stats.ttest_1samp(values, 0.0, alternative=alternative).pvalue)
+
+
+def _equivalence_p(values: np.ndarray, margin: float) -> float:
+    """TOST p-value that the mean lies within ±margin (statsmodels); exact for constant values."""
+    from statsmodels.stats.weightstats import ttost_paired
+
+    if values.size < 2 or margin <= 0:
+        return float("nan")
+    if np.ptp(values) == 0.0:
+        return 0.0 if abs(float(values[0])) < margin else 1.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return float(ttost_paired(values, np.zeros_like(values), -margin, margin)[0])
+
+
+def _estimate(rule: Rule, evidence: Evidence, seed: int = 0) -> tuple[float, float, float]:
+    if rule.kind == "ratio":
+        assert evidence.b is not None
+        return ratio_interval(evidence.a, evidence.b, seed=seed)
+    if rule.kind == "difference":
+        assert evidence.b is not None
+        return paired_difference_interval(evidence.a, evidence.b, seed=seed)
+    return bootstrap_interval(evidence.a, seed=seed)
+
+
+def judge(rule: Rule, model: str, evidence: Evidence | None, *, premise: tuple[bool, str] | None = None,
+          missing: str = "", note: str = "") -> Finding:
+    """The finding of ``rule`` on ``evidence`` (None: not measured, ``missing`` says why)."""
+    base = Finding(rule.section, model, rule.claim, rule.measurement, None, None, None, NOT_MEASURED, rule.text(),
+                   rule.units, note or missing, 0, rule.conditions)
+    if evidence is None:
+        return base
+    base.n_units, base.note = evidence.n, "; ".join(x for x in (note, evidence.note) if x)
+    if evidence.n:
+        base.value, base.low, base.high = _estimate(rule, evidence)
+    if premise is not None and not premise[0]:
+        return replace(base, verdict=NOT_APPLICABLE, note="; ".join(x for x in (premise[1], base.note) if x))
+    if evidence.n < rule.min_units:
+        return replace(base, verdict=INSUFFICIENT)
+    values = _differences(rule, evidence)
+    # a ratio's margin is in ratio units: mean(a) / mean(b) within 1 ± m is mean(a - b) within ±m·mean(b)
+    margin = rule.margin * (abs(float(np.mean(evidence.b))) if rule.kind == "ratio" and evidence.b is not None
+                            else 1.0)
+    p_equivalent = _equivalence_p(values, margin)
+    equivalent = p_equivalent < ALPHA
+    assert base.value is not None and base.low is not None and base.high is not None
+    if rule.direction == "equal":
+        outside = (base.low > rule.null + rule.margin) or (base.high < rule.null - rule.margin)
+        verdict = REPRODUCED if equivalent else NOT_REPRODUCED if outside else INCONCLUSIVE
+        return replace(base, verdict=verdict, p_value=p_equivalent)
+    sign = 1.0 if rule.direction == "above" else -1.0
+    low, high = sorted((sign * (base.low - rule.null), sign * (base.high - rule.null)))
+    effect = sign * (base.value - rule.null)
+    if low > 0 and effect >= rule.min_effect:
+        verdict = REPRODUCED
+    elif high < 0 or equivalent:
+        verdict = NOT_REPRODUCED
+    else:
+        verdict = INCONCLUSIVE
+    if verdict == INCONCLUSIVE and low > 0:
+        base.note = "; ".join(x for x in (base.note, f"an effect smaller than the rule's minimum "
+                                                     f"({rule.min_effect:g})") if x)
+    return replace(base, verdict=verdict, p_value=_one_sided_p(values, rule.direction))
+
+
+def holm(findings: Sequence[Finding]) -> list[Finding]:
+    """Holm-correct the one-sided p-values of a report's findings (statsmodels); a reproduced finding whose
+    corrected p-value is not below `ALPHA` becomes inconclusive."""
+    from statsmodels.stats.multitest import multipletests
+
+    tested = [i for i, f in enumerate(findings) if f.p_value is not None and math.isfinite(f.p_value)
+              and f.verdict in (REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE)]
+    out = list(findings)
+    if not tested:
+        return out
+    adjusted = multipletests([findings[i].p_value for i in tested], alpha=ALPHA, method="holm")[1]
+    for i, p in zip(tested, adjusted, strict=True):
+        finding = replace(out[i], p_holm=float(p))
+        if finding.verdict == REPRODUCED and p >= ALPHA:
+            finding.verdict = INCONCLUSIVE
+            finding.note = "; ".join(x for x in (finding.note, f"not significant after Holm over the report "
+                                                               f"(p = {p:.3g})") if x)
+        out[i] = finding
+    return out
+
+
+# -- what a judge gets -----------------------------------------------------------------------------------------
 @dataclass
 class Context:
     """What a judge gets for one model: its results by experiment key (missing: not measured) and facts."""
@@ -86,18 +275,27 @@ class Context:
     results: dict[str, Result]
     errors: dict[str, str]
     adds_bos: bool = True
+    meta: dict[str, Any] = field(default_factory=dict)
 
-    def missing(self, section: str, claim: str, *keys: str) -> Finding | None:
-        """An inconclusive finding naming the experiments that could not be measured, or None."""
-        absent = [k for k in keys if k not in self.results]
-        if not absent:
+    def absent(self, *keys: str) -> str:
+        """Why some of ``keys`` cannot be read ('' when all are there)."""
+        gone = [k for k in keys if k not in self.results]
+        return "; ".join(f"{k}: {self.errors.get(k, 'not run')}" for k in gone)
+
+    def sink_premise(self) -> tuple[bool, str] | None:
+        """Does removing <bos> remove the sink on this model? From the two scans: the sink rate (ε = 0.3) at
+        position 0 without <bos> (the first text token) against the one at <bos>. None if not measured."""
+        if "scan_add" not in self.results or "scan_strip" not in self.results:
             return None
-        why = "; ".join(f"{k}: {self.errors.get(k, 'not run')}" for k in absent)
-        return Finding(section, self.model, claim, "not measured", None, None, None, INCONCLUSIVE,
-                       "needs " + ", ".join(absent), note=why)
+        add = per_prompt_sink_rate(self.results["scan_add"], SINK_EPS).mean()
+        strip = per_prompt_sink_rate(self.results["scan_strip"], SINK_EPS).mean()
+        share = float(strip / add) if add > 0 else float("nan")
+        if math.isfinite(share) and share >= RELOCATED:
+            return False, (f"without ⟨bos⟩ the sink moved to the first text token (sink rate there {strip:.2f} vs "
+                           f"{add:.2f} at ⟨bos⟩): 'without the sink' was not measured")
+        return True, f"without ⟨bos⟩ the sink rate at position 0 is {strip:.2f} (vs {add:.2f} at ⟨bos⟩)"
 
 
-# -- helpers on saved tables -------------------------------------------------------------------------------
 def per_prompt_sink_rate(result: Result, eps: float) -> pd.Series:
     """Fraction of (layer, head) with alpha > eps, per prompt (indexed by prompt id)."""
     frame = result.tables["alpha"]
@@ -111,99 +309,116 @@ def per_window_loss(result: Result) -> pd.DataFrame:
     return (sums["weighted"] / sums["n_tokens"]).unstack("condition")
 
 
-# -- Table 1 -----------------------------------------------------------------------------------------------
+def above(low: float, high: float, threshold: float) -> str:
+    """The interval alone: above ``threshold`` -> reproduced; below -> not reproduced; else inconclusive."""
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return INCONCLUSIVE
+    return REPRODUCED if low > threshold else NOT_REPRODUCED if high < threshold else INCONCLUSIVE
+
+
+def below(low: float, high: float, threshold: float) -> str:
+    return above(-high, -low, -threshold)
+
+
+def _paired(frame: pd.DataFrame, first: str, second: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """Columns ``first`` and ``second`` of a [unit x condition] frame, units holding both."""
+    if first not in frame or second not in frame:
+        return None
+    both = frame[[first, second]].dropna()
+    return both[first].to_numpy(float), both[second].to_numpy(float)
+
+
+# -- Table 1 and scale ------------------------------------------------------------------------------------------
+TABLE1 = Rule("table1", "most heads are attention sinks", f"sink rate at ε = {SINK_EPS} (with ⟨bos⟩)", "above",
+              0.5, 0.05, 0.05, "prompts", "add", kind="mean")
+
+
 def judge_table1(ctx: Context) -> list[Finding]:
-    claim = "most heads are attention sinks"
-    absent = ctx.missing("table1", claim, "scan_add")
-    if absent:
-        return [absent]
-    scan = ctx.results["scan_add"]
-    rule = f"sink rate at ε = {SINK_EPS} (Gu et al.'s threshold) > 50% of heads, its interval above 50%"
-    rates = per_prompt_sink_rate(scan, SINK_EPS)
-    value, low, high = bootstrap_interval(rates.to_numpy())
-    strict, s_low, s_high = bootstrap_interval(per_prompt_sink_rate(scan, STRICT_EPS).to_numpy())
-    return [Finding("table1", ctx.model, claim, f"sink rate at ε = {SINK_EPS} (with ⟨bos⟩)", value, low, high,
-                    above(low, high, 0.5), rule, f"{len(rates)} prompts",
-                    note=f"at ε = {STRICT_EPS}: {strict:.3f} [{s_low:.3f}, {s_high:.3f}] "
-                         "(paper, LLaMa 3.1 8B: 0.4597)")]
+    why = ctx.absent("scan_add")
+    if why:
+        return [judge(TABLE1, ctx.model, None, missing=why)]
+    rates = per_prompt_sink_rate(ctx.results["scan_add"], SINK_EPS)
+    strict, s_low, s_high = bootstrap_interval(per_prompt_sink_rate(ctx.results["scan_add"], STRICT_EPS).to_numpy())
+    return [judge(TABLE1, ctx.model, Evidence(rates.to_numpy()),
+                  note=f"at ε = {STRICT_EPS}: {strict:.3f} [{s_low:.3f}, {s_high:.3f}] (paper, LLaMa 3.1 8B: 0.4597)")]
+
+
+SCALE = Rule("scale", "larger / deeper models have stronger sinks", f"Δ sink rate at ε = {STRICT_EPS}, larger − "
+             "smaller model", "above", 0.0, 0.05, 0.05, "shared prompts", "add")
+
+
+def _family(meta: dict[str, Any]) -> tuple[str, str] | None:
+    """(architecture, tokenizer) of a model, or None when the run did not record them."""
+    if not meta.get("architecture") or not meta.get("tokenizer"):
+        return None
+    return str(meta["architecture"]), str(meta["tokenizer"])
 
 
 def judge_scale(contexts: list[Context], meta: list[dict[str, Any]]) -> list[Finding]:
-    """Larger models have stronger sinks: consecutive models by number of query heads, paired by prompt."""
-    claim = "larger / deeper models have stronger sinks"
-    rule = (f"for models ordered by total query heads (layers × heads), each next model's sink rate at ε = "
-            f"{STRICT_EPS} minus the previous one's, paired by prompt, has its interval above 0 (all pairs)")
+    """Only across models of one family (same architecture and tokenizer), ordered by total query heads and
+    paired by prompt; across families the row is not applicable (size is confounded with everything else).
+    The controlled test is the lab's depth sweep (`judge_lab`, seeds as units)."""
     usable = [(c, m) for c, m in zip(contexts, meta, strict=True) if "scan_add" in c.results]
     if len(usable) < 2:
-        return [Finding("scale", "all models", claim, "needs two or more models", None, None, None, INCONCLUSIVE,
-                        rule, note="run with several --model options, or `sinkscope report DIR DIR ...`")]
+        return [judge(SCALE, "all models", None, missing="needs two or more models of one family")]
+    families = {_family(m) for _, m in usable}
+    if len(families) > 1 or None in families:
+        why = ("the runs do not record the models' architecture and tokenizer" if None in families else
+               "the models are of different families (architecture, tokenizer, data)")
+        finding = judge(SCALE, " vs ".join(c.model for c, _ in usable), Evidence(np.zeros(0)),
+                        premise=(False, f"{why}: a difference between them says nothing about size; the lab's "
+                                        "depth sweep (seeds as units) is the controlled test"))
+        return [finding]
     usable.sort(key=lambda cm: cm[1]["n_layers"] * cm[1]["n_heads"])
-    verdicts, findings = [], []
+    findings = []
     for (small, _), (large, _) in zip(usable, usable[1:], strict=False):
         a = per_prompt_sink_rate(small.results["scan_add"], STRICT_EPS)
         b = per_prompt_sink_rate(large.results["scan_add"], STRICT_EPS)
         shared = a.index.intersection(b.index)
-        if shared.empty:
-            verdicts.append(INCONCLUSIVE)
-            continue
-        value, low, high = paired_difference_interval(b[shared].to_numpy(), a[shared].to_numpy())
-        verdict = above(low, high, 0.0)
-        verdicts.append(verdict)
-        findings.append(Finding("scale", f"{large.model} − {small.model}", claim,
-                                f"Δ sink rate at ε = {STRICT_EPS}", value, low, high, verdict, rule,
-                                f"{len(shared)} shared prompts"))
-    overall = REPRODUCED if all(v == REPRODUCED for v in verdicts) else (
-        NOT_REPRODUCED if any(v == NOT_REPRODUCED for v in verdicts) else INCONCLUSIVE)
-    for finding in findings:
-        finding.note = f"overall across {len(usable)} models: {overall}"
+        findings.append(judge(SCALE, f"{large.model} − {small.model}", Evidence(b[shared], a[shared])))
     return findings
 
 
-# -- Table 2 -----------------------------------------------------------------------------------------------
+# -- Table 2 -------------------------------------------------------------------------------------------------
+def _table2_rules(fixed: bool) -> tuple[Rule, Rule]:
+    if fixed:
+        claim = "a fixed ⟨bos⟩ carries the sink: removing it destroys the sink and raises the loss"
+        return (Rule("table2", claim, "sink rate without / with ⟨bos⟩ (ε = 0.3)", "below", 1.0, 0.5, 0.1,
+                     "prompts", "strip vs add", kind="ratio"),
+                Rule("table2", claim, "Δloss (nats), without − with ⟨bos⟩", "above", 0.0, 0.05, 0.02, "windows",
+                     "strip vs add"))
+    claim = "without a fixed ⟨bos⟩ the sink forms on whatever token comes first, and the loss does not change"
+    return (Rule("table2", claim, "sink rate without / with ⟨bos⟩ (ε = 0.3)", "equal", 1.0, 0.0, 0.2, "prompts",
+                 "strip vs add", kind="ratio"),
+            Rule("table2", claim, "Δloss (nats), without − with ⟨bos⟩", "equal", 0.0, 0.0, 0.05, "windows",
+                 "strip vs add"))
+
+
 def judge_table2(ctx: Context) -> list[Finding]:
-    claim = ("a fixed ⟨bos⟩ carries the sink: removing it destroys the sink and raises the loss" if ctx.adds_bos
-             else "without a fixed ⟨bos⟩ the sink forms on whatever token comes first")
-    absent = ctx.missing("table2", claim, "scan_add", "scan_strip", "ablate")
-    if absent:
-        return [absent]
-    add = per_prompt_sink_rate(ctx.results["scan_add"], SINK_EPS)
-    strip = per_prompt_sink_rate(ctx.results["scan_strip"], SINK_EPS)
-    shared = add.index.intersection(strip.index)
-    ratio, r_low, r_high = ratio_interval(strip[shared].to_numpy(), add[shared].to_numpy())
-    losses = per_window_loss(ctx.results["ablate"])
-    delta, d_low, d_high = paired_difference_interval(losses["strip"].to_numpy(), losses["add"].to_numpy())
-    loss_note = f"Δloss (without − with ⟨bos⟩) {delta:.3f} [{d_low:.3f}, {d_high:.3f}] nats over {len(losses)} windows"
-    if ctx.adds_bos:
-        rule = ("the tokenizer puts ⟨bos⟩ first (trained with it fixed): sink rate at ε = 0.3 without / with "
-                "⟨bos⟩ has its interval below 0.5 AND Δloss (without − with) has its interval above 0")
-        parts = [below(r_low, r_high, 0.5), above(d_low, d_high, 0.0)]
+    rate_rule, loss_rule = _table2_rules(ctx.adds_bos)
+    findings = []
+    why = ctx.absent("scan_add", "scan_strip")
+    if why:
+        findings.append(judge(rate_rule, ctx.model, None, missing=why))
     else:
-        rule = ("the tokenizer does not put ⟨bos⟩ first (no fixed ⟨bos⟩ in training): sink rate at ε = 0.3 "
-                "without / with ⟨bos⟩ has its interval above 0.5 (the first token stays a sink)")
-        parts = [above(r_low, r_high, 0.5)]
-    verdict = (REPRODUCED if all(p == REPRODUCED for p in parts)
-               else NOT_REPRODUCED if any(p == NOT_REPRODUCED for p in parts) else INCONCLUSIVE)
-    return [Finding("table2", ctx.model, claim, "sink rate without / with ⟨bos⟩ (ε = 0.3)", ratio, r_low, r_high,
-                    verdict, rule, f"{len(shared)} prompts", note=loss_note)]
+        add = per_prompt_sink_rate(ctx.results["scan_add"], SINK_EPS)
+        strip = per_prompt_sink_rate(ctx.results["scan_strip"], SINK_EPS)
+        shared = add.index.intersection(strip.index)
+        findings.append(judge(rate_rule, ctx.model, Evidence(strip[shared], add[shared])))
+    why = ctx.absent("ablate")
+    paired = None if why else _paired(per_window_loss(ctx.results["ablate"]), "strip", "add")
+    findings.append(judge(loss_rule, ctx.model, None if paired is None else Evidence(*paired),
+                          missing=why or "ablate has no add / strip windows"))
+    return findings
 
 
-# -- Table 3 -----------------------------------------------------------------------------------------------
-RETRIEVAL_RULE = ("accuracy with − without ⟨bos⟩, paired by prompt: interval above 0 → reproduced; below 0, or "
-                  "[0, 0] while the accuracy with ⟨bos⟩ is ≥ 0.2 → not reproduced; otherwise (or when the model "
-                  "cannot retrieve even with ⟨bos⟩, accuracy < 0.2) inconclusive")
-
-
-def retrieval_verdict(with_bos: np.ndarray, without: np.ndarray) -> tuple[float, float, float, str]:
-    """The paired difference of per-prompt scores (with − without ⟨bos⟩), its interval and the verdict of
-    `RETRIEVAL_RULE` (shared by the passkey and the RULER-style tasks)."""
-    value, low, high = paired_difference_interval(with_bos, without)
-    accuracy = float(with_bos.mean())
-    verdict = above(low, high, 0.0)
-    if verdict == INCONCLUSIVE and high <= 0.0 and accuracy >= 0.2:
-        verdict = NOT_REPRODUCED
-    if accuracy < 0.2 and verdict != REPRODUCED:
-        verdict = INCONCLUSIVE
-    return value, low, high, verdict
+# -- Table 3 -------------------------------------------------------------------------------------------------
+def _retrieval_rule(label: str, relocated: bool) -> Rule:
+    if relocated:  # the paper's prediction for a model whose sink is not tied to <bos>: no change
+        return Rule("table3", "without a fixed ⟨bos⟩, removing it changes nothing (the first token stays the sink)",
+                    f"{label}, with − without ⟨bos⟩", "equal", 0.0, 0.0, 0.05, "prompts", "add vs strip")
+    return Rule("table3", "removing ⟨bos⟩ lowers performance, most on long-context retrieval",
+                f"{label}, with − without ⟨bos⟩", "above", 0.0, 0.05, 0.05, "prompts", "add vs strip")
 
 
 def _paired_scores(frame: pd.DataFrame, index: list[str], score: str) -> pd.DataFrame:
@@ -214,77 +429,97 @@ def _paired_scores(frame: pd.DataFrame, index: list[str], score: str) -> pd.Data
 
 
 def judge_table3(ctx: Context) -> list[Finding]:
-    claim = "removing ⟨bos⟩ lowers performance, most on long-context retrieval"
+    premise = ctx.sink_premise()
+    relocated = premise is not None and not premise[0]
     findings = []
     for key, label, index, score in (("passkey", "passkey accuracy", ["length", "depth", "trial"], "correct"),
                                      ("ruler", "RULER-style score", ["task", "length", "depth", "trial"], "score")):
-        absent = ctx.missing("table3", claim, key)
-        if absent:
-            findings.append(absent)
+        rule = _retrieval_rule(label, relocated)
+        why = ctx.absent(key)
+        if why:
+            findings.append(judge(rule, ctx.model, None, missing=why))
             continue
         paired = _paired_scores(ctx.results[key].tables[key], index, score)
+        if not {"add", "strip"} <= set(paired.columns):
+            findings.append(judge(rule, ctx.model, None, missing=f"{key} has no add / strip pairs"))
+            continue
         with_bos, without = paired["add"].to_numpy(float), paired["strip"].to_numpy(float)
-        value, low, high, verdict = retrieval_verdict(with_bos, without)
         note = f"{label} with ⟨bos⟩ {float(with_bos.mean()):.2f}, without {float(without.mean()):.2f}"
         if key == "ruler":
             lengths = ", ".join(str(n) for n in sorted({int(n) for n in paired.index.get_level_values("length")}))
             note += f" ({paired.index.get_level_values('task').nunique()} tasks at {lengths} tokens)"
-        if key == "passkey" and "ablate" in ctx.results:
-            loss = ctx.results["ablate"].summary["loss"]
-            note += f"; perplexity with ⟨bos⟩ {loss['add']['ppl']:.2f}, without {loss['strip']['ppl']:.2f}"
-        findings.append(Finding("table3", ctx.model, claim, f"{label}, with − without ⟨bos⟩", value, low, high,
-                                verdict, RETRIEVAL_RULE, f"{len(paired)} prompts", note=note))
+        if relocated and premise is not None:
+            note += f"; {premise[1].split(':')[0]}: the paper predicts no change"
+        finding = judge(rule, ctx.model, Evidence(with_bos, without), note=note)
+        if finding.verdict == NOT_REPRODUCED and not relocated and float(with_bos.mean()) < 0.2:
+            finding = replace(finding, verdict=INCONCLUSIVE, note=finding.note + "; the model cannot retrieve even "
+                                                                                 "with ⟨bos⟩ (accuracy < 0.2)")
+        findings.append(finding)
     return findings
 
 
-# -- Fig. 2-4 ----------------------------------------------------------------------------------------------
+# -- Fig. 2-4 ------------------------------------------------------------------------------------------------
+FIG2 = Rule("fig2", "a one-token change spreads more without ⟨bos⟩", "R = spread without / with ⟨bos⟩ "
+            "(Σ over depths and the tokens after the swap of ‖h − h'‖₂)", "above", 1.0, 0.1, 0.05,
+            "texts (each text × swap is one unit)", "strip vs add", kind="ratio", premise="sink removed")
+
+
 def judge_fig2(ctx: Context) -> list[Finding]:
-    claim = "a one-token change spreads more without ⟨bos⟩"
-    absent = ctx.missing("fig2", claim, "perturb")
-    if absent:
-        return [absent]
+    why = ctx.absent("perturb")
+    if why:
+        return [judge(FIG2, ctx.model, None, missing=why)]
     result = ctx.results["perturb"]
     frame = result.tables["delta"]
     after = frame[frame["after_swap"]]
-    per_token = after.groupby(["bos", "position"])["delta"].sum().unstack("bos")
-    value, low, high = ratio_interval(per_token["strip"].to_numpy(), per_token["add"].to_numpy())
-    rule = ("R = spread without / with ⟨bos⟩ (sum over depths and the tokens after the swap of ‖h − h'‖₂): "
-            "interval above 1 → reproduced, below 1 → not reproduced")
-    return [Finding("fig2", ctx.model, claim, "R = S_total(strip) / S_total(add)", value, low, high,
-                    above(low, high, 1.0), rule, f"{len(per_token)} tokens after the swap (one text, as the paper)",
-                    note=f"relative-norm version R = {result.summary.get('R_total_rel', float('nan')):.3f}")]
+    totals = after.groupby("bos")["delta"].sum()  # one text: one unit
+    evidence = Evidence([totals.get("strip", np.nan)], [totals.get("add", np.nan)],
+                        note=f"one text, {after['position'].nunique()} tokens after the swap (tokens of one text are "
+                             f"not independent units); relative-norm R = "
+                             f"{result.summary.get('R_total_rel', float('nan')):.3f}")
+    return [judge(FIG2, ctx.model, evidence, premise=ctx.sink_premise())]
+
+
+FIG3 = Rule("fig3", "attention is smoother without ⟨bos⟩", "Δ entropy over the text keys (nats), without − with "
+            "⟨bos⟩", "above", 0.0, 0.01, 0.01, "prompts", "strip vs add", premise="sink removed")
 
 
 def judge_fig3(ctx: Context) -> list[Finding]:
-    claim = "attention is smoother without ⟨bos⟩"
-    absent = ctx.missing("fig3", claim, "smoothing")
-    if absent:
-        return [absent]
+    why = ctx.absent("smoothing")
+    if why:
+        return [judge(FIG3, ctx.model, None, missing=why)]
     frame = ctx.results["smoothing"].tables["smoothing"]
-    per_prompt = frame.groupby(["prompt", "bos"])["entropy"].mean().unstack("bos")
-    value, low, high = paired_difference_interval(per_prompt["strip"].to_numpy(), per_prompt["add"].to_numpy())
-    rule = "mean attention entropy of the text queries, without − with ⟨bos⟩, paired by prompt: interval above 0"
-    return [Finding("fig3", ctx.model, claim, "Δ entropy (nats), without − with ⟨bos⟩", value, low, high,
-                    above(low, high, 0.0), rule, f"{len(per_prompt)} prompts")]
+    column = "entropy_text" if "entropy_text" in frame else "entropy"
+    per_prompt = frame.groupby(["prompt", "bos"])[column].mean().unstack("bos")
+    paired = _paired(per_prompt, "strip", "add")
+    if paired is None:
+        return [judge(FIG3, ctx.model, None, missing="smoothing has no add / strip prompts")]
+    raw = frame.groupby(["prompt", "bos"])["entropy"].mean().unstack("bos")
+    note = (f"raw entropy (rows with ⟨bos⟩ see one key more) Δ = {float((raw['strip'] - raw['add']).mean()):.3f}"
+            if {"add", "strip"} <= set(raw) else "")
+    if "entropy_norm" in frame:
+        norm = frame.groupby(["prompt", "bos"])["entropy_norm"].mean().unstack("bos")
+        if {"add", "strip"} <= set(norm):
+            note += f"; entropy / log(keys) Δ = {float((norm['strip'] - norm['add']).mean()):.3f}"
+    return [judge(FIG3, ctx.model, Evidence(*paired), premise=ctx.sink_premise(), note=note)]
+
+
+NOOP = Rule("fig4", "the sink's value vector is small (approximate no-op)", "first-token value norm / the median "
+            "token's, in sink heads (median per prompt)", "below", 1.0, 0.1, 0.05, "prompts", "add", kind="mean")
+CONDITIONAL = Rule("fig4", "a head sinks by default and attends elsewhere after a trigger (the apostrophe head)",
+                   "held-out drop of α after the trigger", "above", 0.0, 0.05, 0.02, "held-out texts", "add",
+                   kind="mean")
 
 
 def judge_noop(ctx: Context) -> Finding:
-    claim = "the sink's value vector is small (approximate no-op)"
-    absent = ctx.missing("fig4", claim, "noop")
-    if absent:
-        return absent
+    why = ctx.absent("noop")
+    if why:
+        return judge(NOOP, ctx.model, None, missing=why)
     frame = ctx.results["noop"].tables["noop"]
     sinks = frame[frame["alpha"] > SINK_EPS]
-    rule = (f"in sink heads (α > {SINK_EPS}), the first token's value norm / the median token's, median per "
-            "prompt: interval below 1 → reproduced, above 1 → not reproduced")
-    if sinks.empty:
-        return Finding("fig4", ctx.model, claim, "no sink heads", None, None, None, INCONCLUSIVE, rule)
     per_prompt = sinks.groupby("prompt")["first_value_ratio"].median()
-    value, low, high = bootstrap_interval(per_prompt.to_numpy())
-    smallest = float((sinks["first_value_rank"] == 1).mean())
-    return Finding("fig4", ctx.model, claim, "first-token value norm / median (sink heads)", value, low, high,
-                   below(low, high, 1.0), rule, f"{len(per_prompt)} prompts",
-                   note=f"the first token has the smallest value norm in {smallest:.0%} of (prompt, sink head) pairs")
+    smallest = float((sinks["first_value_rank"] == 1).mean()) if len(sinks) else float("nan")
+    return judge(NOOP, ctx.model, Evidence(per_prompt.to_numpy()),
+                 note=f"the first token has the smallest value norm in {smallest:.0%} of (prompt, sink head) pairs")
 
 
 def held_out_drop(queries: pd.DataFrame) -> tuple[tuple[int, int], pd.Series, pd.Series]:
@@ -305,185 +540,278 @@ def held_out_drop(queries: pd.DataFrame) -> tuple[tuple[int, int], pd.Series, pd
 
 
 def judge_conditional(ctx: Context) -> Finding:
-    claim = "a head sinks by default and attends elsewhere after a trigger (the apostrophe head)"
-    absent = ctx.missing("fig4", claim, "conditional")
-    if absent:
-        return absent
-    result = ctx.results["conditional"]
-    rule = ("the head with the largest drop of first-token attention after the trigger, chosen on the even "
-            f"texts; on the odd texts its drop has its interval above 0 and its default α > {SINK_EPS}")
-    (layer, head), drop, default = held_out_drop(result.tables["queries"])
-    if drop.empty:
-        return Finding("fig4", ctx.model, claim, "no held-out text with a trigger", None, None, None, INCONCLUSIVE,
-                       rule)
-    value, low, high = bootstrap_interval(drop.to_numpy())
-    verdict = above(low, high, 0.0)
-    if verdict == REPRODUCED and float(default.mean()) <= SINK_EPS:
-        verdict = NOT_REPRODUCED
-    trigger = result.summary.get("trigger", "")
-    return Finding("fig4", ctx.model, claim, f"held-out drop of α after {trigger!r}, layer {layer} head {head}",
-                   value, low, high, verdict, rule, f"{len(drop)} held-out texts",
-                   note=f"default α of that head on the held-out texts {float(default.mean()):.2f}")
+    why = ctx.absent("conditional")
+    if why:
+        return judge(CONDITIONAL, ctx.model, None, missing=why)
+    (layer, head), drop, default = held_out_drop(ctx.results["conditional"].tables["queries"])
+    finding = judge(CONDITIONAL, ctx.model, Evidence(drop.to_numpy()),
+                    note=f"layer {layer} head {head}; its default α on the held-out texts {float(default.mean()):.2f}")
+    if finding.verdict == REPRODUCED and float(default.mean()) <= SINK_EPS:
+        finding = replace(finding, verdict=NOT_REPRODUCED, note=finding.note + " (not a sink by default)")
+    return finding
 
 
 def judge_fig4(ctx: Context) -> list[Finding]:
     return [judge_noop(ctx), judge_conditional(ctx)]
 
 
-# -- collapse, over-squashing, massive activations, knock-out, streaming -------------------------------------
+# -- the dose-response: the sink turned down, not moved -------------------------------------------------------
+DOSE_ENTROPY = Rule("dose", "turning the sink down makes attention over the text mix more",
+                    "Spearman ρ(sink mass, entropy over the text keys) across add+scale:λ, λ ∈ {1, .75, .5, .25, 0}",
+                    "below", 0.0, 0.3, 0.1, "prompts (ρ per prompt)", "add+scale:λ", kind="mean")
+DOSE_LOSS = Rule("dose", "turning the sink down raises the loss", "Spearman ρ(λ, loss) across add+scale:λ, "
+                 "λ ∈ {1, .75, .5, .25, 0}", "below", 0.0, 0.3, 0.1, "windows (ρ per window)", "add+scale:λ",
+                 kind="mean")
+NOOP_LOSS = Rule("dose", "the sink writes almost nothing: zeroing its value changes the loss little",
+                 "Δloss (nats), add+zero-value − add", "equal", 0.0, 0.0, 0.05, "windows", "add+zero-value vs add")
+
+
+def dose_condition(dose: float) -> str:
+    return "add" if dose == 1.0 else f"add+scale:{dose:g}"
+
+
+def _trend(frame: pd.DataFrame, x: pd.DataFrame | dict[str, float]) -> np.ndarray:
+    """Per unit (row of ``frame``: unit x condition), Spearman ρ between x (per condition, or unit x condition)
+    and the values, over the dose conditions the unit has."""
+    columns = [dose_condition(d) for d in DOSES if dose_condition(d) in frame]
+    out = []
+    for unit, row in frame[columns].iterrows():
+        xs = np.array([x[c] if isinstance(x, dict) else x.loc[unit, c] for c in columns], dtype=float)
+        out.append(spearman(xs, row.to_numpy(float)) if len(columns) >= 3 else np.nan)
+    return np.asarray(out, dtype=float)
+
+
+def judge_dose(ctx: Context) -> list[Finding]:
+    findings = []
+    why = ctx.absent("smoothing")
+    if why:
+        findings.append(judge(DOSE_ENTROPY, ctx.model, None, missing=why))
+    else:
+        smoothing = ctx.results["smoothing"]
+        frame = smoothing.tables["smoothing"]
+        entropy = frame.groupby(["prompt", "bos"])["entropy_text" if "entropy_text" in frame
+                                                    else "entropy"].mean().unstack("bos")
+        where = smoothing.tables.get("whereabouts")
+        if where is None or entropy.shape[1] < 3:
+            findings.append(judge(DOSE_ENTROPY, ctx.model, None, missing="smoothing ran no dose conditions"))
+        else:
+            mass = where.assign(prompt=where["unit"].str.extract(r"prompt=(\d+)", expand=False).astype(int))
+            mass = mass.groupby(["prompt", "condition"])["alpha_first"].mean().unstack("condition")
+            values = _trend(entropy, mass.reindex(entropy.index))
+            curve = {dose_condition(d): float(entropy[dose_condition(d)].mean()) for d in DOSES
+                     if dose_condition(d) in entropy}
+            findings.append(judge(DOSE_ENTROPY, ctx.model, Evidence(values),
+                                  note="entropy by λ: " + ", ".join(f"{k}: {v:.3f}" for k, v in curve.items())))
+    why = ctx.absent("ablate")
+    if why:
+        return findings + [judge(DOSE_LOSS, ctx.model, None, missing=why),
+                           judge(NOOP_LOSS, ctx.model, None, missing=why)]
+    losses = per_window_loss(ctx.results["ablate"])
+    doses = {dose_condition(d): d for d in DOSES}
+    if sum(c in losses for c in doses) < 3:
+        findings.append(judge(DOSE_LOSS, ctx.model, None, missing="ablate ran no dose conditions"))
+    else:
+        curve = {c: float(losses[c].mean()) for c in doses if c in losses}
+        findings.append(judge(DOSE_LOSS, ctx.model, Evidence(_trend(losses, doses)),
+                              note="loss by λ: " + ", ".join(f"{k}: {v:.3f}" for k, v in curve.items())))
+    paired = _paired(losses, "add+zero-value", "add")
+    findings.append(judge(NOOP_LOSS, ctx.model, None if paired is None else Evidence(*paired),
+                          missing="ablate ran no add+zero-value"))
+    return findings
+
+
+# -- collapse, over-squashing, massive activations, knock-out, streaming ---------------------------------------
+RANK = Rule("rank", "with the sink, the text tokens' representations stay further from rank one",
+            "Δ relative residual ‖V − 1μᵀ‖_F / ‖V‖_F of the text rows at the last depth, with − without ⟨bos⟩",
+            "above", 0.0, 0.01, 0.005, "prompts", "add vs strip", premise="sink removed")
+REPR = Rule("rank", "last-token representations collapse as the sequence grows",
+            "slope of log last-token distance vs log n (repeated tokens, with ⟨bos⟩)", "below", 0.0, 0.1, 0.05,
+            "lengths", "add", kind="mean")
+
+
 def judge_rank(ctx: Context) -> list[Finding]:
     return [judge_rank_collapse(ctx), judge_repr_collapse(ctx)]
 
 
 def judge_rank_collapse(ctx: Context) -> Finding:
-    claim = "the sink keeps token representations away from rank one"
-    absent = ctx.missing("rank", claim, "rank_collapse")
-    if absent:
-        return absent
-    frame = ctx.results["rank_collapse"].tables["rank_collapse"]
-    last = frame[(frame["measure"] == "frobenius_residual") & frame["exclude_sink"]]
+    why = ctx.absent("rank_collapse")
+    if why:
+        return judge(RANK, ctx.model, None, missing=why)
+    result = ctx.results["rank_collapse"]
+    note = ("the paper does not test T2 directly: this row tests whether the same text rows end further from "
+            "rank one with the sink")
+    frame = result.tables.get("text_rows")
+    if frame is None:  # runs saved before the text-rows table
+        frame = result.tables["rank_collapse"]
+        frame = frame[frame["exclude_sink"]]
+        note += "; rows: all but the first (older run: not the same rows in both conditions)"
+    last = frame[(frame["measure"] == "frobenius_residual")]
     last = last[last["depth"] == last["depth"].max()]
     per_prompt = last.pivot_table(index="prompt", columns="bos", values="value")
-    value, low, high = paired_difference_interval(per_prompt["add"].to_numpy(), per_prompt["strip"].to_numpy())
-    rule = ("relative residual ‖V − 1μᵀ‖_F / ‖V‖_F of the text tokens at the last depth, with − without ⟨bos⟩, "
-            "paired by prompt: interval above 0 (further from rank one with the sink)")
-    return Finding("rank", ctx.model, claim, "Δ relative residual, with − without ⟨bos⟩", value, low, high,
-                   above(low, high, 0.0), rule, f"{len(per_prompt)} prompts")
+    paired = _paired(per_prompt, "add", "strip")
+    return judge(RANK, ctx.model, None if paired is None else Evidence(*paired), premise=ctx.sink_premise(),
+                 missing="rank collapse has no add / strip prompts", note=note)
 
 
 def judge_repr_collapse(ctx: Context) -> Finding:
-    claim = "last-token representations collapse as the sequence grows"
-    absent = ctx.missing("rank", claim, "repr_collapse")
-    if absent:
-        return absent
+    why = ctx.absent("repr_collapse")
+    if why:
+        return judge(REPR, ctx.model, None, missing=why)
     frame = ctx.results["repr_collapse"].tables["repr_collapse"]
     rows = frame[(frame["family"] == "repeated") & (frame["bos"] == "add")].sort_values("n")
-    rule = ("log-log slope of the last-token L2 distance (sequence vs. the same + its last token repeated) "
-            "against n, repeated tokens, with ⟨bos⟩: interval below 0; bootstrap over lengths")
-    if len(rows) < 3:
-        return Finding("rank", ctx.model, claim, "needs three or more lengths", None, None, None, INCONCLUSIVE, rule)
+    if len(rows) < 2:
+        return judge(REPR, ctx.model, Evidence(np.zeros(0)))
     value, low, high = statistic_interval(loglog_slope, rows["n"].to_numpy(float), rows["l2"].to_numpy(float))
-    strip = frame[(frame["family"] == "repeated") & (frame["bos"] == "strip")].sort_values("n")
-    note = ""
-    if len(strip):
-        note = (f"distance at n = {int(rows['n'].iloc[-1])}: with ⟨bos⟩ {rows['l2'].iloc[-1]:.3g}, without "
-                f"{strip['l2'].iloc[-1]:.3g}")
-    return Finding("rank", ctx.model, claim, "slope of log distance vs log n", value, low, high,
-                   below(low, high, 0.0), rule, f"{len(rows)} lengths", note=note)
+    finding = judge(REPR, ctx.model, Evidence(np.full(len(rows), value)),
+                    note="a slope over lengths of one sequence family: the lengths are not independent units")
+    return replace(finding, value=value, low=low, high=high)
+
+
+OVERSQUASH = Rule("oversquash", "removing ⟨bos⟩ raises the sensitivity between tokens",
+                  "sensitivity ratio s²(strip) / s²(add)", "above", 1.0, 0.1, 0.05, "texts", "strip vs add",
+                  kind="ratio", premise="sink removed")
 
 
 def judge_oversquash(ctx: Context) -> list[Finding]:
-    claim = "removing ⟨bos⟩ raises the sensitivity between tokens"
-    absent = ctx.missing("oversquash", claim, "oversquash")
-    if absent:
-        return [absent]
+    why = ctx.absent("oversquash")
+    if why:
+        return [judge(OVERSQUASH, ctx.model, None, missing=why)]
     result = ctx.results["oversquash"]
     frame = result.tables["sensitivity"]
     inner = frame[(frame["text_position"] > 0) & (frame["distance"] > 0)]
     paired = inner.pivot_table(index="text_position", columns="bos", values="s2").dropna()
-    value, low, high = ratio_interval(paired["strip"].to_numpy(), paired["add"].to_numpy())
-    rule = ("mean ‖∂h_j/∂h_i‖²_F over the text sources i (not position 0, not the target), without / with ⟨bos⟩: "
-            "interval above 1")
-    return [Finding("oversquash", ctx.model, claim, "sensitivity ratio s²(strip) / s²(add)", value, low, high,
-                    above(low, high, 1.0), rule, f"{len(paired)} source tokens of one text",
-                    note=f"{result.summary.get('method', '')}; path-sum bound ratio R_B = "
-                         f"{result.summary.get('R_B_mean', float('nan')):.3f}")]
+    if not {"add", "strip"} <= set(paired.columns):
+        return [judge(OVERSQUASH, ctx.model, None, missing="over-squashing has no add / strip sources")]
+    evidence = Evidence([paired["strip"].mean()], [paired["add"].mean()],
+                        note=f"one text, {len(paired)} source tokens (not independent units); "
+                             f"{result.summary.get('method', '')}")
+    return [judge(OVERSQUASH, ctx.model, evidence, premise=ctx.sink_premise())]
+
+
+MASSIVE = Rule("massive", "massive activations sit on the first token", "share of massive states (> 100× the "
+               "median) with the peak at position 0", "above", 0.5, 0.1, 0.05, "prompts", "add", kind="mean")
 
 
 def judge_massive(ctx: Context) -> list[Finding]:
-    claim = "massive activations sit on the first token"
-    absent = ctx.missing("massive", claim, "massive")
-    if absent:
-        return [absent]
+    why = ctx.absent("massive")
+    if why:
+        return [judge(MASSIVE, ctx.model, None, missing=why)]
     frame = ctx.results["massive"].tables["massive"]
     rows = frame[frame["bos"] == "add"]
     flagged = rows[rows["massive_100x"]]
-    rule = ("among residual states (prompt × depth, with ⟨bos⟩) holding an activation > 100× the median, the share "
-            "whose largest one is at position 0, per prompt: interval above 0.5; none flagged → not reproduced")
-    if flagged.empty:
-        return [Finding("massive", ctx.model, claim, "no activation > 100× the median", float(rows["ratio"].max()),
-                        None, None, NOT_REPRODUCED, rule, note="value: the largest max/median ratio seen")]
     share = (flagged["top_token_index"] == 0).groupby(flagged["prompt"]).mean()
-    value, low, high = bootstrap_interval(share.to_numpy(dtype=float))
-    return [Finding("massive", ctx.model, claim, "share of massive states with the peak at position 0", value, low,
-                    high, above(low, high, 0.5), rule, f"{len(share)} prompts",
-                    note=f"largest max/median ratio {float(rows['ratio'].max()):.0f}")]
+    share = share.reindex(sorted(rows["prompt"].unique()), fill_value=0.0)  # none flagged: share 0
+    return [judge(MASSIVE, ctx.model, Evidence(share.to_numpy(dtype=float)),
+                  note=f"largest max/median ratio {float(rows['ratio'].max()):.0f}")]
+
+
+def knockout_rule(band: str) -> Rule:
+    return Rule("knockout", "removing the attention to the sink hurts the model more than removing any one key",
+                f"Δloss(knock-out) − Δloss(random key), {band} layers", "above", 0.0, 0.02, 0.01, "windows",
+                f"add+knockout@{band} vs add+random-key@{band}")
+
+
+def layer_bands(n_layers: int) -> dict[str, str]:
+    """Early, middle and late thirds of the layers, as condition layer ranges ("0-9")."""
+    edges = [round(n_layers * i / 3) for i in range(4)]
+    return {name: str(lo) if hi - 1 == lo else f"{lo}-{hi - 1}"  # the canonical spelling of the condition
+            for name, lo, hi in zip(("early", "middle", "late"), edges[:-1], edges[1:], strict=True) if hi > lo}
 
 
 def judge_knockout(ctx: Context) -> list[Finding]:
-    claim = "removing the attention to the sink hurts the model"
-    absent = ctx.missing("knockout", claim, "knockout")
-    if absent:
-        return [absent]
-    everything = ctx.results["knockout"].summary["all_heads"]
-    value, se = float(everything["delta_loss"]), float(everything["delta_se"])
-    low, high = value - 1.96 * se, value + 1.96 * se
-    rule = "Δloss with position 0 hidden from every head: normal 95% interval over tokens above 0"
-    return [Finding("knockout", ctx.model, claim, "Δloss (nats), all heads knocked out", value, low, high,
-                    above(low, high, 0.0), rule, "tokens of the text windows")]
+    """Per layer band, the knock-out against the equal-budget random-key control, paired by window. All-heads
+    knock-out is not judged here: on RoPE models it is the same computation as stripping ⟨bos⟩ (Table 2)."""
+    why = ctx.absent("ablate")
+    n_layers = int(ctx.meta.get("n_layers", 0))
+    if why or not n_layers:
+        return [judge(knockout_rule("each third of the"), ctx.model, None, missing=why or "number of layers unknown")]
+    losses = per_window_loss(ctx.results["ablate"])
+    findings = []
+    for name, layers in layer_bands(n_layers).items():
+        rule = replace(knockout_rule(f"{name} ({layers})"), conditions=f"add+knockout@{layers} vs "
+                                                                          f"add+random-key@{layers}")
+        first, random = f"add+knockout@{layers}", f"add+random-key@{layers}"
+        if first not in losses or random not in losses or "add" not in losses:
+            findings.append(judge(rule, ctx.model, None, missing=f"ablate ran no {first} / {random}"))
+            continue
+        both = losses[[first, random, "add"]].dropna()
+        findings.append(judge(rule, ctx.model, Evidence(both[first] - both["add"], both[random] - both["add"]),
+                              note="all-heads knock-out in every layer ≡ stripping ⟨bos⟩ on RoPE models: "
+                                   "not counted again here"))
+    return findings
+
+
+STREAM = Rule("stream", "keeping the sink tokens in a window cache keeps the loss; a window alone does not",
+              "ΔNLL, window only − window with sinks", "above", 0.0, 0.05, 0.02, "texts", "add", kind="difference")
 
 
 def judge_stream(ctx: Context) -> list[Finding]:
-    claim = "keeping the sink tokens in a window cache keeps the loss; a window alone does not"
-    absent = ctx.missing("stream", claim, "stream")
-    if absent:
-        return [absent]
+    why = ctx.absent("stream")
+    if why:
+        return [judge(STREAM, ctx.model, None, missing=why)]
     result = ctx.results["stream"]
     table = result.tables["stream"]
     evaluated = table[table["position"] >= int(result.summary["eval_start"])]
     caches = evaluated.pivot_table(index="position", columns="cache", values="nll")
     with_sinks = max((c for c in caches.columns if c.startswith("k=") and c != "k=0"),
                      key=lambda c: int(c[2:]), default=None)
-    rule = "NLL of the window-only cache (k = 0) − the cache with the most sinks, paired by position: interval above 0"
     if with_sinks is None or "k=0" not in caches:
-        return [Finding("stream", ctx.model, claim, "needs k = 0 and k > 0 caches", None, None, None, INCONCLUSIVE,
-                        rule)]
-    value, low, high = paired_difference_interval(caches["k=0"].to_numpy(), caches[with_sinks].to_numpy())
+        return [judge(STREAM, ctx.model, None, missing="needs k = 0 and k > 0 caches")]
     ppl = result.summary["ppl"]
-    return [Finding("stream", ctx.model, claim, f"ΔNLL, window only − {with_sinks} sinks", value, low, high,
-                    above(low, high, 0.0), rule, f"{len(caches)} positions of one text",
-                    note="perplexity " + ", ".join(f"{k}: {v:.2f}" for k, v in ppl.items()))]
+    evidence = Evidence([caches["k=0"].mean()], [caches[with_sinks].mean()],
+                        note=f"one text ({len(caches)} positions, not independent units); perplexity "
+                             + ", ".join(f"{k}: {v:.2f}" for k, v in ppl.items()))
+    return [judge(STREAM, ctx.model, evidence)]
 
 
-# -- Fig. 5: the lab ---------------------------------------------------------------------------------------
-def judge_lab(summary: pd.DataFrame | None, reason: str) -> list[Finding]:
-    claim = "longer training contexts give stronger sinks"
-    rule = ("Spearman correlation between training context length and final sink rate (ε = 0.3, "
-            "⟨bos⟩ + text), over the context-group runs: bootstrap interval above 0")
-    if summary is None or summary.empty:
-        return [Finding("fig5", "lab", claim, "not measured", None, None, None, INCONCLUSIVE, rule, note=reason)]
-    runs = summary[(summary["group"] == "context") & (summary["inference"] == "bos+text")
-                   & np.isclose(summary["eps"].astype(float), SINK_EPS)]
-    if runs["context_length"].nunique() < 3:
-        return [Finding("fig5", "lab", claim, "needs three or more context lengths", None, None, None, INCONCLUSIVE,
-                        rule)]
-    x, y = runs["context_length"].to_numpy(float), runs["sink_rate"].to_numpy(float)
+# -- Fig. 5 and depth: the lab ---------------------------------------------------------------------------------
+LAB_CONTEXT = Rule("fig5", "longer training contexts give stronger sinks", "Spearman ρ(training context length, "
+                   "final sink rate) (ε = 0.3, ⟨bos⟩ + text)", "above", 0.0, 0.3, 0.1, "runs", "bos+text",
+                   kind="mean")
+LAB_DEPTH = Rule("fig5", "deeper models need the sink more (stronger sinks with depth)", "Spearman ρ(layers, final "
+                 "sink rate) (ε = 0.3, ⟨bos⟩ + text)", "above", 0.0, 0.3, 0.1, "runs", "bos+text", kind="mean")
+LAB_PACKING = Rule("fig5", "trained with a fixed ⟨bos⟩, removing it at inference destroys the sink (Table 2, "
+                   "training side)", "Δ sink rate, ⟨bos⟩ + text − text", "above", 0.0, 0.1, 0.05, "runs",
+                   "bos+text vs text")
+
+
+def _lab_correlation(rule: Rule, runs: pd.DataFrame, column: str) -> Finding:
+    x, y = runs[column].to_numpy(float), runs["sink_rate"].to_numpy(float)
+    if len(runs) < 2 or np.unique(x).size < 3:
+        return judge(rule, "lab", Evidence(np.zeros(len(runs))), note="needs three or more settings")
     value, low, high = statistic_interval(spearman, x, y)
-    means = runs.groupby("context_length")["sink_rate"].mean()
-    findings = [Finding("fig5", "lab", claim, "Spearman ρ(context length, sink rate)", value, low, high,
-                        above(low, high, 0.0), rule, f"{len(runs)} runs",
-                        note="sink rate by context: " + ", ".join(f"{int(c)}: {v:.2f}" for c, v in means.items()))]
-    return findings + judge_lab_packing(summary)
+    means = runs.groupby(column)["sink_rate"].mean()
+    finding = judge(rule, "lab", Evidence(np.full(len(runs), value)),
+                    note="sink rate by setting: " + ", ".join(f"{int(c)}: {v:.2f}" for c, v in means.items()))
+    status = finding.verdict
+    if finding.n_units >= rule.min_units:
+        status = (REPRODUCED if low > 0 and value >= rule.min_effect else NOT_REPRODUCED if high < 0
+                  else INCONCLUSIVE)
+    return replace(finding, value=value, low=low, high=high, verdict=status, p_value=None)
 
 
-def judge_lab_packing(summary: pd.DataFrame) -> list[Finding]:
-    claim = "trained with a fixed ⟨bos⟩, removing it at inference destroys the sink (Table 2, training side)"
-    rule = ("runs of the packing group trained with a fixed ⟨bos⟩: sink rate (ε = 0.3) with ⟨bos⟩ + text minus "
-            "text only, paired by run: interval above 0")
-    if "packing.bos" not in summary:
-        return []
-    fixed = summary[(summary["group"] == "packing") & (summary["packing.bos"].astype(str) == "fixed")
-                    & np.isclose(summary["eps"].astype(float), SINK_EPS)]
-    paired = fixed.pivot_table(index="run", columns="inference", values="sink_rate")
-    if paired.empty or not {"bos+text", "text"} <= set(paired.columns):
-        return []
-    value, low, high = paired_difference_interval(paired["bos+text"].to_numpy(), paired["text"].to_numpy())
-    return [Finding("fig5", "lab", claim, "Δ sink rate, ⟨bos⟩ + text − text", value, low, high,
-                    above(low, high, 0.0), rule, f"{len(paired)} runs")]
+def judge_lab(summary: pd.DataFrame | None, reason: str) -> list[Finding]:
+    if summary is None or summary.empty:
+        return [judge(LAB_CONTEXT, "lab", None, missing=reason)]
+    strict = summary[(summary["inference"] == "bos+text") & np.isclose(summary["eps"].astype(float), SINK_EPS)]
+    findings = []
+    context = strict[strict["group"] == "context"]
+    if len(context):
+        findings.append(_lab_correlation(LAB_CONTEXT, context, "context_length"))
+    depth = strict[strict["group"] == "depth"]
+    if len(depth) and "model.layers" in depth:
+        findings.append(_lab_correlation(LAB_DEPTH, depth, "model.layers"))
+    if "packing.bos" in summary:
+        fixed = summary[(summary["group"] == "packing") & (summary["packing.bos"].astype(str) == "fixed")
+                        & np.isclose(summary["eps"].astype(float), SINK_EPS)]
+        paired = fixed.pivot_table(index="run", columns="inference", values="sink_rate")
+        if not paired.empty and {"bos+text", "text"} <= set(paired.columns):
+            findings.append(judge(LAB_PACKING, "lab", Evidence(paired["bos+text"], paired["text"])))
+    return findings or [judge(LAB_CONTEXT, "lab", None, missing="the sweep has no context, depth or packing group")]
 
 
 JUDGES: dict[str, Callable[[Context], list[Finding]]] = {
     "table1": judge_table1, "table2": judge_table2, "table3": judge_table3, "fig2": judge_fig2,
-    "fig3": judge_fig3, "fig4": judge_fig4, "rank": judge_rank, "oversquash": judge_oversquash,
+    "fig3": judge_fig3, "fig4": judge_fig4, "dose": judge_dose, "rank": judge_rank, "oversquash": judge_oversquash,
     "massive": judge_massive, "knockout": judge_knockout, "stream": judge_stream,
 }
