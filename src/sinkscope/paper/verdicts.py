@@ -479,8 +479,8 @@ def judge_fig2(ctx: Context) -> list[Finding]:
     return [judge(FIG2, ctx.model, evidence, premise=ctx.sink_premise())]
 
 
-FIG3 = Rule("fig3", "attention is smoother without ⟨bos⟩", "Δ entropy over the text keys (nats), without − with "
-            "⟨bos⟩", "above", 0.0, 0.01, 0.01, "prompts", "strip vs add", premise="sink removed")
+FIG3 = Rule("fig3", "attention is smoother without ⟨bos⟩", "Δ normalised entropy (entropy / log keys seen), "
+            "without − with ⟨bos⟩", "above", 0.0, 0.01, 0.01, "prompts", "strip vs add", premise="sink removed")
 
 
 def judge_fig3(ctx: Context) -> list[Finding]:
@@ -488,19 +488,18 @@ def judge_fig3(ctx: Context) -> list[Finding]:
     if why:
         return [judge(FIG3, ctx.model, None, missing=why)]
     frame = ctx.results["smoothing"].tables["smoothing"]
-    column = "entropy_text" if "entropy_text" in frame else "entropy"
+    # like for like: with <bos> every row sees one key more, which alone moves the raw entropy
+    column = "entropy_norm" if "entropy_norm" in frame else "entropy"
     per_prompt = frame.groupby(["prompt", "bos"])[column].mean().unstack("bos")
     paired = _paired(per_prompt, "strip", "add")
     if paired is None:
         return [judge(FIG3, ctx.model, None, missing="smoothing has no add / strip prompts")]
-    raw = frame.groupby(["prompt", "bos"])["entropy"].mean().unstack("bos")
-    note = (f"raw entropy (rows with ⟨bos⟩ see one key more) Δ = {float((raw['strip'] - raw['add']).mean()):.3f}"
-            if {"add", "strip"} <= set(raw) else "")
-    if "entropy_norm" in frame:
-        norm = frame.groupby(["prompt", "bos"])["entropy_norm"].mean().unstack("bos")
-        if {"add", "strip"} <= set(norm):
-            note += f"; entropy / log(keys) Δ = {float((norm['strip'] - norm['add']).mean()):.3f}"
-    return [judge(FIG3, ctx.model, Evidence(*paired), premise=ctx.sink_premise(), note=note)]
+    notes = []
+    for other, label in (("entropy", "raw entropy"), ("entropy_text", "entropy over the text keys alone")):
+        if other in frame and other != column:
+            means = frame.groupby(["prompt", "bos"])[other].mean().unstack("bos")
+            notes.append(f"{label} Δ = {float((means['strip'] - means['add']).mean()):.3f} nats")
+    return [judge(FIG3, ctx.model, Evidence(*paired), premise=ctx.sink_premise(), note="; ".join(notes))]
 
 
 NOOP = Rule("fig4", "the sink's value vector is small (approximate no-op)", "first-token value norm / the median "
@@ -556,6 +555,8 @@ def judge_fig4(ctx: Context) -> list[Finding]:
 
 
 # -- the dose-response: the sink turned down, not moved -------------------------------------------------------
+# The entropy over the text keys alone: the dose keeps the text keys' ratios in the layer it acts on, so this
+# moves only through what the turned-down sink changes downstream (the full entropy would rise by arithmetic).
 DOSE_ENTROPY = Rule("dose", "turning the sink down makes attention over the text mix more",
                     "Spearman ρ(sink mass, entropy over the text keys) across add+scale:λ, λ ∈ {1, .75, .5, .25, 0}",
                     "below", 0.0, 0.3, 0.1, "prompts (ρ per prompt)", "add+scale:λ", kind="mean")
