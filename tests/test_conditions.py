@@ -416,3 +416,25 @@ def test_smoothing_reports_key_count_free_entropies(family):
                     want_norm = torch.where(keys > 1, entropy / keys.clamp_min(2).log(), torch.nan)
                     assert rows["entropy_norm"].to_numpy() == pytest.approx(want_norm.nanmean(-1).numpy(),
                                                                             abs=1e-4)
+
+
+def test_residual_measures_use_the_same_text_rows_in_every_condition():
+    """Matrix entropy and rank collapse on the text rows: at depth 0 (the embeddings of the same text tokens)
+    they agree between add and strip exactly as computed from those rows, while the all-rows measures differ."""
+    import sinkscope as ss
+
+    lm = ss.load(tiny_model("llama"), tokenizer=word_tokenizer())
+    texts = ["the cat sat on the mat .", "the dog ran far away and it was very quiet ."]
+    entropy = ss.matrix_entropy_by_depth(lm, texts, conditions=["add", "strip"], progress=False).to_frame()
+    first = entropy[entropy.depth == 0].set_index(["prompt", "bos"])
+    for prompt in range(len(texts)):
+        # float64 on the same embedding rows: equal to rounding
+        assert first.loc[(prompt, "add"), "entropy_text"] == pytest.approx(first.loc[(prompt, "strip"),
+                                                                                      "entropy_text"], abs=1e-9)
+        assert first.loc[(prompt, "add"), "entropy"] != pytest.approx(first.loc[(prompt, "strip"), "entropy"],
+                                                                      abs=1e-6)
+    rank = ss.rank_collapse(lm, texts, conditions=["add", "strip"], progress=False).tables["text_rows"]
+    at_zero = rank[(rank.depth == 0) & (rank.measure == "frobenius_residual")].pivot(
+        index="prompt", columns="bos", values="value")
+    assert at_zero["add"].to_numpy() == pytest.approx(at_zero["strip"].to_numpy(), abs=1e-9)
+    assert set(rank["n_rows"]) == {len(t.split()) for t in texts}

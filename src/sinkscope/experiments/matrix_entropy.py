@@ -6,7 +6,8 @@ Per prompt, `<bos>` condition and depth (0 = embeddings, d = output of layer d -
 norm): the von Neumann and collision (order-2) entropies of the trace-normalised Gram matrix of the
 sequence's token representations (`metrics.matrix_entropy`; in nats, at most log n), the same without
 position 0, the same of the tokens centred on their mean (``entropy_centred``: a direction every token
-shares no longer counts), the norm of position 0's representation and the median norm of the others. One forward pass
+shares no longer counts), the same of the text tokens' rows alone (``entropy_text``: the same rows under
+every condition), the norm of position 0's representation and the median norm of the others. One forward pass
 also gives each layer's first-token attention, so the sink rate per layer (share of heads whose alpha
 exceeds ``eps``) comes from the same tokens. The table ``per_depth`` puts them side by side: the row of
 depth d also holds layer d - 1, the block whose output depth d is (no layer at depth 0).
@@ -95,6 +96,8 @@ class MatrixEntropy(PromptExperiment):
             "entropy": matrix_entropy(residual), "renyi2": matrix_entropy(residual, order=2.0),
             "entropy_without_first": matrix_entropy(residual[:, 1:]) if residual.shape[1] > 1 else np.nan,
             "entropy_centred": matrix_entropy(residual, centre=True),
+            # like for like: the text tokens' rows only, the same rows under every condition
+            "entropy_text": matrix_entropy(residual[:, unit.text_start:unit.text_stop]),
             "max_entropy": np.log(min(residual.shape[1], residual.shape[2])),
             "first_norm": norms[:, 0], "median_norm": others, "first_norm_ratio": norms[:, 0] / others,
         })
