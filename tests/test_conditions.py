@@ -438,3 +438,36 @@ def test_residual_measures_use_the_same_text_rows_in_every_condition():
         index="prompt", columns="bos", values="value")
     assert at_zero["add"].to_numpy() == pytest.approx(at_zero["strip"].to_numpy(), abs=1e-9)
     assert set(rank["n_rows"]) == {len(t.split()) for t in texts}
+
+
+def test_spread_over_prompts_matches_transformers_hidden_states():
+    """Fig. 2 with prompts as units: S per depth against transformers' own hidden states of both sequences,
+    nothing moves before the swap, and the condition's intervention applies."""
+    import sinkscope as ss
+    from sinkscope.experiments.inputs import encode_one
+    from sinkscope.experiments.spread import swap_index
+
+    model = tiny_model("llama")
+    lm = ss.load(model, tokenizer=word_tokenizer())
+    texts = ["the cat sat on the mat and the dog ran far away .", "then the sun rose over the hills ."]
+    result = ss.spread(lm, texts, conditions=["add", "strip", "add+scale:0.3"], progress=False)
+    frame = result.to_frame()
+    assert result.summary["max_delta_before_swap"] == 0.0 and set(frame["condition"]) == {
+        "add", "strip", "add+scale:0.3"}
+    tokenizer = word_tokenizer()
+    for prompt, text in enumerate(texts):
+        ids = encode(tokenizer, text, "add")
+        unit = encode_one(tokenizer, text, "add", 64, prompt)
+        j = swap_index(unit, 0.25)
+        swapped = list(ids)
+        swapped[j] = next(t for t in ids[1:] if t != ids[j])
+        with torch.inference_mode():
+            a = model(torch.tensor([ids]), output_hidden_states=True).hidden_states
+            b = model(torch.tensor([swapped]), output_hidden_states=True).hidden_states
+        # transformers' last hidden state is after the final norm; depths 0..L-1 are the raw stream
+        want = [float((x[0, j + 1:] - y[0, j + 1:]).double().norm(dim=-1).sum()) for x, y in zip(a[:-1], b[:-1],
+                                                                                                 strict=True)]
+        got = frame[(frame.prompt == prompt) & (frame.bos == "add")].sort_values("depth")["S"].to_numpy()[:-1]
+        assert got == pytest.approx(want, rel=1e-4)  # float32 forwards in another order: ~1e-6 relative
+    by = frame.groupby("bos")["S"].sum()
+    assert by["add+scale:0.3"] != pytest.approx(by["add"], rel=1e-3)

@@ -21,12 +21,13 @@ from .experiments.rank_collapse import rank_collapse  # noqa: E402
 from .experiments.repr_collapse import representational_collapse  # noqa: E402
 from .experiments.ruler import ruler  # noqa: E402
 from .experiments.smoothing import attention_smoothing  # noqa: E402
+from .experiments.spread import spread  # noqa: E402
 from .experiments.stream import stream  # noqa: E402
 from .models import LoadedModel, ModelInfo, load  # noqa: E402
 
 __all__ = [
     "CaptureEngine", "FirstTokenAttention", "LoadedModel", "ModelInfo", "Probe", "ScanResult", "SinkscopeError",
-    "__version__", "ablate", "attention_smoothing", "capture", "conditional_heads", "downstream",
+    "__version__", "ablate", "attention_smoothing", "spread", "capture", "conditional_heads", "downstream",
     "generate_side_by_side", "keys", "knockout", "load", "massive_activations", "matrix_entropy_by_depth", "noop",
     "oversquash", "passkey", "perturb", "rank_collapse", "representational_collapse", "ruler", "scan", "stream",
 ]

@@ -36,6 +36,25 @@ def perturb(
 
 @app.command(rich_help_panel=EXPLAIN)
 @user_errors
+def spread(
+    model: options.Model = "gemma3-270m", prompts: options.Prompts = None, limit: options.Limit = None,
+    bos: options.Bos = None, max_tokens: options.MaxTokens = 64,
+    position: Annotated[float, typer.Option(help="where the swapped token sits, as a fraction of the text")] = 0.25,
+    out: options.Out = None, resume: options.Resume = False, quiet: options.Quiet = False,
+    device: options.Device = "cpu", dtype: options.Dtype = "float32",
+    trust_remote_code: options.TrustRemoteCode = False,
+) -> None:
+    """Perturbation spread of a one-token swap in every prompt (Fig. 2 with prompts as independent units)."""
+    from ..experiments.spread import Spread
+
+    experiment = Spread(prompts=options.prompts_from(prompts, limit), bos=tuple(bos or DEFAULT_BOS),
+                        max_tokens=max_tokens, position=position)
+    run_command(experiment, model, out=out, resume=resume, quiet=quiet, device=device, dtype=dtype,
+                trust_remote_code=trust_remote_code)
+
+
+@app.command(rich_help_panel=EXPLAIN)
+@user_errors
 def oversquash(
     model: options.Model = "gemma3-270m", text: TextOption = None,
     probes: Annotated[int, typer.Option(help="random probes k (cost: 1 forward + k backward passes)")] = 16,

@@ -25,6 +25,7 @@ from ..experiments.repr_collapse import ReprCollapse
 from ..experiments.ruler import Ruler
 from ..experiments.scan import Scan
 from ..experiments.smoothing import AttentionSmoothing
+from ..experiments.spread import Spread
 from ..experiments.stream import Stream
 from .verdicts import DOSES, dose_condition, layer_bands
 
@@ -125,6 +126,7 @@ def experiments(size: PlanSize, inputs: Inputs, n_layers: int = 0) -> dict[str, 
         "passkey": Passkey(lengths=size.passkey_lengths, depths=size.passkey_depths, trials=size.passkey_trials),
         "ruler": Ruler(lengths=size.ruler_lengths, depths=size.ruler_depths, trials=size.ruler_trials),
         "perturb": Perturb(text=size.perturb_text, swap=size.perturb_swap),
+        "spread": Spread(prompts=explain, bos=("add", "strip"), max_tokens=t),
         "smoothing": AttentionSmoothing(prompts=explain, bos=("add", "strip", *DOSE_CONDITIONS), max_tokens=t),
         "noop": Noop(prompts=explain, bos=("add",), max_tokens=t),
         "conditional": ConditionalHeads(prompts=prompt_list(list(size.trigger_texts)), trigger=size.trigger),
@@ -167,7 +169,7 @@ SECTIONS: tuple[Section, ...] = (
             "long-context retrieval (Gemma 7B RULER-4K: 82.57 → 0.00).", "§5, Table 3", ("ablate", "passkey", "ruler")),
     Section("fig2", "Fig. 2: perturbation spread",
             "Without ⟨bos⟩ a one-token change of the prompt spreads more strongly across layers and positions "
-            "(predicts R = spread without / with ⟨bos⟩ > 1).", "§3.2, Fig. 2; prediction 4(a)", ("perturb",)),
+            "(predicts R = spread without / with ⟨bos⟩ > 1).", "§3.2, Fig. 2; prediction 4(a)", ("perturb", "spread")),
     Section("fig3", "Fig. 3: attention smoothing",
             "Without ⟨bos⟩ the attention maps become smoother (more mixing).", "§3.2, Fig. 3", ("smoothing",)),
     Section("fig4", "Fig. 4: no-op heads and the conditional head",

@@ -459,24 +459,28 @@ def judge_table3(ctx: Context) -> list[Finding]:
 
 
 # -- Fig. 2-4 ------------------------------------------------------------------------------------------------
-FIG2 = Rule("fig2", "a one-token change spreads more without ⟨bos⟩", "R = spread without / with ⟨bos⟩ "
-            "(Σ over depths and the tokens after the swap of ‖h − h'‖₂)", "above", 1.0, 0.1, 0.05,
-            "texts (each text × swap is one unit)", "strip vs add", kind="ratio", premise="sink removed")
+FIG2 = Rule("fig2", "a one-token change spreads more without ⟨bos⟩", "R = spread without / with ⟨bos⟩ (Σ over "
+            "depths and the text tokens after a one-token swap of ‖h − h'‖₂)", "above", 1.0, 0.1, 0.05,
+            "prompts (one swap each)", "strip vs add", kind="ratio", premise="sink removed")
 
 
 def judge_fig2(ctx: Context) -> list[Finding]:
-    why = ctx.absent("perturb")
+    """Prompts as units (`spread`); the paper's one text (`perturb`) is shown in the note."""
+    notes = []
+    if "perturb" in ctx.results:
+        summary = ctx.results["perturb"].summary
+        notes.append(f"the paper's one text (perturb): R = {summary.get('R_total', float('nan')):.3f}")
+    why = ctx.absent("spread")
     if why:
-        return [judge(FIG2, ctx.model, None, missing=why)]
-    result = ctx.results["perturb"]
-    frame = result.tables["delta"]
-    after = frame[frame["after_swap"]]
-    totals = after.groupby("bos")["delta"].sum()  # one text: one unit
-    evidence = Evidence([totals.get("strip", np.nan)], [totals.get("add", np.nan)],
-                        note=f"one text, {after['position'].nunique()} tokens after the swap (tokens of one text are "
-                             f"not independent units); relative-norm R = "
-                             f"{result.summary.get('R_total_rel', float('nan')):.3f}")
-    return [judge(FIG2, ctx.model, evidence, premise=ctx.sink_premise())]
+        return [judge(FIG2, ctx.model, None, missing=why, note="; ".join(notes))]
+    frame = ctx.results["spread"].tables["spread"]
+    totals = frame.groupby(["prompt", "bos"])[["S", "S_normed"]].sum()
+    paired = _paired(totals["S"].unstack("bos"), "strip", "add")
+    if paired is None:
+        return [judge(FIG2, ctx.model, None, missing="spread has no add / strip prompts")]
+    normed = totals["S_normed"].unstack("bos")
+    notes.append(f"after the final norm R = {float(normed['strip'].mean() / normed['add'].mean()):.3f}")
+    return [judge(FIG2, ctx.model, Evidence(*paired), premise=ctx.sink_premise(), note="; ".join(notes))]
 
 
 FIG3 = Rule("fig3", "attention is smoother without ⟨bos⟩", "Δ normalised entropy (entropy / log keys seen), "

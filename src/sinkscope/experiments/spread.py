@@ -1,0 +1,119 @@
+"""`spread`: perturbation spread over many texts (Fig. 2 with independent units), per condition.
+
+`perturb` follows one chosen word swap in one text, as the paper does; its tokens are not independent units.
+Here every prompt is one unit: the text token at ``position`` (a fraction of the text span) is swapped for
+the text's first token that differs from it (a token of the same text, so nothing out of vocabulary), and
+under each condition both sequences run; at every residual depth d,
+
+    S[d] = sum over the text tokens after the swap of ||h_j^(d)(x) - h_j^(d)(x')||_2,
+
+raw (before the final norm, as `perturb`) and after applying the model's final norm to every depth's states
+(``S_normed``: the scale the model reads out, so a stream that merely grows is not counted as spreading).
+Table ``spread``: prompt x condition x depth. The paper's claim: S(strip) / S(add) > 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..capture import final_norm
+from ..data import Prompt
+from ..errors import InputError
+from .base import Result, run, takes_conditions
+from .inputs import Encoded, PromptExperiment, bos_conditions, prompt_list
+from .residual import residual_streams
+
+
+class SpreadResult(Result):
+    """Table ``spread``: one row per prompt x condition x depth (``S``, ``S_rel``, ``S_normed``)."""
+
+    experiment = "spread"
+
+
+def swap_index(unit: Encoded, position: float) -> int:
+    """Where the swap goes: ``position`` of the way into the text span, leaving tokens after it."""
+    span = unit.text_stop - unit.text_start
+    return unit.text_start + min(max(1, int(span * position)), span - 2)
+
+
+@dataclass
+class Spread(PromptExperiment):
+    """Perturbation spread of a one-token swap per prompt, under each condition (see the module docstring)."""
+
+    name = "spread"
+    result_type = SpreadResult
+
+    position: float = 0.25
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 < self.position < 1.0:
+            raise InputError("--position must lie strictly between 0 and 1 (a fraction of the text)")
+
+    def prepare(self, loaded: Any) -> list[Encoded]:
+        units = [u for u in super().prepare(loaded) if u.text_stop - u.text_start >= 4]
+        if not units:
+            raise InputError("spread needs prompts of at least 4 text tokens")
+        self._norm = final_norm(loaded.model)
+        return units
+
+    def measure(self, engine: Any, units: Sequence[Encoded]) -> dict[str, pd.DataFrame]:
+        (unit,) = units
+        j = swap_index(unit, self.position)
+        text = unit.ids[unit.text_start:unit.text_stop]
+        replacement = next((t for t in text if t != unit.ids[j]), None)
+        if replacement is None:
+            raise InputError(f"prompt {unit.prompt}: every text token is the same; nothing to swap in")
+        swapped = list(unit.ids)
+        swapped[j] = replacement
+        original, changed = residual_streams(engine, [unit.ids, swapped], [self.label(unit)] * 2)
+        after = slice(j + 1, unit.text_stop)
+        h, h2 = original[:, after].double(), changed[:, after].double()  # [depths, tokens after, d]
+        with torch.inference_mode():
+            n, n2 = self._norm(original[:, after]).double(), self._norm(changed[:, after]).double()
+        delta = (h - h2).norm(dim=-1)
+        rows = {
+            "S": delta.sum(-1), "S_rel": (delta / h.norm(dim=-1).clamp_min(1e-30)).sum(-1),
+            "S_normed": (n - n2).norm(dim=-1).sum(-1),
+            "before": (original[:, unit.text_start:j].double() - changed[:, unit.text_start:j].double()).abs().amax(
+                dim=(-1, -2)) if j > unit.text_start else torch.zeros(h.shape[0], dtype=torch.float64),
+        }
+        return {"spread": pd.DataFrame({
+            "prompt": unit.prompt, "prompt_id": self.prompts[unit.prompt].id, "bos": unit.bos,
+            "swap_position": j - unit.text_start, "n_after": unit.text_stop - j - 1,
+            "depth": np.arange(h.shape[0]), **{k: v.numpy() for k, v in rows.items()}})}
+
+    def summarise(self, loaded: Any, tables: dict[str, pd.DataFrame], units: Sequence[Encoded]) -> dict[str, Any]:
+        frame = tables["spread"]
+        totals = frame.groupby(["bos", "prompt"])[["S", "S_rel", "S_normed"]].sum().groupby("bos").mean()
+        summary: dict[str, Any] = {
+            "model": loaded.info.name, "bos": list(self.bos), "n_prompts": int(frame["prompt"].nunique()),
+            "S_total": totals.to_dict("index"),
+            # causality audit: nothing before the swapped token may move
+            "max_delta_before_swap": float(frame["before"].max()),
+        }
+        if {"add", "strip"} <= set(totals.index):
+            summary["R_total"] = float(totals.loc["strip", "S"] / totals.loc["add", "S"])
+            summary["R_total_normed"] = float(totals.loc["strip", "S_normed"] / totals.loc["add", "S_normed"])
+        return summary
+
+
+@takes_conditions
+def spread(model: Any, texts: Sequence[str | Prompt] | None = None, *, bos: str | Sequence[str] = ("add", "strip"),
+           max_tokens: int | None = 64, position: float = 0.25, limit: int | None = None,
+           out: str | Path | None = None, resume: bool = False, progress: bool = True,
+           command: str | None = None) -> SpreadResult:
+    """Perturbation spread of a one-token swap in every prompt (default: the built-in probe set), per
+    condition; each prompt is one unit (see the module docstring)."""
+    experiment = Spread(prompts=prompt_list(texts, limit), bos=tuple(bos_conditions(bos)), max_tokens=max_tokens,
+                        position=position)
+    result = run(experiment, model, out=out, resume=resume, progress=progress, command=command)
+    assert isinstance(result, SpreadResult)
+    return result
