@@ -201,6 +201,7 @@ def test_report_escapes_user_text_and_holds_every_section(paper_dir):
     assert page.count("<noscript><img") == 4 and '<script src=' not in page  # nothing fetched from the network
     markdown = (paper_dir / "report.md").read_text()
     assert "<script>" not in markdown and "&lt;prompts&gt;" in markdown
+    assert "the dose-response: each measure against the measured sink mass" in page  # drawn from the saved runs
 
 
 def test_findings_come_from_the_saved_tables(paper_dir):

@@ -25,15 +25,18 @@ from . import interactive
 from .plan import SECTIONS, Section
 from .runner import MANIFEST
 from .verdicts import (
+    DOSES,
     JUDGES,
     SINK_EPS,
     STRICT_EPS,
     Context,
     Finding,
+    dose_condition,
     holm,
     judge_lab,
     judge_scale,
     per_prompt_sink_rate,
+    per_window_loss,
 )
 from .verdicts import bootstrap_interval as _interval
 
@@ -243,8 +246,66 @@ def figures_for(section: Section, runs: Runs) -> list[dict[str, str]]:
             directory = Path(lab["directory"])
             directory = directory if directory.is_absolute() else runs.sources[0] / directory
             paths += [(f"lab · {p.stem}", p) for p in sorted(directory.glob("*.png"))]
-    return [{"caption": caption, "data": base64.b64encode(path.read_bytes()).decode("ascii")}
-            for caption, path in paths]
+    drawn = [{"caption": caption, "data": base64.b64encode(path.read_bytes()).decode("ascii")}
+             for caption, path in paths]
+    if section.key == "dose":
+        drawn += dose_figures(runs)
+    return drawn
+
+
+def dose_curves(model: ModelResults) -> dict[str, pd.DataFrame]:
+    """Per measure, one row per dose condition: the measured sink mass (mean α on position 0) and the
+    measure's mean (entropy over the text keys from `smoothing`, loss from `ablate`)."""
+    results, curves = model.context.results, {}
+    doses = [dose_condition(d) for d in DOSES]
+    smoothing = results.get("smoothing")
+    if smoothing is not None and "whereabouts" in smoothing.tables and "entropy_text" in smoothing.tables["smoothing"]:
+        mass = smoothing.tables["whereabouts"].groupby("condition")["alpha_first"].mean()
+        entropy = smoothing.tables["smoothing"].groupby("bos")["entropy_text"].mean()
+        shared = [c for c in doses if c in mass.index and c in entropy.index]
+        if len(shared) >= 2:
+            curves["entropy over the text keys (nats)"] = pd.DataFrame(
+                {"condition": shared, "sink_mass": mass[shared].to_numpy(), "value": entropy[shared].to_numpy()})
+    ablate = results.get("ablate")
+    if ablate is not None and smoothing is not None and "whereabouts" in smoothing.tables:
+        mass = smoothing.tables["whereabouts"].groupby("condition")["alpha_first"].mean()
+        losses = per_window_loss(ablate).mean()
+        shared = [c for c in doses if c in mass.index and c in losses.index]
+        if len(shared) >= 2:
+            curves["loss (nats)"] = pd.DataFrame(
+                {"condition": shared, "sink_mass": mass[shared].to_numpy(), "value": losses[shared].to_numpy()})
+    return curves
+
+
+def dose_figures(runs: Runs) -> list[dict[str, str]]:
+    """Each dose-response measure against the measured sink mass, one line per model (drawn from the saved
+    tables when the report is built)."""
+    import base64
+    import io
+
+    from ..report.figures import pyplot
+
+    per_model = [(m.context.model, dose_curves(m)) for m in runs.models]
+    measures = sorted({name for _, curves in per_model for name in curves})
+    if not measures:
+        return []
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(measures), figsize=(5 * len(measures), 3.6), squeeze=False)
+    for ax, measure in zip(axes[0], measures, strict=True):
+        for name, curves in per_model:
+            if measure in curves:
+                curve = curves[measure]
+                ax.plot(curve["sink_mass"], curve["value"], marker="o", label=name)
+        ax.set_xlabel("sink mass (mean α on position 0)")
+        ax.set_ylabel(measure)
+        ax.set_title(f"{measure} vs the dose add+scale:λ", fontsize=9)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return [{"caption": "the dose-response: each measure against the measured sink mass (λ = 1 at the right)",
+             "data": base64.b64encode(buffer.getvalue()).decode("ascii")}]
 
 
 def interactive_for(section: Section, runs: Runs) -> list[interactive.Heatmap]:
