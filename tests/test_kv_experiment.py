@@ -3,6 +3,8 @@ eviction does to the sink mass, resume and bad input on the command line."""
 
 from __future__ import annotations
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -58,6 +60,31 @@ def test_methods_table_quantisation_and_eviction(family):
     assert table.loc["full", "sink_mass_kept"] == 1.0
     for r in table.itertuples():
         assert r.delta_low <= r.delta_loss <= r.delta_high
+    # eviction compresses the full-attention layers only: on those alone, half the tokens (+ protected) remain
+    evicted = table.loc["window@0.5 k=0"]
+    if family == "llama":
+        assert evicted["bytes_full_layers_ratio"] == pytest.approx(evicted["bytes_ratio"], rel=1e-12)
+    else:  # gemma3's sliding layers are left alone: the whole cache shrinks less than its full layers
+        assert evicted["bytes_full_layers_ratio"] < evicted["bytes_ratio"] < 1
+    assert table["recommended"].sum() == 1
+    chosen = table[table["recommended"]].iloc[0]
+    assert chosen["delta_high"] <= 0.02 or chosen.name == "full"
+    assert result.summary["recommendation"]["method"] == chosen.name
+
+
+def test_the_recommendation_is_the_cheapest_cache_within_both_tolerances():
+    from sinkscope.experiments.kv import recommend
+
+    rows = [("full", 1.0, 0.0, 0.0, 0.9, 0.9), ("a", 0.2, 0.05, 0.08, 0.9, 0.89),  # loss interval too high
+            ("b", 0.3, 0.0, 0.01, 0.5, 0.3),  # retrieval lost
+            ("c", 0.4, 0.0, 0.015, 0.9, 0.89), ("d", 0.6, 0.0, 0.01, 0.9, 0.9)]
+    kv_table = pd.DataFrame(rows, columns=["method", "bytes_ratio", "delta_loss", "delta_high", "passkey_accuracy",
+                                           "passkey_low"])
+    assert recommend(kv_table, 0.02, 0.02) == "c"
+    assert recommend(kv_table, 0.1, 0.02) == "a"
+    assert recommend(kv_table, 0.001, 0.02) == "full"  # nothing cheaper qualifies
+    no_passkey = kv_table.assign(passkey_accuracy=np.nan, passkey_low=np.nan)
+    assert recommend(no_passkey, 0.02, 0.02) == "b"  # loss alone
 
 
 def test_passkey_score_is_what_greedy_decoding_writes():

@@ -267,8 +267,11 @@ class QuantisedCache(Cache):
         self.protect = protected_positions(protect)
         super().__init__(layers=_layers(model, self.spec, self.protect))
 
-    def nbytes(self) -> int:
-        return sum(compressed_layer(self, i).nbytes() for i in range(len(self.layers)))
+    def nbytes(self, full_attention_only: bool = False) -> int:
+        """Bytes the cache holds (every layer), or only its full-attention layers (what eviction compresses;
+        a sliding-window layer is left alone)."""
+        return sum(compressed_layer(self, i).nbytes() for i in range(len(self.layers))
+                   if not full_attention_only or isinstance(self.layers[i], QuantisedLayer))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(bits={self.spec.bits}, axis={self.spec.axis}, protect={sorted(self.protect)})"

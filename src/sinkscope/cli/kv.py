@@ -31,6 +31,10 @@ def kv_command(
     no_press: Annotated[bool, typer.Option("--no-press", help="skip the eviction presses")] = False,
     passkey_length: Annotated[int, typer.Option(help="passkey prompt length in text tokens (0 = no passkey)")] = 160,
     passkey_trials: Annotated[int, typer.Option(help="passkey prompts (one key each)")] = 2,
+    max_delta_loss: Annotated[float, typer.Option(
+        help="the recommendation: Δloss tolerance (nats), by the upper end of its interval")] = 0.02,
+    max_retrieval_drop: Annotated[float, typer.Option(
+        help="the recommendation: passkey accuracy drop tolerated, by the lower end of its interval")] = 0.02,
     bos: options.Bos = None, out: options.Out = None, resume: options.Resume = False, quiet: options.Quiet = False,
 ) -> None:
     """KV-cache quantisation and eviction with and without the sink kept: Δloss, passkey, bytes, sink mass."""
@@ -43,5 +47,6 @@ def kv_command(
                              group_size=group_size, protect=tuple((0, 1, 4) if protect is None else protect),
                              presses=() if no_press else tuple(press or DEFAULT_PRESSES),
                              ratios=tuple(ratio or (0.5, 0.75)), passkey_length=passkey_length,
-                             passkey_trials=passkey_trials, bos=condition),
+                             passkey_trials=passkey_trials, bos=condition, max_delta_loss=max_delta_loss,
+                             max_retrieval_drop=max_retrieval_drop),
         bos, "add", model, out=out, resume=resume, quiet=quiet)

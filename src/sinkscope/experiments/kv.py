@@ -135,6 +135,8 @@ class KV(TextLoss):
     passkey_trials: int = 2
     seed: int = 0
     bos: str = "add"
+    max_delta_loss: float = 0.02  # the recommendation's tolerances (nats; passkey accuracy)
+    max_retrieval_drop: float = 0.02
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -163,11 +165,19 @@ class KV(TextLoss):
             raise InputError("give at least one --protect value (0 = no protection)")
         if self.group_size < 1:
             raise InputError("--group-size must be at least 1")
+        self._check_windows()
+
+    def _check_windows(self) -> None:
         if self.step < 1:
             raise InputError("--step must be at least 1 token")
         if not 1 <= self.context <= self.window - 2:
             raise InputError(f"--context {self.context} must lie in 1 .. window - 2 = {self.window - 2} (tokens "
                              "after it are scored)")
+        self._check_run_settings()
+
+    def _check_run_settings(self) -> None:
+        if self.max_delta_loss < 0 or not 0 <= self.max_retrieval_drop <= 1:
+            raise InputError("--max-delta-loss must be >= 0 and --max-retrieval-drop in [0, 1]")
         if self.passkey_length < 0 or self.passkey_trials < 1:
             raise InputError("passkey: need --passkey-length >= 0 (0 = none) and --passkey-trials >= 1")
 
@@ -264,7 +274,8 @@ class KV(TextLoss):
             mass.append(torch.stack([self._mass.records[layer] for layer in sorted(self._mass.records)])[:, 0])
         values = torch.cat(nll).numpy()
         return {"window": index, "loss": mean_loss(values), "n_tokens": int(values.size),
-                "sink_mass": float(torch.cat(mass, -1).mean()), "bytes": cache.nbytes()}
+                "sink_mass": float(torch.cat(mass, -1).mean()), "bytes": cache.nbytes(),
+                "bytes_full_layers": cache.nbytes(full_attention_only=True)}
 
     def _passkey(self, engine: CaptureEngine, method: Method, index: int, item: PasskeyItem) -> dict[str, Any]:
         """Greedy exact match in one teacher-forced forward: the question and `` <key>`` are fed through the
@@ -318,18 +329,35 @@ class KV(TextLoss):
                 "key_nll": float(prompts["key_nll"].mean()) if answers.size else np.nan,
                 "bytes": float(own["bytes"].mean()),
                 "bytes_ratio": float(own["bytes"].mean() / reference["bytes"].mean()),
+                # the full-attention layers alone: what eviction compresses (sliding layers are left alone)
+                "bytes_full_layers_ratio": float(own["bytes_full_layers"].mean()
+                                                 / reference["bytes_full_layers"].mean()),
                 "sink_mass": float(own["sink_mass"].mean()),
                 "sink_mass_kept": float(own["sink_mass"].mean() / reference["sink_mass"].mean()),
                 "n_windows": len(own), "n_tokens": int(own["n_tokens"].sum()),
             })
         kv = pd.DataFrame(rows).astype({"bits": "Int64"})
+        kv["recommended"] = kv["method"] == recommend(kv, self.max_delta_loss, self.max_retrieval_drop)
         return {"kv": kv, "windows": windows, "passkey": passkey}
 
     def summarise(self, loaded: LoadedModel, tables: dict[str, pd.DataFrame], units: Sequence[Method]
                   ) -> dict[str, Any]:
         kv = tables["kv"]
         full = kv[kv["method"] == "full"].iloc[0]
+        chosen = kv[kv["recommended"]]
+        recommendation: dict[str, Any] = {
+            "max_delta_loss": self.max_delta_loss, "max_retrieval_drop": self.max_retrieval_drop,
+            "rule": "the fewest bytes among the caches whose Δloss interval lies below max_delta_loss and whose "
+                    "passkey accuracy interval lies above full − max_retrieval_drop (no passkey: loss alone)",
+            "method": None if chosen.empty else str(chosen["method"].iloc[0]),
+        }
+        if not chosen.empty:
+            row = chosen.iloc[0]
+            recommendation.update({"bytes_ratio": float(row["bytes_ratio"]), "delta_loss": float(row["delta_loss"]),
+                                   "delta_ci": [float(row["delta_low"]), float(row["delta_high"])],
+                                   "passkey_accuracy": float(row["passkey_accuracy"])})
         return {
+            "recommendation": recommendation,
             "model": loaded.info.name, "text": self.source, "window": self.window, "context": self.context,
             "step": self.step, "n_windows": len(self._windows), "scored_per_window": self.window - self.context - 1,
             "group_size": self.group_size, "passkey_length": self.passkey_length,
@@ -342,6 +370,22 @@ class KV(TextLoss):
         }
 
 
+def recommend(kv: pd.DataFrame, max_delta_loss: float, max_retrieval_drop: float) -> str | None:
+    """The cheapest cache (fewest bytes held) whose quality stays within the tolerances *by its intervals*:
+    the upper end of its Δloss interval at most ``max_delta_loss``, and the lower end of its passkey accuracy
+    interval at least the full cache's accuracy minus ``max_retrieval_drop`` (where a passkey was run). The
+    full cache itself when nothing cheaper qualifies; None without a full cache."""
+    full = kv[kv["method"] == "full"]
+    if full.empty:
+        return None
+    accuracy = float(full["passkey_accuracy"].iloc[0])
+    fits = kv["delta_high"] <= max_delta_loss
+    if np.isfinite(accuracy):
+        fits &= kv["passkey_low"] >= accuracy - max_retrieval_drop
+    candidates = kv[fits | (kv["method"] == "full")]
+    return str(candidates.sort_values(["bytes_ratio", "delta_loss"]).iloc[0]["method"])
+
+
 @takes_conditions
 def kv(
     model: LoadedModel | Any, text: str | Path | LongText | None = None, *, window: int = 160, context: int = 128,
@@ -349,7 +393,8 @@ def kv(
     group_size: int = 32, protect: Sequence[int] = (0, 1, 4), presses: Sequence[str] = DEFAULT_PRESSES,
     ratios: Sequence[float] = (0.5, 0.75), passkey_length: int = 160,
     passkey_depths: Sequence[float] = (0.5,), passkey_trials: int = 2, bos: str = "add",
-    out: str | Path | None = None, resume: bool = False, progress: bool | Any = True, command: str | None = None,
+    max_delta_loss: float = 0.02, max_retrieval_drop: float = 0.02, out: str | Path | None = None,
+    resume: bool = False, progress: bool | Any = True, command: str | None = None,
 ) -> KVResult:
     """Loss (Δ vs the full cache, with intervals), passkey accuracy, bytes and sink mass for quantised caches
     (``bits`` x ``axes`` x ``protect``) and eviction presses (``presses`` x ``ratios`` x ``protect``), under one
@@ -357,7 +402,8 @@ def kv(
     experiment = KV(text=text, window=window, context=context, max_windows=max_windows, step=step, bits=tuple(bits),
                     axes=tuple(axes), group_size=group_size, protect=tuple(protect), presses=tuple(presses),
                     ratios=tuple(ratios), passkey_length=passkey_length, passkey_depths=tuple(passkey_depths),
-                    passkey_trials=passkey_trials, bos=bos)
+                    passkey_trials=passkey_trials, bos=bos, max_delta_loss=max_delta_loss,
+                    max_retrieval_drop=max_retrieval_drop)
     result = run(experiment, model, out=out, resume=resume, progress=progress, command=command)
     assert isinstance(result, KVResult)
     return result

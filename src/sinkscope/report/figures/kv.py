@@ -37,6 +37,10 @@ def kv_figures(result: Any) -> dict[str, Any]:
             ax.scatter(r.bytes_ratio, getattr(r, column), marker=marker, s=60 if r.family != "full" else 160,
                        facecolors=colour if filled or r.family == "full" else "none", edgecolors=colour,
                        linewidths=1.4, zorder=3)
+        if "recommended" in table:  # the cheapest cache within the tolerances (see KV's summary)
+            for r in table[table["recommended"]].itertuples():
+                ax.scatter(r.bytes_ratio, getattr(r, column), marker="o", s=320, facecolors="none",
+                           edgecolors="red", linewidths=1.6, zorder=4, label="recommended")
         ax.set_xscale("log")
         ax.set_xlabel("bytes held / bytes of the full cache (log)")
         ax.set_ylabel(label)
@@ -50,7 +54,9 @@ def kv_figures(result: Any) -> dict[str, Any]:
     handles += [plt.Line2D([], [], marker="o", color="grey", linestyle="", label="protect > 0 (filled)"),
                 plt.Line2D([], [], marker="o", color="grey", markerfacecolor="none", linestyle="",
                            label="protect = 0 (hollow)"),
-                plt.Line2D([], [], marker="*", color="black", linestyle="", markersize=10, label="full cache")]
+                plt.Line2D([], [], marker="*", color="black", linestyle="", markersize=10, label="full cache"),
+                plt.Line2D([], [], marker="o", color="red", markerfacecolor="none", linestyle="", markersize=12,
+                           label="recommended (cheapest within tolerance)")]
     axes[0][-1].legend(handles=handles, fontsize=8, loc="best")
     summary = result.summary
     fig.suptitle(f"{result.provenance['model']['name']}: KV-cache compression, quality against memory\n"
