@@ -129,7 +129,7 @@ def run_each_condition(make: Any, conditions: list[str] | None, default: str, mo
 @app.callback()
 def _root(version: Annotated[bool, typer.Option("--version", help="print the version")] = False) -> None:
     if version:
-        from .. import __version__
+        from ..version import __version__
 
         console.print(f"sinkscope {__version__}")
         raise typer.Exit()

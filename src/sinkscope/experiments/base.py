@@ -36,12 +36,12 @@ from typing import Any, ClassVar
 import pandas as pd
 import torch
 
-from .. import __version__
 from ..capture import CaptureEngine, Probe
 from ..conditions import parse_condition
 from ..errors import InputError, SinkscopeError
 from ..models.loader import LoadedModel, load
 from ..report.rundir import RunDir, write_json, write_table
+from ..version import __version__
 from . import distributed
 from .distributed import Shard
 from .whereabouts import TABLE as WHEREABOUTS

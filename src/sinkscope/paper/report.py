@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .. import __version__
 from ..errors import InputError
 from ..experiments.base import Result
 from ..report.rundir import atomic_write_bytes, write_table
+from ..version import __version__
 from . import interactive
 from .plan import SECTIONS, Section
 from .runner import MANIFEST
