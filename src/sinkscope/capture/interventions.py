@@ -83,7 +83,7 @@ class SinkIntervention:
         return True
 
 
-def _per_head_allowed(call: AttentionCall, heads: torch.Tensor) -> torch.Tensor:
+def _per_head_allowed(call: AttentionCall) -> torch.Tensor:
     """The call's mask as bool [B, H, T, S] (a copy, to edit for the selected heads)."""
     b, h, t, _ = call.query.shape
     return call.dense_allowed().expand(b, h, t, -1).clone()
@@ -94,7 +94,7 @@ def _hide_key(call: AttentionCall, heads: torch.Tensor, hide: torch.Tensor, inde
     """Inputs with the key at ``index[b]`` hidden from the queries ``hide`` in the selected heads."""
     if not bool(hide.any()):
         return None
-    allowed = _per_head_allowed(call, heads)
+    allowed = _per_head_allowed(call)
     rows = torch.arange(allowed.shape[0], device=allowed.device)
     column = allowed[rows, :, :, index]  # [B, H, T]
     allowed[rows, :, :, index] = column & ~(hide[:, None, :] & heads[None, :, None])
@@ -218,7 +218,7 @@ class RandomKey(SinkIntervention):
         chosen = (candidates & (candidates.cumsum(-1, dtype=torch.int32) == (rank + 1)[..., None])).int().argmax(-1)
         self.removed[call.layer] = torch.where(lose, chosen, torch.full_like(chosen, -1)).cpu()
         drop = torch.zeros_like(candidates).scatter_(2, chosen[..., None], lose[..., None])  # [B, T, S]
-        per_head = _per_head_allowed(call, heads)
+        per_head = _per_head_allowed(call)
         per_head &= ~(drop[:, None] & heads[None, :, None, None])
         return replace(call.inputs, allowed=per_head)
 
