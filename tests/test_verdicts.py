@@ -153,3 +153,14 @@ def test_knockout_is_judged_per_band_against_the_random_key():
     assert [f.verdict for f in findings] == [REPRODUCED, NOT_REPRODUCED, NOT_REPRODUCED]
     assert findings[0].conditions == "add+knockout@0-1 vs add+random-key@0-1"
     assert layer_bands(3) == {"early": "0", "middle": "1", "late": "2"}  # the canonical condition spelling
+
+
+def test_no_change_is_vacuous_where_the_model_cannot_retrieve():
+    from sinkscope.paper.verdicts import judge_table3
+
+    rows = [{"task": "niah", "length": 64, "depth": 0.5, "trial": t, "bos": b, "score": 0.0}
+            for t in range(12) for b in ("add", "strip")]
+    ruler = Result({"ruler": pd.DataFrame(rows)}, {})
+    moved = Context("smol", {**scans(0.7, 0.75), "ruler": ruler}, {}, adds_bos=False)
+    finding = judge_table3(moved)[1]
+    assert finding.verdict == INCONCLUSIVE and "cannot retrieve" in finding.note

@@ -451,7 +451,9 @@ def judge_table3(ctx: Context) -> list[Finding]:
         if relocated and premise is not None:
             note += f"; {premise[1].split(':')[0]}: the paper predicts no change"
         finding = judge(rule, ctx.model, Evidence(with_bos, without), note=note)
-        if finding.verdict == NOT_REPRODUCED and not relocated and float(with_bos.mean()) < 0.2:
+        # a model that cannot retrieve even with <bos> says nothing either way (no effect, or no change, is vacuous)
+        vacuous = finding.verdict == NOT_REPRODUCED or (relocated and finding.verdict == REPRODUCED)
+        if vacuous and float(with_bos.mean()) < 0.2:
             finding = replace(finding, verdict=INCONCLUSIVE, note=finding.note + "; the model cannot retrieve even "
                                                                                  "with ⟨bos⟩ (accuracy < 0.2)")
         findings.append(finding)
