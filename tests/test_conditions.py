@@ -471,3 +471,27 @@ def test_spread_over_prompts_matches_transformers_hidden_states():
         assert got == pytest.approx(want, rel=1e-4)  # float32 forwards in another order: ~1e-6 relative
     by = frame.groupby("bos")["S"].sum()
     assert by["add+scale:0.3"] != pytest.approx(by["add"], rel=1e-3)
+
+
+def test_stream_applies_an_intervention_step_by_step():
+    """Through the full cache, token by token, add+knockout predicts the text tokens exactly as strip does
+    (RoPE: the same computation), and the streaming caches run under it."""
+    import sinkscope as ss
+
+    lm = ss.load(tiny_model("llama"), tokenizer=word_tokenizer())
+    text = " ".join(["the cat sat on the mat .", "the dog ran far away and it was very quiet ."] * 4)
+    knocked = ss.stream(lm, text, window=8, sinks=(1,), length=40, conditions="add+knockout", progress=False)
+    stripped = ss.stream(lm, text, window=8, sinks=(1,), length=40, conditions="strip", progress=False)
+    plain = ss.stream(lm, text, window=8, sinks=(1,), length=40, conditions="add", progress=False)
+
+    def full(result):
+        frame = result.to_frame()
+        return frame[frame["cache"] == "full"].sort_values("position")["nll"].to_numpy()
+
+    # position p + 1 with <bos> predicts the same text token as position p without it
+    with_bos, without = full(knocked), full(stripped)
+    n = min(len(with_bos) - 1, len(without))
+    assert n >= 30
+    assert with_bos[1:1 + n] == pytest.approx(without[:n], abs=1e-4)  # float32, another op order
+    assert np.abs(full(plain)[1:1 + n] - without[:n]).max() > 0.01
+    assert set(knocked.to_frame()["condition"]) == {"add+knockout"}

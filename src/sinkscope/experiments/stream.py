@@ -25,13 +25,16 @@ import pandas as pd
 import psutil
 import torch
 
+from ..capture import CaptureEngine
 from ..capture.cache import StreamingCache, cache_argument, cache_nbytes
+from ..capture.kvcache import cached_forward
 from ..conditions import parse_condition
 from ..errors import InputError
 from ..models.loader import LoadedModel
 from ..models.tokens import encode
 from .base import Experiment, Result, run, takes_conditions
-from .inputs import context_limit, require_tokenizer
+from .inputs import context_limit, prefix_ids, require_tokenizer
+from .loss import output_logits
 
 
 def cache_label(sinks: int | None) -> str:
@@ -57,14 +60,23 @@ def _default_text() -> tuple[str, str]:
         return "\n\n".join(p.text for p in probe_set()), "sinkscope probe set (joined)"
 
 
-def _run(model: Any, ids: torch.Tensor, cache: Any, prefill: int) -> pd.DataFrame:
-    """Feed ``ids`` [n] through the model with ``cache``: one prefill, then token by token."""
-    argument = cache_argument(model)
+def _logits(runner: Any, ids: torch.Tensor, cache: Any) -> torch.Tensor:
+    """Logits [1, T, V] of ``ids`` [1, T] fed through ``cache``: the model's own forward, or the capture
+    engine's (which applies the condition's intervention; the streaming cache's positions are in-cache
+    indices, so position 0 is the first sink token)."""
+    if isinstance(runner, CaptureEngine):
+        return output_logits(runner.model, cached_forward(runner, cache, ids).last_hidden_state)
+    return runner(input_ids=ids, use_cache=True, **{cache_argument(runner): cache}).logits
+
+
+def _run(runner: Any, ids: torch.Tensor, cache: Any, prefill: int) -> pd.DataFrame:
+    """Feed ``ids`` [n] through the model (or a capture engine) with ``cache``: one prefill, then token by
+    token."""
     process = psutil.Process()
     n = ids.shape[0]
     nll, cache_bytes, rss = np.zeros(n - 1), np.zeros(n - 1, dtype=np.int64), np.zeros(n - 1, dtype=np.int64)
     with torch.inference_mode():
-        logits = model(input_ids=ids[None, :prefill], use_cache=True, **{argument: cache}).logits[0]
+        logits = _logits(runner, ids[None, :prefill], cache)[0]
         targets = ids[1:prefill + 1]
         nll[:prefill] = -torch.log_softmax(logits[: len(targets)].float(), -1).gather(-1, targets[:, None])[:, 0]
         held = cache_nbytes(cache)
@@ -72,7 +84,7 @@ def _run(model: Any, ids: torch.Tensor, cache: Any, prefill: int) -> pd.DataFram
         cache_bytes[:prefill] = np.round(held * np.arange(1, prefill + 1) / prefill)
         rss[:prefill] = process.memory_info().rss
         for t in range(prefill, n - 1):
-            logits = model(input_ids=ids[None, t:t + 1], use_cache=True, **{argument: cache}).logits[0, -1]
+            logits = _logits(runner, ids[None, t:t + 1], cache)[0, -1]
             nll[t] = -torch.log_softmax(logits.float(), -1)[ids[t + 1]]
             cache_bytes[t] = cache_nbytes(cache)
             rss[t] = process.memory_info().rss
@@ -105,11 +117,7 @@ class Stream(Experiment):
         if self.length < self.eval_start + 2:
             raise InputError(f"length {self.length} must exceed window + max(sinks) = {self.eval_start} by at least "
                              "2 tokens so that there is something past the window to score")
-        condition = parse_condition(self.bos)
-        if condition.intervention is not None:  # the model runs its own forward here, outside the engine
-            raise InputError(f"stream runs the model's own forward with the cache under test and cannot apply "
-                             f"'{condition}'; give what sits at position 0 only (add, strip, replace:<tok>)")
-        self.bos = str(condition)
+        self.bos = str(parse_condition(self.bos))
         if self.text is None:
             self.text, self.source = _default_text()
         self.source = self.source or "given text"
@@ -132,7 +140,9 @@ class Stream(Experiment):
                              "cache would run past its trained positions (use --no-full or a shorter --length)")
         assert self.text is not None
         ids = encode(tokenizer, self.text, self.bos, max_tokens=self.length)
-        if len(ids) < self.length:
+        # every condition streams the same length - 1 text tokens (strip: without a prefix, one token shorter)
+        needed = self.length - 1 + len(prefix_ids(tokenizer, self.bos))
+        if len(ids) < needed:
             raise InputError(f"the text has only {len(ids)} tokens; need --length {self.length}")
         for k in self.sinks:  # refuse unsupported models before any work
             StreamingCache(loaded.model, k, self.window)
@@ -143,13 +153,16 @@ class Stream(Experiment):
         return super().units_digest([*units, self._ids.tolist()])
 
     def open(self, loaded: LoadedModel) -> contextlib.AbstractContextManager[Any]:
+        if parse_condition(self.bos).intervention is not None:  # applied by the engine, step by step
+            return CaptureEngine(loaded)
         return contextlib.nullcontext(loaded.model)  # the model's own forward, with the cache under test
 
     def describe(self, units: Sequence[int | None]) -> str:
         return cache_label(units[0])
 
-    def measure(self, model: Any, units: Sequence[int | None]) -> dict[str, pd.DataFrame]:
+    def measure(self, runner: Any, units: Sequence[int | None]) -> dict[str, pd.DataFrame]:
         frames = []
+        model = runner.model if isinstance(runner, CaptureEngine) else runner
         model.eval()
         for k in units:
             if k is None:
@@ -158,7 +171,7 @@ class Stream(Experiment):
                 cache = DynamicCache(config=model.config)
             else:
                 cache = StreamingCache(model, k, self.window)
-            frame = _run(model, self._ids, cache, min(self.window, self.length - 1))
+            frame = _run(runner, self._ids, cache, min(self.window, self.length - 1))
             frame.insert(0, "cache", cache_label(k))
             frame.insert(1, "sinks", -1 if k is None else k)
             frames.append(frame)
