@@ -495,3 +495,17 @@ def test_stream_applies_an_intervention_step_by_step():
     assert with_bos[1:1 + n] == pytest.approx(without[:n], abs=1e-4)  # float32, another op order
     assert np.abs(full(plain)[1:1 + n] - without[:n]).max() > 0.01
     assert set(knocked.to_frame()["condition"]) == {"add+knockout"}
+
+
+def test_ablate_records_where_the_sink_is_under_each_condition():
+    import sinkscope as ss
+
+    lm = ss.load(tiny_model("llama"), tokenizer=word_tokenizer())
+    result = ss.ablate(lm, TEXT, conditions=["add", "strip", "add+scale:0.3@0"], window=24, max_windows=3,
+                       progress=False)
+    where = result.tables["whereabouts"]
+    assert set(where["condition"]) == {"add", "strip", "add+scale:0.3@0"} and where["unit"].nunique() == 3
+    summary = result.summary["whereabouts"]
+    assert summary["add+scale:0.3@0"]["alpha_first"] < summary["add"]["alpha_first"]
+    layer0 = where[where["layer"] == 0].groupby("condition")["alpha_first"].mean()
+    assert layer0["add+scale:0.3@0"] < layer0["add"]  # the dose acts where it is applied

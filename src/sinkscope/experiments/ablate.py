@@ -25,8 +25,12 @@ from ..metrics.loss import bucket_losses, delta_summary, mean_loss, perplexity
 from ..metrics.stats import bootstrap_interval, paired_difference_interval
 from ..models.loader import LoadedModel
 from .base import Result, run, takes_conditions
-from .inputs import bos_conditions, first_token_label, prefix_ids, require_tokenizer
+from .inputs import Encoded, bos_conditions, first_token_label, prefix_ids, require_tokenizer
 from .loss import LOSS_CHUNK, TextLoss
+from .whereabouts import TABLE as WHEREABOUTS
+from .whereabouts import whereabouts_rows
+
+WHEREABOUTS_TOKENS = 64  # text tokens of each window the sink's whereabouts are read on
 
 DEFAULT_CONDITIONS = ("add", "strip", "replace:\\n", "replace:eos")
 
@@ -96,7 +100,13 @@ class Ablate(TextLoss):
             tokens.append(pd.DataFrame({"condition": condition, "window": unit.index, "position": positions,
                                         "target": unit.ids[1:], "nll": values}))
         # The per-token losses are always kept with the batch: the summary's paired Δloss needs them.
-        return {"ablate": pd.DataFrame(rows), "tokens": pd.concat(tokens, ignore_index=True)}
+        prefix = self._prefixes[condition]
+        head = [Encoded(unit.index, condition, list(prefix) + list(unit.ids[:WHEREABOUTS_TOKENS]), len(prefix),
+                        len(prefix) + len(unit.ids[:WHEREABOUTS_TOKENS])) for unit in units]
+        return {"ablate": pd.DataFrame(rows), "tokens": pd.concat(tokens, ignore_index=True),
+                # where the sink is under this condition, read on the head of each window (cheap; `run` adds it
+                # to the summary)
+                WHEREABOUTS: whereabouts_rows(engine, head)}
 
     def finalise(self, tables: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
         self._tokens = tables["tokens"]  # for `summarise`, also when the table is not kept
