@@ -509,3 +509,22 @@ def test_ablate_records_where_the_sink_is_under_each_condition():
     assert summary["add+scale:0.3@0"]["alpha_first"] < summary["add"]["alpha_first"]
     layer0 = where[where["layer"] == 0].groupby("condition")["alpha_first"].mean()
     assert layer0["add+scale:0.3@0"] < layer0["add"]  # the dose acts where it is applied
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_a_following_engine_intervenes_on_calls_a_harness_makes(family):
+    """lm-eval calls the model itself: under a following engine those calls are captured and intervened on,
+    equal to the engine's own forward (padding included); without follow they are refused."""
+    model = tiny_model(family)
+    ids = _ids(rows=2, length=12)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding, as a harness batches generation prompts
+    with CaptureEngine(model) as engine, engine.intervening("add+scale:0.3"):
+        want = engine.forward(ids, mask, logits=True).logits
+    with CaptureEngine(model, follow=True) as engine, engine.intervening("add+scale:0.3"), torch.inference_mode():
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        got = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    real = mask.bool()
+    assert (got[real] - want[real]).abs().max() < LOGIT_TOL
+    with CaptureEngine(model) as engine, pytest.raises(RuntimeError, match="engine.forward"), torch.inference_mode():
+        model(input_ids=ids)

@@ -57,3 +57,40 @@ def test_each_bos_condition_runs_the_harness_with_its_switch(monkeypatch, tmp_pa
     assert (tmp_path / "downstream.png").is_file()
     with pytest.raises(InputError, match="add and strip only"):
         downstream_module.downstream(model, ["piqa"], bos=["replace:eos"])
+
+
+def test_an_intervention_reaches_the_calls_the_harness_makes(monkeypatch):
+    """The harness runs the model itself; under a condition with an intervention its calls go through a
+    following capture engine, so what it scores is the intervened model."""
+    import torch
+
+    from sinkscope.capture import CaptureEngine
+
+    ids = torch.tensor([[1, 5, 9, 7, 12, 30, 8]])
+
+    class FakeHFLM:
+        def __init__(self, pretrained, tokenizer, batch_size, add_bos_token):
+            self.pretrained, self.add_bos_token = pretrained, add_bos_token
+
+    def simple_evaluate(model, tasks, limit, num_fewshot):
+        with torch.inference_mode():
+            logit = float(model.pretrained(input_ids=ids).logits[0, -1, 3])
+        return {"results": {task: {"logit,none": logit} for task in tasks}}
+
+    fake = types.ModuleType("lm_eval")
+    fake.simple_evaluate = simple_evaluate
+    huggingface = types.ModuleType("lm_eval.models.huggingface")
+    huggingface.HFLM = FakeHFLM
+    monkeypatch.setitem(sys.modules, "lm_eval", fake)
+    monkeypatch.setitem(sys.modules, "lm_eval.models", types.ModuleType("lm_eval.models"))
+    monkeypatch.setitem(sys.modules, "lm_eval.models.huggingface", huggingface)
+    monkeypatch.setattr(downstream_module, "lm_eval_available", lambda: True)
+
+    model = ss.load(tiny_model("llama"), tokenizer=word_tokenizer())
+    result = downstream_module.downstream(model, ["piqa"], conditions=["add", "add+knockout"], progress=False)
+    scores = {c: s["piqa/logit,none"] for c, s in result.summary["scores"].items()}
+    with CaptureEngine(model) as engine, engine.intervening("add+knockout"):
+        want = float(engine.forward(ids, logits=True).logits[0, -1, 3])
+    # float32 logits of O(1) through two kernels: ~1e-6
+    assert scores["add+knockout"] == pytest.approx(want, abs=1e-4)
+    assert abs(scores["add+knockout"] - scores["add"]) > 1e-2

@@ -290,7 +290,7 @@ class CaptureEngine:
     """
 
     def __init__(self, model: LoadedModel | Any, probes: Sequence[Probe] = (), *, path: str = "auto",
-                 chunk_size: int = 1024, precision: str = "float32") -> None:
+                 chunk_size: int = 1024, precision: str = "float32", follow: bool = False) -> None:
         if path not in PATHS:
             raise ValueError(f"path must be one of {PATHS}, not {path!r}")
         if precision not in ("float32", "float64"):
@@ -298,6 +298,9 @@ class CaptureEngine:
         self.model = model.model if isinstance(model, LoadedModel) else model
         check_attention_supported(self.model)
         self.probes = list(probes)
+        # follow: forwards the model is called for directly (a harness such as lm-eval runs it) are captured
+        # too; each fresh forward (no cached positions) becomes the batch, a cached step continues it
+        self.follow = follow
         self.path = path
         self.chunk_size = int(chunk_size)
         self.compute_dtype = torch.float64 if precision == "float64" else torch.float32
@@ -353,6 +356,23 @@ class CaptureEngine:
         so every call knows the position of its first key."""
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         self._positions_before = int(cache.get_seq_length()) if cache is not None else 0
+        if self.follow and self._positions_before == 0:
+            self._follow(_args, kwargs)
+
+    def _follow(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """A fresh forward the engine did not start: its ids and mask become the batch the calls refer to."""
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            embeds = kwargs.get("inputs_embeds")
+            if embeds is None:
+                return
+            ids = torch.zeros(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+        mask = kwargs.get("attention_mask")
+        mask = torch.ones_like(ids) if not isinstance(mask, torch.Tensor) or mask.dim() != 2 else mask
+        self.batch = BatchInfo(ids, mask, mask.long().argmax(-1))
+        self.calls_seen = 0
+        for probe in self.probes:
+            probe.start(self.batch, self)
 
     def _require_active(self) -> None:
         if not self._active:

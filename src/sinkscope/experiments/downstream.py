@@ -17,7 +17,8 @@ from typing import Any
 
 import pandas as pd
 
-from ..conditions import parse_conditions
+from ..capture import CaptureEngine
+from ..conditions import parse_condition, parse_conditions
 from ..errors import InputError
 from ..models.loader import LoadedModel
 from .base import Experiment, Result, run, takes_conditions
@@ -69,36 +70,38 @@ class Downstream(Experiment):
         unknown = [str(c) for c in conditions if c.bos not in BOS_SWITCH]
         if unknown:
             raise InputError(f"downstream supports --bos add and strip only, not {unknown}")
-        changed = [str(c) for c in conditions if c.intervention is not None]
-        if changed:  # lm-eval calls the model itself, outside the capture engine that applies interventions
-            raise InputError(f"downstream cannot apply interventions ({changed[0]}): lm-eval runs the model itself; "
-                             "use add or strip")
         self.bos = tuple(str(c) for c in conditions)
         if not self.tasks:
             raise InputError("name at least one lm-eval task with --task")
         self.tasks = tuple(self.tasks)
 
     def prepare(self, loaded: LoadedModel) -> list[Task]:
+        self._tokenizer = loaded.tokenizer
         return [Task(condition, task) for condition in self.bos for task in self.tasks]
 
     def batches(self, units: Sequence[Task]) -> list[list[int]]:
         return [[i for i, u in enumerate(units) if u.bos == condition] for condition in self.bos]
 
     def open(self, loaded: LoadedModel) -> contextlib.AbstractContextManager[Any]:
+        if any(parse_condition(c).intervention is not None for c in self.bos):
+            # the harness calls the model itself: a following engine captures those calls (and intervenes)
+            return CaptureEngine(loaded, follow=True)
         return contextlib.nullcontext(loaded)  # the harness runs the model itself
 
     def describe(self, units: Sequence[Task]) -> str:
         return f"bos={units[0].bos}"
 
     def measure(self, loaded: Any, units: Sequence[Task]) -> dict[str, pd.DataFrame]:
+        """``loaded``: the loaded model, or a following capture engine (both hold the model as ``.model``)."""
         import lm_eval
         from lm_eval.models.huggingface import HFLM
 
         condition, tasks = units[0].bos, [u.task for u in units]
-        harness_model = HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=self.batch_size,
-                             add_bos_token=BOS_SWITCH[condition])
+        switch = BOS_SWITCH[parse_condition(condition).bos]
+        harness_model = HFLM(pretrained=loaded.model, tokenizer=self._tokenizer, batch_size=self.batch_size,
+                             add_bos_token=switch)
         # lm-eval forces <bos> on for some families (Gemma); the condition under test must win.
-        harness_model.add_bos_token = BOS_SWITCH[condition]
+        harness_model.add_bos_token = switch
         try:
             output = lm_eval.simple_evaluate(model=harness_model, tasks=tasks, limit=self.limit,
                                              num_fewshot=self.num_fewshot)
