@@ -26,6 +26,8 @@ from ..models.loader import LoadedModel
 from .base import Experiment, Result, run, takes_conditions
 from .decoding import decoding_context, generate
 from .inputs import bos_conditions, context_limit, encode_one, require_tokenizer
+from .whereabouts import TABLE as WHEREABOUTS
+from .whereabouts import whereabouts_of_heads
 
 COLUMNS = ["bos", "length", "depth", "trial", "key", "n_tokens", "key_position", "answer", "correct", "seconds"]
 
@@ -105,9 +107,10 @@ class Passkey(Experiment):
         return f"bos={units[0].bos} length={units[0].length}"
 
     def measure(self, model: Any, units: Sequence[Trial]) -> dict[str, pd.DataFrame]:
-        rows = []
+        rows, heads = [], []
         for unit in units:
             encoded = encode_one(self._tokenizer, unit.text, unit.bos, None)
+            heads.append(encoded)
             tick = time.time()
             answer = _answer(model, self._tokenizer, encoded.ids, self._generation)
             rows.append({
@@ -115,7 +118,8 @@ class Passkey(Experiment):
                 "n_tokens": len(encoded.ids), "key_position": encoded.text_start + unit.key_token_start,
                 "answer": answer, "correct": score_answer(answer, unit.key), "seconds": round(time.time() - tick, 3),
             })
-        return {"passkey": pd.DataFrame(rows, columns=COLUMNS)}
+        return {"passkey": pd.DataFrame(rows, columns=COLUMNS), WHEREABOUTS: whereabouts_of_heads(
+            model, heads, [f"length={u.length} depth={u.depth} trial={u.trial}" for u in units])}
 
     def summarise(self, loaded: LoadedModel, tables: dict[str, pd.DataFrame], units: Sequence[Trial]
                   ) -> dict[str, Any]:

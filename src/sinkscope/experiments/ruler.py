@@ -37,6 +37,8 @@ from ..models.loader import LoadedModel
 from .base import Experiment, Result, run, takes_conditions
 from .decoding import decoding_context, generate
 from .inputs import bos_conditions, check_token_ids, context_limit, encode_one, prefix_ids, require_tokenizer
+from .whereabouts import TABLE as WHEREABOUTS
+from .whereabouts import whereabouts_of_heads
 
 DEFAULT_LENGTHS = (512, 1024, 2048, 4096)
 DEFAULT_DEPTHS = (0.1, 0.5, 0.9)
@@ -186,7 +188,7 @@ class Ruler(Experiment):
                 "expected": " | ".join(unit.answers), "answer": answer, "score": score, "correct": score == 1.0,
                 "new_tokens": len(new), "seconds": round(time.time() - started, 3),
             })
-        return {"ruler": pd.DataFrame(rows, columns=COLUMNS)}
+        return {"ruler": pd.DataFrame(rows, columns=COLUMNS), WHEREABOUTS: whereabouts_of_heads(engine, units)}
 
     def finalise(self, tables: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
         frame = tables["ruler"].reset_index(drop=True)

@@ -74,11 +74,38 @@ def whereabouts_rows(engine: CaptureEngine, units: Sequence[Any]) -> pd.DataFram
         first, text = alpha("first"), alpha("text")
         n_layers, n_heads = first.shape
         frames.append(pd.DataFrame({
-            "unit": unit_label(unit), "bos": unit.bos, "condition": unit.bos,
+            "unit": unit.label if isinstance(unit, _Head) else unit_label(unit), "bos": unit.bos,
+            "condition": unit.bos,
             "layer": np.repeat(np.array(layers), n_heads), "head": np.tile(np.arange(n_heads), n_layers),
             "text_start": unit.text_start, "alpha_first": first.reshape(-1), "alpha_first_text": text.reshape(-1),
         }))
     return pd.concat(frames, ignore_index=True)
+
+
+HEAD_TOKENS = 64  # text tokens a long prompt's whereabouts are read on (the sink forms at the start)
+
+
+def whereabouts_of_heads(runner: Any, units: Sequence[Any], labels: Sequence[str] | None = None,
+                         head: int = HEAD_TOKENS) -> pd.DataFrame:
+    """`whereabouts_rows` on the first ``head`` text tokens of each unit (ids, text_start, bos), for experiments
+    whose own forwards do not go through a capture engine (decoding): ``runner`` is the engine they decode
+    with (its intervention in force) or the bare model (a plain engine is opened for this forward).
+    ``labels``: what identifies each unit in the table (default: its own fields)."""
+    names = list(labels) if labels is not None else [unit_label(u) for u in units]
+    heads = [_Head(name, u.bos, list(u.ids[:u.text_start + head]), u.text_start) for name, u in zip(names, units,
+                                                                                                    strict=True)]
+    if isinstance(runner, CaptureEngine):
+        return whereabouts_rows(runner, heads)
+    with CaptureEngine(runner) as engine:
+        return whereabouts_rows(engine, heads)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Head:
+    label: str
+    bos: str
+    ids: list[int]
+    text_start: int
 
 
 def whereabouts_summary(frame: pd.DataFrame) -> dict[str, Any]:
