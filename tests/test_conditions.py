@@ -528,3 +528,25 @@ def test_a_following_engine_intervenes_on_calls_a_harness_makes(family):
     assert (got[real] - want[real]).abs().max() < LOGIT_TOL
     with CaptureEngine(model) as engine, pytest.raises(RuntimeError, match="engine.forward"), torch.inference_mode():
         model(input_ids=ids)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_oss"])
+def test_zero_value_in_one_head_of_a_kv_group(family):
+    """One query head of a GQA group: its keys and values are expanded for the recomputation; the other head of
+    the group still reads the first token's value."""
+
+    class OneHead(Literal):
+        def on_attention(self, call: AttentionCall) -> torch.Tensor | None:
+            zeroed = super().on_attention(call)
+            values = call.value.double().repeat_interleave(call.n_heads // call.value.shape[1], 1)
+            plain = (call.weights.double() @ values).to(zeroed.dtype)
+            head = torch.zeros(call.n_heads, dtype=torch.bool)
+            head[1] = True
+            return torch.where(head[None, :, None, None], zeroed, plain)
+
+    model = tiny_model(family)
+    ids = _ids()
+    got = _logits(model, ids, "add+zero-value@/1")
+    want = _logits(model, ids, probes=[OneHead("zero-value")], path="eager", precision="float64")
+    assert (got - want).abs().max() < LOGIT_TOL
+    assert (got - _logits(model, ids)).abs().max() > 100 * LOGIT_TOL
