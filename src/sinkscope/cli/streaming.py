@@ -40,6 +40,8 @@ def stream(
     sinks: Annotated[list[int] | None, typer.Option(help="sink tokens kept (0 = window only); repeat")] = None,
     full: Annotated[bool, typer.Option(help="also run the full (unbounded) cache")] = True,
     length: Annotated[int, typer.Option(help="tokens to stream, <bos> included")] = 1024,
+    segments: Annotated[int, typer.Option(help="consecutive pieces of the text of --length tokens each, streamed "
+                                               "together from empty caches (independent units)")] = 1,
     bos: options.Bos = None,
     out: options.Out = None, resume: options.Resume = False, quiet: options.Quiet = False,
 ) -> None:
@@ -52,5 +54,5 @@ def stream(
         lambda condition: Stream(text=None if given is None else given.text,
                                  source=None if given is None else given.source, window=window,
                                  sinks=(0, 1, 4) if sinks is None else tuple(sinks), full=full, length=length,
-                                 bos=condition),
+                                 segments=segments, bos=condition),
         bos, "add", model, out=out, resume=resume, quiet=quiet)

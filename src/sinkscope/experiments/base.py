@@ -28,8 +28,8 @@ import platform
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -45,7 +45,7 @@ from ..version import __version__
 from . import distributed
 from .distributed import Shard
 from .whereabouts import TABLE as WHEREABOUTS
-from .whereabouts import measures_prompts, whereabouts_rows, whereabouts_summary
+from .whereabouts import WhereaboutsRider, measures_prompts, whereabouts_rows, whereabouts_summary
 
 CSV_MAX_ROWS = 20_000  # tables up to this size are also written as CSV
 STALL_ENV = "SINKSCOPE_TEST_STALL_AFTER_BATCHES"  # fault-injection hook for tests; see `stall_for_tests`
@@ -167,6 +167,9 @@ class Experiment:
     unit_label: ClassVar[str] = "units"  # what the progress bar counts
     # prompt units get a `whereabouts` table (one more forward per batch); off where that forward is the cost
     records_whereabouts: ClassVar[bool] = True
+    # ... read on the experiment's own forward when it makes exactly one over the units' ids and its probes leave
+    # the attention output alone (`WhereaboutsRider`; otherwise the extra forward is made anyway)
+    whereabouts_rides: ClassVar[bool] = False
 
     # -- what a subclass supplies ---------------------------------------------------------------------
     def prepare(self, loaded: LoadedModel) -> list[Any]:
@@ -331,9 +334,14 @@ def _measure(experiment: Experiment, engine: Any, units: Sequence[Any], batches:
         bar.update(task, description=f"{experiment.name} {experiment.describe(chosen)}".rstrip())
         try:
             with _under(engine, experiment.condition_of(chosen), experiment.name):
-                tables = experiment.measure(engine, chosen)
-                if experiment.records_whereabouts and isinstance(engine, CaptureEngine) and measures_prompts(chosen):
-                    tables[WHEREABOUTS] = whereabouts_rows(engine, chosen)
+                where = (experiment.records_whereabouts and isinstance(engine, CaptureEngine)
+                         and measures_prompts(chosen))
+                rider = WhereaboutsRider(chosen) if where and experiment.whereabouts_rides else None
+                with _riding(engine, rider):
+                    tables = experiment.measure(engine, chosen)
+                if where:
+                    rows = rider.rows(len(engine.attention_layers)) if rider is not None else None
+                    tables[WHEREABOUTS] = rows if rows is not None else whereabouts_rows(engine, chosen)
         except torch.OutOfMemoryError as error:
             raise SinkscopeError(f"{experiment.name}: out of memory on a batch of {len(chosen)} "
                                  f"{experiment.unit_label}; use smaller batches or shorter inputs "
@@ -345,6 +353,20 @@ def _measure(experiment: Experiment, engine: Any, units: Sequence[Any], batches:
         measured[b] = tables
         bar.advance(task, len(chosen))
     return measured
+
+
+@contextmanager
+def _riding(engine: Any, rider: WhereaboutsRider | None) -> Iterator[None]:
+    """``rider`` attached to the engine's probes while the batch is measured."""
+    if rider is None:
+        yield
+        return
+    saved = engine.probes
+    engine.probes = [*saved, rider]
+    try:
+        yield
+    finally:
+        engine.probes = saved
 
 
 def _under(engine: Any, condition: str | None, experiment: str) -> AbstractContextManager[Any]:

@@ -70,6 +70,7 @@ class KeyAttentionExperiment(Experiment):
     """alpha_k of every key of every sequence, per layer and head, and the tokens that act as sinks."""
 
     name = "keys"
+    whereabouts_rides = True
     result_type = KeysResult
     unit_label = "sequences"
 

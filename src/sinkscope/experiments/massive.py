@@ -56,6 +56,7 @@ class MassiveActivations(PromptExperiment):
     """Massive-activation statistics of every prompt's residual stream at every depth, per `<bos>` condition."""
 
     name = "massive"
+    whereabouts_rides = True
     result_type = MassiveActivationsResult
 
     top_k: int = 4

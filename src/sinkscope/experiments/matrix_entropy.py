@@ -50,6 +50,7 @@ class MatrixEntropy(PromptExperiment):
     """Matrix entropy of the residual stream per depth, the position-0 norm and the sink rate per layer."""
 
     name = "matrix_entropy"
+    whereabouts_rides = True
     result_type = MatrixEntropyResult
 
     eps: float = sink_metrics.DEFAULT_EPS

@@ -47,6 +47,7 @@ class Noop(PromptExperiment):
     """Value norms and output shares of every head, per prompt and `<bos>` condition."""
 
     name = "noop"
+    whereabouts_rides = True
     result_type = NoopResult
 
     bos: tuple[str, ...] = ("add",)

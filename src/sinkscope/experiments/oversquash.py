@@ -48,6 +48,7 @@ import pandas as pd
 import torch
 
 from ..capture import AttentionWeights, CaptureEngine
+from ..capture.engine import final_norm
 from ..data.texts import SHAKESPEARE_PARAGRAPH as SHAKESPEARE
 from ..errors import InputError
 from ..metrics import sensitivity
@@ -77,6 +78,7 @@ class Plan:
     ids: list[int]
     text_start: int
     target: int
+    text: int = 0  # which text (of ``texts``; 0 for the single ``text``)
 
 
 def _vjp(output: torch.Tensor, first: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
@@ -102,7 +104,7 @@ def _inner_s2_mean(squares: np.ndarray | None, s2: np.ndarray, inner: np.ndarray
 
 
 def _shared_s2(shared: pd.DataFrame, bos: str) -> dict[str, float]:
-    row = shared[shared["bos"] == bos].iloc[0]
+    row = shared[(shared["bos"] == bos) & (shared.get("text", 0) == 0)].iloc[0]
     return {"s2_mean": float(row["s2_mean"]), "s2_mean_se": float(row["s2_mean_se"])}
 
 
@@ -129,6 +131,8 @@ class Oversquash(Experiment):
     path_sum: bool = True
     max_tokens: int | None = 64
     seed: int = 0
+    texts: tuple[str, ...] = ()  # several texts (independent units) instead of ``text``
+    normed: bool = False  # also the sensitivity of the *normed* state norm(h_j^(L)) (one more backward per probe)
 
     def __post_init__(self) -> None:  # settings checked before any model loads
         if self.probes < 0 or (self.probes == 0 and not self.exact):
@@ -142,14 +146,16 @@ class Oversquash(Experiment):
             raise InputError(f"--exact needs {hidden_size} backward passes per condition; it is for models with "
                              f"hidden size <= {EXACT_MAX_DIM} (use the probe estimator)")
         plans = []
-        for mode in self.bos:
-            encoded = encode_one(tokenizer, self.text, mode, self.max_tokens)
-            start = encoded.text_start
-            j = start + _checked_target(self.target, encoded.text_stop - start)
-            if self.path_sum and j + 1 > PATH_SUM_MAX_TOKENS:
-                raise InputError(f"the path-sum bound needs the full attention matrices: {j + 1} tokens is more "
-                                 f"than {PATH_SUM_MAX_TOKENS}; lower --max-tokens or --target, or pass --no-path-sum")
-            plans.append(Plan(mode, encoded.ids[: j + 1], start, j))
+        for index, text in enumerate(self.texts or (self.text,)):
+            for mode in self.bos:
+                encoded = encode_one(tokenizer, text, mode, self.max_tokens)
+                start = encoded.text_start
+                j = start + _checked_target(self.target, encoded.text_stop - start)
+                if self.path_sum and j + 1 > PATH_SUM_MAX_TOKENS:
+                    raise InputError(f"the path-sum bound needs the full attention matrices: {j + 1} tokens is more "
+                                     f"than {PATH_SUM_MAX_TOKENS}; lower --max-tokens or --target, or pass "
+                                     "--no-path-sum")
+                plans.append(Plan(mode, encoded.ids[: j + 1], start, j, index))
         check_context(loaded, [], self.max_tokens)
         for plan in plans:
             check_length(loaded, len(plan.ids), f"the text with bos={plan.bos}")
@@ -158,6 +164,7 @@ class Oversquash(Experiment):
             sensitivity.gaussian_probes(max(self.probes, 1), hidden_size, self.seed))[:self.probes]
         self._hidden_size = hidden_size
         self._embeddings = loaded.model.get_input_embeddings()
+        self._final_norm = final_norm(loaded.model) if self.normed else None
         self._tokenizer = tokenizer
         return plans
 
@@ -185,6 +192,11 @@ class Oversquash(Experiment):
         output = out.residual[-1, 0, j]  # h_j^(L), before the final norm
         products = [_vjp(output, first, u).numpy() for u in self._directions]
         squares = sensitivity.probe_squares(np.stack(products)) if products else np.full((1, j + 1), np.nan)
+        s2_normed = np.full(j + 1, np.nan)
+        if self._final_norm is not None:  # what the LM head reads: the state after the final norm
+            normed = self._final_norm(output[None])[0]
+            s2_normed, _ = sensitivity.mean_and_stderr(sensitivity.probe_squares(np.stack(
+                [_vjp(normed, first, u).numpy() for u in self._directions])))
         s2, s2_se = sensitivity.mean_and_stderr(squares)  # unbiased for ||J||_F^2, and its error
         s_probe = np.sqrt(s2)  # biased low, by a rank-dependent amount
         s_exact = np.full(j + 1, np.nan)
@@ -208,6 +220,7 @@ class Oversquash(Experiment):
         distance = j - sources
         is_prefix = sources < start
         frame = pd.DataFrame({
+            "text": plan.text,
             "bos": mode,
             "source": sources,
             "text_position": np.where(is_prefix, -1, sources - start),
@@ -220,13 +233,15 @@ class Oversquash(Experiment):
             "s_exact": s_exact,
             "s2": s2,
             "s2_se": s2_se,
+            "s2_normed": s2_normed,
             "B_sum": b_sum,
             "B_mean": b_mean,
             "B_sum_rel": b_sum / np.nanmax(b_sum) if path_sum else b_sum,
             "B_mean_rel": b_mean / np.nanmax(b_mean) if path_sum else b_mean,
         })
         inner = _inner(frame).to_numpy()
-        shared = pd.DataFrame([{"bos": mode, **_inner_s2_mean(None if exact else squares, s2, inner)}])
+        shared = pd.DataFrame([{"text": plan.text, "bos": mode,
+                                **_inner_s2_mean(None if exact else squares, s2, inner)}])
         return {"sensitivity": frame, "shared_sources": shared}
 
     def passes(self) -> dict[str, int]:
@@ -235,11 +250,12 @@ class Oversquash(Experiment):
 
     def summarise(self, loaded: LoadedModel, tables: dict[str, pd.DataFrame], units: Sequence[Plan]
                   ) -> dict[str, Any]:
-        table = tables["sensitivity"]
+        every_text = tables["sensitivity"]
+        table = every_text[every_text["text"] == 0]  # the per-condition details: of the first text
         probes, exact, path_sum, hidden_size = self.probes, self.exact, self.path_sum, self._hidden_size
         tokenizer = self._tokenizer
         per_condition, passes = {}, {}
-        for plan in units:
+        for plan in (u for u in units if u.text == 0):
             mode, ids, start, j = plan.bos, plan.ids, plan.text_start, plan.target
             frame = table[table["bos"] == mode].sort_values("source")
             s, s_probe, s_exact = (frame[c].to_numpy() for c in ("s", "s_probe", "s_exact"))
@@ -267,7 +283,8 @@ class Oversquash(Experiment):
 
         summary: dict[str, Any] = {
             "model": loaded.info.name,
-            "text": self.text,
+            "text": self.texts[0] if self.texts else self.text,
+            "n_texts": len(self.texts) or 1,
             "target_token": token_label(tokenizer, units[0].ids[-1]),
             "method": "exact Jacobian" if exact else f"{probes}-probe estimate",
             "estimator": ESTIMATOR_NOTE,
@@ -291,6 +308,9 @@ class Oversquash(Experiment):
             paired = table[_inner(table)].pivot(
                 index="text_position", columns="bos", values="s")
             summary["frac_sources_s_larger_without_bos"] = float((paired["strip"] > paired["add"]).mean())
+            # per text: the mean s2 over its shared sources, strip / add (the texts are the independent units)
+            by_text = every_text[_inner(every_text)].groupby(["text", "bos"])["s2"].mean().unstack("bos")
+            summary["R_s2_mean_by_text"] = [float(r) for r in by_text["strip"] / by_text["add"]]
         return summary
 
 

@@ -56,6 +56,7 @@ class RankCollapse(PromptExperiment):
     """Rank-collapse measures of each prompt's residual stream at every depth, per `<bos>` condition."""
 
     name = "rank_collapse"
+    whereabouts_rides = True
     result_type = RankCollapseResult
 
     exclude_sink: tuple[bool, ...] = (False, True)

@@ -48,6 +48,7 @@ class Trial:
     n: int
     ids: list[int]
     repeated: int
+    source: str = ""  # the repeated token (family ``repeated``; "" for ``natural``)
 
 
 @dataclass
@@ -63,6 +64,7 @@ class ReprCollapse(Experiment):
     bos: tuple[str, ...] = ("add", "strip")
     repeat_token: str = " a"
     text: str | None = None
+    repeat_tokens: tuple[str, ...] = ()  # more repeated tokens: each its own sequence (independent units)
 
     def __post_init__(self) -> None:  # settings checked (and normalised) before any model loads
         sizes = sorted({int(n) for n in self.lengths})
@@ -77,14 +79,17 @@ class ReprCollapse(Experiment):
     def prepare(self, loaded: LoadedModel) -> list[Trial]:
         tokenizer = require_tokenizer(loaded)
         longest = self.lengths[-1]
-        sources = {f: _family_tokens(tokenizer, f, longest, self.repeat_token, self.text) for f in self.families}
+        sources = {(f, token if f == "repeated" else ""): _family_tokens(tokenizer, f, longest, token, self.text)
+                   for f in self.families
+                   for token in (dict.fromkeys((self.repeat_token, *self.repeat_tokens)) if f == "repeated"
+                                 else (self.repeat_token,))}
         prefixes = {c: prefix_ids(tokenizer, c) for c in self.bos}
         check_length(loaded, max(len(p) for p in prefixes.values()) + longest + 1, "the longest sequence")
         self._tokenizer = tokenizer
         trials = []
-        for family, text_ids in sources.items():
+        for (family, token), text_ids in sources.items():
             for condition in self.bos:
-                trials += [Trial(family, condition, n, prefixes[condition] + text_ids[:n], text_ids[n - 1])
+                trials += [Trial(family, condition, n, prefixes[condition] + text_ids[:n], text_ids[n - 1], token)
                            for n in self.lengths]
         return trials
 
@@ -102,7 +107,8 @@ class ReprCollapse(Experiment):
         norm = float(np.linalg.norm(last["base"]))
         first, final = token_strings(self._tokenizer, [trial.ids[0], trial.ids[-1]])
         return {"repr_collapse": pd.DataFrame([{
-            "family": trial.family, "bos": trial.bos, "n": trial.n, "n_tokens": len(trial.ids),
+            "family": trial.family, "repeat_token": trial.source, "bos": trial.bos, "n": trial.n,
+            "n_tokens": len(trial.ids),
             "first_token": first, "last_token": final, **{k: float(v) for k, v in distances.items()},
             "relative_l2": float(distances["l2"]) / norm if norm > 0 else float("nan"),
             "residual_norm": norm,
@@ -110,7 +116,9 @@ class ReprCollapse(Experiment):
 
     def summarise(self, loaded: LoadedModel, tables: dict[str, pd.DataFrame], units: Sequence[Trial]
                   ) -> dict[str, Any]:
-        frame = tables["repr_collapse"]
+        every = tables["repr_collapse"]
+        # the curves: of the first repeated token (more repeated tokens are units for the report's slope)
+        frame = every[(every["family"] != "repeated") | (every["repeat_token"] == self.repeat_token)]
         curves: dict[str, Any] = {}
         largest: dict[str, Any] = {}
         for family in self.families:

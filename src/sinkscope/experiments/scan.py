@@ -133,6 +133,7 @@ class Scan(Experiment):
     """First-token attention of every head on each prompt under one condition (position 0 + intervention)."""
 
     name = "scan"
+    whereabouts_rides = True
     result_type = ScanResult
     unit_label = "prompts"
 

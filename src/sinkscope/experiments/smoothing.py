@@ -39,6 +39,7 @@ class AttentionSmoothing(PromptExperiment):
     """Entropy and max weight of every head's attention over the text-token queries, per `<bos>` condition."""
 
     name = "smoothing"
+    whereabouts_rides = True
     result_type = SmoothingResult
 
     path: str = "auto"

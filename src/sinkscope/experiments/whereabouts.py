@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..capture import CaptureEngine, TextStartAttention
+from ..capture import CaptureEngine, Probe, TextStartAttention
 from ..metrics import sink as sink_metrics
 
 WHEREABOUTS_EPS = (0.3, 0.8)
@@ -48,12 +48,7 @@ def unit_label(unit: Any) -> str:
 def whereabouts_rows(engine: CaptureEngine, units: Sequence[Any]) -> pd.DataFrame:
     """One forward over ``units`` (one condition) with `TextStartAttention`: Gu's α (query 0 of each key
     included) on position 0 and on the first text token, per prompt x layer x head."""
-    longest = max(len(u.ids) for u in units)
-    ids = torch.zeros(len(units), longest, dtype=torch.long)
-    mask = torch.zeros(len(units), longest, dtype=torch.long)
-    for row, unit in enumerate(units):
-        ids[row, :len(unit.ids)] = torch.tensor(unit.ids, dtype=torch.long)
-        mask[row, :len(unit.ids)] = 1
+    ids, mask = _right_padded(units)
     probe = TextStartAttention([u.text_start for u in units])
     saved = engine.probes
     engine.probes = [probe]
@@ -61,6 +56,20 @@ def whereabouts_rows(engine: CaptureEngine, units: Sequence[Any]) -> pd.DataFram
         engine.forward(ids, mask)
     finally:
         engine.probes = saved
+    return _rows(probe, units)
+
+
+def _right_padded(units: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    longest = max(len(u.ids) for u in units)
+    ids = torch.zeros(len(units), longest, dtype=torch.long)
+    mask = torch.zeros(len(units), longest, dtype=torch.long)
+    for row, unit in enumerate(units):
+        ids[row, :len(unit.ids)] = torch.tensor(unit.ids, dtype=torch.long)
+        mask[row, :len(unit.ids)] = 1
+    return ids, mask
+
+
+def _rows(probe: TextStartAttention, units: Sequence[Any]) -> pd.DataFrame:
     layers = sorted(probe.records)
     frames = []
     for row, unit in enumerate(units):
@@ -80,6 +89,43 @@ def whereabouts_rows(engine: CaptureEngine, units: Sequence[Any]) -> pd.DataFram
             "text_start": unit.text_start, "alpha_first": first.reshape(-1), "alpha_first_text": text.reshape(-1),
         }))
     return pd.concat(frames, ignore_index=True)
+
+
+class WhereaboutsRider(Probe):
+    """`TextStartAttention` riding on the forward an experiment makes anyway, which saves `whereabouts_rows`'
+    own forward. Its records count only when the batch ran exactly one full forward over these units' ids
+    (right-padded, as `whereabouts_rows` would run them) with every attention layer seen; otherwise `rows`
+    says None and the caller makes the separate forward. Only for experiments whose probes do not edit the
+    attention output (the separate forward runs without them)."""
+
+    def __init__(self, units: Sequence[Any]) -> None:
+        self.units = list(units)
+        self.ids, self.mask = _right_padded(self.units)
+        self.inner = TextStartAttention([u.text_start for u in self.units])
+        self.forwards = 0
+        self.matches = False
+
+    def start(self, batch: Any, engine: CaptureEngine) -> None:
+        self.forwards += 1
+        ids = batch.input_ids
+        self.matches = (ids is not None and tuple(ids.shape) == tuple(self.ids.shape)
+                        and torch.equal(batch.attention_mask.long().cpu(), self.mask)
+                        and torch.equal((ids.cpu() * self.mask), self.ids))
+        if self.matches:
+            self.inner.start(batch, engine)
+
+    def on_attention(self, call: Any) -> None:
+        if not self.matches:
+            return
+        if call.query_offset != 0 or call.query.shape[2] != self.ids.shape[1]:  # a decoding step, not a forward
+            self.matches = False
+            return
+        self.inner.on_attention(call)
+
+    def rows(self, n_layers: int) -> pd.DataFrame | None:
+        if self.forwards != 1 or not self.matches or len(self.inner.records) != n_layers:
+            return None
+        return _rows(self.inner, self.units)
 
 
 HEAD_TOKENS = 64  # text tokens a long prompt's whereabouts are read on (the sink forms at the start)

@@ -41,19 +41,26 @@ class PlanSize:
     max_tokens: int = 64
     ablate_window: int = 1024
     ablate_windows: int = 8
-    passkey_lengths: tuple[int, ...] = (512, 1024, 2048)
-    passkey_depths: tuple[float, ...] = (0.1, 0.5, 0.9)
-    passkey_trials: int = 2
-    ruler_lengths: tuple[int, ...] = (512, 1024, 2048)
+    dose_window: int = 256  # the dose-response and band knock-outs: many conditions, shorter windows
+    dose_windows: int = 12
+    dose_prompts: int | None = 40  # smoothing under the dose (None: every explain prompt)
+    passkey_lengths: tuple[int, ...] = (1024,)
+    passkey_depths: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)
+    passkey_trials: int = 6
+    ruler_tasks: tuple[str, ...] = ("niah_single", "niah_multikey")
+    ruler_lengths: tuple[int, ...] = (1024,)
     ruler_depths: tuple[float, ...] = (0.1, 0.5, 0.9)
-    ruler_trials: int = 2
-    repr_lengths: tuple[int, ...] = (8, 16, 32, 64, 128, 256, 512)
+    ruler_trials: int = 5
+    repr_lengths: tuple[int, ...] = (16, 32, 64, 128, 256)
     repr_families: tuple[str, ...] = ("repeated", "natural")
-    oversquash_probes: int = 16
-    stream_window: int = 256
-    stream_length: int = 1024
-    stream_sinks: tuple[int, ...] = (0, 1, 4)
-    stream_full: bool = True
+    repr_tokens: int = 12  # repeated tokens (one sequence each: the units of the slope)
+    oversquash_probes: int = 4
+    oversquash_texts: int = 20
+    stream_window: int = 64
+    stream_length: int = 192
+    stream_sinks: tuple[int, ...] = (0, 4)
+    stream_full: bool = False
+    stream_segments: int = 12
     perturb_text: str = SHAKESPEARE
     perturb_swap: tuple[str, str] = DEFAULT_SWAP
     trigger: str = "'"
@@ -68,13 +75,20 @@ class PlanSize:
         return settings
 
 
+# FULL: every verdict on at least 10 independent units, both bundled models in <= 45 minutes on 2 CPU cores
+# (`benchmarks/paper_budget.py`). Retrieval runs at 1024 text tokens: the longest length at which 30 prompts per
+# condition and task family fit that budget (a 1024-token prefill takes ~2 s on 2 cores).
 FULL = PlanSize("full", scan_prompts=None, explain_prompts=60, ablate_window=512, ablate_windows=16)
 QUICK = PlanSize("quick", scan_prompts=18, explain_prompts=10, ablate_window=256, ablate_windows=2,
+                 dose_window=128, dose_windows=2, dose_prompts=6,
                  passkey_lengths=(384,), passkey_depths=(0.5,), passkey_trials=2,
-                 ruler_lengths=(512,), ruler_depths=(0.5,), ruler_trials=2,
-                 repr_lengths=(16, 64, 256), repr_families=("repeated",), oversquash_probes=8,
-                 stream_window=48, stream_length=144, stream_sinks=(0, 4),
-                 stream_full=False, lab_preset=None)
+                 ruler_tasks=("niah_single",), ruler_lengths=(512,), ruler_depths=(0.5,), ruler_trials=2,
+                 repr_lengths=(16, 64, 256), repr_families=("repeated",), repr_tokens=2, oversquash_probes=4,
+                 oversquash_texts=3, stream_window=48, stream_length=144, stream_sinks=(0, 4), stream_segments=2,
+                 lab_preset=None)
+
+REPEAT_TOKENS = (" a", " the", " of", " and", " to", " in", " is", " it", " on", " for", " that", " with", " he",
+                 " was")  # one token each in both bundled tokenizers
 
 
 def one_per_domain(prompts: list[Prompt], n: int | None) -> list[Prompt]:
@@ -105,9 +119,10 @@ DOSE_CONDITIONS = tuple(dose_condition(d) for d in DOSES if d < 1.0) + ("add+zer
 
 
 def band_conditions(n_layers: int) -> tuple[str, ...]:
-    """Knock-out of each third of the layers, each with its random-key control (same layers, same budget)."""
+    """Knock-out of each third of the layers, each with its random-key control (same layers, same budget), and
+    the half dose there (with add and the knock-out: the dose-response per band)."""
     return tuple(c for layers in layer_bands(n_layers).values()
-                 for c in (f"add+knockout@{layers}", f"add+random-key@{layers}"))
+                 for c in (f"add+knockout@{layers}", f"add+random-key@{layers}", f"add+scale:0.5@{layers}"))
 
 
 def experiments(size: PlanSize, inputs: Inputs, n_layers: int = 0) -> dict[str, Experiment]:
@@ -121,21 +136,26 @@ def experiments(size: PlanSize, inputs: Inputs, n_layers: int = 0) -> dict[str, 
     return {
         "scan_add": Scan(prompts=scan_prompts, bos="add", max_tokens=t),
         "scan_strip": Scan(prompts=scan_prompts, bos="strip", max_tokens=t),
-        "ablate": Ablate(text=text, bos=("add", "strip", *DOSE_CONDITIONS, *band_conditions(n_layers)),
-                         window=size.ablate_window, max_windows=size.ablate_windows),
+        "ablate": Ablate(text=text, bos=("add", "strip"), window=size.ablate_window, max_windows=size.ablate_windows),
+        "dose_loss": Ablate(text=text, bos=("add", *DOSE_CONDITIONS, *band_conditions(n_layers)),
+                            window=size.dose_window, max_windows=size.dose_windows),
         "passkey": Passkey(lengths=size.passkey_lengths, depths=size.passkey_depths, trials=size.passkey_trials),
-        "ruler": Ruler(lengths=size.ruler_lengths, depths=size.ruler_depths, trials=size.ruler_trials),
+        "ruler": Ruler(tasks=size.ruler_tasks, lengths=size.ruler_lengths, depths=size.ruler_depths,
+                       trials=size.ruler_trials),
         "perturb": Perturb(text=size.perturb_text, swap=size.perturb_swap),
         "spread": Spread(prompts=explain, bos=("add", "strip"), max_tokens=t),
-        "smoothing": AttentionSmoothing(prompts=explain, bos=("add", "strip", *DOSE_CONDITIONS), max_tokens=t),
+        "smoothing": AttentionSmoothing(prompts=one_per_domain(inputs.prompts, size.dose_prompts),
+                                        bos=("add", "strip", *DOSE_CONDITIONS), max_tokens=t),
         "noop": Noop(prompts=explain, bos=("add",), max_tokens=t),
         "conditional": ConditionalHeads(prompts=prompt_list(list(size.trigger_texts)), trigger=size.trigger),
         "rank_collapse": RankCollapse(prompts=explain, bos=("add", "strip"), max_tokens=t),
-        "repr_collapse": ReprCollapse(lengths=size.repr_lengths, families=size.repr_families),
-        "oversquash": Oversquash(text=size.perturb_text, probes=size.oversquash_probes, max_tokens=t),
+        "repr_collapse": ReprCollapse(lengths=size.repr_lengths, families=size.repr_families, bos=("add", "strip"),
+                                      repeat_token=REPEAT_TOKENS[0], repeat_tokens=REPEAT_TOKENS[1:size.repr_tokens]),
+        "oversquash": Oversquash(text=size.perturb_text, probes=size.oversquash_probes, max_tokens=t,
+                                 texts=tuple(p.text for p in explain[:size.oversquash_texts]), normed=True),
         "massive": MassiveActivations(prompts=explain, bos=("add", "strip"), max_tokens=t),
         "stream": Stream(window=size.stream_window, length=size.stream_length, sinks=size.stream_sinks,
-                         full=size.stream_full),
+                         full=size.stream_full, segments=size.stream_segments),
     }
 
 
@@ -184,7 +204,7 @@ SECTIONS: tuple[Section, ...] = (
             "The causal test the mechanism implies: as the attention on the sink is turned down (add+scale:λ, λ from "
             "1 to 0, every layer), mixing and loss rise monotonically; zeroing what the sink writes (zero-value) "
             "changes little, because the sink is a no-op.", "§3.2 (the no-op mechanism); conditions",
-            ("smoothing", "ablate")),
+            ("smoothing", "dose_loss")),
     Section("rank", "Rank collapse and representational collapse",
             "Repeated mixing drives token representations towards rank one and makes the last token of a "
             "sequence and of the same sequence with its last token repeated indistinguishable; sinks curb this "
@@ -199,7 +219,7 @@ SECTIONS: tuple[Section, ...] = (
             "The sink is functionally needed: removing the attention to position 0 hurts the model more than "
             "removing any one other key (knock-out in every layer is the same computation as stripping ⟨bos⟩ on "
             "RoPE models, so it is judged per third of the layers, against the random-key control).",
-            "§5 (removing the sink hurts)", ("ablate",)),
+            "§5 (removing the sink hurts)", ("dose_loss",)),
     Section("stream", "Streaming (StreamingLLM)",
             "Keeping the first tokens (the sinks) in a sliding-window cache keeps the loss near full attention, "
             "a window alone does not (Xiao et al. 2024, cited).", "§6 related work; StreamingLLM", ("stream",)),

@@ -255,7 +255,8 @@ def figures_for(section: Section, runs: Runs) -> list[dict[str, str]]:
 
 def dose_curves(model: ModelResults) -> dict[str, pd.DataFrame]:
     """Per measure, one row per dose condition: the measured sink mass (mean α on position 0) and the
-    measure's mean (entropy over the text keys from `smoothing`, loss from `ablate`)."""
+    measure's mean (entropy over the text keys from `smoothing`, loss from `dose_loss`), each against the sink
+    mass measured on its own units."""
     results, curves = model.context.results, {}
     doses = [dose_condition(d) for d in DOSES]
     smoothing = results.get("smoothing")
@@ -266,9 +267,9 @@ def dose_curves(model: ModelResults) -> dict[str, pd.DataFrame]:
         if len(shared) >= 2:
             curves["entropy over the text keys (nats)"] = pd.DataFrame(
                 {"condition": shared, "sink_mass": mass[shared].to_numpy(), "value": entropy[shared].to_numpy()})
-    ablate = results.get("ablate")
-    if ablate is not None and smoothing is not None and "whereabouts" in smoothing.tables:
-        mass = smoothing.tables["whereabouts"].groupby("condition")["alpha_first"].mean()
+    ablate = results.get("dose_loss", results.get("ablate"))  # the loss windows under the dose
+    if ablate is not None and "whereabouts" in ablate.tables:
+        mass = ablate.tables["whereabouts"].groupby("condition")["alpha_first"].mean()  # on those windows
         losses = per_window_loss(ablate).mean()
         shared = [c for c in doses if c in mass.index and c in losses.index]
         if len(shared) >= 2:

@@ -609,11 +609,12 @@ def judge_dose(ctx: Context) -> list[Finding]:
                      if dose_condition(d) in entropy}
             findings.append(judge(DOSE_ENTROPY, ctx.model, Evidence(values),
                                   note="entropy by λ: " + ", ".join(f"{k}: {v:.3f}" for k, v in curve.items())))
-    why = ctx.absent("ablate")
+    key = loss_key(ctx)
+    why = ctx.absent(key)
     if why:
         return findings + [judge(DOSE_LOSS, ctx.model, None, missing=why),
                            judge(NOOP_LOSS, ctx.model, None, missing=why)]
-    losses = per_window_loss(ctx.results["ablate"])
+    losses = per_window_loss(ctx.results[key])
     doses = {dose_condition(d): d for d in DOSES}
     if sum(c in losses for c in doses) < 3:
         findings.append(judge(DOSE_LOSS, ctx.model, None, missing="ablate ran no dose conditions"))
@@ -624,7 +625,36 @@ def judge_dose(ctx: Context) -> list[Finding]:
     paired = _paired(losses, "add+zero-value", "add")
     findings.append(judge(NOOP_LOSS, ctx.model, None if paired is None else Evidence(*paired),
                           missing="ablate ran no add+zero-value"))
+    return findings + judge_band_doses(ctx, losses)
+
+
+def band_dose_rule(band: str, layers: str) -> Rule:
+    return Rule("dose", "turning the sink down in one third of the layers raises the loss",
+                f"Spearman ρ(λ, loss) across add, add+scale:0.5@{layers}, add+knockout@{layers} (λ = 1, .5, 0), "
+                f"{band} layers", "below", 0.0, 0.3, 0.1, "windows (ρ per window)",
+                f"add+scale:λ@{layers}", kind="mean")
+
+
+def judge_band_doses(ctx: Context, losses: pd.DataFrame) -> list[Finding]:
+    """The dose per third of the layers: λ = 1, 0.5, 0 (the knock-out of that band), paired by window."""
+    n_layers = int(ctx.meta.get("n_layers", 0))
+    findings = []
+    for band, layers in (layer_bands(n_layers).items() if n_layers else ()):
+        rule = band_dose_rule(band, layers)
+        columns = {"add": 1.0, f"add+scale:0.5@{layers}": 0.5, f"add+knockout@{layers}": 0.0}
+        if not all(c in losses for c in columns):
+            findings.append(judge(rule, ctx.model, None, missing=f"no add+scale:0.5@{layers} loss windows"))
+            continue
+        rho = [spearman(np.array(list(columns.values())), row.to_numpy(float))
+               for _, row in losses[list(columns)].dropna().iterrows()]
+        curve = ", ".join(f"{c}: {float(losses[c].mean()):.3f}" for c in columns)
+        findings.append(judge(rule, ctx.model, Evidence(np.asarray(rho, dtype=float)), note=f"loss {curve}"))
     return findings
+
+
+def loss_key(ctx: Context) -> str:
+    """Where the dose and knock-out loss windows are: their own experiment, or (older runs) `ablate`."""
+    return "dose_loss" if "dose_loss" in ctx.results or "ablate" not in ctx.results else "ablate"
 
 
 # -- collapse, over-squashing, massive activations, knock-out, streaming ---------------------------------------
@@ -633,7 +663,7 @@ RANK = Rule("rank", "with the sink, the text tokens' representations stay furthe
             "above", 0.0, 0.01, 0.005, "prompts", "add vs strip", premise="sink removed")
 REPR = Rule("rank", "last-token representations collapse as the sequence grows",
             "slope of log last-token distance vs log n (repeated tokens, with ⟨bos⟩)", "below", 0.0, 0.1, 0.05,
-            "lengths", "add", kind="mean")
+            "repeated tokens (one sequence each)", "add", kind="mean")
 
 
 def judge_rank(ctx: Context) -> list[Finding]:
@@ -661,37 +691,45 @@ def judge_rank_collapse(ctx: Context) -> Finding:
 
 
 def judge_repr_collapse(ctx: Context) -> Finding:
+    """Sequences as units: one slope per repeated token (each its own sequence family member)."""
     why = ctx.absent("repr_collapse")
     if why:
         return judge(REPR, ctx.model, None, missing=why)
     frame = ctx.results["repr_collapse"].tables["repr_collapse"]
-    rows = frame[(frame["family"] == "repeated") & (frame["bos"] == "add")].sort_values("n")
-    if len(rows) < 2:
-        return judge(REPR, ctx.model, Evidence(np.zeros(0)))
-    value, low, high = statistic_interval(loglog_slope, rows["n"].to_numpy(float), rows["l2"].to_numpy(float))
-    finding = judge(REPR, ctx.model, Evidence(np.full(len(rows), value)),
-                    note="a slope over lengths of one sequence family: the lengths are not independent units")
-    return replace(finding, value=value, low=low, high=high)
+    rows = frame[(frame["family"] == "repeated") & (frame["bos"] == "add")]
+    if "repeat_token" not in rows:  # runs saved before several repeated tokens
+        rows = rows.assign(repeat_token="")
+    slopes = [loglog_slope(g.sort_values("n")["n"].to_numpy(float), g.sort_values("n")["l2"].to_numpy(float))
+              for _, g in rows.groupby("repeat_token") if len(g) >= 2]
+    return judge(REPR, ctx.model, Evidence(np.asarray(slopes, dtype=float)),
+                 note=f"one slope per repeated token over n = {sorted(rows['n'].unique().tolist())}")
 
 
 OVERSQUASH = Rule("oversquash", "removing ⟨bos⟩ raises the sensitivity between tokens",
-                  "sensitivity ratio s²(strip) / s²(add)", "above", 1.0, 0.1, 0.05, "texts", "strip vs add",
-                  kind="ratio", premise="sink removed")
+                  "sensitivity ratio s²(strip) / s²(add): mean ‖∂h_j/∂h_i‖²_F over the text sources i shared by "
+                  "both conditions, h_j the last text token's state before the final norm", "above", 1.0, 0.1, 0.05,
+                  "texts", "strip vs add", kind="ratio", premise="sink removed")
 
 
 def judge_oversquash(ctx: Context) -> list[Finding]:
+    """Texts as units: per text, the mean s² over its shared sources, with and without ⟨bos⟩."""
     why = ctx.absent("oversquash")
     if why:
         return [judge(OVERSQUASH, ctx.model, None, missing=why)]
     result = ctx.results["oversquash"]
     frame = result.tables["sensitivity"]
+    if "text" not in frame:  # runs saved before several texts: one text
+        frame = frame.assign(text=0)
     inner = frame[(frame["text_position"] > 0) & (frame["distance"] > 0)]
-    paired = inner.pivot_table(index="text_position", columns="bos", values="s2").dropna()
-    if not {"add", "strip"} <= set(paired.columns):
+    per_text = inner.groupby(["text", "bos"])["s2"].mean().unstack("bos")
+    if not {"add", "strip"} <= set(per_text.columns):
         return [judge(OVERSQUASH, ctx.model, None, missing="over-squashing has no add / strip sources")]
-    evidence = Evidence([paired["strip"].mean()], [paired["add"].mean()],
-                        note=f"one text, {len(paired)} source tokens (not independent units); "
-                             f"{result.summary.get('method', '')}")
+    notes = [f"{result.summary.get('method', '')}"]
+    if "s2_normed" in inner and inner["s2_normed"].notna().any():
+        normed = inner.groupby(["text", "bos"])["s2_normed"].mean().unstack("bos")
+        notes.append(f"after the final norm R = {float(normed['strip'].mean() / normed['add'].mean()):.3f}")
+    paired = per_text[["strip", "add"]].dropna()
+    evidence = Evidence(paired["strip"].to_numpy(float), paired["add"].to_numpy(float), note="; ".join(notes))
     return [judge(OVERSQUASH, ctx.model, evidence, premise=ctx.sink_premise())]
 
 
@@ -728,11 +766,12 @@ def layer_bands(n_layers: int) -> dict[str, str]:
 def judge_knockout(ctx: Context) -> list[Finding]:
     """Per layer band, the knock-out against the equal-budget random-key control, paired by window. All-heads
     knock-out is not judged here: on RoPE models it is the same computation as stripping ⟨bos⟩ (Table 2)."""
-    why = ctx.absent("ablate")
+    key = loss_key(ctx)
+    why = ctx.absent(key)
     n_layers = int(ctx.meta.get("n_layers", 0))
     if why or not n_layers:
         return [judge(knockout_rule("each third of the"), ctx.model, None, missing=why or "number of layers unknown")]
-    losses = per_window_loss(ctx.results["ablate"])
+    losses = per_window_loss(ctx.results[key])
     findings = []
     for name, layers in layer_bands(n_layers).items():
         rule = replace(knockout_rule(f"{name} ({layers})"), conditions=f"add+knockout@{layers} vs "
@@ -749,7 +788,9 @@ def judge_knockout(ctx: Context) -> list[Finding]:
 
 
 STREAM = Rule("stream", "keeping the sink tokens in a window cache keeps the loss; a window alone does not",
-              "ΔNLL, window only − window with sinks", "above", 0.0, 0.05, 0.02, "texts", "add", kind="difference")
+              "ΔNLL, window only − window with sinks (mean over the positions past the window)", "above", 0.0, 0.05,
+              0.02, "segments (consecutive pieces of the text, each streamed from an empty cache)", "add",
+              kind="difference")
 
 
 def judge_stream(ctx: Context) -> list[Finding]:
@@ -758,17 +799,20 @@ def judge_stream(ctx: Context) -> list[Finding]:
         return [judge(STREAM, ctx.model, None, missing=why)]
     result = ctx.results["stream"]
     table = result.tables["stream"]
+    if "segment" not in table:  # runs saved before segments: one text
+        table = table.assign(segment=0)
     evaluated = table[table["position"] >= int(result.summary["eval_start"])]
-    caches = evaluated.pivot_table(index="position", columns="cache", values="nll")
+    caches = evaluated.pivot_table(index="segment", columns="cache", values="nll", aggfunc="mean")
     with_sinks = max((c for c in caches.columns if c.startswith("k=") and c != "k=0"),
                      key=lambda c: int(c[2:]), default=None)
     if with_sinks is None or "k=0" not in caches:
         return [judge(STREAM, ctx.model, None, missing="needs k = 0 and k > 0 caches")]
     ppl = result.summary["ppl"]
-    evidence = Evidence([caches["k=0"].mean()], [caches[with_sinks].mean()],
-                        note=f"one text ({len(caches)} positions, not independent units); perplexity "
-                             + ", ".join(f"{k}: {v:.2f}" for k, v in ppl.items()))
-    return [judge(STREAM, ctx.model, evidence)]
+    rule = replace(STREAM, measurement=f"{STREAM.measurement}; sinks: {with_sinks}")
+    evidence = Evidence(caches["k=0"].to_numpy(float), caches[with_sinks].to_numpy(float),
+                        note=f"{len(caches)} segments × {evaluated['position'].nunique()} positions past the window; "
+                             "perplexity " + ", ".join(f"{k}: {v:.2f}" for k, v in ppl.items()))
+    return [judge(rule, ctx.model, evidence)]
 
 
 # -- Fig. 5 and depth: the lab ---------------------------------------------------------------------------------

@@ -135,6 +135,8 @@ def stream_figures(result: Any) -> dict[str, Any]:
     summary = result.summary
     frame = result.tables["stream"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2), constrained_layout=True)
+    if "segment" in frame:  # several segments: the mean over them at each position
+        frame = frame.groupby(["cache", "position"], sort=False, as_index=False)[["nll", "cache_bytes"]].mean()
     for label, group in frame.groupby("cache", sort=False):
         rolling = group["nll"].rolling(ROLLING, min_periods=1).mean()
         left.plot(group["position"], rolling, label=f"{label}  (ppl {summary['ppl'][label]:.2f})", linewidth=1)
@@ -145,7 +147,9 @@ def stream_figures(result: Any) -> dict[str, Any]:
         ax.legend(fontsize=8)
     left.set_ylabel(f"next-token NLL (rolling mean, {ROLLING} tokens)")
     right.set_ylabel("KV cache (MiB)")
-    left.set_title(f"{summary['model']}: window {summary['window']}; dotted line: evaluation starts")
+    segments = summary.get("segments", 1)
+    left.set_title(f"{summary['model']}: window {summary['window']}"
+                   + (f", mean of {segments} segments" if segments > 1 else "") + "; dotted line: evaluation starts")
     right.set_title("cache size: flat once a streaming cache is full")
     return {"stream": fig}
 

@@ -106,6 +106,8 @@ def rank_collapse_figures(result: Any) -> dict[str, Figure]:
 @figure_for("repr_collapse")
 def repr_collapse_figures(result: Any) -> dict[str, Figure]:
     table, summary = result.tables["repr_collapse"], result.summary
+    if "repeat_token" in table:  # more repeated tokens: the curves of the first (as the summary's)
+        table = table[(table["family"] != "repeated") | (table["repeat_token"] == summary["repeat_token"])]
     fig, axes = plt.subplots(1, 3, figsize=(13, 4), constrained_layout=True)
     colours = _colours()
     styles = ["-", "--", ":", "-."]
@@ -205,6 +207,8 @@ def perturb_figures(result: Any) -> dict[str, Figure]:
 @figure_for("oversquash")
 def oversquash_figures(result: Any) -> dict[str, Figure]:
     frame, summary = result.tables["sensitivity"], result.summary
+    if "text" in frame:  # several texts: the first one's curve (the report's verdict pairs all of them)
+        frame = frame[frame["text"] == 0]
     columns = [("s", "sensitivity s = ||dh_j^(L) / dh_i^(0)||_F")]
     if frame["B_mean"].notna().any():
         columns += [("B_mean", "path-sum bound B, c_h = 1/H"), ("B_sum", "path-sum bound B, c_h = 1")]

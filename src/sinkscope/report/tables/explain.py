@@ -73,6 +73,8 @@ def repr_collapse_table(result: Any) -> list[Any]:
     table = Table(title="L2 distance of the last token's residual at the last depth (relative to its norm) by n; "
                   f"L-inf and cosine at n={sizes[-1]}", title_justify="left")
     _columns(table, ["family", "bos", *(f"n={n}" for n in sizes), "L-inf", "cosine"], ("family", "bos"))
+    if "repeat_token" in frame:  # more repeated tokens: the first one's rows (as the summary's curves)
+        frame = frame[(frame["family"] != "repeated") | (frame["repeat_token"] == result.summary["repeat_token"])]
     for (name, condition), rows in frame.groupby(["family", "bos"], sort=False):
         rows = rows.sort_values("n")
         cells = [f"{v:.3g} ({r:.2g})" for v, r in zip(rows["l2"], rows["relative_l2"], strict=True)]
