@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+import pandas as pd
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -115,3 +117,17 @@ def invoke(*args: str):
     from sinkscope.cli import app
 
     return CliRunner().invoke(app, list(args), catch_exceptions=False)
+
+
+def scans(add: float, strip: float, n: int = 20) -> dict:
+    from sinkscope.experiments.base import Result
+
+    """Two saved-scan-like results whose per-prompt sink rates at ε = 0.3 are about ``add`` and ``strip``."""
+    out = {}
+    for key, rate in (("scan_add", add), ("scan_strip", strip)):  # the same draws: the conditions differ by rate
+        alpha = (np.random.default_rng(0).uniform(size=(n, 4, 4)) < rate) * 0.9
+        index = pd.MultiIndex.from_product([range(n), range(4), range(4)], names=["prompt", "layer", "head"])
+        frame = index.to_frame(index=False).assign(alpha=alpha.reshape(-1), prompt_id=lambda f: "q" + f.prompt.astype(
+            str))
+        out[key] = Result({"alpha": frame}, {})
+    return out

@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from helpers import scans
 from sinkscope.experiments.base import Result
 from sinkscope.paper.verdicts import (
     INCONCLUSIVE,
@@ -72,18 +73,6 @@ def test_holm_downgrades_a_reproduced_claim_that_does_not_survive_the_correction
     assert corrected[1].verdict == REPRODUCED and corrected[1].p_holm >= corrected[1].p_value
     if weak.verdict == REPRODUCED:  # six tests: 0.01 < p < 0.05 does not survive
         assert corrected[0].verdict == INCONCLUSIVE and "Holm" in corrected[0].note
-
-
-def scans(add: float, strip: float, n: int = 20) -> dict[str, Result]:
-    """Two saved-scan-like results whose per-prompt sink rates at ε = 0.3 are about ``add`` and ``strip``."""
-    out = {}
-    for key, rate in (("scan_add", add), ("scan_strip", strip)):  # the same draws: the conditions differ by rate
-        alpha = (np.random.default_rng(0).uniform(size=(n, 4, 4)) < rate) * 0.9
-        index = pd.MultiIndex.from_product([range(n), range(4), range(4)], names=["prompt", "layer", "head"])
-        frame = index.to_frame(index=False).assign(alpha=alpha.reshape(-1), prompt_id=lambda f: "q" + f.prompt.astype(
-            str))
-        out[key] = Result({"alpha": frame}, {})
-    return out
 
 
 def smoothing(delta: float, n: int = 20, doses: bool = False) -> Result:
@@ -164,3 +153,18 @@ def test_no_change_is_vacuous_where_the_model_cannot_retrieve():
     moved = Context("smol", {**scans(0.7, 0.75), "ruler": ruler}, {}, adds_bos=False)
     finding = judge_table3(moved)[1]
     assert finding.verdict == INCONCLUSIVE and "cannot retrieve" in finding.note
+
+
+def test_each_status_is_explained_with_its_own_numbers():
+    zero = np.zeros(40)
+    found = judge(DIFF, "m", Evidence(noisy(0.5), zero))
+    assert found.interval in found.why and "reaches 0.1" in found.why
+    assert "on the other side" in judge(DIFF, "m", Evidence(noisy(-0.5), zero)).why
+    assert "TOST p" in judge(DIFF, "m", Evidence(noisy(0.0, spread=0.01), zero)).why
+    assert judge(DIFF, "m", Evidence(noisy(0.5, n=9), np.zeros(9))).why.startswith("9 independent units")
+    moved = judge(DIFF, "m", Evidence(noisy(0.5), zero), premise=(False, "the sink moved"))
+    assert "premise not met" in moved.why and "the sink moved" in moved.why
+    weak = judge(DIFF, "m", Evidence(noisy(0.3, n=10, spread=0.45, seed=3), np.zeros(10)))
+    if weak.verdict == REPRODUCED:
+        (corrected, *_) = holm([weak] + [found] * 5)
+        assert corrected.verdict == INCONCLUSIVE and "after Holm" in corrected.why

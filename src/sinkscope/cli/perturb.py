@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -63,6 +64,10 @@ def oversquash(
     exact: Annotated[bool, typer.Option(help="also the exact Jacobian (d backward passes; small models)")] = False,
     path_sum: Annotated[bool, typer.Option(help="attention path-sum bound B (needs the full weights)")] = True,
     seed: Annotated[int, typer.Option(help="seed of the random probes")] = 0,
+    prompts: Annotated[Path | None, typer.Option(help=".txt/.jsonl/.csv texts, each its own unit (instead of "
+                                                      "--text)")] = None,
+    normed: Annotated[bool, typer.Option(help="also the sensitivity after the final norm (k more backward "
+                                              "passes)")] = False,
     out: options.Out = None, resume: options.Resume = False, quiet: options.Quiet = False,
     device: options.Device = "cpu", dtype: options.Dtype = "float32",
     trust_remote_code: options.TrustRemoteCode = False,
@@ -71,6 +76,7 @@ def oversquash(
     from ..experiments.oversquash import SHAKESPEARE, Oversquash
 
     experiment = Oversquash(text=text or SHAKESPEARE, target=target, probes=probes, bos=tuple(bos or DEFAULT_BOS),
-                            exact=exact, path_sum=path_sum, max_tokens=max_tokens, seed=seed)
+                            exact=exact, path_sum=path_sum, max_tokens=max_tokens, seed=seed, normed=normed,
+                            texts=tuple(p.text for p in options.prompts_from(prompts)) if prompts else ())
     run_command(experiment, model, out=out, resume=resume, quiet=quiet, device=device, dtype=dtype,
                 trust_remote_code=trust_remote_code)

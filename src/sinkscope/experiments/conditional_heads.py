@@ -40,6 +40,18 @@ TRIGGER_TEXTS = [
     "Let's ask whether you've seen the map that's on Sam's desk.",
     "They'll say it wasn't theirs, though everyone knows it's Alex's.",
     "I'd like to know why the museum's doors aren't open today.",
+    "We'd hoped the baker's shop wasn't closed, but it's shut on Sundays.",
+    "My brother's car won't start, so he's taking the early train.",
+    "If you're cold, there's a blanket in the guest room's cupboard.",
+    "They couldn't find the teacher's notes, and she'd left them at home.",
+    "It's odd that the river's level hasn't dropped after a dry week.",
+    "Nobody's told me where they've put the keys to the shed.",
+    "You can't miss it: the town's only bridge is where we'll meet.",
+    "She's certain the doctor's advice won't change what she's planned.",
+    "I'm afraid the farmer's dog doesn't like strangers near the gate.",
+    "We've read the author's letters, and they're kinder than we'd thought.",
+    "He'd rather wait until it's quiet before he's going to call.",
+    "The students' results weren't posted, so they'll check again tomorrow.",
 ]
 
 

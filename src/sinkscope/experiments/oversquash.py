@@ -326,6 +326,8 @@ def oversquash(
     path_sum: bool = True,
     max_tokens: int | None = 64,
     seed: int = 0,
+    texts: Sequence[str] = (),
+    normed: bool = False,
     out: str | Path | None = None,
     resume: bool = False,
     progress: bool = True,
@@ -335,10 +337,12 @@ def oversquash(
     earlier position, per `<bos>` condition, plus the attention path-sum bound (see the module docstring).
 
     ``probes``: k random probes for the estimator (0 only with ``exact``); ``max_tokens`` counts the whole
-    sequence, prefix included (the paper's T = 64).
+    sequence, prefix included (the paper's T = 64). ``texts``: several texts, each its own unit (instead of
+    ``text``); ``normed``: also ``s2_normed``, the sensitivity of the state after the final norm (what the LM head
+    reads), with the same probes.
     """
     experiment = Oversquash(text=text, target=target, probes=probes, bos=tuple(bos_conditions(bos)), exact=exact,
-                            path_sum=path_sum, max_tokens=max_tokens, seed=seed)
+                            path_sum=path_sum, max_tokens=max_tokens, seed=seed, texts=tuple(texts), normed=normed)
     result = run(experiment, model, out=out, resume=resume, progress=progress, command=command)
     assert isinstance(result, OversquashResult)
     return result

@@ -183,6 +183,7 @@ class Stream(Experiment):
         model = runner.model if isinstance(runner, CaptureEngine) else runner
         model.eval()
         for k in units:
+            cache: Any
             if k is None:
                 from transformers import DynamicCache
 

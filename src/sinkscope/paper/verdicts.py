@@ -73,6 +73,7 @@ class Finding:
     conditions: str = ""  # the conditions compared, in the condition syntax (e.g. "strip vs add")
     p_value: float | None = None  # one-sided, in the paper's direction (the equivalence test's for "equal")
     p_holm: float | None = None  # Holm-corrected over the report's claims
+    reason: str = ""  # one sentence: why this status follows from these numbers (set by `judge`, `holm`)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -88,7 +89,7 @@ class Finding:
     @property
     def why(self) -> str:
         """One sentence: why the status follows from the numbers."""
-        return WHY.get(self.verdict, "")
+        return self.reason or WHY.get(self.verdict, "")
 
 
 WHY = {
@@ -211,14 +212,17 @@ def judge(rule: Rule, model: str, evidence: Evidence | None, *, premise: tuple[b
     base = Finding(rule.section, model, rule.claim, rule.measurement, None, None, None, NOT_MEASURED, rule.text(),
                    rule.units, note or missing, 0, rule.conditions)
     if evidence is None:
-        return base
+        return replace(base, reason=f"not measured: {missing}" if missing else WHY[NOT_MEASURED])
     base.n_units, base.note = evidence.n, "; ".join(x for x in (note, evidence.note) if x)
     if evidence.n:
         base.value, base.low, base.high = _estimate(rule, evidence)
     if premise is not None and not premise[0]:
-        return replace(base, verdict=NOT_APPLICABLE, note="; ".join(x for x in (premise[1], base.note) if x))
+        return replace(base, verdict=NOT_APPLICABLE, note="; ".join(x for x in (premise[1], base.note) if x),
+                       reason=f"premise not met ({PREMISES.get(rule.premise, 'comparable conditions')}): "
+                              f"{premise[1].split(';')[0]}")
     if evidence.n < rule.min_units:
-        return replace(base, verdict=INSUFFICIENT)
+        return replace(base, verdict=INSUFFICIENT, reason=f"{evidence.n} independent units, fewer than the "
+                                                          f"{rule.min_units} the rule needs")
     values = _differences(rule, evidence)
     # a ratio's margin is in ratio units: mean(a) / mean(b) within 1 ± m is mean(a - b) within ±m·mean(b)
     margin = rule.margin * (abs(float(np.mean(evidence.b))) if rule.kind == "ratio" and evidence.b is not None
@@ -229,7 +233,12 @@ def judge(rule: Rule, model: str, evidence: Evidence | None, *, premise: tuple[b
     if rule.direction == "equal":
         outside = (base.low > rule.null + rule.margin) or (base.high < rule.null - rule.margin)
         verdict = REPRODUCED if equivalent else NOT_REPRODUCED if outside else INCONCLUSIVE
-        return replace(base, verdict=verdict, p_value=p_equivalent)
+        band = f"±{rule.margin:g} of {rule.null:g}"
+        reason = {REPRODUCED: f"equivalence shown: TOST p = {p_equivalent:.2g} < {ALPHA:g} for {band}",
+                  NOT_REPRODUCED: f"the interval {base.interval} lies outside {band}",
+                  INCONCLUSIVE: f"the interval {base.interval} reaches outside {band} and TOST (p = "
+                                f"{p_equivalent:.2g}) cannot show equivalence"}[verdict]
+        return replace(base, verdict=verdict, p_value=p_equivalent, reason=reason)
     sign = 1.0 if rule.direction == "above" else -1.0
     low, high = sorted((sign * (base.low - rule.null), sign * (base.high - rule.null)))
     effect = sign * (base.value - rule.null)
@@ -242,7 +251,25 @@ def judge(rule: Rule, model: str, evidence: Evidence | None, *, premise: tuple[b
     if verdict == INCONCLUSIVE and low > 0:
         base.note = "; ".join(x for x in (base.note, f"an effect smaller than the rule's minimum "
                                                      f"({rule.min_effect:g})") if x)
-    return replace(base, verdict=verdict, p_value=_one_sided_p(values, rule.direction))
+    return replace(base, verdict=verdict, p_value=_one_sided_p(values, rule.direction),
+                   reason=_side_reason(rule, base.interval, verdict, effect, low > 0, high < 0, p_equivalent))
+
+
+def _side_reason(rule: Rule, interval: str, verdict: str, effect: float, on_side: bool, other_side: bool,
+                 p_equivalent: float) -> str:
+    """Why a directional rule gave ``verdict``, in one sentence with the numbers."""
+    side = f"{rule.direction} {rule.null:g}"
+    if verdict == REPRODUCED:
+        return f"the interval {interval} lies {side} and the effect {effect:.3g} reaches {rule.min_effect:g}"
+    if verdict == NOT_REPRODUCED and other_side:
+        return f"the interval {interval} lies on the other side of {rule.null:g}"
+    if verdict == NOT_REPRODUCED:
+        return f"no effect: TOST p = {p_equivalent:.2g} < {ALPHA:g} puts it within ±{rule.margin:g} of {rule.null:g}"
+    if on_side:
+        return (f"the interval {interval} lies {side}, but the effect {effect:.3g} is below the rule's minimum "
+                f"{rule.min_effect:g}")
+    return (f"the interval {interval} straddles {rule.null:g} and TOST (p = {p_equivalent:.2g}) cannot rule out an "
+            f"effect beyond ±{rule.margin:g}")
 
 
 def holm(findings: Sequence[Finding]) -> list[Finding]:
@@ -260,6 +287,8 @@ def holm(findings: Sequence[Finding]) -> list[Finding]:
         finding = replace(out[i], p_holm=float(p))
         if finding.verdict == REPRODUCED and p >= ALPHA:
             finding.verdict = INCONCLUSIVE
+            finding.reason = (f"{finding.reason}, but p = {finding.p_value:.2g} becomes {p:.2g} after Holm over "
+                              f"the report's {len(tested)} tests")
             finding.note = "; ".join(x for x in (finding.note, f"not significant after Holm over the report "
                                                                f"(p = {p:.3g})") if x)
         out[i] = finding
@@ -455,7 +484,9 @@ def judge_table3(ctx: Context) -> list[Finding]:
         vacuous = finding.verdict == NOT_REPRODUCED or (relocated and finding.verdict == REPRODUCED)
         if vacuous and float(with_bos.mean()) < 0.2:
             finding = replace(finding, verdict=INCONCLUSIVE, note=finding.note + "; the model cannot retrieve even "
-                                                                                 "with ⟨bos⟩ (accuracy < 0.2)")
+                                                                                 "with ⟨bos⟩ (accuracy < 0.2)",
+                              reason=f"with ⟨bos⟩ the model scores {float(with_bos.mean()):.2f} (< 0.2): it cannot "
+                                     "retrieve, so no change says nothing")
         findings.append(finding)
     return findings
 
@@ -552,7 +583,9 @@ def judge_conditional(ctx: Context) -> Finding:
     finding = judge(CONDITIONAL, ctx.model, Evidence(drop.to_numpy()),
                     note=f"layer {layer} head {head}; its default α on the held-out texts {float(default.mean()):.2f}")
     if finding.verdict == REPRODUCED and float(default.mean()) <= SINK_EPS:
-        finding = replace(finding, verdict=NOT_REPRODUCED, note=finding.note + " (not a sink by default)")
+        finding = replace(finding, verdict=NOT_REPRODUCED, note=finding.note + " (not a sink by default)",
+                          reason=f"the head drops after the trigger, but its default α {float(default.mean()):.2f} "
+                                 f"is not a sink's (≤ {SINK_EPS})")
     return finding
 
 
@@ -838,7 +871,13 @@ def _lab_correlation(rule: Rule, runs: pd.DataFrame, column: str) -> Finding:
     if finding.n_units >= rule.min_units:
         status = (REPRODUCED if low > 0 and value >= rule.min_effect else NOT_REPRODUCED if high < 0
                   else INCONCLUSIVE)
-    return replace(finding, value=value, low=low, high=high, verdict=status, p_value=None)
+    reason = finding.reason
+    if finding.n_units >= rule.min_units:
+        interval = f"ρ = {value:.3g} [{low:.3g}, {high:.3g}] (bootstrap over runs)"
+        reason = {REPRODUCED: f"{interval} lies above 0 and reaches {rule.min_effect:g}",
+                  NOT_REPRODUCED: f"{interval} lies below 0",
+                  INCONCLUSIVE: f"{interval} straddles 0 or stays below {rule.min_effect:g}"}[status]
+    return replace(finding, value=value, low=low, high=high, verdict=status, p_value=None, reason=reason)
 
 
 def judge_lab(summary: pd.DataFrame | None, reason: str) -> list[Finding]:
