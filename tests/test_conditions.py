@@ -13,11 +13,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from helpers import invoke, tiny_model, word_tokenizer
+from sinkscope.attention.kernels import AttentionInputs, KernelOptions, run_kernel
+from sinkscope.attention.variants import VARIANTS
 from sinkscope.capture import CaptureEngine, Probe, RandomKeyKnockout
 from sinkscope.capture.engine import AttentionCall, BatchInfo
 from sinkscope.capture.interventions import Scale
-from sinkscope.capture.kernels import AttentionInputs, KernelOptions, run_kernel
-from sinkscope.capture.variants import VARIANTS
 from sinkscope.conditions import Condition, Intervention, Position, parse_condition, parse_conditions
 from sinkscope.errors import InputError, TokenizationError
 from sinkscope.models.tokens import encode

@@ -6,11 +6,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_ablate import TEXT
 from typer.testing import CliRunner
 
 import sinkscope as ss
-from helpers import invoke, tiny_model, word_tokenizer
+from helpers import TEXT, invoke, tiny_model, word_tokenizer
 from sinkscope.cli import app
 from sinkscope.errors import InputError
 from sinkscope.experiments.base import Result

@@ -1,7 +1,7 @@
 """Faults: `kill -9` of a real `sinkscope` process at chosen points, then `--resume`; and determinism.
 
-Where a kill lands is chosen without any timing: with ``SINKSCOPE_TEST_STALL_AFTER_BATCHES=N`` the run
-says so on stderr and blocks once it has written N batch markers (`experiments.base.stall_for_tests`);
+Where a kill lands is chosen without any timing: with ``SINKSCOPE_TEST_STALL="batches N"`` the run
+says so on stderr and blocks once it has written N batch markers (`sinkscope.faults`);
 the test reads that line, sends SIGKILL, and continues the run with ``--resume`` — first in another process
 that is killed again further on, then to the end. The finished tables must equal, exactly, those of an
 uninterrupted run: no row lost, none twice.
@@ -19,19 +19,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from test_ablate import TEXT
-from test_passkey import passkey_tokenizer
 
 import sinkscope as ss
-from helpers import SENTENCES, invoke, tiny_model, word_tokenizer
-from sinkscope.experiments.base import STALL_ENV
+from helpers import SENTENCES, TEXT, invoke, passkey_tokenizer, tiny_model, word_tokenizer
+from sinkscope.faults import STALL_ENV
 
 SOURCE = Path(ss.__file__).resolve().parents[1]  # the src directory the tests import sinkscope from
 
 
 def killed_at(args: list[str], batches: int) -> None:
     """Run ``sinkscope *args`` in a new process, stalled after ``batches`` batch markers, and SIGKILL it there."""
-    env = {**os.environ, STALL_ENV: str(batches), "PYTHONPATH": os.pathsep.join(
+    env = {**os.environ, STALL_ENV: f"batches {batches}", "PYTHONPATH": os.pathsep.join(
         [str(SOURCE), *filter(None, [os.environ.get("PYTHONPATH")])])}
     process = subprocess.Popen([sys.executable, "-m", "sinkscope.cli", *args, "--quiet"], env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -39,7 +37,7 @@ def killed_at(args: list[str], batches: int) -> None:
     said = []
     for line in process.stderr:  # blocks until the run stalls (or ends, which is a failure)
         said.append(line)
-        if "stalled after" in line:
+        if "stalled at batches" in line:
             break
     else:
         process.wait()

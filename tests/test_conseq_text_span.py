@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_ablate import TEXT
-from test_passkey import KEY_START, passkey_tokenizer
 
 import sinkscope as ss
-from helpers import tiny_model, word_tokenizer
+from helpers import KEY_START, TEXT, passkey_tokenizer, tiny_model, word_tokenizer
 
 
 def with_eos(tokenizer):

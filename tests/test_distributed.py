@@ -79,13 +79,13 @@ def test_a_killed_two_process_run_resumes_per_shard(model_dir, prompts, referenc
     out = tmp_path / "killed"
     # every process stops for ever after writing one batch; kill the whole launch (launcher and workers)
     launch = subprocess.Popen(_command(2, *_scan_args(model_dir, prompts, out)),
-                              env=_env(SINKSCOPE_TEST_STALL_AFTER_BATCHES="1"), stderr=subprocess.PIPE,
+                              env=_env(SINKSCOPE_TEST_STALL="batches 1"), stderr=subprocess.PIPE,
                               text=True, start_new_session=True)
     workers: list[int] = []
     assert launch.stderr is not None
     try:
         for line in launch.stderr:
-            found = re.search(r"stalled after 1 batch markers .*pid (\d+)", line)
+            found = re.search(r"stalled at batches 1 .*pid (\d+)", line)
             if found:
                 workers.append(int(found.group(1)))
             if len(workers) == 2:

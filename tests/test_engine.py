@@ -10,27 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import FAMILIES, WINDOW, eager_twin, tiny_model
+from helpers import CHUNK, FAMILIES, WINDOW, eager_twin, padded_batch, positions, tiny_model
 from sinkscope.capture import CaptureEngine, FirstTokenAttention, Probe, capture
 from sinkscope.errors import UnsupportedModelError
-
-LENGTH = 3 * WINDOW + 2  # past the window; with chunk_size=5 it crosses several chunk boundaries
-CHUNK = 5
-
-
-def padded_batch(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row 0 full length, row 1 left-padded by 4, row 2 right-padded by 3."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 90, (3, LENGTH), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1, :4] = 0
-    mask[2, -3:] = 0
-    ids[mask == 0] = 0
-    return ids, mask
-
-
-def positions(mask: torch.Tensor) -> torch.Tensor:
-    return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
 def hf_first_token_attention(model, ids, mask):

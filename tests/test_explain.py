@@ -8,11 +8,10 @@ import json
 import numpy as np
 import pytest
 import torch
-from test_engine import CHUNK, padded_batch, positions
 from typer.testing import CliRunner
 
 import sinkscope as ss
-from helpers import SENTENCES, eager_twin, tiny_model, word_tokenizer
+from helpers import CHUNK, SENTENCES, eager_twin, padded_batch, positions, tiny_model, word_tokenizer
 from sinkscope.capture import AttentionEntropy, ValueNorms, capture
 from sinkscope.cli import app
 from sinkscope.errors import InputError

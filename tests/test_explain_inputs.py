@@ -140,14 +140,14 @@ def test_inf_is_caught_in_the_python_api_too():
 
 def test_finite_check_flags_nan_at_the_embeddings():
     from sinkscope.errors import NonFiniteError
-    from sinkscope.experiments.residual import check_finite
+    from sinkscope.experiments.residual import check_residual_finite
 
     stream = torch.zeros(4, 3, 2, dtype=torch.float16)
-    check_finite(stream, "ok")
+    check_residual_finite(stream, "ok")
     stream[0, 1, 1] = float("nan")
     stream[2, 0, 0] = float("inf")
     with pytest.raises(NonFiniteError, match="depth 0 \\(the embeddings\\) on, in float16"):
-        check_finite(stream, "prompt 0")
+        check_residual_finite(stream, "prompt 0")
 
 
 def test_inf_in_attention_inputs_names_the_layer_for_scan(monkeypatch, tmp_path):

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+from sinkscope.attention.kernels import KERNELS, AttentionInputs, KernelOptions
+from sinkscope.attention.variants import GATE_MODULE, VARIANTS, variant_weights
 from sinkscope.capture import CaptureEngine, FirstTokenAttention
-from sinkscope.capture.kernels import KERNELS, AttentionInputs, KernelOptions
-from sinkscope.capture.variants import GATE_MODULE, VARIANTS, variant_weights
 from sinkscope.experiments.scan import scan
 from sinkscope.lab.models import ModelSpec, build_model
 
@@ -64,7 +64,7 @@ def test_variant_gradients_match_finite_differences(variant):
     for gated variants, the layer input the gate reads and the gate's weights."""
     from types import SimpleNamespace
 
-    from sinkscope.capture.attention import sinkscope_attention
+    from sinkscope.attention.interface import sinkscope_attention
 
     g = torch.Generator().manual_seed(7)
     query = torch.randn(1, 4, 6, 8, dtype=torch.float64, generator=g, requires_grad=True)

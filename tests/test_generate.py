@@ -7,11 +7,10 @@ import json
 
 import pytest
 import torch
-from test_ablate import bundled_gemma, lm
 from typer.testing import CliRunner
 
 import sinkscope.cli.consequences  # noqa: F401  registers the commands
-from helpers import tiny_model, word_tokenizer
+from helpers import bundled_gemma, lm, tiny_model, word_tokenizer
 from sinkscope.cli import app
 from sinkscope.experiments.generate import generate_side_by_side
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_ablate import TEXT, lm
 
-from helpers import SENTENCES
+from helpers import SENTENCES, TEXT, lm
 from sinkscope.experiments.ablate import ablate
 from sinkscope.experiments.scan import scan
 from sinkscope.metrics.stats import bootstrap_interval

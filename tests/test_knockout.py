@@ -11,11 +11,10 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-from test_ablate import TEXT, bundled_gemma, lm
 from typer.testing import CliRunner
 
 import sinkscope.cli.consequences  # noqa: F401  registers the commands
-from helpers import WINDOW, tiny_model, word_tokenizer
+from helpers import TEXT, WINDOW, bundled_gemma, lm, tiny_model, word_tokenizer
 from sinkscope.capture import CaptureEngine, Probe, RandomKeyKnockout, SinkKnockout
 from sinkscope.cli import app
 from sinkscope.errors import InputError

@@ -8,11 +8,9 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-from test_ablate import TEXT, lm
-from test_passkey import passkey_tokenizer
 
 import sinkscope as ss
-from helpers import invoke, tiny_model, word_tokenizer
+from helpers import TEXT, invoke, lm, passkey_tokenizer, tiny_model, word_tokenizer
 from sinkscope.experiments.base import Result
 from sinkscope.experiments.kv import KV, kv
 from sinkscope.experiments.ruler import greedy_continuation

@@ -2,7 +2,7 @@
 `--resume` gives what an uninterrupted run gives (weights, optimizer state, every table: no lost or
 duplicated rows); the same command twice gives the same numbers; bad input is one line and exit code 2.
 
-Kills land at points named through ``SINKSCOPE_TEST_LAB_STALL`` (`sinkscope.lab.train.stall_for_tests`): the
+Kills land at points named through ``SINKSCOPE_TEST_STALL`` (`sinkscope.faults`): the
 process says it has reached the point and blocks; the test reads that line, then kills. No timing anywhere.
 """
 
@@ -24,7 +24,8 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from sinkscope.cli import app
-from sinkscope.lab.train import STALL_ENV, LabRunError, train
+from sinkscope.faults import STALL_ENV
+from sinkscope.lab.train import LabRunError, train
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}

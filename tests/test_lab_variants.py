@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from sinkscope import load
+from sinkscope.attention.variants import VARIANT_NAMES, variant_weights
 from sinkscope.capture import CaptureEngine
-from sinkscope.capture.variants import VARIANT_NAMES, variant_weights
 from sinkscope.experiments.scan import scan
 from sinkscope.lab.models import ModelSpec, build_model
 from sinkscope.metrics.sink import first_token_alpha
@@ -114,7 +114,7 @@ def test_variant_gradients_match_finite_differences(variant):
     """gradcheck (float64 finite differences) of the registered attention function, inputs and sink logits."""
     from types import SimpleNamespace
 
-    from sinkscope.capture.attention import sinkscope_attention
+    from sinkscope.attention.interface import sinkscope_attention
 
     generator = torch.Generator().manual_seed(7)
     query = torch.randn(1, 4, 6, 8, dtype=torch.float64, generator=generator, requires_grad=True)

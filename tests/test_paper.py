@@ -264,7 +264,7 @@ def test_every_section_runs_on_a_tiny_model(tmp_path):
 @pytest.mark.bundled
 @pytest.mark.slow
 def test_table1_on_gemma_matches_its_own_scan(tmp_path):
-    from test_ablate import bundled_gemma
+    from helpers import bundled_gemma
 
     loaded = bundled_gemma()
     run_paper([loaded], tmp_path, sized(QUICK, scan_prompts=6), progress=False, only=("scan_add", "scan_strip"))

@@ -13,32 +13,10 @@ import torch
 from typer.testing import CliRunner
 
 import sinkscope as ss
-from helpers import VOCAB, tiny_model
+from helpers import KEY_START, passkey_tokenizer, tiny_model
 from sinkscope.data.passkey import FILLER, QUESTION, make_passkey_prompt, passkey_prompts, score_answer
 from sinkscope.errors import InputError
 from sinkscope.experiments.passkey import passkey
-
-KEY_START = "The pass key is"
-
-
-def passkey_tokenizer():
-    """Word-level, one token per digit (decoded without spaces), covering every word of the passkey prompts."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    words = ["<pad>", "<s>", "</s>", "<unk>", ".", "?", *"0123456789"]
-    text = ("There is an important info hidden inside a lot of irrelevant text Find it and memorize I will quiz "
-            "you about the information there The grass green sky blue sun yellow Here we go back again pass key "
-            "Remember What")
-    words += list(dict.fromkeys(text.split()))
-    words += [f"w{i}" for i in range(VOCAB - len(words))]
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation(), pre_tokenizers.Digits(individual_digits=True)])
-    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    backend.decoder = decoders.Fuse()  # digits decode to "48213", as byte-level BPE tokenizers give them
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>")
 
 
 def count_filler(text: str) -> int:

@@ -6,8 +6,8 @@ import os
 import pandas as pd
 import pytest
 
+from sinkscope import rundir
 from sinkscope.errors import InputError
-from sinkscope.report import rundir
 
 
 def test_full_disk_is_an_input_error_and_keeps_the_old_file(tmp_path, monkeypatch):

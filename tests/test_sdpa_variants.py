@@ -1,4 +1,4 @@
-"""The lab's softmax-family variants through the fused SDPA op (`capture.attention.sdpa_attention`) against
+"""The lab's softmax-family variants through the fused SDPA op (`attention.interface.sdpa_attention`) against
 their explicit weights formula (`AttentionVariant.weights`): outputs and every gradient, sink logits
 included, for causal, masked (intra-document, padded), cached (fewer queries than keys) and GQA calls."""
 
@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sinkscope.capture.attention import sdpa_attention
-from sinkscope.capture.kernels import repeat_kv
-from sinkscope.capture.masks import dense_allowed
-from sinkscope.capture.variants import VARIANTS
+from sinkscope.attention.interface import sdpa_attention
+from sinkscope.attention.kernels import repeat_kv
+from sinkscope.attention.masks import dense_allowed
+from sinkscope.attention.variants import VARIANTS
 
 
 def reference(query, key, value, allowed, causal, scaling, sinks, variant):
@@ -118,7 +118,7 @@ def test_a_sink_logit_moves_weight_off_the_keys():
 @pytest.mark.parametrize("variant", ["off_by_one", "learned_sink", "gated_headwise", "gated_elementwise"])
 def test_lab_model_trains_the_same_through_sdpa_and_the_formula(variant, monkeypatch):
     """A lab model's loss and parameter gradients with the SDPA path equal those of the explicit path."""
-    from sinkscope.capture import attention
+    from sinkscope.attention import interface as attention
     from sinkscope.lab.models import ModelSpec, build_model
 
     model = build_model(ModelSpec(hidden_size=32, layers=2, heads=4, attention=variant), 50, 16, 0, 1, seed=0)

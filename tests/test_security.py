@@ -16,7 +16,7 @@ import sinkscope
 import sinkscope as ss
 from helpers import invoke
 from sinkscope.errors import InputError
-from sinkscope.report.rundir import NAME_MAX, child, safe_name
+from sinkscope.rundir import NAME_MAX, child, safe_name
 
 SOURCE = Path(sinkscope.__file__).parent
 HUB_ID = "sinkscope-test/tiny-llama"

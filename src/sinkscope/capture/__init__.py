@@ -47,10 +47,11 @@ Layers and depth
              [L + 1, B, T, d_model], indexed by depth.
 """
 
-from .attention import IMPLEMENTATION, install, restore, sinkscope_attention, variant_of
+from ..attention.interface import IMPLEMENTATION, install, restore, sinkscope_attention, variant_of
+from ..attention.kernels import KERNELS, AttentionInputs, KernelOptions, KernelOutput, choose_kernel, run_kernel
+from ..attention.variants import VARIANT_NAMES, VARIANTS, AttentionVariant, module_variant, register_variant
 from .engine import AttentionCall, BatchInfo, CaptureEngine, Probe, capture, final_norm
 from .interventions import INTERVENTION_TYPES, SinkIntervention, make_intervention
-from .kernels import KERNELS, AttentionInputs, KernelOptions, KernelOutput, choose_kernel, run_kernel
 from .probes import (
     AttentionEntropy,
     AttentionWeights,
@@ -61,7 +62,6 @@ from .probes import (
     TextStartAttention,
     ValueNorms,
 )
-from .variants import VARIANT_NAMES, VARIANTS, AttentionVariant, module_variant, register_variant
 
 __all__ = [
     "IMPLEMENTATION", "KERNELS", "VARIANTS", "VARIANT_NAMES", "AttentionCall", "AttentionEntropy",

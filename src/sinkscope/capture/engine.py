@@ -24,14 +24,28 @@ from typing import Any
 
 import torch
 
+from ..attention.interface import IMPLEMENTATION, active_handlers, pop_handler, push_handler, register
+from ..attention.kernels import (
+    PATHS,
+    AttentionInputs,
+    KernelOptions,
+    KernelOutput,
+    choose_kernel,
+    row_statistics,
+    run_kernel,
+)
+from ..attention.masks import parse_mask
+from ..attention.variants import (
+    AttentionVariant,
+    drop_native_gate_input,
+    keep_native_gate_input,
+    module_variant,
+    native_gate,
+)
 from ..conditions import Condition, Intervention, parse_condition
 from ..errors import NonFiniteError, UnsupportedModelError
 from ..models.loader import LoadedModel, check_attention_supported, input_device, text_config
-from .attention import IMPLEMENTATION, active_handlers, pop_handler, push_handler, register
 from .interventions import SinkIntervention, make_intervention
-from .kernels import PATHS, AttentionInputs, KernelOptions, KernelOutput, choose_kernel, row_statistics, run_kernel
-from .masks import parse_mask
-from .variants import AttentionVariant, drop_native_gate_input, keep_native_gate_input, module_variant, native_gate
 
 NON_SOFTMAX_LAYERS = frozenset({"linear_attention"})  # `layer_types` entries without softmax attention
 
@@ -485,7 +499,7 @@ class CaptureEngine:
         layer = int(layer)
         self.calls_seen += 1
         if self._check_inputs:
-            check_finite(layer, query, key, value)
+            check_attention_inputs(layer, query, key, value)
         causal = bool(kwargs.get("is_causal") if kwargs.get("is_causal") is not None
                       else getattr(module, "is_causal", True))
         t, s = query.shape[2], key.shape[2]
@@ -552,7 +566,7 @@ def _batch_tensors(input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor |
     return ids, attention_mask, position_ids
 
 
-def check_finite(layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+def check_attention_inputs(layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
     """Raise `NonFiniteError` naming the layer whose attention inputs hold inf/NaN (a float16 overflow in
     the layers below, typically): a measurement on them would be silently wrong."""
     for name, tensor in (("queries", query), ("keys", key), ("values", value)):

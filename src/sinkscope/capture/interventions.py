@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
+from ..attention.kernels import AttentionInputs, repeat_kv, run_kernel
 from ..conditions import Intervention
 from ..errors import UnsupportedModelError
-from .kernels import AttentionInputs, repeat_kv, run_kernel
 
 if TYPE_CHECKING:
     from .engine import AttentionCall

@@ -12,10 +12,10 @@ from dataclasses import replace
 
 import torch
 
+from ..attention.kernels import row_statistics, run_kernel, scores_block
 from ..conditions import Intervention
 from .engine import AttentionCall, BatchInfo, CaptureEngine, Probe
 from .interventions import RandomKey, SinkIntervention, make_intervention
-from .kernels import row_statistics, run_kernel, scores_block
 
 
 class FirstTokenAttention(Probe):

@@ -110,7 +110,7 @@ def run_each_condition(make: Any, conditions: list[str] | None, default: str, mo
     experiment takes one condition: the model is loaded once; with several conditions each run goes to its
     own sub-directory of --out, named after the condition."""
     from ..experiments.inputs import bos_conditions
-    from ..report.rundir import child, safe_name
+    from ..rundir import child, safe_name
 
     chosen = bos_conditions(conditions or [default])
     experiments = [make(condition) for condition in chosen]  # settings are checked before the model loads

@@ -123,7 +123,7 @@ def sweep(
     console.print(table)
     if markdown is not None:
         from ..lab.sweep import sweep_markdown
-        from ..report.rundir import atomic_write_bytes
+        from ..rundir import atomic_write_bytes
 
         atomic_write_bytes(markdown, sweep_markdown(settings.name, summary, result.sinks).encode())
         console.print(f"tables written to {markdown}", highlight=False)

@@ -8,7 +8,6 @@ from typing import Annotated, Any
 import typer
 
 from ..data import read_prompts
-from ..errors import InputError
 from ..experiments.base import run
 from ..experiments.distributed import from_environment
 from . import MEASURE, app, check_out, command_line, console, load_model, options, user_errors
@@ -16,7 +15,7 @@ from . import MEASURE, app, check_out, command_line, console, load_model, option
 
 def condition_dir(out: Path, bos: str) -> Path:
     """The sub-directory of one `<bos>` condition (a safe name: it never leaves --out)."""
-    from ..report.rundir import child, safe_name
+    from ..rundir import child, safe_name
 
     return child(out, "bos-" + safe_name(bos))
 
@@ -27,11 +26,10 @@ def check_conditions(conditions: list[str]) -> list[str]:
     return bos_conditions(conditions)
 
 
-def check_eps(eps: list[float] | None) -> list[float]:
-    thresholds = eps or [0.3, 0.8]
-    if any(not 0.0 < e < 1.0 for e in thresholds):
-        raise InputError("--eps values must lie strictly between 0 and 1")
-    return thresholds
+def check_thresholds(eps: list[float] | None) -> list[float]:
+    from ..metrics.sink import check_eps
+
+    return [check_eps(e) for e in eps or [0.3, 0.8]]
 
 
 def _print_and_plot(results: list[tuple[str, Any]], thresholds: list[float], out: Path | None,
@@ -80,7 +78,7 @@ def scan(
     from ..experiments.inputs import prompt_list
     from ..experiments.scan import Scan
 
-    conditions, thresholds = check_conditions(bos or ["auto"]), check_eps(eps)
+    conditions, thresholds = check_conditions(bos or ["auto"]), check_thresholds(eps)
     texts = prompt_list(read_prompts(prompts) if prompts is not None else None, limit)
     check_out(out)
     loaded = load_model(model, device, dtype, trust_remote_code)
@@ -107,7 +105,7 @@ def compare(
     """Show finished scans side by side (per-layer sink rates, heatmaps)."""
     from ..experiments.scan import ScanResult
 
-    thresholds = check_eps(eps)
+    thresholds = check_thresholds(eps)
     check_out(out)
     results = [(r.name, ScanResult.load(r)) for r in runs]
     _print_and_plot(results, thresholds, out, [label for label, _ in results], always_plot=True)

@@ -23,10 +23,8 @@ import functools
 import hashlib
 import inspect
 import json
-import os
 import platform
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -39,8 +37,9 @@ import torch
 from ..capture import CaptureEngine, Probe
 from ..conditions import parse_condition
 from ..errors import InputError, SinkscopeError
+from ..faults import stall_at
 from ..models.loader import LoadedModel, load
-from ..report.rundir import RunDir, write_json, write_table
+from ..rundir import RunDir, write_json, write_table
 from ..version import __version__
 from . import distributed
 from .distributed import Shard
@@ -48,7 +47,6 @@ from .whereabouts import TABLE as WHEREABOUTS
 from .whereabouts import WhereaboutsRider, measures_prompts, whereabouts_rows, whereabouts_summary
 
 CSV_MAX_ROWS = 20_000  # tables up to this size are also written as CSV
-STALL_ENV = "SINKSCOPE_TEST_STALL_AFTER_BATCHES"  # fault-injection hook for tests; see `stall_for_tests`
 RESULT_TYPES: dict[str, type[Result]] = {}  # experiment name -> its result class (for Result.load)
 
 
@@ -105,11 +103,6 @@ class Result:
     @property
     def provenance(self) -> dict[str, Any]:
         return self.summary.get("provenance", {})
-
-    @property
-    def meta(self) -> dict[str, Any]:
-        """The provenance (older name)."""
-        return self.provenance
 
     def to_frame(self, name: str | None = None) -> pd.DataFrame:
         """The main table (the first one) or the one named."""
@@ -392,17 +385,9 @@ def with_condition_column(tables: dict[str, pd.DataFrame], single: str | None) -
 
 
 def stall_for_tests(rundir: RunDir | None, written: int) -> None:
-    """Fault injection for tests, so a kill lands at a chosen point without any timing: with
-    ``SINKSCOPE_TEST_STALL_AFTER_BATCHES=N`` in the environment, a run writing to ``--out`` says so on stderr
-    and blocks for ever once this process has written N batch markers (N=0: before its first batch). The
-    test waits for that line, kills the process (SIGKILL) and resumes. Unset, as always outside tests, it
-    does nothing."""
-    wanted = os.environ.get(STALL_ENV)
-    if rundir is None or wanted is None or not wanted.strip().isdigit() or int(wanted) != written:
-        return
-    print(f"sinkscope: stalled after {written} batch markers ({STALL_ENV}; pid {os.getpid()})", file=sys.stderr,
-          flush=True)
-    threading.Event().wait()
+    """`faults.stall_at` ``batches N`` once a run writing to ``--out`` has written N batch markers."""
+    if rundir is not None:
+        stall_at(f"batches {written}")
 
 
 def _gather(batches: Sequence[Sequence[int]], measured: dict[int, dict[str, pd.DataFrame]],

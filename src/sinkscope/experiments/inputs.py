@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..capture.kernels import PATHS
+from ..attention.kernels import PATHS
 from ..conditions import parse_condition, parse_conditions
 from ..data import Prompt, probe_set
 from ..data.texts import LongText, load_text, read_text_file

@@ -23,7 +23,6 @@ import torch
 
 from ..capture import FirstTokenAttention, Probe, ValueNorms
 from ..data import Prompt
-from ..errors import InputError
 from ..metrics import sink as sink_metrics
 from ..models.loader import LoadedModel
 from .base import Result, run, takes_conditions
@@ -34,12 +33,6 @@ class NoopResult(Result):
     """Table ``noop``: one row per prompt x bos x layer x head."""
 
     experiment = "noop"
-
-
-def check_eps(eps: float) -> float:
-    if not 0.0 < eps < 1.0:
-        raise InputError(f"--eps {eps} must lie strictly between 0 and 1")
-    return float(eps)
 
 
 @dataclass
@@ -56,7 +49,7 @@ class Noop(PromptExperiment):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.eps = check_eps(self.eps)
+        self.eps = sink_metrics.check_eps(self.eps)
         check_engine_options(self.path, "float32")
 
     def probes(self) -> list[Probe]:

@@ -55,7 +55,7 @@ from ..metrics import sensitivity
 from ..models.loader import LoadedModel
 from .base import Experiment, Result, run, takes_conditions
 from .inputs import bos_conditions, check_context, check_length, encode_one, require_tokenizer, token_label
-from .residual import check_finite
+from .residual import check_residual_finite
 
 ESTIMATOR_NOTE = ("s2 = mean over probes of ||u^T J||^2 is unbiased for ||J||_F^2 (s2_se: its standard error; "
                   "s2_mean, s2_mean_se, R_s2_mean over the shared sources); s = sqrt(s2), s_mean and R_s_mean are "
@@ -185,7 +185,7 @@ class Oversquash(Experiment):
             inputs = self._embeddings(torch.tensor([ids])).detach()
         inputs.requires_grad_(True)
         out = engine.forward(inputs_embeds=inputs, grad=True, residual=True)
-        check_finite(out.residual[:, 0], f"bos={mode}")
+        check_residual_finite(out.residual[:, 0], f"bos={mode}")
         first = out.hidden_states[0]  # the tensor entering layer 1: residual[0]
         if not first.requires_grad:
             first = inputs

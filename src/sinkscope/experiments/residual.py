@@ -21,7 +21,7 @@ DEPTH_CONVENTION = ("depth 0 = embeddings, depth d = output of layer d-1 (layers
                     "depth L is taken before the final norm")
 
 
-def check_finite(residual: torch.Tensor, what: str) -> None:
+def check_residual_finite(residual: torch.Tensor, what: str) -> None:
     """Raise NonFiniteError if one sequence's residual stream [depths, n, d] holds inf/NaN, naming the
     first depth where they appear (a float16 model overflowing, typically)."""
     with torch.no_grad():
@@ -43,7 +43,7 @@ def residual_streams(engine: Any, sequences: Sequence[Sequence[int]], labels: Se
     rows = []
     for row, (seq, label) in enumerate(zip(sequences, labels, strict=True)):
         stream = residual[:, row, : len(seq)]
-        check_finite(stream, label)
+        check_residual_finite(stream, label)
         rows.append(stream)
     return rows
 

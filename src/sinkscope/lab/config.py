@@ -22,7 +22,7 @@ import itertools
 import json
 import types
 import typing
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -277,6 +277,3 @@ def load_sweep_config(source: str) -> SweepConfig:
     sweep.runs()  # validate every run now, not halfway through the sweep
     return sweep
 
-
-def to_plain(value: Any) -> Any:
-    return asdict(value) if is_dataclass(value) else value

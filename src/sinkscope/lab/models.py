@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from ..capture.attention import install
-from ..capture.variants import VARIANT_NAMES, default_sigmoid_bias
+from ..attention.interface import install
+from ..attention.variants import VARIANT_NAMES, default_sigmoid_bias
 
 
 @dataclass
@@ -19,7 +19,7 @@ class ModelSpec:
     heads: int = 4
     kv_heads: int | None = None  # None = heads (no GQA)
     intermediate_size: int | None = None  # None = the LLaMA ratio, 8/3 x hidden, rounded up to 16
-    attention: str = "softmax"  # one of capture.variants.VARIANT_NAMES
+    attention: str = "softmax"  # one of attention.variants.VARIANT_NAMES
     sigmoid_bias: float | None = None  # sigmoid attention only; None = -log(context length)
     rope_theta: float = 10000.0
     tie_embeddings: bool = True

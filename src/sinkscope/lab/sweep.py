@@ -18,9 +18,10 @@ from typing import Any
 
 import pandas as pd
 
-from ..report.rundir import write_json, write_table
+from ..faults import stall_at
+from ..rundir import write_json, write_table
 from .config import LabConfigError, SweepConfig, SweepRun, TrainConfig
-from .train import CHECKPOINT, LabRunError, eval_table, read_rows, sink_table, stall_for_tests, train
+from .train import CHECKPOINT, LabRunError, eval_table, read_rows, sink_table, train
 
 
 @dataclass
@@ -228,7 +229,7 @@ def train_runs(sweep: SweepConfig, todo: list[SweepRun], out: Path, resume: bool
                 bar.update(tasks[run.name], completed=run.config.steps)
                 write_sweep_outputs(sweep, out)
                 finished += 1
-                stall_for_tests(f"run {finished}")
+                stall_at(f"run {finished}")
 
 
 def run_sweep(sweep: SweepConfig, out: str | Path, *, resume: bool = False, jobs: int = 1, threads: int | None = None,

@@ -29,7 +29,6 @@ import math
 import os
 import shutil
 import signal
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -40,7 +39,8 @@ import pandas as pd
 import torch
 
 from ..errors import SinkscopeError
-from ..report.rundir import atomic_write_bytes, write_json
+from ..faults import stall_at
+from ..rundir import atomic_write_bytes, write_json
 from . import data as lab_data
 from .config import TrainConfig, train_config
 from .models import build_model, count_parameters
@@ -52,24 +52,8 @@ VALIDATION_SEED_OFFSET = 1_000_003
 PROBE_SEED = 20250
 
 
-STALL_ENV = "SINKSCOPE_TEST_LAB_STALL"  # fault-injection hook for tests; see `stall_for_tests`
-
-
 class LabRunError(SinkscopeError):
     """A run directory that cannot be started or resumed."""
-
-
-def stall_for_tests(point: str) -> None:
-    """Fault injection for tests, so a kill lands at a chosen point without any timing: with
-    ``SINKSCOPE_TEST_LAB_STALL="step 4"`` in the environment, training says so on stderr and blocks for ever
-    once update 4 is logged, tracked and (if due) checkpointed (``step 0``: after the first evaluation);
-    ``checkpoint 4``: in the middle of swapping in the checkpoint of step 4; ``run 2``: a sweep, once two
-    of its runs have finished. The test waits for that line and kills the process (SIGKILL). Unset, as
-    always outside tests, it does nothing."""
-    if os.environ.get(STALL_ENV, "").strip() != point:
-        return
-    print(f"sinkscope: stalled at {point} ({STALL_ENV})", file=sys.stderr, flush=True)
-    threading.Event().wait()
 
 
 @dataclass
@@ -155,7 +139,7 @@ def save_checkpoint(out: Path, model: Any, tokenizer: Any, optimizer: Any, state
         shutil.rmtree(old, ignore_errors=True)
         if target.exists():
             os.replace(target, old)
-        stall_for_tests(f"checkpoint {state['step']}")
+        stall_at(f"checkpoint {state['step']}")
         os.replace(staging, target)
         shutil.rmtree(old, ignore_errors=True)
     except OSError as error:
@@ -454,7 +438,7 @@ def train_loop(run: Run, step: int, progress: bool, stop_after: int | None) -> T
     config, accelerator = run.config, run.accelerator
     if step == 0:
         track(run, 0)
-        stall_for_tests("step 0")
+        stall_at("step 0")
     started, first_step = time.time(), step
     every, checkpoint_every = config.tracking.every, config.tracking.checkpoint_every
     with progress_bar("train", progress and accelerator.is_main_process) as bar, StopSignals() as stop:
@@ -472,7 +456,7 @@ def train_loop(run: Run, step: int, progress: bool, stop_after: int | None) -> T
                 track(run, step)
             if step % checkpoint_every == 0 and step < config.steps:
                 checkpoint(run, step, finished=False)
-            stall_for_tests(f"step {step}")
+            stall_at(f"step {step}")
         # A finished step is never lost: the last completed step is checkpointed on every way out.
         checkpoint(run, step, finished=step >= config.steps)
     if stop.requested is not None and step < config.steps:

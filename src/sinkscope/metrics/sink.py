@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from ..errors import InputError
+
 DEFAULT_EPS = 0.3  # Gu et al.; Barbero et al.'s Table 1 uses 0.8
 
 
@@ -98,3 +100,10 @@ def sink_rate_by_key(attention: ArrayLike, eps: float = DEFAULT_EPS) -> NDArray[
     """Gu et al.'s code path: [prompts, layers, heads, T, T] -> [T], the sink rate of every key position."""
     a = np.asarray(attention, dtype=np.float64)
     return (key_alpha(a) > eps).mean(axis=(0, 1, 2))
+
+
+def check_eps(eps: float) -> float:
+    """A sink threshold ε, which must lie strictly between 0 and 1 (else a clear error)."""
+    if not 0.0 < eps < 1.0:
+        raise InputError(f"--eps {eps} must lie strictly between 0 and 1")
+    return float(eps)

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ..attention.interface import restore, variant_of
 from ..errors import ModelLoadError, UnsupportedModelError
 from .bundled import BUNDLED, cache_root, file_digest
 
@@ -215,8 +216,6 @@ def _from_pretrained(
         raise ModelLoadError(f"cannot load '{ref}': {str(error).splitlines()[0][:300]}") from error
     except Exception as error:  # corrupt weights surface as many exception types
         raise ModelLoadError(f"cannot load '{ref}': {type(error).__name__}: {str(error)[:300]}") from error
-    from ..capture.attention import restore, variant_of
-
     if variant_of(model.config) is not None:  # a sinkscope lab model: re-install its attention variant
         if not Path(ref).is_dir():
             raise ModelLoadError(f"'{ref}' is a sinkscope lab model ({variant_of(model.config)} attention); "

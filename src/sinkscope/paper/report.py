@@ -19,7 +19,7 @@ import pandas as pd
 
 from ..errors import InputError
 from ..experiments.base import Result
-from ..report.rundir import atomic_write_bytes, write_table
+from ..rundir import atomic_write_bytes, write_table
 from ..version import __version__
 from . import interactive
 from .plan import SECTIONS, Section

@@ -27,7 +27,7 @@ from ..errors import SinkscopeError
 from ..experiments.base import Experiment, Result, fingerprint, progress_bar, run
 from ..models.loader import LoadedModel, load
 from ..models.tokens import encode
-from ..report.rundir import RUN_FILE, child, safe_name, write_json
+from ..rundir import RUN_FILE, child, safe_name, write_json
 from .plan import SECTIONS, Inputs, PlanSize, experiments
 
 MANIFEST = "paper.json"

@@ -47,7 +47,7 @@ def figures_for(result: Any) -> dict[str, Any]:
 
 def save_figure(fig: Any, path: str | Path, dpi: int = 120) -> Path:
     """Write a figure as PNG (creating its directory; atomically) and close it."""
-    from ..rundir import atomic_path
+    from ...rundir import atomic_path
 
     path = Path(path)
     try:

@@ -13,7 +13,7 @@ from typing import Any
 
 import pandas as pd
 
-from ..errors import InputError
+from .errors import InputError
 
 RUN_FILE = "run.json"
 PARTS_DIR = "parts"
