@@ -26,7 +26,7 @@ demo: setup
 	$(VENV)/bin/sinkscope paper --model gemma3-270m --quick --out runs/demo
 	@echo "open runs/demo/report.html"
 
-# The paper on both bundled models (the lab's cpu-demo sweep included), and the findings table in the README
+# The paper on both bundled models (the lab's cpu-paper sweep included), and the findings table in the README
 # and the docs regenerated from that run.
 findings: setup
 	$(VENV)/bin/sinkscope paper --model gemma3-270m --model smollm2-135m --out runs/paper \

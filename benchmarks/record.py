@@ -3,6 +3,7 @@ command, the machine's load when it started and the script's output verbatim (so
 are the ones a command wrote).
 
     python benchmarks/record.py train_throughput --contexts 64,256
+    python benchmarks/record.py --as paper_budget-full paper_budget --from runs/paper   # another page name
 """
 
 from __future__ import annotations
@@ -18,6 +19,12 @@ HERE = Path(__file__).resolve().parent
 
 
 def main() -> None:
+    page = None
+    if len(sys.argv) > 2 and sys.argv[1] == "--as":  # record under another page name (bench-<page>.md)
+        page = sys.argv[2]
+        del sys.argv[1:3]
+        if not page.replace("-", "").replace("_", "").isalnum():
+            raise SystemExit("--as: letters, digits, '-' and '_' only (the page stays in docs/generated)")
     if len(sys.argv) < 2 or not (HERE / f"{sys.argv[1]}.py").is_file():
         scripts = ", ".join(sorted(p.stem for p in HERE.glob("*.py") if p.stem != "record"))
         raise SystemExit(f"usage: record.py SCRIPT [ARGS...]; SCRIPT is one of {scripts}")
@@ -30,7 +37,7 @@ def main() -> None:
         sys.stderr.write(done.stderr)
         raise SystemExit(f"{name} failed (exit {done.returncode}); nothing recorded")
     shown = shlex.join(["python", f"benchmarks/{name}.py", *args])
-    target = HERE.parent / "docs" / "generated" / f"bench-{name}.md"
+    target = HERE.parent / "docs" / "generated" / f"bench-{page or name}.md"
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(f"`{shown}` on {platform.machine()}, {os.cpu_count()} CPUs, load average {load:.2f} when "
                       f"it started:\n\n```text\n{done.stdout.strip()}\n```\n")

@@ -168,3 +168,25 @@ def test_each_status_is_explained_with_its_own_numbers():
     if weak.verdict == REPRODUCED:
         (corrected, *_) = holm([weak] + [found] * 5)
         assert corrected.verdict == INCONCLUSIVE and "after Holm" in corrected.why
+
+
+def test_a_tie_at_the_retrieval_ceiling_says_nothing_either_way():
+    from sinkscope.paper.verdicts import judge_table3
+
+    def ruler(with_bos: float, without: float) -> Result:
+        rows = [{"task": "niah", "length": 64, "depth": 0.5, "trial": t, "bos": b, "score": s}
+                for t in range(30) for b, s in (("add", with_bos), ("strip", without))]
+        return Result({"ruler": pd.DataFrame(rows)}, {})
+
+    fixed = Context("gemma", {**scans(0.8, 0.0), "ruler": ruler(1.0, 1.0)}, {}, adds_bos=True)
+    (finding,) = [f for f in judge_table3(fixed) if "RULER" in f.measurement]
+    assert finding.verdict == INCONCLUSIVE and "too easy" in finding.why  # not "no effect"
+    moved = Context("smol", {**scans(0.7, 0.75), "ruler": ruler(1.0, 1.0)}, {}, adds_bos=False)
+    (finding,) = [f for f in judge_table3(moved) if "RULER" in f.measurement]
+    assert finding.verdict == INCONCLUSIVE  # nor "no change, as predicted"
+    mid = Context("smol", {**scans(0.7, 0.75), "ruler": ruler(0.6, 0.6)}, {}, adds_bos=False)
+    (finding,) = [f for f in judge_table3(mid) if "RULER" in f.measurement]
+    assert finding.verdict == REPRODUCED  # a tie below the ceiling is the predicted absence of change
+    dropped = Context("gemma", {**scans(0.8, 0.0), "ruler": ruler(1.0, 0.2)}, {}, adds_bos=True)
+    (finding,) = [f for f in judge_table3(dropped) if "RULER" in f.measurement]
+    assert finding.verdict == REPRODUCED

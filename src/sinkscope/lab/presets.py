@@ -3,7 +3,8 @@
 ``cpu-demo`` fits in about ten minutes on two CPU cores: the Bigram-Backcopy task (Guo et al. 2024), on
 which sinks form within a few million tokens, a 2-layer model of ~30k parameters, a context-length sweep at
 constant tokens per step, and the packing grid of Barbero et al.'s Table 2 at the same scale.
-``depth-demo`` trains the same model with 1, 2, 4 and 8 layers (same width, same tokens per run).
+``cpu-paper`` is cpu-demo with more seeds, so that the paper report's lab verdicts rest on at least 10 runs
+(or pairs). ``depth-demo`` trains the same model with 1, 2, 4 and 8 layers (same width, same tokens per run).
 
 ``paper`` is the paper's setting (Barbero et al. 2025, §4-5; ../docs notes E4/E6): ~120M-parameter
 LLaMA-style models on natural text, context 128...2048 at constant tokens per step, 5B tokens per run; the
@@ -49,6 +50,16 @@ SWEEP_PRESETS: dict[str, dict[str, Any]] = {
             {"group": "context", "context_length": [32, 64, 128, 256], "seed": [0, 1]},
             {"group": "packing", "packing.mask": ["causal", "intra_doc"], "packing.bos": ["fixed", "eos"],
              "seed": [0, 1]},
+        ],
+    },
+    "cpu-paper": {
+        "description": "cpu-demo with enough seeds for the paper report's verdicts: 12 runs over context lengths, "
+                       "10 fixed-vs-eos pairs in the packing grid (2 CPU cores, ~16 min)",
+        "base": _DEMO_BASE,
+        "grids": [
+            {"group": "context", "context_length": [32, 64, 128, 256], "seed": [0, 1, 2]},
+            {"group": "packing", "packing.mask": ["causal", "intra_doc"], "packing.bos": ["fixed", "eos"],
+             "seed": [0, 1, 2, 3, 4]},
         ],
     },
     "variants-demo": {

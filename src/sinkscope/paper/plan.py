@@ -66,7 +66,7 @@ class PlanSize:
     trigger: str = "'"
     trigger_texts: tuple[str, ...] = tuple(TRIGGER_TEXTS)
     text: str | None = None  # long text for ablate / knock-out / streaming (None: Hamlet)
-    lab_preset: str | None = "cpu-demo"  # sweep run when no --lab is given (None: the section is inconclusive)
+    lab_preset: str | None = "cpu-paper"  # sweep run when no --lab is given (None: the section is not measured)
 
     def to_dict(self) -> dict[str, Any]:
         settings = asdict(self)

@@ -442,6 +442,9 @@ def judge_table2(ctx: Context) -> list[Finding]:
 
 
 # -- Table 3 -------------------------------------------------------------------------------------------------
+CEILING = 0.95  # retrieval accuracy both conditions reach: the task cannot show a drop
+
+
 def _retrieval_rule(label: str, relocated: bool) -> Rule:
     if relocated:  # the paper's prediction for a model whose sink is not tied to <bos>: no change
         return Rule("table3", "without a fixed ⟨bos⟩, removing it changes nothing (the first token stays the sink)",
@@ -480,8 +483,15 @@ def judge_table3(ctx: Context) -> list[Finding]:
         if relocated and premise is not None:
             note += f"; {premise[1].split(':')[0]}: the paper predicts no change"
         finding = judge(rule, ctx.model, Evidence(with_bos, without), note=note)
-        # a model that cannot retrieve even with <bos> says nothing either way (no effect, or no change, is vacuous)
+        # a model that cannot retrieve even with <bos> says nothing either way (no effect, or no change, is vacuous);
+        # nor does a task both conditions solve: at the ceiling a drop cannot show
         vacuous = finding.verdict == NOT_REPRODUCED or (relocated and finding.verdict == REPRODUCED)
+        if vacuous and min(float(with_bos.mean()), float(without.mean())) >= CEILING:
+            finding = replace(finding, verdict=INCONCLUSIVE, note=finding.note + f"; both conditions at the ceiling "
+                                                                                 f"(≥ {CEILING:g})",
+                              reason=f"both conditions score ≥ {CEILING:g} ({float(with_bos.mean()):.2f} and "
+                                     f"{float(without.mean()):.2f}): at this length the task is too easy to show a "
+                                     "change either way")
         if vacuous and float(with_bos.mean()) < 0.2:
             finding = replace(finding, verdict=INCONCLUSIVE, note=finding.note + "; the model cannot retrieve even "
                                                                                  "with ⟨bos⟩ (accuracy < 0.2)",
