@@ -225,3 +225,35 @@ def test_the_rider_refuses_what_it_did_not_see_exactly_once():
         engine.forward(ids[:, :5])  # other tokens than the units'
         assert other.rows(len(engine.attention_layers)) is None
         engine.probes = []
+
+
+# -- the dose on the spread and on the rank measure -------------------------------------------------------------
+def dose_frames(n: int, spread_rise: float, residual_rise: float) -> dict[str, Result]:
+    rng = np.random.default_rng(5)
+    doses = {"add": 1.0, "add+scale:0.75": 0.75, "add+scale:0.5": 0.5, "add+scale:0.25": 0.25, "add+scale:0": 0.0}
+    spread_rows, rank_rows = [], []
+    for prompt in range(n):
+        for condition, dose in doses.items():
+            for depth in range(3):
+                spread_rows.append({"prompt": prompt, "bos": condition, "depth": depth,
+                                    "S": 1.0 + spread_rise * (1 - dose) + rng.normal(0, 0.01)})
+            for depth in range(3):
+                rank_rows.append({"prompt": prompt, "bos": condition, "measure": "frobenius_residual",
+                                  "depth": depth, "value": 0.5 + residual_rise * (1 - dose) + rng.normal(0, 0.005)})
+    return {"spread": Result({"spread": pd.DataFrame(spread_rows)}, {}),
+            "rank_collapse": Result({"rank_collapse": pd.DataFrame(rank_rows), "text_rows": pd.DataFrame(rank_rows)},
+                                    {})}
+
+
+def test_the_dose_is_judged_on_the_spread_and_on_the_rank_measure():
+    from sinkscope.paper.verdicts import judge_dose
+
+    found = {f.measurement.split(" across")[0]: f for f in judge_dose(Context("m", dose_frames(12, 1.0, -0.2), {}))}
+    spread = next(f for k, f in found.items() if "spread S" in k)
+    rank = next(f for k, f in found.items() if "relative residual" in k)
+    assert spread.verdict == REPRODUCED and spread.value == pytest.approx(-1.0, abs=1e-12)  # ranks: exact
+    assert rank.verdict == REPRODUCED and rank.n_units == 12  # the residual falls with λ: closer to rank one
+    other = {f.measurement: f for f in judge_dose(Context("m", dose_frames(12, -1.0, 0.2), {}))}
+    assert {f.verdict for k, f in other.items() if "spread S" in k or "relative residual" in k} == {NOT_REPRODUCED}
+    few = judge_dose(Context("m", dose_frames(4, 1.0, -0.2), {}))
+    assert all(f.verdict == INSUFFICIENT for f in few if "spread S" in f.measurement)

@@ -43,7 +43,7 @@ class PlanSize:
     ablate_windows: int = 8
     dose_window: int = 256  # the dose-response and band knock-outs: many conditions, shorter windows
     dose_windows: int = 12
-    dose_prompts: int | None = 40  # smoothing under the dose (None: every explain prompt)
+    dose_prompts: int | None = 40  # spread, smoothing and rank collapse under the dose (None: every prompt)
     passkey_lengths: tuple[int, ...] = (1024,)
     passkey_depths: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)
     passkey_trials: int = 6
@@ -131,6 +131,7 @@ def experiments(size: PlanSize, inputs: Inputs, n_layers: int = 0) -> dict[str, 
     claims compare: with and without ⟨bos⟩, the dose add+scale:λ, zero-value, and the band knock-outs."""
     scan_prompts = one_per_domain(inputs.prompts, size.scan_prompts)
     explain = one_per_domain(inputs.prompts, size.explain_prompts)
+    dose = one_per_domain(inputs.prompts, size.dose_prompts)  # the prompts measured under the dose as well
     t = size.max_tokens
     text = size.text
     return {
@@ -143,12 +144,11 @@ def experiments(size: PlanSize, inputs: Inputs, n_layers: int = 0) -> dict[str, 
         "ruler": Ruler(tasks=size.ruler_tasks, lengths=size.ruler_lengths, depths=size.ruler_depths,
                        trials=size.ruler_trials),
         "perturb": Perturb(text=size.perturb_text, swap=size.perturb_swap),
-        "spread": Spread(prompts=explain, bos=("add", "strip"), max_tokens=t),
-        "smoothing": AttentionSmoothing(prompts=one_per_domain(inputs.prompts, size.dose_prompts),
-                                        bos=("add", "strip", *DOSE_CONDITIONS), max_tokens=t),
+        "spread": Spread(prompts=dose, bos=("add", "strip", *DOSE_CONDITIONS), max_tokens=t),
+        "smoothing": AttentionSmoothing(prompts=dose, bos=("add", "strip", *DOSE_CONDITIONS), max_tokens=t),
         "noop": Noop(prompts=explain, bos=("add",), max_tokens=t),
         "conditional": ConditionalHeads(prompts=prompt_list(list(size.trigger_texts)), trigger=size.trigger),
-        "rank_collapse": RankCollapse(prompts=explain, bos=("add", "strip"), max_tokens=t),
+        "rank_collapse": RankCollapse(prompts=dose, bos=("add", "strip", *DOSE_CONDITIONS), max_tokens=t),
         "repr_collapse": ReprCollapse(lengths=size.repr_lengths, families=size.repr_families, bos=("add", "strip"),
                                       repeat_token=REPEAT_TOKENS[0], repeat_tokens=REPEAT_TOKENS[1:size.repr_tokens]),
         "oversquash": Oversquash(text=size.perturb_text, probes=size.oversquash_probes, max_tokens=t,

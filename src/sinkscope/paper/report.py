@@ -37,6 +37,8 @@ from .verdicts import (
     judge_scale,
     per_prompt_sink_rate,
     per_window_loss,
+    residual_per_prompt,
+    spread_per_prompt,
 )
 from .verdicts import bootstrap_interval as _interval
 
@@ -267,6 +269,16 @@ def dose_curves(model: ModelResults) -> dict[str, pd.DataFrame]:
         if len(shared) >= 2:
             curves["entropy over the text keys (nats)"] = pd.DataFrame(
                 {"condition": shared, "sink_mass": mass[shared].to_numpy(), "value": entropy[shared].to_numpy()})
+    if smoothing is not None and "whereabouts" in smoothing.tables:  # the same prompts, the same conditions
+        mass = smoothing.tables["whereabouts"].groupby("condition")["alpha_first"].mean()
+        for label, key, per_prompt in (("spread S of a one-token swap", "spread", spread_per_prompt),
+                                       ("relative residual of the text rows", "rank_collapse", residual_per_prompt)):
+            if key in results:
+                means = per_prompt(results[key]).mean()
+                shared = [c for c in doses if c in mass.index and c in means.index]
+                if len(shared) >= 2:
+                    curves[label] = pd.DataFrame({"condition": shared, "sink_mass": mass[shared].to_numpy(),
+                                                  "value": means[shared].to_numpy()})
     ablate = results.get("dose_loss", results.get("ablate"))  # the loss windows under the dose
     if ablate is not None and "whereabouts" in ablate.tables:
         mass = ablate.tables["whereabouts"].groupby("condition")["alpha_first"].mean()  # on those windows

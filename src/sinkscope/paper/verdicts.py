@@ -612,6 +612,13 @@ DOSE_ENTROPY = Rule("dose", "turning the sink down makes attention over the text
 DOSE_LOSS = Rule("dose", "turning the sink down raises the loss", "Spearman ρ(λ, loss) across add+scale:λ, "
                  "λ ∈ {1, .75, .5, .25, 0}", "below", 0.0, 0.3, 0.1, "windows (ρ per window)", "add+scale:λ",
                  kind="mean")
+DOSE_SPREAD = Rule("dose", "turning the sink down spreads a one-token change further",
+                   "Spearman ρ(λ, spread S) across add+scale:λ, λ ∈ {1, .75, .5, .25, 0}", "below", 0.0, 0.3, 0.1,
+                   "prompts (ρ per prompt, one swap each)", "add+scale:λ", kind="mean")
+DOSE_RANK = Rule("dose", "turning the sink down brings the text rows closer to rank one",
+                 "Spearman ρ(λ, relative residual ‖V − 1μᵀ‖_F / ‖V‖_F of the text rows at the last depth) across "
+                 "add+scale:λ, λ ∈ {1, .75, .5, .25, 0}", "above", 0.0, 0.3, 0.1, "prompts (ρ per prompt)",
+                 "add+scale:λ", kind="mean")
 NOOP_LOSS = Rule("dose", "the sink writes almost nothing: zeroing its value changes the loss little",
                  "Δloss (nats), add+zero-value − add", "equal", 0.0, 0.0, 0.05, "windows", "add+zero-value vs add")
 
@@ -652,6 +659,8 @@ def judge_dose(ctx: Context) -> list[Finding]:
                      if dose_condition(d) in entropy}
             findings.append(judge(DOSE_ENTROPY, ctx.model, Evidence(values),
                                   note="entropy by λ: " + ", ".join(f"{k}: {v:.3f}" for k, v in curve.items())))
+    findings += [judge_dose_trend(ctx, DOSE_SPREAD, "spread", spread_per_prompt),
+                 judge_dose_trend(ctx, DOSE_RANK, "rank_collapse", residual_per_prompt)]
     key = loss_key(ctx)
     why = ctx.absent(key)
     if why:
@@ -669,6 +678,35 @@ def judge_dose(ctx: Context) -> list[Finding]:
     findings.append(judge(NOOP_LOSS, ctx.model, None if paired is None else Evidence(*paired),
                           missing="ablate ran no add+zero-value"))
     return findings + judge_band_doses(ctx, losses)
+
+
+def spread_per_prompt(result: Result) -> pd.DataFrame:
+    """prompt x condition: the spread S summed over depths and text tokens."""
+    frame = result.tables["spread"]
+    return frame.groupby(["prompt", "bos"])["S"].sum().unstack("bos")
+
+
+def residual_per_prompt(result: Result) -> pd.DataFrame:
+    """prompt x condition: the relative residual of the text rows at the last depth."""
+    frame = result.tables.get("text_rows")
+    if frame is None:
+        return pd.DataFrame()
+    last = frame[frame["measure"] == "frobenius_residual"]
+    last = last[last["depth"] == last["depth"].max()]
+    return last.pivot_table(index="prompt", columns="bos", values="value")
+
+
+def judge_dose_trend(ctx: Context, rule: Rule, key: str, per_unit: Any) -> Finding:
+    """A measure's trend in λ, per unit (Spearman ρ over the dose conditions the unit has)."""
+    why = ctx.absent(key)
+    if why:
+        return judge(rule, ctx.model, None, missing=why)
+    values = per_unit(ctx.results[key])
+    doses = {dose_condition(d): d for d in DOSES}
+    if sum(c in values for c in doses) < 3:
+        return judge(rule, ctx.model, None, missing=f"{key} ran no dose conditions")
+    curve = ", ".join(f"{c}: {float(values[c].mean()):.3g}" for c in doses if c in values)
+    return judge(rule, ctx.model, Evidence(_trend(values, doses)), note=f"by λ: {curve}")
 
 
 def band_dose_rule(band: str, layers: str) -> Rule:
