@@ -283,13 +283,15 @@ class EvictingCache(QuantisedCache):
     def __init__(self, model: LoadedModel | Any) -> None:
         super().__init__(model)
 
-    def compress(self, press: Press, ratio: float, protect: int = 0,
+    def compress(self, press: Press, ratio: float, protect: int | Iterable[int] = 0,
                  queries: dict[int, QueryRecord] | None = None) -> None:
         """Keep ``press.n_kept(held, ratio)`` of each full-attention layer's tokens (per key/value head), those
         of highest ``press.score``, as kvpress's ScorerPress.compress does; ties go to the later position
-        (kvpress leaves them to ``torch.topk``, whose choice among equal scores is unspecified). The first
-        ``protect`` positions are always kept, the budget growing to hold them if it is smaller (for ``window``
-        this is StreamingLLM's ``n_sink``; for the other presses it is this project's extension)."""
+        (kvpress leaves them to ``torch.topk``, whose choice among equal scores is unspecified). The protected
+        positions (the first ``protect``, or the positions given: e.g. the sinks found in the context) are always
+        kept, the budget growing to hold them if it is smaller (for ``window`` and the first k this is
+        StreamingLLM's ``n_sink``; otherwise it is this project's extension)."""
+        kept_always = protected_positions(protect)
         ratio = float(ratio)
         if not 0.0 <= ratio < 1.0:
             raise InputError(f"the compression ratio must lie in [0, 1) (got {ratio})")
@@ -300,8 +302,9 @@ class EvictingCache(QuantisedCache):
                 continue
             batch, heads, held, _ = layer.keys.shape
             positions = layer.positions if layer.positions.dim() == 3 else layer.positions.expand(batch, heads, held)
-            protected = positions < protect
-            keep = max(press.n_kept(held, ratio), int(protected.sum(-1).max()) if protect > 0 else 0)
+            protected = torch.isin(positions, torch.tensor(sorted(kept_always), dtype=positions.dtype,
+                                                           device=positions.device))
+            keep = max(press.n_kept(held, ratio), int(protected.sum(-1).max()) if kept_always else 0)
             if keep >= held:
                 continue
             scores = press.score(layer.keys, layer.values, positions, (queries or {}).get(index)).float()

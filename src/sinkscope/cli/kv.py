@@ -27,6 +27,10 @@ def kv_command(
              "*_sinkscope variants; repeat (default: window, knorm, snapkv)")] = None,
     ratio: Annotated[list[float] | None, typer.Option(help="fraction evicted, in (0, 1); repeat (default 0.5, 0.75)")]
     = None,
+    policy: Annotated[list[str] | None, typer.Option(
+        help="which k tokens a --protect budget keeps: first (the first k) | found (the k keys drawing the most "
+             "attention in the context: the sinks found) | massive (the k tokens with the largest activations); "
+             "repeat (default first)")] = None,
     no_quant: Annotated[bool, typer.Option("--no-quant", help="skip the quantised caches")] = False,
     no_press: Annotated[bool, typer.Option("--no-press", help="skip the eviction presses")] = False,
     passkey_length: Annotated[int, typer.Option(help="passkey prompt length in text tokens (0 = no passkey)")] = 160,
@@ -48,5 +52,5 @@ def kv_command(
                              presses=() if no_press else tuple(press or DEFAULT_PRESSES),
                              ratios=tuple(ratio or (0.5, 0.75)), passkey_length=passkey_length,
                              passkey_trials=passkey_trials, bos=condition, max_delta_loss=max_delta_loss,
-                             max_retrieval_drop=max_retrieval_drop),
+                             max_retrieval_drop=max_retrieval_drop, policies=tuple(policy or ("first",))),
         bos, "add", model, out=out, resume=resume, quiet=quiet)

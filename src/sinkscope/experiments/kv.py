@@ -41,7 +41,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..capture import CaptureEngine
+from ..capture import CaptureEngine, KeyAttention
 from ..capture.kvcache import (
     KVPRESS_SNAPKV_WINDOW,
     PRESSES,
@@ -57,6 +57,8 @@ from ..conditions import parse_condition
 from ..data.passkey import QUESTION, passkey_prompts
 from ..data.texts import LongText
 from ..errors import InputError
+from ..metrics import activations as activation_metrics
+from ..metrics import sink as sink_metrics
 from ..metrics.loss import mean_loss
 from ..metrics.quantise import AXES, BITS
 from ..metrics.stats import bootstrap_interval, paired_difference_interval
@@ -80,14 +82,16 @@ class Method:
     axis: str | None = None
     press: str | None = None
     ratio: float | None = None
+    policy: str = "first"  # which k tokens ``protect`` keeps: the first k, the sinks found, the massive ones
 
     @property
     def label(self) -> str:
         if self.kind == "full":
             return "full"
+        chosen = "" if self.policy == "first" else f" {self.policy}"
         if self.kind == "quant":
-            return f"int{self.bits}-{self.axis} k={self.protect}"
-        return f"{self.press}@{self.ratio:g} k={self.protect}"
+            return f"int{self.bits}-{self.axis} k={self.protect}{chosen}"
+        return f"{self.press}@{self.ratio:g} k={self.protect}{chosen}"
 
     @property
     def family(self) -> str:
@@ -137,13 +141,14 @@ class KV(TextLoss):
     bos: str = "add"
     max_delta_loss: float = 0.02  # the recommendation's tolerances (nats; passkey accuracy)
     max_retrieval_drop: float = 0.02
+    policies: tuple[str, ...] = ("first",)  # which k tokens a protect budget keeps (`POLICIES`)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.bits = tuple(int(b) for b in self.bits)
         self.protect = tuple(sorted({int(k) for k in self.protect}))
         self.ratios = tuple(float(r) for r in self.ratios)
-        self.axes, self.presses = tuple(self.axes), tuple(self.presses)
+        self.axes, self.presses, self.policies = tuple(self.axes), tuple(self.presses), tuple(self.policies)
         self.bos = str(parse_condition(self.bos))
         self._check_settings()
 
@@ -154,6 +159,10 @@ class KV(TextLoss):
         bad_axes = [a for a in self.axes if a not in AXES]
         if bad_axes:
             raise InputError(f"--axis {bad_axes[0]}: choose token or channel")
+        bad_policies = [p for p in self.policies if p not in POLICIES]
+        if bad_policies or not self.policies:
+            raise InputError(f"--policy {bad_policies[0] if bad_policies else '(none)'}: choose from "
+                             f"{', '.join(POLICIES)}")
         bad_presses = [p for p in self.presses if p not in PRESSES]
         if bad_presses:
             raise InputError(f"--press {bad_presses[0]}: choose from {', '.join(PRESSES)}")
@@ -184,9 +193,11 @@ class KV(TextLoss):
     # -- units ----------------------------------------------------------------------------------------
     def methods(self) -> list[Method]:
         units = [Method("full")]
-        units += [Method("quant", k, bits=b, axis=a) for b in self.bits for a in self.axes for k in self.protect]
-        units += [Method("press", k, press=p, ratio=r) for p in self.presses for r in self.ratios
-                  for k in self.protect]
+        chosen = [(k, policy) for k in self.protect for policy in self.policies if k > 0 or policy == "first"]
+        units += [Method("quant", k, bits=b, axis=a, policy=policy) for b in self.bits for a in self.axes
+                  for k, policy in chosen]
+        units += [Method("press", k, press=p, ratio=r, policy=policy) for p in self.presses for r in self.ratios
+                  for k, policy in chosen]
         return units
 
     def prepare(self, loaded: LoadedModel) -> list[Method]:
@@ -200,6 +211,7 @@ class KV(TextLoss):
         self._model = loaded.model
         self._tokenizer = tokenizer
         self._prefills: dict[tuple[str, int], tuple[EvictingCache, dict[int, Any]]] = {}
+        self._rankings: dict[tuple[str, int, str], list[int]] = {}  # context x policy: positions, best first
         units = self.methods()
         for method in units:  # refuse unsupported models before any work
             self._cache(method)
@@ -228,9 +240,10 @@ class KV(TextLoss):
         return units[0].label
 
     # -- caches ---------------------------------------------------------------------------------------
-    def _cache(self, method: Method) -> QuantisedCache:
+    def _cache(self, method: Method, protect: int | Sequence[int] | None = None) -> QuantisedCache:
         if method.kind == "quant":
-            return QuantisedCache(self._model, method.bits, str(method.axis), self.group_size, method.protect)
+            return QuantisedCache(self._model, method.bits, str(method.axis), self.group_size,
+                                  method.protect if protect is None else protect)
         if method.kind == "press":
             return EvictingCache(self._model)
         return QuantisedCache(self._model)
@@ -240,10 +253,22 @@ class KV(TextLoss):
         self._queries = LastQueries(SNAPKV_WINDOW)
         return CaptureEngine(loaded, [self._mass, self._queries], path=self.path)
 
+    def _protected(self, engine: CaptureEngine, method: Method, key: tuple[str, int], ids: list[int]) -> list[int]:
+        """The positions the method's protect budget keeps in this context: the first k, or the k found by its
+        policy in the uncompressed context (`protection_ranking`), ranked once per context and policy."""
+        if method.policy == "first" or method.protect == 0:
+            return list(range(method.protect))
+        ranked = self._rankings.get((*key, method.policy))
+        if ranked is None:
+            ranked = protection_ranking(engine, ids, method.policy)
+            self._rankings[(*key, method.policy)] = ranked
+        return sorted(ranked[:method.protect])
+
     def _filled(self, engine: CaptureEngine, method: Method, key: tuple[str, int], ids: list[int]) -> QuantisedCache:
         """The method's cache after the prefill of ``ids`` (compressed, for a press)."""
+        protect = self._protected(engine, method, key, ids)
         if method.kind != "press":
-            cache = self._cache(method)
+            cache = self._cache(method, protect)
             self._mass.cache = cache
             cached_forward(engine, cache, torch.tensor([ids]), range(len(ids)))
             return cache
@@ -255,7 +280,7 @@ class KV(TextLoss):
         prefilled, queries = self._prefills[key]
         compressed = copy.deepcopy(prefilled)
         assert method.press is not None and method.ratio is not None
-        compressed.compress(make_press(method.press), method.ratio, method.protect, queries)
+        compressed.compress(make_press(method.press), method.ratio, protect, queries)
         return compressed
 
     # -- measuring ------------------------------------------------------------------------------------
@@ -301,7 +326,8 @@ class KV(TextLoss):
 
     def measure(self, engine: CaptureEngine, units: Sequence[Method]) -> dict[str, pd.DataFrame]:
         method = units[0]
-        columns = {"method": method.label, "kind": method.kind, "family": method.family, "protect": method.protect}
+        columns = {"method": method.label, "kind": method.kind, "family": method.family, "protect": method.protect,
+                   "policy": method.policy}
         windows = pd.DataFrame([{**columns, **self._window(engine, method, i, ids)}
                                 for i, (_, ids) in enumerate(self._windows)])
         passkey = pd.DataFrame([{**columns, **self._passkey(engine, method, i, item)}
@@ -360,7 +386,7 @@ class KV(TextLoss):
             "recommendation": recommendation,
             "model": loaded.info.name, "text": self.source, "window": self.window, "context": self.context,
             "step": self.step, "n_windows": len(self._windows), "scored_per_window": self.window - self.context - 1,
-            "group_size": self.group_size, "passkey_length": self.passkey_length,
+            "group_size": self.group_size, "passkey_length": self.passkey_length, "policies": list(self.policies),
             "n_passkey_prompts": len(self._passkeys),
             "full": {"loss": float(full["loss"]), "bytes": float(full["bytes"]), "sink_mass": float(full["sink_mass"]),
                      "passkey_accuracy": float(full["passkey_accuracy"])},
@@ -368,6 +394,42 @@ class KV(TextLoss):
                                    "passkey_accuracy": r.passkey_accuracy, "bytes_ratio": r.bytes_ratio,
                                    "sink_mass_kept": r.sink_mass_kept} for r in kv.itertuples()},
         }
+
+
+POLICIES = ("first", "found", "massive")
+FOUND_MIN_QUERIES = 16  # a key's mean attention counts once this many queries see it (not the last few keys)
+
+
+def protection_ranking(engine: CaptureEngine, ids: list[int], policy: str) -> list[int]:
+    """Positions of a context, best first, for a protect budget under ``policy`` (one uncompressed forward):
+    ``found``: by the largest mean attention the key receives in any layer and head (the sinks found in the
+    context, KVSink's criterion: `metrics.sink.key_sink_scores`); ``massive``: by the token's largest activation
+    relative to its depth's median, over depths (PrefixQuant's: `metrics.activations.token_massive_ratio`). Ties:
+    the earlier position first."""
+    tokens = torch.tensor([ids])
+    if policy == "found":
+        probe = KeyAttention()
+        saved = engine.probes
+        engine.probes = [probe]
+        try:
+            engine.forward(tokens)
+        finally:
+            engine.probes = saved
+        layers = sorted(probe.records)
+        received = torch.stack([probe.records[layer]["received"][0] for layer in layers]).numpy()
+        seen = torch.stack([probe.records[layer]["queries"][0] for layer in layers]).numpy()
+        scores = sink_metrics.key_sink_scores(received, seen, min(FOUND_MIN_QUERIES, max(1, len(ids) // 4)))
+    elif policy == "massive":
+        saved = engine.probes
+        engine.probes = []
+        try:
+            residual = engine.forward(tokens, residual=True).residual[:, 0]  # [depths, n, d]
+        finally:
+            engine.probes = saved
+        scores = activation_metrics.token_massive_ratio(residual[1:].float().numpy())  # the embeddings left out
+    else:
+        raise InputError(f"unknown protect policy '{policy}' (choose from {', '.join(POLICIES)})")
+    return [int(i) for i in np.argsort(-scores, kind="stable")]
 
 
 def recommend(kv: pd.DataFrame, max_delta_loss: float, max_retrieval_drop: float) -> str | None:
@@ -393,17 +455,19 @@ def kv(
     group_size: int = 32, protect: Sequence[int] = (0, 1, 4), presses: Sequence[str] = DEFAULT_PRESSES,
     ratios: Sequence[float] = (0.5, 0.75), passkey_length: int = 160,
     passkey_depths: Sequence[float] = (0.5,), passkey_trials: int = 2, bos: str = "add",
-    max_delta_loss: float = 0.02, max_retrieval_drop: float = 0.02, out: str | Path | None = None,
-    resume: bool = False, progress: bool | Any = True, command: str | None = None,
+    max_delta_loss: float = 0.02, max_retrieval_drop: float = 0.02, policies: Sequence[str] = ("first",),
+    out: str | Path | None = None, resume: bool = False, progress: bool | Any = True, command: str | None = None,
 ) -> KVResult:
     """Loss (Δ vs the full cache, with intervals), passkey accuracy, bytes and sink mass for quantised caches
     (``bits`` x ``axes`` x ``protect``) and eviction presses (``presses`` x ``ratios`` x ``protect``), under one
-    condition ``bos`` (`sinkscope.conditions`: what sits at position 0, and any intervention)."""
+    condition ``bos`` (`sinkscope.conditions`: what sits at position 0, and any intervention). ``policies``: which
+    k tokens a protect budget keeps (`POLICIES`: the first k, the sinks found in the context, the tokens with
+    massive activations), each compared at the same k, so at the same bytes."""
     experiment = KV(text=text, window=window, context=context, max_windows=max_windows, step=step, bits=tuple(bits),
                     axes=tuple(axes), group_size=group_size, protect=tuple(protect), presses=tuple(presses),
                     ratios=tuple(ratios), passkey_length=passkey_length, passkey_depths=tuple(passkey_depths),
                     passkey_trials=passkey_trials, bos=bos, max_delta_loss=max_delta_loss,
-                    max_retrieval_drop=max_retrieval_drop)
+                    max_retrieval_drop=max_retrieval_drop, policies=tuple(policies))
     result = run(experiment, model, out=out, resume=resume, progress=progress, command=command)
     assert isinstance(result, KVResult)
     return result

@@ -79,3 +79,12 @@ def activation_stats(h: ArrayLike, factors: tuple[float, ...] = MASSIVE_FACTORS)
     for factor in factors:
         stats[f"n_above_{factor:g}x"] = (flat > factor * median[..., None]).sum(-1)
     return stats
+
+
+def token_massive_ratio(h: ArrayLike) -> NDArray[np.float64]:
+    """Per token, its largest ``|h|`` over dims relative to the median ``|h|`` of its depth, maxed over depths:
+    [depths, n, d] -> [n] (PrefixQuant's criterion for the tokens to keep in full precision)."""
+    states = np.abs(np.asarray(h, dtype=np.float64))
+    median = np.median(states.reshape(states.shape[0], -1), axis=-1)  # [depths]
+    ratio = states.max(-1) / np.where(median > 0, median, np.inf)[:, None]  # [depths, n]
+    return np.asarray(ratio.max(0), dtype=np.float64)

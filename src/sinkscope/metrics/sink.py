@@ -107,3 +107,14 @@ def check_eps(eps: float) -> float:
     if not 0.0 < eps < 1.0:
         raise InputError(f"--eps {eps} must lie strictly between 0 and 1")
     return float(eps)
+
+
+def key_sink_scores(received: ArrayLike, queries: ArrayLike, min_queries: int = 1) -> NDArray[np.float64]:
+    """Per key, the largest mean attention it receives in any layer and head: ``received`` [L, H, n] (summed over
+    the queries that may see the key) / ``queries`` [L, 1|H, n], maxed over L and H -> [n]. Keys seen by fewer than
+    ``min_queries`` queries (the last few, whose mean rests on a handful of queries) score 0. The keys that score
+    highest are the sinks *found* in a context (KVSink's criterion), wherever they sit."""
+    mass = np.asarray(received, dtype=np.float64)
+    seen = np.broadcast_to(np.asarray(queries, dtype=np.float64), mass.shape)
+    alpha = np.where(seen >= max(min_queries, 1), mass / np.maximum(seen, 1.0), 0.0)
+    return np.asarray(alpha.max(axis=(0, 1)), dtype=np.float64)

@@ -8,6 +8,7 @@ from . import figure_for, pyplot
 
 plt = pyplot()
 MARKERS = {"int8": "o", "int4": "s", "int2": "D", "window": "^", "knorm": "v", "snapkv": "P"}
+POLICY_MARKS = {"found": "x", "massive": "+"}  # drawn over a cache whose protect budget keeps other tokens
 
 
 @figure_for("kv")
@@ -24,7 +25,8 @@ def kv_figures(result: Any) -> dict[str, Any]:
     if has_passkey:
         panels.append((axes[0][1], "key_nll", "passkey: NLL of the key (nats/token)"))
     for ax, column, label in panels:
-        for _, group in table.groupby(["family", table["ratio"].fillna(-1)], sort=False):
+        first = table[table["policy"] == "first"] if "policy" in table else table
+        for _, group in first.groupby(["family", first["ratio"].fillna(-1)], sort=False):
             group = group.sort_values("protect")
             ax.plot(group["bytes_ratio"], group[column], color="grey", lw=0.6, alpha=0.6, zorder=1)
         for r in table.itertuples():
@@ -37,6 +39,10 @@ def kv_figures(result: Any) -> dict[str, Any]:
             ax.scatter(r.bytes_ratio, getattr(r, column), marker=marker, s=60 if r.family != "full" else 160,
                        facecolors=colour if filled or r.family == "full" else "none", edgecolors=colour,
                        linewidths=1.4, zorder=3)
+            policy = getattr(r, "policy", "first")
+            if policy in POLICY_MARKS:  # the same budget, other tokens kept
+                ax.scatter(r.bytes_ratio, getattr(r, column), marker=POLICY_MARKS[policy], s=40, color="black",
+                           linewidths=1.0, zorder=4)
         if "recommended" in table:  # the cheapest cache within the tolerances (see KV's summary)
             for r in table[table["recommended"]].itertuples():
                 ax.scatter(r.bytes_ratio, getattr(r, column), marker="o", s=320, facecolors="none",
@@ -55,6 +61,8 @@ def kv_figures(result: Any) -> dict[str, Any]:
                 plt.Line2D([], [], marker="o", color="grey", markerfacecolor="none", linestyle="",
                            label="protect = 0 (hollow)"),
                 plt.Line2D([], [], marker="*", color="black", linestyle="", markersize=10, label="full cache"),
+                *[plt.Line2D([], [], marker=m, color="black", linestyle="", label=f"protect: the k {p} tokens")
+                  for p, m in POLICY_MARKS.items() if "policy" in table and (table["policy"] == p).any()],
                 plt.Line2D([], [], marker="o", color="red", markerfacecolor="none", linestyle="", markersize=12,
                            label="recommended (cheapest within tolerance)")]
     axes[0][-1].legend(handles=handles, fontsize=8, loc="best")
