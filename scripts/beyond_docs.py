@@ -212,13 +212,37 @@ def kv_page(result: Result) -> str:
         lines += ["", f"Protecting the first {k} tokens, cache by cache (Δloss [95% CI], protect 0 → {k}):", "",
                   "| cache | protect 0 | protect " + str(k) + " | passkey 0 → " + str(k) + " |", "|---|---|---|---|"]
         others = table[table["kind"] != "full"]
+        if "policy" in others:
+            others = others[others["policy"] == "first"]
         for _, group in others.groupby(["family", others["ratio"].fillna(-1)], sort=False):
             rows = {int(r.protect): r for r in group.itertuples()}
             if 0 in rows and k in rows:
                 name = rows[0].method.rsplit(" k=", 1)[0]
                 before, after = (_kv_number(rows[p].passkey_accuracy, ".2f") for p in (0, k))
                 lines.append(f"| {name} | {_kv_interval(rows[0])} | {_kv_interval(rows[k])} | {before} → {after} |")
+    lines += _kv_policies(table)
     return "\n".join(lines) + "\n"
+
+
+def _kv_policies(table: Any) -> list[str]:
+    """Which k tokens a protect budget keeps, at the same k (the same bytes): Δloss [95% CI] and passkey."""
+    if "policy" not in table or table["policy"].nunique() < 2:
+        return []
+    policies = list(dict.fromkeys(table["policy"]))
+    lines = ["", "The same protect budget spent on other tokens (the same bytes): the first k, the sinks found in the "
+             "context (the keys drawing the most attention), the tokens with massive activations. Δloss [95% CI] "
+             "and passkey accuracy:", "", "| cache | " + " | ".join(policies) + " |",
+             "|---|" + "---|" * len(policies)]
+    budgets = table[(table["kind"] != "full") & (table["protect"] > 0)]
+    for _, group in budgets.groupby(["family", budgets["ratio"].fillna(-1), "protect"], sort=False):
+        rows = {r.policy: r for r in group.itertuples()}
+        if len(rows) < 2:
+            continue
+        name = next(iter(rows.values())).method.rsplit(" ", 1)[0] if "first" not in rows else rows["first"].method
+        cells = [f"{_kv_interval(rows[p])}, {_kv_number(rows[p].passkey_accuracy, '.2f')}" if p in rows else "-"
+                 for p in policies]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
 
 
 PAGES: dict[str, tuple[str, Any]] = {"keys": ("keys", keys_page), "knockout": ("knockout-control", knockout_page),
