@@ -122,12 +122,13 @@ def test_the_dose_response_reads_a_monotone_trend_per_unit():
     losses = {"add": 3.0, "add+scale:0.75": 3.1, "add+scale:0.5": 3.3, "add+scale:0.25": 3.6, "add+scale:0": 4.0,
               "add+zero-value": 3.005}
     context = Context("m", {"smoothing": smoothing(0.05, doses=True), "ablate": windows(losses, spread=0.005)}, {})
-    entropy, loss, noop = judge_dose(context)
+    entropy, spread, rank, loss, noop = judge_dose(context)
+    assert spread.verdict == rank.verdict == NOT_MEASURED  # no spread or rank run given
     assert entropy.verdict == REPRODUCED and entropy.value == pytest.approx(-1.0, abs=0.2)
     assert loss.verdict == REPRODUCED and loss.value == pytest.approx(-1.0, abs=1e-12)  # ranks: exact
     assert noop.verdict == REPRODUCED  # zero-value within ±0.05 nats of add
     flat = {c: 3.0 for c in losses}
-    _, loss, _ = judge_dose(Context("m", {"ablate": windows(flat, spread=0.05)}, {}))
+    _, _, _, loss, _ = judge_dose(Context("m", {"ablate": windows(flat, spread=0.05)}, {}))
     assert loss.verdict in (NOT_REPRODUCED, INCONCLUSIVE)
 
 
