@@ -190,7 +190,7 @@ def _kv_interval(r: Any) -> str:
 def kv_page(result: Result) -> str:
     """A saved `kv` run as Markdown: settings, the table of every cache, and protected vs unprotected pairs."""
     s, table = result.summary, result.tables["kv"]
-    provenance = result.provenance
+    provenance = result.provenance  # "full layers": the full-attention layers alone (what eviction compresses)
     lines = [
         f"**{s['model']}** — {s['n_windows']} windows of {s['text']}: `<bos>` + {s['context']} text tokens "
         f"prefilled, then {s['scored_per_window']} tokens per window scored through the cache ({s['step']} per "
@@ -199,12 +199,13 @@ def kv_page(result: Result) -> str:
         f"`{provenance.get('command', '')}` (sinkscope {provenance.get('versions', {}).get('sinkscope', '?')}, "
         f"{provenance.get('seconds', 0):.0f} s).",
         "",
-        "| cache | loss | Δloss [95% CI] | passkey | key NLL | bytes / full | sink mass | kept |",
-        "|---|---|---|---|---|---|---|---|",
+        "| cache | loss | Δloss [95% CI] | passkey | key NLL | bytes / full | full layers | sink mass | kept |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in table.itertuples():
         lines.append(f"| {r.method} | {r.loss:.3f} | {_kv_interval(r)} | {_kv_number(r.passkey_accuracy, '.2f')} | "
-                     f"{_kv_number(r.key_nll, '.2f')} | {r.bytes_ratio:.3f} | {r.sink_mass:.3f} | "
+                     f"{_kv_number(r.key_nll, '.2f')} | {r.bytes_ratio:.3f} | "
+                     f"{_kv_number(getattr(r, 'bytes_full_layers_ratio', None), '.3f')} | {r.sink_mass:.3f} | "
                      f"{r.sink_mass_kept:.2f} |")
     protected = sorted(k for k in table["protect"].unique() if k > 0)
     if protected and 0 in set(table["protect"]):
