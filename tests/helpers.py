@@ -122,10 +122,30 @@ def invoke(*args: str):
     return CliRunner().invoke(app, list(args), catch_exceptions=False)
 
 
+def refused_line(result, *fragments: str) -> str:
+    """A command refused as a user error must be: exit 2, one line on stderr (holding each of ``fragments``),
+    no traceback. Returns that line."""
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in result.output, result.output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+def refused(*args: str) -> str:
+    """Run ``sinkscope *args --quiet`` in-process; it must be refused (`refused_line`). Its one line."""
+    from typer.testing import CliRunner
+
+    from sinkscope.cli import app
+
+    return refused_line(CliRunner().invoke(app, [*args, "--quiet"]))
+
+
 def scans(add: float, strip: float, n: int = 20) -> dict:
+    """Two saved-scan-like results whose per-prompt sink rates at ε = 0.3 are about ``add`` and ``strip``."""
     from sinkscope.experiments.base import Result
 
-    """Two saved-scan-like results whose per-prompt sink rates at ε = 0.3 are about ``add`` and ``strip``."""
     out = {}
     for key, rate in (("scan_add", add), ("scan_strip", strip)):  # the same draws: the conditions differ by rate
         alpha = (np.random.default_rng(0).uniform(size=(n, 4, 4)) < rate) * 0.9

@@ -6,11 +6,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from typer.testing import CliRunner
 
 import sinkscope as ss
-from helpers import TEXT, invoke, tiny_model, word_tokenizer
-from sinkscope.cli import app
+from helpers import TEXT, invoke, refused, tiny_model, word_tokenizer
 from sinkscope.errors import InputError
 from sinkscope.experiments.base import Result
 from sinkscope.experiments.knockout import parse_heads
@@ -27,15 +25,6 @@ def files(tmp_path_factory):
     paths["empty"].write_text("  \n", encoding="utf-8")
     paths["file"].write_text("not a directory")
     return paths
-
-
-def refused(*args: str) -> str:
-    """Run a command that must be refused; its one stderr line."""
-    result = CliRunner().invoke(app, [*args, "--quiet"])
-    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in result.output, result.output
-    return lines[0]
 
 
 CASES = [  # command, its options, what the one line says

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import sinkscope.cli
-from helpers import SENTENCES, invoke, tiny_model, word_tokenizer
+from helpers import SENTENCES, invoke, refused_line, tiny_model, word_tokenizer
 
 TEXT = SENTENCES[0]  # 12 word tokens
 COMMANDS = {  # each command with arguments that make it cheap on the tiny model
@@ -25,13 +25,6 @@ COMMANDS = {  # each command with arguments that make it cheap on the tiny model
 RESIDUAL_COMMANDS = ["rank-collapse", "repr-collapse", "massive", "perturb", "oversquash"]
 
 
-def refused(result, message: str) -> None:
-    assert result.exit_code == 2, result.output
-    assert message in result.stderr, result.stderr
-    assert "Traceback" not in result.output
-    assert len([line for line in result.stderr.splitlines() if line.strip()]) == 1, result.stderr
-
-
 @pytest.mark.parametrize("command,args", [
     ("smoothing", ["--max-tokens", "300"]),
     ("noop", ["--max-tokens", "300"]),
@@ -43,12 +36,12 @@ def refused(result, message: str) -> None:
     ("repr-collapse", ["--length", "300"]),
 ])
 def test_input_longer_than_the_context(model_dir, command, args):
-    refused(invoke(command, "--model", str(model_dir), *args, "--quiet"), "256 positions")
+    refused_line(invoke(command, "--model", str(model_dir), *args, "--quiet"), "256 positions")
 
 
 @pytest.mark.parametrize("eps", ["0", "1", "1.5", "-0.2", "nan"])
 def test_noop_eps_outside_0_1(model_dir, eps):
-    refused(invoke("noop", "--model", str(model_dir), f"--eps={eps}", "--quiet"), "--eps")
+    refused_line(invoke("noop", "--model", str(model_dir), f"--eps={eps}", "--quiet"), "--eps")
 
 
 @pytest.mark.parametrize("swap,message", [
@@ -61,7 +54,7 @@ def test_noop_eps_outside_0_1(model_dir, eps):
     ("cat=the dog", "changes the token count"),
 ])
 def test_perturb_bad_swap(model_dir, swap, message):
-    refused(invoke("perturb", "--model", str(model_dir), "--text", TEXT, "--swap", swap, "--quiet"), message)
+    refused_line(invoke("perturb", "--model", str(model_dir), "--text", TEXT, "--swap", swap, "--quiet"), message)
 
 
 @pytest.mark.parametrize("target,message", [
@@ -70,22 +63,23 @@ def test_perturb_bad_swap(model_dir, swap, message):
     ("-13", "--target -13 is outside the 12 text tokens"),
 ])
 def test_oversquash_bad_target(model_dir, target, message):
-    refused(invoke("oversquash", "--model", str(model_dir), "--text", TEXT, f"--target={target}", "--quiet"), message)
+    refused_line(invoke("oversquash", "--model", str(model_dir), "--text", TEXT, f"--target={target}", "--quiet"),
+                 message)
 
 
 @pytest.mark.parametrize("probes", ["0", "-1"])
 def test_oversquash_bad_probes(model_dir, probes):
-    refused(invoke("oversquash", "--model", str(model_dir), f"--probes={probes}", "--quiet"), "--probes")
+    refused_line(invoke("oversquash", "--model", str(model_dir), f"--probes={probes}", "--quiet"), "--probes")
 
 
 @pytest.mark.parametrize("command", list(COMMANDS))
 def test_out_is_a_file(model_dir, tmp_path, command):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    refused(invoke(command, "--model", str(model_dir), *COMMANDS[command], "--out", str(blocker), "--quiet"),
-            "is a file")
-    refused(invoke(command, "--model", str(model_dir), *COMMANDS[command], "--out", str(blocker / "run"), "--quiet"),
-            "cannot create it")
+    refused_line(invoke(command, "--model", str(model_dir), *COMMANDS[command], "--out", str(blocker), "--quiet"),
+                 "is a file")
+    refused_line(invoke(command, "--model", str(model_dir), *COMMANDS[command], "--out", str(blocker / "run"),
+                        "--quiet"), "cannot create it")
     assert blocker.read_text() == "x"
 
 
@@ -96,7 +90,7 @@ def test_out_is_not_writable(model_dir, tmp_path, command):
     locked.mkdir()
     locked.chmod(0o500)
     try:
-        refused(invoke(command, "--model", str(model_dir), *COMMANDS[command], "--out", str(locked), "--quiet"),
+        refused_line(invoke(command, "--model", str(model_dir), *COMMANDS[command], "--out", str(locked), "--quiet"),
                 "not writable")
     finally:
         locked.chmod(0o700)
@@ -124,7 +118,7 @@ def test_inf_in_the_residual_stream_names_its_depth(monkeypatch, tmp_path, comma
     lm = overflowing_model(layer=1)
     monkeypatch.setattr(sinkscope.cli, "load_model", lambda *args, **kwargs: lm)
     result = invoke(command, "--model", "tiny", *COMMANDS[command], "--out", str(tmp_path / "run"), "--quiet")
-    refused(result, "inf/NaN from depth 2 (the output of layer 1)")
+    refused_line(result, "inf/NaN from depth 2 (the output of layer 1)")
     assert "--dtype float32" in result.stderr
 
 
@@ -158,5 +152,5 @@ def test_inf_in_attention_inputs_names_the_layer_for_scan(monkeypatch, tmp_path)
     lm = overflowing_model(layer=1)
     monkeypatch.setattr(sinkscope.cli.scan, "load_model", lambda *args, **kwargs: lm)
     result = invoke("scan", "--model", "tiny", "--out", str(tmp_path / "run"), "--quiet")
-    refused(result, "layer 2: the attention queries hold inf/NaN")
+    refused_line(result, "layer 2: the attention queries hold inf/NaN")
     assert "--dtype float32" in result.stderr

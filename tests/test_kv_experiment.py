@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import sinkscope as ss
-from helpers import TEXT, invoke, lm, passkey_tokenizer, tiny_model, word_tokenizer
+from helpers import TEXT, invoke, lm, passkey_tokenizer, refused, tiny_model, word_tokenizer
 from sinkscope.experiments.base import Result
 from sinkscope.experiments.kv import KV, kv
 from sinkscope.experiments.ruler import greedy_continuation
@@ -96,18 +96,6 @@ def test_passkey_score_is_what_greedy_decoding_writes():
         first = tokenizer.decode(greedy, skip_special_tokens=True)
         assert row.answer.startswith(first) or not first
         assert tokenizer.decode(item.answer) == item.key  # " <key>" as the answer tokens
-
-
-def refused(*args: str) -> str:
-    from typer.testing import CliRunner
-
-    from sinkscope.cli import app
-
-    result = CliRunner().invoke(app, [*args, "--quiet"])
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in result.output
-    return lines[0]
 
 
 @pytest.mark.parametrize("options,says", [(["--bits", "3"], "bits"), (["--ratio", "1.5"], "ratio"),

@@ -11,18 +11,14 @@ import sys
 import pytest
 import torch
 
-from helpers import SENTENCES, invoke, tiny_model, word_tokenizer
+from helpers import SENTENCES, invoke, refused_line, tiny_model, word_tokenizer
 
 
 def refused(result, *fragments: str) -> str:
-    """The run failed as a user error should: exit 2, one line on stderr naming the problem."""
-    assert result.exit_code == 2, (result.exit_code, result.output)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: ") and "Traceback" not in result.output
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
+    """The run failed as a user error should (`helpers.refused_line`), its line starting with "error: "."""
+    line = refused_line(result, *fragments)
+    assert line.startswith("error: "), line
+    return line
 
 
 def scan(*args: str, model: str | None = None, prompts=None):
