@@ -261,11 +261,14 @@ def main() -> None:
     GENERATED.mkdir(parents=True, exist_ok=True)
     for run in args.runs:
         result = Result.load(run)
-        stem, page = PAGES[result.experiment]
+        experiment = result.experiment or result.provenance.get("experiment", "")  # the saved run says which
+        if experiment not in PAGES:
+            parser.error(f"{run}: a {experiment or 'unknown'} run has no page (pages: {', '.join(PAGES)})")
+        stem, page = PAGES[experiment]
         path = GENERATED / f"{args.stem or stem}-{result.summary['model']}.md"
         path.write_text(page(result), encoding="utf-8")
         print(f"wrote {path}")
-        if result.experiment == "kv":  # its Pareto figure beside the page
+        if experiment == "kv":  # its Pareto figure beside the page
             image = GENERATED.parent / "images" / f"kv-{result.summary['model']}.png"
             image.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(run / "kv_pareto.png", image)
