@@ -393,6 +393,16 @@ class CaptureEngine:
             raise RuntimeError("use the engine as a context manager: with CaptureEngine(...) as engine")
 
     @contextmanager
+    def probing(self, probes: Sequence[Probe]) -> Iterator[None]:
+        """Run the forwards inside with ``probes`` attached instead of the engine's own (which come back after)."""
+        saved = self.probes
+        self.probes = list(probes)
+        try:
+            yield
+        finally:
+            self.probes = saved
+
+    @contextmanager
     def intervening(self, what: str | Condition | Intervention | SinkIntervention | None) -> Iterator[
             SinkIntervention | None]:
         """Run the forwards inside under a condition's intervention (`sinkscope.conditions`; its position-0

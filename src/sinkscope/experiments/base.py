@@ -26,8 +26,8 @@ import json
 import platform
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -330,7 +330,7 @@ def _measure(experiment: Experiment, engine: Any, units: Sequence[Any], batches:
                 where = (experiment.records_whereabouts and isinstance(engine, CaptureEngine)
                          and measures_prompts(chosen))
                 rider = WhereaboutsRider(chosen) if where and experiment.whereabouts_rides else None
-                with _riding(engine, rider):
+                with engine.probing([*engine.probes, rider]) if rider is not None else nullcontext():
                     tables = experiment.measure(engine, chosen)
                 if where:
                     rows = rider.rows(len(engine.attention_layers)) if rider is not None else None
@@ -346,20 +346,6 @@ def _measure(experiment: Experiment, engine: Any, units: Sequence[Any], batches:
         measured[b] = tables
         bar.advance(task, len(chosen))
     return measured
-
-
-@contextmanager
-def _riding(engine: Any, rider: WhereaboutsRider | None) -> Iterator[None]:
-    """``rider`` attached to the engine's probes while the batch is measured."""
-    if rider is None:
-        yield
-        return
-    saved = engine.probes
-    engine.probes = [*saved, rider]
-    try:
-        yield
-    finally:
-        engine.probes = saved
 
 
 def _under(engine: Any, condition: str | None, experiment: str) -> AbstractContextManager[Any]:

@@ -409,23 +409,15 @@ def protection_ranking(engine: CaptureEngine, ids: list[int], policy: str) -> li
     tokens = torch.tensor([ids])
     if policy == "found":
         probe = KeyAttention()
-        saved = engine.probes
-        engine.probes = [probe]
-        try:
+        with engine.probing([probe]):
             engine.forward(tokens)
-        finally:
-            engine.probes = saved
         layers = sorted(probe.records)
         received = torch.stack([probe.records[layer]["received"][0] for layer in layers]).numpy()
         seen = torch.stack([probe.records[layer]["queries"][0] for layer in layers]).numpy()
         scores = sink_metrics.key_sink_scores(received, seen, min(FOUND_MIN_QUERIES, max(1, len(ids) // 4)))
     elif policy == "massive":
-        saved = engine.probes
-        engine.probes = []
-        try:
+        with engine.probing([]):
             residual = engine.forward(tokens, residual=True).residual[:, 0]  # [depths, n, d]
-        finally:
-            engine.probes = saved
         scores = activation_metrics.token_massive_ratio(residual[1:].float().numpy())  # the embeddings left out
     else:
         raise InputError(f"unknown protect policy '{policy}' (choose from {', '.join(POLICIES)})")

@@ -50,12 +50,8 @@ def whereabouts_rows(engine: CaptureEngine, units: Sequence[Any]) -> pd.DataFram
     included) on position 0 and on the first text token, per prompt x layer x head."""
     ids, mask = _right_padded(units)
     probe = TextStartAttention([u.text_start for u in units])
-    saved = engine.probes
-    engine.probes = [probe]
-    try:
+    with engine.probing([probe]):
         engine.forward(ids, mask)
-    finally:
-        engine.probes = saved
     return _rows(probe, units)
 
 

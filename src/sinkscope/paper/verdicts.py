@@ -629,8 +629,9 @@ def dose_condition(dose: float) -> str:
 
 def _trend(frame: pd.DataFrame, x: pd.DataFrame | dict[str, float]) -> np.ndarray:
     """Per unit (row of ``frame``: unit x condition), Spearman ρ between x (per condition, or unit x condition)
-    and the values, over the dose conditions the unit has."""
-    columns = [dose_condition(d) for d in DOSES if dose_condition(d) in frame]
+    and the values, over the conditions the frame has: x's own (a dict), else the all-layer dose's."""
+    wanted = list(x) if isinstance(x, dict) else [dose_condition(d) for d in DOSES]
+    columns = [c for c in wanted if c in frame]
     out = []
     for unit, row in frame[columns].iterrows():
         xs = np.array([x[c] if isinstance(x, dict) else x.loc[unit, c] for c in columns], dtype=float)
@@ -726,10 +727,9 @@ def judge_band_doses(ctx: Context, losses: pd.DataFrame) -> list[Finding]:
         if not all(c in losses for c in columns):
             findings.append(judge(rule, ctx.model, None, missing=f"no add+scale:0.5@{layers} loss windows"))
             continue
-        rho = [spearman(np.array(list(columns.values())), row.to_numpy(float))
-               for _, row in losses[list(columns)].dropna().iterrows()]
         curve = ", ".join(f"{c}: {float(losses[c].mean()):.3f}" for c in columns)
-        findings.append(judge(rule, ctx.model, Evidence(np.asarray(rho, dtype=float)), note=f"loss {curve}"))
+        findings.append(judge(rule, ctx.model, Evidence(_trend(losses[list(columns)].dropna(), columns)),
+                              note=f"loss {curve}"))
     return findings
 
 
