@@ -180,59 +180,90 @@ def ruler_page(result: Result) -> str:
 
 
 def _kv_number(value: Any, spec: str) -> str:
-    return "-" if value is None or value != value else format(value, spec)  # NaN (no passkey) as "-"
+    return "-" if value is None or value != value else format(value, spec)  # NaN (no retrieval) as "-"
 
 
 def _kv_interval(r: Any) -> str:
     return f"{r.delta_loss:+.3f} [{r.delta_low:+.3f}, {r.delta_high:+.3f}]"
 
 
+def _kv_retrieval(r: Any) -> str:
+    """The mean retrieval score and its paired difference from the full cache [95% CI]."""
+    if r.retrieval != r.retrieval:
+        return "-"
+    return f"{r.retrieval:.2f} ({r.retrieval_delta:+.2f} [{r.retrieval_delta_low:+.2f}, {r.retrieval_delta_high:+.2f}])"
+
+
 def kv_page(result: Result) -> str:
-    """A saved `kv` run as Markdown: settings, the table of every cache, and protected vs unprotected pairs."""
+    """A saved `kv` run as Markdown: settings, the table of every cache, retrieval task by task, protected vs
+    unprotected pairs, protect policies at the same budget, and the recommendation."""
     s, table = result.summary, result.tables["kv"]
     provenance = result.provenance  # "full layers": the full-attention layers alone (what eviction compresses)
+    tasks = ", ".join(s.get("tasks", []))
     lines = [
         f"**{s['model']}** — {s['n_windows']} windows of {s['text']}: `<bos>` + {s['context']} text tokens "
         f"prefilled, then {s['scored_per_window']} tokens per window scored through the cache ({s['step']} per "
-        f"forward); {s['n_passkey_prompts']} passkey prompts of {s['passkey_length']} tokens. Full cache: loss "
-        f"{s['full']['loss']:.3f}, sink mass {s['full']['sink_mass']:.3f}. Command: "
+        f"forward); retrieval through the cache: {s['n_retrieval_prompts']} prompts of {s['retrieval_length']} "
+        f"tokens ({tasks}). Full cache: loss {s['full']['loss']:.3f}, retrieval "
+        f"{_kv_number(s['full']['retrieval'], '.2f')}, sink mass {s['full']['sink_mass']:.3f}. Command: "
         f"`{provenance.get('command', '')}` (sinkscope {provenance.get('versions', {}).get('sinkscope', '?')}, "
         f"{provenance.get('seconds', 0):.0f} s).",
         "",
-        "| cache | loss | Δloss [95% CI] | passkey | key NLL | bytes / full | full layers | sink mass | kept |",
+        "Retrieval: mean score (Δ vs the full cache over the same prompts [95% CI]). Bytes: the whole cache, and its "
+        "full-attention layers alone (what eviction compresses), relative to the full cache.",
+        "",
+        "| cache | loss | Δloss [95% CI] | retrieval (Δ [95% CI]) | answer NLL | bytes / full | full layers | "
+        "sink mass | kept |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in table.itertuples():
-        lines.append(f"| {r.method} | {r.loss:.3f} | {_kv_interval(r)} | {_kv_number(r.passkey_accuracy, '.2f')} | "
-                     f"{_kv_number(r.key_nll, '.2f')} | {r.bytes_ratio:.3f} | "
-                     f"{_kv_number(getattr(r, 'bytes_full_layers_ratio', None), '.3f')} | {r.sink_mass:.3f} | "
-                     f"{r.sink_mass_kept:.2f} |")
+        lines.append(f"| {r.method} | {r.loss:.3f} | {_kv_interval(r)} | {_kv_retrieval(r)} | "
+                     f"{_kv_number(r.answer_nll, '.2f')} | {r.bytes_ratio:.3f} | {r.bytes_full_layers_ratio:.3f} | "
+                     f"{r.sink_mass:.3f} | {r.sink_mass_kept:.2f} |")
+    chosen = s.get("recommendation", {})
+    if chosen.get("method"):
+        lines += ["", f"**Recommended** (the fewest bytes with Δloss ≤ {chosen['max_delta_loss']:g} nats and "
+                  f"retrieval within {chosen['max_retrieval_drop']:g} of the full cache, both by their intervals): "
+                  f"`{chosen['method']}`" + (" — nothing cheaper stays within both." if chosen["method"] == "full"
+                                               else f", {chosen['bytes_ratio']:.3f} of the full cache's bytes.")]
+    lines += _kv_tasks(result.tables.get("retrieval_tasks"))
     protected = sorted(k for k in table["protect"].unique() if k > 0)
     if protected and 0 in set(table["protect"]):
         k = protected[-1]
-        lines += ["", f"Protecting the first {k} tokens, cache by cache (Δloss [95% CI], protect 0 → {k}):", "",
-                  "| cache | protect 0 | protect " + str(k) + " | passkey 0 → " + str(k) + " |", "|---|---|---|---|"]
-        others = table[table["kind"] != "full"]
-        if "policy" in others:
-            others = others[others["policy"] == "first"]
+        lines += ["", f"Protecting the first {k} tokens, cache by cache (protect 0 → {k}):", "",
+                  f"| cache | Δloss, protect 0 | Δloss, protect {k} | retrieval 0 → {k} |", "|---|---|---|---|"]
+        others = table[(table["kind"] != "full") & (table["policy"] == "first")]
         for _, group in others.groupby(["family", others["ratio"].fillna(-1)], sort=False):
             rows = {int(r.protect): r for r in group.itertuples()}
             if 0 in rows and k in rows:
                 name = rows[0].method.rsplit(" k=", 1)[0]
-                before, after = (_kv_number(rows[p].passkey_accuracy, ".2f") for p in (0, k))
+                before, after = (_kv_number(rows[p].retrieval, ".2f") for p in (0, k))
                 lines.append(f"| {name} | {_kv_interval(rows[0])} | {_kv_interval(rows[k])} | {before} → {after} |")
     lines += _kv_policies(table)
     return "\n".join(lines) + "\n"
 
 
+def _kv_tasks(by_task: Any) -> list[str]:
+    """Retrieval through the cache, task by task: mean score (Δ vs the full cache [95% CI])."""
+    if by_task is None or by_task.empty:
+        return []
+    tasks = list(dict.fromkeys(by_task["task"]))
+    lines = ["", "Retrieval task by task: mean score (Δ vs the full cache over the same prompts [95% CI]):", "",
+             "| cache | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+    for method, rows in by_task.groupby("method", sort=False):
+        cells = {r.task: _kv_retrieval(r) for r in rows.itertuples()}
+        lines.append(f"| {method} | " + " | ".join(cells.get(t, "-") for t in tasks) + " |")
+    return lines
+
+
 def _kv_policies(table: Any) -> list[str]:
-    """Which k tokens a protect budget keeps, at the same k (the same bytes): Δloss [95% CI] and passkey."""
-    if "policy" not in table or table["policy"].nunique() < 2:
+    """Which k tokens a protect budget keeps, at the same k (the same bytes): Δloss [95% CI] and retrieval."""
+    if table["policy"].nunique() < 2:
         return []
     policies = list(dict.fromkeys(table["policy"]))
     lines = ["", "The same protect budget spent on other tokens (the same bytes): the first k, the sinks found in the "
-             "context (the keys drawing the most attention), the tokens with massive activations. Δloss [95% CI] "
-             "and passkey accuracy:", "", "| cache | " + " | ".join(policies) + " |",
+             "context (the keys drawing the most attention), the tokens with massive activations. Δloss [95% CI]; "
+             "retrieval (Δ vs full):", "", "| cache | " + " | ".join(policies) + " |",
              "|---|" + "---|" * len(policies)]
     budgets = table[(table["kind"] != "full") & (table["protect"] > 0)]
     for _, group in budgets.groupby(["family", budgets["ratio"].fillna(-1), "protect"], sort=False):
@@ -240,8 +271,7 @@ def _kv_policies(table: Any) -> list[str]:
         if len(rows) < 2:
             continue
         name = next(iter(rows.values())).method.rsplit(" ", 1)[0] if "first" not in rows else rows["first"].method
-        cells = [f"{_kv_interval(rows[p])}, {_kv_number(rows[p].passkey_accuracy, '.2f')}" if p in rows else "-"
-                 for p in policies]
+        cells = [f"{_kv_interval(rows[p])}; {_kv_retrieval(rows[p])}" if p in rows else "-" for p in policies]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
 

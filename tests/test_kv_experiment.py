@@ -1,7 +1,10 @@
-"""`kv`: the loss through the cache against a plain forward, the passkey score against greedy decoding, what
-eviction does to the sink mass, resume and bad input on the command line."""
+"""`kv`: the loss through the cache against a plain forward, retrieval through the cache against greedy decoding
+(and the teacher-forced shortcut against decoding), what eviction does to the sink mass, the recommendation,
+the grids, resume and bad input on the command line."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -11,11 +14,12 @@ import torch.nn.functional as F
 
 import sinkscope as ss
 from helpers import TEXT, invoke, lm, passkey_tokenizer, refused, tiny_model, word_tokenizer
+from sinkscope.errors import InputError
 from sinkscope.experiments.base import Result
-from sinkscope.experiments.kv import KV, kv
+from sinkscope.experiments.kv import GRIDS, KV, Method, kv, kv_settings
 from sinkscope.experiments.ruler import greedy_continuation
 
-SMALL = dict(window=24, context=14, max_windows=3, step=4, group_size=4, passkey_length=0)
+SMALL = dict(window=24, context=14, max_windows=3, step=4, group_size=4, retrieval_length=0)
 
 
 def test_full_cache_loss_equals_a_plain_forward():
@@ -73,34 +77,86 @@ def test_methods_table_quantisation_and_eviction(family):
 def test_the_recommendation_is_the_cheapest_cache_within_both_tolerances():
     from sinkscope.experiments.kv import recommend
 
-    rows = [("full", 1.0, 0.0, 0.0, 0.9, 0.9), ("a", 0.2, 0.05, 0.08, 0.9, 0.89),  # loss interval too high
-            ("b", 0.3, 0.0, 0.01, 0.5, 0.3),  # retrieval lost
-            ("c", 0.4, 0.0, 0.015, 0.9, 0.89), ("d", 0.6, 0.0, 0.01, 0.9, 0.9)]
-    kv_table = pd.DataFrame(rows, columns=["method", "bytes_ratio", "delta_loss", "delta_high", "passkey_accuracy",
-                                           "passkey_low"])
+    rows = [("full", 1.0, 0.0, 0.0, 0.9, 0.0), ("a", 0.2, 0.05, 0.08, 0.9, -0.01),  # loss interval too high
+            ("b", 0.3, 0.0, 0.01, 0.5, -0.6),  # retrieval lost
+            ("c", 0.4, 0.0, 0.015, 0.9, -0.01), ("d", 0.6, 0.0, 0.01, 0.9, 0.0)]
+    kv_table = pd.DataFrame(rows, columns=["method", "bytes_ratio", "delta_loss", "delta_high", "retrieval",
+                                           "retrieval_delta_low"])
     assert recommend(kv_table, 0.02, 0.02) == "c"
     assert recommend(kv_table, 0.1, 0.02) == "a"
     assert recommend(kv_table, 0.001, 0.02) == "full"  # nothing cheaper qualifies
-    no_passkey = kv_table.assign(passkey_accuracy=np.nan, passkey_low=np.nan)
-    assert recommend(no_passkey, 0.02, 0.02) == "b"  # loss alone
+    no_retrieval = kv_table.assign(retrieval=np.nan, retrieval_delta_low=np.nan)
+    assert recommend(no_retrieval, 0.02, 0.02) == "b"  # loss alone
 
 
-def test_passkey_score_is_what_greedy_decoding_writes():
+@pytest.mark.parametrize("task,tokenizer", [("passkey", passkey_tokenizer), ("niah_single", word_tokenizer),
+                                            ("niah_multikey", word_tokenizer)])
+def test_retrieval_through_the_full_cache_is_what_greedy_decoding_writes(task, tokenizer):
+    tokenizer = tokenizer()
+    model = ss.load(tiny_model("llama"), tokenizer=tokenizer)
+    experiment = KV(text=TEXT, bits=(), presses=(), window=24, context=14, max_windows=1, tasks=(task,),
+                    retrieval_length=120, retrieval_trials=3, retrieval_depths=(0.2, 0.8))
+    result = ss.experiments.base.run(experiment, model, progress=False)
+    rows = result.tables["retrieval"]
+    assert len(rows) == 3 and rows["task"].eq(task).all()
+    for item, row in zip(experiment._retrievals, rows.itertuples(), strict=True):
+        assert item.context[0] == 1 and len(item.context) > 60 and item.question  # <bos>, the haystack, the question
+        written = greedy_continuation(model.model, item.context + item.question, item.max_new_tokens)
+        text = tokenizer.decode(written, skip_special_tokens=True)
+        if row.decoded == "greedy":
+            assert row.answer == text
+        else:  # the shortcut: what greedy decoding writes begins with what it saw
+            assert text.startswith(row.answer)
+        assert row.score == item.score(text)
+    assert [item.depth for item in experiment._retrievals] == [0.2, 0.8, 0.2]  # the depths, cycled
+
+
+def test_teacher_forcing_decides_only_when_greedy_writes_the_answer():
     tokenizer = passkey_tokenizer()
     model = ss.load(tiny_model("llama"), tokenizer=tokenizer)
-    experiment = KV(text=TEXT, bits=(), presses=(), window=24, context=14, max_windows=1, passkey_length=80,
-                    passkey_trials=2)
-    result = ss.experiments.base.run(experiment, model, progress=False)
-    for item, row in zip(experiment._passkeys, result.tables["passkey"].itertuples(), strict=True):
-        greedy = greedy_continuation(model.model, item.context + item.question, 1)
-        first = tokenizer.decode(greedy, skip_special_tokens=True)
-        assert row.answer.startswith(first) or not first
-        assert tokenizer.decode(item.answer) == item.key  # " <key>" as the answer tokens
+    experiment = KV(text=TEXT, bits=(), presses=(), window=24, context=14, max_windows=1, retrieval_length=80,
+                    retrieval_trials=1)
+    experiment.prepare(model)
+    item = experiment._retrievals[0]
+    written = greedy_continuation(model.model, item.context + item.question, 6)
+    assert len(written) == 6  # the tiny model writes no end-of-sequence token here
+    said = tokenizer.decode(written[:3], skip_special_tokens=True)
+    follows = replace(item, task="niah_single", answer=written[:3], expected=(said,), max_new_tokens=6)
+    other = next(t for t in range(10, 40) if t != written[0])
+    differs = replace(follows, answer=[other, *written[1:3]], expected=("never written",))
+    with experiment.open(model) as engine:
+        shortcut = experiment._retrieve(engine, Method("full"), 0, follows)
+        decoded = experiment._retrieve(engine, Method("full"), 1, differs)
+    assert shortcut["decoded"] == "teacher-forced" and shortcut["score"] == 1.0
+    assert tokenizer.decode(written, skip_special_tokens=True).startswith(shortcut["answer"])
+    assert decoded["decoded"] == "greedy" and decoded["score"] == 0.0
+    assert decoded["answer"] == tokenizer.decode(written, skip_special_tokens=True)
+    assert decoded["answer_nll"] > shortcut["answer_nll"]  # the greedy tokens are the likeliest ones
+
+
+def test_grids_are_valid_settings_and_given_settings_win():
+    for name, grid in GRIDS.items():
+        experiment = KV(text=TEXT, **grid)
+        methods = experiment.methods()
+        assert methods[0].kind == "full", name
+        policies = {(m.kind, m.policy) for m in methods}
+        assert ("press", "found") in policies and ("quant", "massive") in policies
+        assert ("press", "massive") not in policies and ("quant", "found") not in policies
+    docs = kv_settings("docs", {"max_windows": 2, "ratios": None})
+    assert docs["max_windows"] == 2 and docs["ratios"] == GRIDS["docs"]["ratios"]
+    with pytest.raises(InputError, match="grid"):
+        kv_settings("huge", {})
+    with pytest.raises(InputError, match="no setting"):
+        kv_settings(None, {"windows": 3})
+    with pytest.raises(InputError, match="task"):
+        KV(text=TEXT, tasks=("haystack",))
 
 
 @pytest.mark.parametrize("options,says", [(["--bits", "3"], "bits"), (["--ratio", "1.5"], "ratio"),
                                           (["--ratio", "0"], "ratio"), (["--protect", "-1"], "protect"),
-                                          (["--press", "h2o"], "press"), (["--context", "30"], "context")])
+                                          (["--press", "h2o"], "press"), (["--context", "30"], "context"),
+                                          (["--grid", "huge"], "grid"), (["--task", "vt2"], "task"),
+                                          (["--context", "12", "--retrieval-depth", "1.5"], "depth")])
 def test_bad_input_is_one_line_and_exit_2(model_dir, options, says):
     assert says in refused("kv", "--model", str(model_dir), "--window", "24", *options)
 

@@ -18,7 +18,7 @@ from sinkscope.experiments.kv import KV, kv, protection_ranking
 from sinkscope.metrics.activations import token_massive_ratio
 from sinkscope.metrics.sink import key_sink_scores
 
-SMALL = dict(window=24, context=14, max_windows=3, step=4, group_size=4, passkey_length=0)
+SMALL = dict(window=24, context=14, max_windows=3, step=4, group_size=4, retrieval_length=0)
 
 
 def tokens(n: int, seed: int = 1) -> torch.Tensor:

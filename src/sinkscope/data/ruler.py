@@ -212,6 +212,7 @@ class RulerPrompt:
     context_tokens: tuple[int, int]  # [start, stop) of the haystack in text tokens
     size: int  # haystack units: words, lines, needles, noise lines or list words
     answer_tokens: int  # tokens of the expected answer written out once (as the prompt's format has it)
+    answer: str = ""  # the expected answer written out once, as a continuation of the prompt
 
     @property
     def max_new_tokens(self) -> int:
@@ -519,7 +520,8 @@ def ruler_prompt(tokenizer: Any, task_name: str, length: int, depth: float | Non
     context = (starts[-2], min(starts[-1], tokens))
     answer_tokens = count_tokens(tokenizer, composed.text + composed.answer) - tokens
     return RulerPrompt(spec.name, int(length), depth, int(trial), composed.text, composed.answers,
-                       composed.distractors, tokens, tuple(starts[:-2]), context, size, answer_tokens)
+                       composed.distractors, tokens, tuple(starts[:-2]), context, size, answer_tokens,
+                       composed.answer)
 
 
 def ruler_prompts(tokenizer: Any, tasks: Sequence[str], lengths: Sequence[int], depths: Sequence[float],

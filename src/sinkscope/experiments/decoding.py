@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from ..capture import CaptureEngine
+from ..capture.kvcache import cached_forward
 from ..conditions import parse_condition
 from ..models.loader import LoadedModel, input_device
 
@@ -35,3 +36,26 @@ def generate(runner: Any, ids: Sequence[int], config: Any) -> torch.Tensor:
         return runner.generate(input_ids, mask, generation_config=config)
     with torch.inference_mode():  # generate keeps the LM head to the last position (logits_to_keep)
         return model.generate(input_ids=input_ids, attention_mask=mask, generation_config=config)
+
+
+def stop_ids(model: Any) -> set[int]:
+    """The model's end-of-sequence token ids (its generation config's, else its config's)."""
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    eos = eos if eos is not None else getattr(model.config, "eos_token_id", None)
+    return set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+
+
+def greedy_through_cache(engine: CaptureEngine, cache: Any, first: int, position: int, max_new_tokens: int,
+                         logits: Any) -> list[int]:
+    """Greedy decoding through a (compressed) cache already holding the prompt: ``first`` is the greedy token
+    after the prompt, at ``position``; each step feeds the last token and takes the argmax of ``logits(hidden)``
+    (the model's output logits), up to ``max_new_tokens`` tokens, stopping after an end-of-sequence token
+    (which is not returned)."""
+    stops = stop_ids(engine.model)
+    written = [int(first)]
+    while len(written) < max_new_tokens and written[-1] not in stops:
+        step = position + len(written) - 1
+        hidden = cached_forward(engine, cache, torch.tensor([[written[-1]]]), [step]).last_hidden_state
+        with torch.inference_mode():
+            written.append(int(logits(hidden[0, -1:]).argmax(-1)[0]))
+    return written[:-1] if written[-1] in stops else written

@@ -19,10 +19,15 @@ chunk token (``window - context - 1`` per window), predicted from positions that
 cache. Δloss against ``full`` is the mean over windows of the paired per-window difference, with a 95%
 bootstrap interval over windows (`metrics.stats`). Per-token quantisation gives the same predictions in
 any chunking; with per-channel blocks, a chunk that completes a block reads it quantised from its first
-query on (the block's scales then include up to ``group_size - 1`` later keys). Retrieval: passkey prompts
-(`data.passkey`), the context (everything before the question) prefilled and compressed the same way,
-then the question and the key fed through the cache in one forward: correct when greedy decoding would
-write the key (teacher-forced argmax at every key token, and no digit after it), plus the key's NLL.
+query on (the block's scales then include up to ``group_size - 1`` later keys). Retrieval, through the
+compressed cache: ``tasks`` (the passkey, `data.passkey`, and RULER-style tasks, `data.ruler`), ``retrieval_trials``
+prompts per task, each with its own key and the depths cycling through ``retrieval_depths``. The context
+(everything before the question) is prefilled and compressed the same way, then the question is fed and the
+answer decoded greedily through the cache; the score is the task's (RULER's ``string_match_all``; the passkey's
+first number). When the greedy tokens follow the expected answer, one teacher-forced forward decides the score
+(what greedy decoding would write begins with the answer, and what follows cannot lower the score); otherwise
+the answer is decoded token by token. ``answer_nll``: the mean NLL of the expected answer's tokens. Δretrieval
+against ``full`` is the paired difference over prompts, with its bootstrap interval.
 Bytes: what the cache would hold after a window (`nbytes`: quantised
 tokens as packed payload + scales). Sink mass: the mean attention (over layers, heads and scored queries)
 on the key at position 0, read through the capture engine from the cache (`capture.kvcache.KeptSinkMass`);
@@ -32,8 +37,9 @@ on the key at position 0, read through the capture engine from the cache (`captu
 from __future__ import annotations
 
 import copy
+import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +60,8 @@ from ..capture.kvcache import (
     protected_positions,
 )
 from ..conditions import parse_condition
-from ..data.passkey import QUESTION, passkey_prompts
+from ..data import ruler as ruler_tasks
+from ..data.passkey import QUESTION, make_passkey_prompt, score_answer
 from ..data.texts import LongText
 from ..errors import InputError
 from ..metrics import activations as activation_metrics
@@ -65,6 +72,7 @@ from ..metrics.stats import bootstrap_interval, paired_difference_interval
 from ..models.loader import LoadedModel
 from ..models.tokens import encode
 from .base import Result, run, takes_conditions
+from .decoding import greedy_through_cache
 from .inputs import check_length, prefix_ids, require_tokenizer
 from .loss import TextLoss, hidden_nll, output_logits
 
@@ -102,16 +110,34 @@ class Method:
 
 
 @dataclass(frozen=True)
-class PasskeyItem:
+class RetrievalItem:
+    """One retrieval prompt, split where the cache is compressed."""
+
+    task: str
+    trial: int
+    depth: float | None
     context: list[int]  # <bos> + everything before the question (prefilled, then compressed)
     question: list[int]
-    answer: list[int]  # " <key>", the tokens greedy decoding should write
-    key: str
-    depth: float
+    answer: list[int]  # the expected answer written out once (teacher-forced: its NLL, and the fast path)
+    expected: tuple[str, ...]  # what the answer must contain (the passkey: its first number is the key)
+    max_new_tokens: int
+
+    def score(self, written: str) -> float:
+        if self.task == "passkey":
+            return float(score_answer(written, self.expected[0]))
+        return ruler_tasks.score(written, self.expected)
+
+
+RETRIEVAL_TASKS = ("passkey", *ruler_tasks.TASKS)
+PASSKEY_SLACK = 4  # tokens decoded past the passkey answer (enough to see whether the number goes on)
+RETRIEVAL_SUMMARY = ("retrieval", "retrieval_low", "retrieval_high", "retrieval_delta", "retrieval_delta_low",
+                     "retrieval_delta_high", "answer_nll", "n_prompts")
+RETRIEVAL_COLUMNS = ("task", "prompt", "trial", "depth", "answer", "score", "answer_nll", "decoded")
 
 
 class KVResult(Result):
-    """Tables ``kv`` (one row per method), ``windows`` (method x window), ``passkey`` (method x prompt)."""
+    """Tables ``kv`` (one row per method), ``windows`` (method x window), ``retrieval`` (method x prompt) and
+    ``retrieval_tasks`` (method x task)."""
 
     experiment = "kv"
 
@@ -134,14 +160,17 @@ class KV(TextLoss):
     protect: tuple[int, ...] = (0, 1, 4)
     presses: tuple[str, ...] = DEFAULT_PRESSES
     ratios: tuple[float, ...] = (0.5, 0.75)
-    passkey_length: int = 160
-    passkey_depths: tuple[float, ...] = (0.5,)
-    passkey_trials: int = 2
+    tasks: tuple[str, ...] = ("passkey",)  # retrieval tasks (`RETRIEVAL_TASKS`)
+    retrieval_length: int = 160  # text tokens per retrieval prompt (0: no retrieval)
+    retrieval_depths: tuple[float, ...] = (0.5,)  # where the needle sits, cycled over a task's prompts
+    retrieval_trials: int = 2  # prompts per task, each with its own key
     seed: int = 0
     bos: str = "add"
-    max_delta_loss: float = 0.02  # the recommendation's tolerances (nats; passkey accuracy)
+    max_delta_loss: float = 0.02  # the recommendation's tolerances (nats; retrieval score)
     max_retrieval_drop: float = 0.02
     policies: tuple[str, ...] = ("first",)  # which k tokens a protect budget keeps (`POLICIES`)
+    press_policies: tuple[str, ...] | None = None  # the policies for eviction / quantisation (default: ``policies``)
+    quant_policies: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -149,6 +178,10 @@ class KV(TextLoss):
         self.protect = tuple(sorted({int(k) for k in self.protect}))
         self.ratios = tuple(float(r) for r in self.ratios)
         self.axes, self.presses, self.policies = tuple(self.axes), tuple(self.presses), tuple(self.policies)
+        self.press_policies = tuple(self.policies if self.press_policies is None else self.press_policies)
+        self.quant_policies = tuple(self.policies if self.quant_policies is None else self.quant_policies)
+        self.tasks = tuple(self.tasks)
+        self.retrieval_depths = tuple(float(d) for d in self.retrieval_depths)
         self.bos = str(parse_condition(self.bos))
         self._check_settings()
 
@@ -159,10 +192,14 @@ class KV(TextLoss):
         bad_axes = [a for a in self.axes if a not in AXES]
         if bad_axes:
             raise InputError(f"--axis {bad_axes[0]}: choose token or channel")
-        bad_policies = [p for p in self.policies if p not in POLICIES]
-        if bad_policies or not self.policies:
-            raise InputError(f"--policy {bad_policies[0] if bad_policies else '(none)'}: choose from "
-                             f"{', '.join(POLICIES)}")
+        for chosen in (self.policies, self.press_policies, self.quant_policies):
+            bad_policies = [p for p in chosen or () if p not in POLICIES]
+            if bad_policies or not chosen:
+                raise InputError(f"--policy {bad_policies[0] if bad_policies else '(none)'}: choose from "
+                                 f"{', '.join(POLICIES)}")
+        bad_tasks = [t for t in self.tasks if t not in RETRIEVAL_TASKS]
+        if bad_tasks:
+            raise InputError(f"--task {bad_tasks[0]}: choose from {', '.join(RETRIEVAL_TASKS)}")
         bad_presses = [p for p in self.presses if p not in PRESSES]
         if bad_presses:
             raise InputError(f"--press {bad_presses[0]}: choose from {', '.join(PRESSES)}")
@@ -187,17 +224,23 @@ class KV(TextLoss):
     def _check_run_settings(self) -> None:
         if self.max_delta_loss < 0 or not 0 <= self.max_retrieval_drop <= 1:
             raise InputError("--max-delta-loss must be >= 0 and --max-retrieval-drop in [0, 1]")
-        if self.passkey_length < 0 or self.passkey_trials < 1:
-            raise InputError("passkey: need --passkey-length >= 0 (0 = none) and --passkey-trials >= 1")
+        if self.retrieval_length < 0 or self.retrieval_trials < 1:
+            raise InputError("retrieval: need --retrieval-length >= 0 (0 = none) and --retrieval-trials >= 1")
+        if not self.retrieval_depths:
+            raise InputError("give at least one retrieval depth")
+        for depth in self.retrieval_depths:
+            ruler_tasks.check_depth(depth)
 
     # -- units ----------------------------------------------------------------------------------------
     def methods(self) -> list[Method]:
+        def budgets(policies: Sequence[str]) -> list[tuple[int, str]]:
+            return [(k, policy) for k in self.protect for policy in policies if k > 0 or policy == "first"]
+
         units = [Method("full")]
-        chosen = [(k, policy) for k in self.protect for policy in self.policies if k > 0 or policy == "first"]
         units += [Method("quant", k, bits=b, axis=a, policy=policy) for b in self.bits for a in self.axes
-                  for k, policy in chosen]
+                  for k, policy in budgets(self.quant_policies or self.policies)]
         units += [Method("press", k, press=p, ratio=r, policy=policy) for p in self.presses for r in self.ratios
-                  for k, policy in chosen]
+                  for k, policy in budgets(self.press_policies or self.policies)]
         return units
 
     def prepare(self, loaded: LoadedModel) -> list[Method]:
@@ -207,7 +250,7 @@ class KV(TextLoss):
         head_dim = loaded.info.head_dim
         if self.bits and "token" in self.axes and head_dim % self.group_size:
             raise InputError(f"--group-size {self.group_size} does not divide the head dimension {head_dim}")
-        self._passkeys = self._passkey_items(loaded, tokenizer) if self.passkey_length else []
+        self._retrievals = self._retrieval_items(loaded, tokenizer) if self.retrieval_length else []
         self._model = loaded.model
         self._tokenizer = tokenizer
         self._prefills: dict[tuple[str, int], tuple[EvictingCache, dict[int, Any]]] = {}
@@ -217,24 +260,48 @@ class KV(TextLoss):
             self._cache(method)
         return units
 
-    def _passkey_items(self, loaded: LoadedModel, tokenizer: Any) -> list[PasskeyItem]:
+    def _retrieval_items(self, loaded: LoadedModel, tokenizer: Any) -> list[RetrievalItem]:
         items = []
-        for _, depth, _, prompt in passkey_prompts(tokenizer, [self.passkey_length], self.passkey_depths,
-                                                   self.passkey_trials, self.seed):
-            ids = encode(tokenizer, prompt.text, self.bos, None)
-            head = encode(tokenizer, prompt.text[: -len(QUESTION)].rstrip(), self.bos, None)
-            shared = next((i for i, (a, b) in enumerate(zip(ids, head, strict=False)) if a != b),
-                          min(len(ids), len(head)))
-            shared = min(shared, len(ids) - 1)
-            answer = encode(tokenizer, prompt.text + f" {prompt.key}", self.bos, None)[len(ids):]
-            if not answer or encode(tokenizer, prompt.text + f" {prompt.key}", self.bos, None)[:len(ids)] != ids:
-                answer = encode(tokenizer, f" {prompt.key}", "strip", None)
-            check_length(loaded, len(ids) + len(answer), "a passkey prompt with its answer")
-            items.append(PasskeyItem(ids[:shared], ids[shared:], answer, prompt.key, depth))
+        keys = [f"{k}" for k in random.Random(self.seed).sample(range(10_000, 100_000), self.retrieval_trials)]
+        for task in self.tasks:
+            for trial in range(self.retrieval_trials):
+                depth = self.retrieval_depths[trial % len(self.retrieval_depths)]
+                item = (self._passkey_item(tokenizer, trial, depth, keys[trial]) if task == "passkey"
+                        else self._ruler_item(tokenizer, task, trial, depth))
+                check_length(loaded, len(item.context) + len(item.question) + item.max_new_tokens,
+                             f"a {task} prompt with its answer")
+                items.append(item)
         return items
 
+    def _passkey_item(self, tokenizer: Any, trial: int, depth: float, key: str) -> RetrievalItem:
+        prompt = make_passkey_prompt(tokenizer, self.retrieval_length, depth, key=key)
+        ids = encode(tokenizer, prompt.text, self.bos, None)
+        head = encode(tokenizer, prompt.text[: -len(QUESTION)].rstrip(), self.bos, None)
+        shared = next((i for i, (a, b) in enumerate(zip(ids, head, strict=False)) if a != b),
+                      min(len(ids), len(head)))
+        shared = min(shared, len(ids) - 1)
+        answer = self._continuation(tokenizer, prompt.text, ids, f" {prompt.key}")
+        return RetrievalItem("passkey", trial, depth, ids[:shared], ids[shared:], answer, (prompt.key,),
+                             len(answer) + PASSKEY_SLACK)
+
+    def _ruler_item(self, tokenizer: Any, task: str, trial: int, depth: float) -> RetrievalItem:
+        prompt = ruler_tasks.ruler_prompt(tokenizer, task, self.retrieval_length, depth, trial, self.seed)
+        ids = encode(tokenizer, prompt.text, self.bos, None)
+        split = len(ids) - prompt.n_tokens + prompt.context_tokens[1]  # the haystack's end: the question follows
+        answer = self._continuation(tokenizer, prompt.text, ids, prompt.answer)
+        return RetrievalItem(task, trial, prompt.depth, ids[:split], ids[split:], answer, prompt.answers,
+                             max(prompt.max_new_tokens, len(answer) + 1))
+
+    def _continuation(self, tokenizer: Any, text: str, ids: list[int], answer: str) -> list[int]:
+        """The tokens of ``answer`` as they continue the prompt's ``ids`` (its own tokens where the prompt's
+        tokens would change at the boundary)."""
+        whole = encode(tokenizer, text + answer, self.bos, None)
+        if whole[:len(ids)] == ids and len(whole) > len(ids):
+            return whole[len(ids):]
+        return encode(tokenizer, answer, "strip", None)
+
     def units_digest(self, units: Sequence[Any]) -> str:
-        return super().units_digest([*units, {"passkey": [item.__dict__ for item in self._passkeys]}])
+        return super().units_digest([*units, {"retrieval": [item.__dict__ for item in self._retrievals]}])
 
     def describe(self, units: Sequence[Method]) -> str:
         return units[0].label
@@ -265,23 +332,25 @@ class KV(TextLoss):
         return sorted(ranked[:method.protect])
 
     def _filled(self, engine: CaptureEngine, method: Method, key: tuple[str, int], ids: list[int]) -> QuantisedCache:
-        """The method's cache after the prefill of ``ids`` (compressed, for a press)."""
+        """The method's cache after the prefill of ``ids`` (compressed, for a press). The full cache and every
+        press start from one uncompressed prefill per context (it is the same forward): a copy of it."""
         protect = self._protected(engine, method, key, ids)
-        if method.kind != "press":
+        if method.kind == "quant":
             cache = self._cache(method, protect)
             self._mass.cache = cache
             cached_forward(engine, cache, torch.tensor([ids]), range(len(ids)))
             return cache
-        if key not in self._prefills:  # the prefill is the same for every press: run it once
+        if key not in self._prefills:
             cache = EvictingCache(self._model)
             self._mass.cache = cache
             cached_forward(engine, cache, torch.tensor([ids]), range(len(ids)))
             self._prefills[key] = (cache, dict(self._queries.records))
         prefilled, queries = self._prefills[key]
-        compressed = copy.deepcopy(prefilled)
-        assert method.press is not None and method.ratio is not None
-        compressed.compress(make_press(method.press), method.ratio, protect, queries)
-        return compressed
+        copied = copy.deepcopy(prefilled)
+        if method.kind == "press":
+            assert method.press is not None and method.ratio is not None
+            copied.compress(make_press(method.press), method.ratio, protect, queries)
+        return copied
 
     # -- measuring ------------------------------------------------------------------------------------
     def _window(self, engine: CaptureEngine, method: Method, index: int, ids: list[int]) -> dict[str, Any]:
@@ -302,27 +371,33 @@ class KV(TextLoss):
                 "sink_mass": float(torch.cat(mass, -1).mean()), "bytes": cache.nbytes(),
                 "bytes_full_layers": cache.nbytes(full_attention_only=True)}
 
-    def _passkey(self, engine: CaptureEngine, method: Method, index: int, item: PasskeyItem) -> dict[str, Any]:
-        """Greedy exact match in one teacher-forced forward: the question and `` <key>`` are fed through the
-        compressed cache; the answer is correct when the argmax at every answer position is the key's next
-        token and the argmax after the key is not a digit (exactly what greedy decoding would write, when it
-        spells the key with these tokens). ``key_nll``: the mean NLL of the key's tokens."""
-        cache = self._filled(engine, method, ("passkey", index), item.context)
+    def _retrieve(self, engine: CaptureEngine, method: Method, index: int, item: RetrievalItem) -> dict[str, Any]:
+        """The item's score through the method's cache: the question fed after the compressed context, then
+        one teacher-forced forward of the expected answer. Where every greedy token follows the answer and the
+        text so far already scores 1, greedy decoding would write the same beginning and can only keep the
+        score: that is the result. Otherwise the answer is decoded greedily from the cache as it stood after
+        the question (a copy), token by token."""
+        cache = self._filled(engine, method, ("retrieval", index), item.context)
         self._mass.cache = cache
-        fed = list(item.question) + list(item.answer)
-        start = len(item.context)
-        hidden = cached_forward(engine, cache, torch.tensor([fed]), range(start, start + len(fed))).last_hidden_state
-        predicting = hidden[0, len(item.question) - 1:]  # the last question token predicts the first answer token
+        start = len(item.context) + len(item.question)
+        asked = cached_forward(engine, cache, torch.tensor([item.question]), range(len(item.context), start))
+        after_question = copy.deepcopy(cache)
+        forced = cached_forward(engine, cache, torch.tensor([item.answer]), range(start, start + len(item.answer)))
+        hidden = torch.cat([asked.last_hidden_state[0, -1:], forced.last_hidden_state[0]])
         with torch.inference_mode():
-            logits = output_logits(engine.model, predicting).float()
+            logits = output_logits(engine.model, hidden).float()
         greedy = logits.argmax(-1).tolist()
-        answer = torch.tensor(item.answer)
-        nll = torch.nn.functional.cross_entropy(logits[:-1], answer, reduction="mean")
-        after = self._tokenizer.decode([greedy[-1]])
-        correct = greedy[:-1] == list(item.answer) and not any(c.isdigit() for c in after)
-        return {"prompt": index, "depth": item.depth, "key": item.key,
-                "answer": self._tokenizer.decode(greedy[:-1] + [greedy[-1]], skip_special_tokens=True),
-                "correct": bool(correct), "key_nll": float(nll)}
+        answer_nll = float(torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(item.answer)))
+        written = self._tokenizer.decode(greedy, skip_special_tokens=True)
+        teacher_forced = greedy[:-1] == list(item.answer) and item.score(written) == 1.0
+        if not teacher_forced:
+            self._mass.cache = after_question
+            tokens = greedy_through_cache(engine, after_question, greedy[0], start, item.max_new_tokens,
+                                          lambda h: output_logits(engine.model, h))
+            written = self._tokenizer.decode(tokens, skip_special_tokens=True)
+        return {"task": item.task, "prompt": index, "trial": item.trial, "depth": item.depth,
+                "answer": written, "score": item.score(written), "answer_nll": answer_nll,
+                "decoded": "teacher-forced" if teacher_forced else "greedy"}
 
     def measure(self, engine: CaptureEngine, units: Sequence[Method]) -> dict[str, pd.DataFrame]:
         method = units[0]
@@ -330,29 +405,26 @@ class KV(TextLoss):
                    "policy": method.policy}
         windows = pd.DataFrame([{**columns, **self._window(engine, method, i, ids)}
                                 for i, (_, ids) in enumerate(self._windows)])
-        passkey = pd.DataFrame([{**columns, **self._passkey(engine, method, i, item)}
-                                for i, item in enumerate(self._passkeys)],
-                               columns=[*columns, "prompt", "depth", "key", "answer", "correct", "key_nll"])
-        return {"windows": windows, "passkey": passkey, "methods": pd.DataFrame([{
+        retrieval = pd.DataFrame([{**columns, **self._retrieve(engine, method, i, item)}
+                                  for i, item in enumerate(self._retrievals)],
+                                 columns=[*columns, *RETRIEVAL_COLUMNS])
+        return {"windows": windows, "retrieval": retrieval, "methods": pd.DataFrame([{
             **columns, "bits": method.bits, "axis": method.axis, "press": method.press, "ratio": method.ratio}])}
 
     # -- gathering ------------------------------------------------------------------------------------
     def finalise(self, tables: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
-        windows, passkey, methods = tables["windows"], tables["passkey"], tables["methods"]
+        windows, retrieval, methods = tables["windows"], tables["retrieval"], tables["methods"]
         reference = windows[windows["method"] == "full"].sort_values("window")
-        rows = []
+        answered = retrieval[retrieval["method"] == "full"].sort_values("prompt")
+        rows, cells = [], []
         for method in methods.itertuples(index=False):
             own = windows[windows["method"] == method.method].sort_values("window")
             delta, low, high = paired_difference_interval(own["loss"].to_numpy(), reference["loss"].to_numpy(),
                                                           seed=self.seed)
-            prompts = passkey[passkey["method"] == method.method]
-            answers = prompts["correct"].to_numpy(dtype=float)
-            accuracy = bootstrap_interval(answers, seed=self.seed) if answers.size else (np.nan,) * 3
-            rows.append({
+            prompts = retrieval[retrieval["method"] == method.method].sort_values("prompt")
+            row = {
                 **method._asdict(), "loss": float(own["loss"].mean()), "delta_loss": delta, "delta_low": low,
-                "delta_high": high, "passkey_accuracy": accuracy[0], "passkey_low": accuracy[1],
-                "passkey_high": accuracy[2],
-                "key_nll": float(prompts["key_nll"].mean()) if answers.size else np.nan,
+                "delta_high": high, **self._retrieval_columns(prompts, answered),
                 "bytes": float(own["bytes"].mean()),
                 "bytes_ratio": float(own["bytes"].mean() / reference["bytes"].mean()),
                 # the full-attention layers alone: what eviction compresses (sliding layers are left alone)
@@ -361,10 +433,27 @@ class KV(TextLoss):
                 "sink_mass": float(own["sink_mass"].mean()),
                 "sink_mass_kept": float(own["sink_mass"].mean() / reference["sink_mass"].mean()),
                 "n_windows": len(own), "n_tokens": int(own["n_tokens"].sum()),
-            })
+            }
+            rows.append(row)
+            for task in dict.fromkeys(prompts["task"]):
+                cells.append({"method": method.method, "task": task, **self._retrieval_columns(
+                    prompts[prompts["task"] == task], answered[answered["task"] == task])})
         kv = pd.DataFrame(rows).astype({"bits": "Int64"})
         kv["recommended"] = kv["method"] == recommend(kv, self.max_delta_loss, self.max_retrieval_drop)
-        return {"kv": kv, "windows": windows, "passkey": passkey}
+        by_task = pd.DataFrame(cells, columns=["method", "task", *RETRIEVAL_SUMMARY])
+        return {"kv": kv, "windows": windows, "retrieval": retrieval, "retrieval_tasks": by_task}
+
+    def _retrieval_columns(self, prompts: pd.DataFrame, reference: pd.DataFrame) -> dict[str, float]:
+        """The mean retrieval score of ``prompts`` with its interval, and its paired difference from the same
+        prompts through the full cache (``reference``) with its interval; NaN without prompts."""
+        if prompts.empty:
+            return dict.fromkeys(RETRIEVAL_SUMMARY, np.nan) | {"n_prompts": 0}
+        scores = prompts["score"].to_numpy(dtype=float)
+        mean, low, high = bootstrap_interval(scores, seed=self.seed)
+        drop = paired_difference_interval(scores, reference["score"].to_numpy(dtype=float), seed=self.seed)
+        return {"retrieval": mean, "retrieval_low": low, "retrieval_high": high, "retrieval_delta": drop[0],
+                "retrieval_delta_low": drop[1], "retrieval_delta_high": drop[2],
+                "answer_nll": float(prompts["answer_nll"].mean()), "n_prompts": len(prompts)}
 
     def summarise(self, loaded: LoadedModel, tables: dict[str, pd.DataFrame], units: Sequence[Method]
                   ) -> dict[str, Any]:
@@ -374,27 +463,31 @@ class KV(TextLoss):
         recommendation: dict[str, Any] = {
             "max_delta_loss": self.max_delta_loss, "max_retrieval_drop": self.max_retrieval_drop,
             "rule": "the fewest bytes among the caches whose Δloss interval lies below max_delta_loss and whose "
-                    "passkey accuracy interval lies above full − max_retrieval_drop (no passkey: loss alone)",
+                    "Δretrieval interval (paired, over prompts) lies above −max_retrieval_drop (no retrieval: "
+                    "loss alone)",
             "method": None if chosen.empty else str(chosen["method"].iloc[0]),
         }
         if not chosen.empty:
             row = chosen.iloc[0]
             recommendation.update({"bytes_ratio": float(row["bytes_ratio"]), "delta_loss": float(row["delta_loss"]),
                                    "delta_ci": [float(row["delta_low"]), float(row["delta_high"])],
-                                   "passkey_accuracy": float(row["passkey_accuracy"])})
+                                   "retrieval": float(row["retrieval"]),
+                                   "retrieval_delta_ci": [float(row["retrieval_delta_low"]),
+                                                          float(row["retrieval_delta_high"])]})
         return {
             "recommendation": recommendation,
             "model": loaded.info.name, "text": self.source, "window": self.window, "context": self.context,
             "step": self.step, "n_windows": len(self._windows), "scored_per_window": self.window - self.context - 1,
-            "group_size": self.group_size, "passkey_length": self.passkey_length, "policies": list(self.policies),
-            "n_passkey_prompts": len(self._passkeys),
+            "group_size": self.group_size, "retrieval_length": self.retrieval_length, "tasks": list(self.tasks),
+            "policies": sorted({*(self.press_policies or ()), *(self.quant_policies or ())}),
+            "n_retrieval_prompts": len(self._retrievals),
             "full": {"loss": float(full["loss"]), "bytes": float(full["bytes"]), "sink_mass": float(full["sink_mass"]),
-                     "passkey_accuracy": float(full["passkey_accuracy"])},
+                     "retrieval": float(full["retrieval"])},
             "methods": {r.method: {"delta_loss": r.delta_loss, "delta_low": r.delta_low, "delta_high": r.delta_high,
-                                   "passkey_accuracy": r.passkey_accuracy, "bytes_ratio": r.bytes_ratio,
-                                   "sink_mass_kept": r.sink_mass_kept} for r in kv.itertuples()},
+                                   "retrieval": r.retrieval, "retrieval_delta": r.retrieval_delta,
+                                   "bytes_ratio": r.bytes_ratio, "sink_mass_kept": r.sink_mass_kept}
+                        for r in kv.itertuples()},
         }
-
 
 POLICIES = ("first", "found", "massive")
 FOUND_MIN_QUERIES = 16  # a key's mean attention counts once this many queries see it (not the last few keys)
@@ -426,40 +519,57 @@ def protection_ranking(engine: CaptureEngine, ids: list[int], policy: str) -> li
 
 def recommend(kv: pd.DataFrame, max_delta_loss: float, max_retrieval_drop: float) -> str | None:
     """The cheapest cache (fewest bytes held) whose quality stays within the tolerances *by its intervals*:
-    the upper end of its Δloss interval at most ``max_delta_loss``, and the lower end of its passkey accuracy
-    interval at least the full cache's accuracy minus ``max_retrieval_drop`` (where a passkey was run). The
-    full cache itself when nothing cheaper qualifies; None without a full cache."""
+    the upper end of its Δloss interval at most ``max_delta_loss``, and the lower end of its Δretrieval interval
+    (paired with the full cache over the same prompts) at least ``-max_retrieval_drop`` (where retrieval was
+    run). The full cache itself when nothing cheaper qualifies; None without a full cache."""
     full = kv[kv["method"] == "full"]
     if full.empty:
         return None
-    accuracy = float(full["passkey_accuracy"].iloc[0])
     fits = kv["delta_high"] <= max_delta_loss
-    if np.isfinite(accuracy):
-        fits &= kv["passkey_low"] >= accuracy - max_retrieval_drop
+    if np.isfinite(float(full["retrieval"].iloc[0])):
+        fits &= kv["retrieval_delta_low"] >= -max_retrieval_drop
     candidates = kv[fits | (kv["method"] == "full")]
     return str(candidates.sort_values(["bytes_ratio", "delta_loss"]).iloc[0]["method"])
 
 
+# Grids: settings for `kv` (any given setting overrides its grid's). ``docs`` is what the docs' tables come from
+# (a prefill of 2048 text tokens; its time on 2 CPU cores: docs/generated/bench-kv_grid-*.md); ``long`` the
+# same at 4096 (Hamlet holds 11 windows of it: give a longer --text for 16); ``quick`` a smoke test.
+_SHARED = {"axes": ("channel",), "bits": (2,), "protect": (0, 4), "presses": DEFAULT_PRESSES,
+           "press_policies": ("first", "found"), "quant_policies": ("first", "massive"),
+           "tasks": ("niah_single", "niah_multikey"), "retrieval_depths": (0.1, 0.3, 0.5, 0.7, 0.9)}
+GRIDS: dict[str, dict[str, Any]] = {
+    "quick": {**_SHARED, "window": 288, "context": 256, "max_windows": 4, "step": 32, "ratios": (0.5, 0.9),
+              "tasks": ("niah_single",), "retrieval_length": 256, "retrieval_trials": 4},
+    "docs": {**_SHARED, "window": 2304, "context": 2048, "max_windows": 16, "step": 64, "ratios": (0.5, 0.75, 0.9),
+             "retrieval_length": 2048, "retrieval_trials": 20},
+    "long": {**_SHARED, "window": 4352, "context": 4096, "max_windows": 16, "step": 64, "ratios": (0.5, 0.75, 0.9),
+             "retrieval_length": 4096, "retrieval_trials": 20},
+}
+
+
+def kv_settings(grid: str | None, given: dict[str, Any]) -> dict[str, Any]:
+    """A grid's settings with the ``given`` ones (those not None) on top; refuses an unknown grid or setting."""
+    if grid is not None and grid not in GRIDS:
+        raise InputError(f"--grid {grid}: choose from {', '.join(GRIDS)}")
+    known = {f.name for f in fields(KV)}
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise InputError(f"kv has no setting '{unknown[0]}' (settings: {', '.join(sorted(known))})")
+    return {**(GRIDS[grid] if grid else {}), **{k: v for k, v in given.items() if v is not None}}
+
+
 @takes_conditions
-def kv(
-    model: LoadedModel | Any, text: str | Path | LongText | None = None, *, window: int = 160, context: int = 128,
-    max_windows: int = 4, step: int = 32, bits: Sequence[int] = (8, 4, 2), axes: Sequence[str] = AXES,
-    group_size: int = 32, protect: Sequence[int] = (0, 1, 4), presses: Sequence[str] = DEFAULT_PRESSES,
-    ratios: Sequence[float] = (0.5, 0.75), passkey_length: int = 160,
-    passkey_depths: Sequence[float] = (0.5,), passkey_trials: int = 2, bos: str = "add",
-    max_delta_loss: float = 0.02, max_retrieval_drop: float = 0.02, policies: Sequence[str] = ("first",),
-    out: str | Path | None = None, resume: bool = False, progress: bool | Any = True, command: str | None = None,
-) -> KVResult:
-    """Loss (Δ vs the full cache, with intervals), passkey accuracy, bytes and sink mass for quantised caches
-    (``bits`` x ``axes`` x ``protect``) and eviction presses (``presses`` x ``ratios`` x ``protect``), under one
-    condition ``bos`` (`sinkscope.conditions`: what sits at position 0, and any intervention). ``policies``: which
-    k tokens a protect budget keeps (`POLICIES`: the first k, the sinks found in the context, the tokens with
-    massive activations), each compared at the same k, so at the same bytes."""
-    experiment = KV(text=text, window=window, context=context, max_windows=max_windows, step=step, bits=tuple(bits),
-                    axes=tuple(axes), group_size=group_size, protect=tuple(protect), presses=tuple(presses),
-                    ratios=tuple(ratios), passkey_length=passkey_length, passkey_depths=tuple(passkey_depths),
-                    passkey_trials=passkey_trials, bos=bos, max_delta_loss=max_delta_loss,
-                    max_retrieval_drop=max_retrieval_drop, policies=tuple(policies))
+def kv(model: LoadedModel | Any, text: str | Path | LongText | None = None, *, grid: str | None = None,
+       bos: str = "add", out: str | Path | None = None, resume: bool = False, progress: bool | Any = True,
+       command: str | None = None, **settings: Any) -> KVResult:
+    """Loss (Δ vs the full cache, with intervals), retrieval through the cache, bytes and sink mass for quantised
+    caches (``bits`` x ``axes`` x ``protect``) and eviction presses (``presses`` x ``ratios`` x ``protect``), under
+    one condition ``bos`` (`sinkscope.conditions`: what sits at position 0, and any intervention). ``grid``: a
+    preset (`GRIDS`: quick | docs | long); ``settings``: any field of `KV` (they override the grid's), e.g.
+    ``policies``: which k tokens a protect budget keeps (`POLICIES`: the first k, the sinks found in the context,
+    the tokens with massive activations), each compared at the same k, so at the same bytes."""
+    experiment = KV(text=text, bos=bos, **kv_settings(grid, settings))
     result = run(experiment, model, out=out, resume=resume, progress=progress, command=command)
     assert isinstance(result, KVResult)
     return result

@@ -35,7 +35,7 @@ from ..errors import InputError, TokenizationError
 from ..metrics.stats import bootstrap_interval
 from ..models.loader import LoadedModel
 from .base import Experiment, Result, run, takes_conditions
-from .decoding import decoding_context, generate
+from .decoding import decoding_context, generate, stop_ids
 from .inputs import bos_conditions, check_token_ids, context_limit, encode_one, prefix_ids, require_tokenizer
 from .whereabouts import TABLE as WHEREABOUTS
 from .whereabouts import whereabouts_of_heads
@@ -238,14 +238,12 @@ def greedy_continuation(runner: Any, ids: Sequence[int], max_new_tokens: int) ->
     from transformers import GenerationConfig
 
     model = runner.model if isinstance(runner, CaptureEngine) else runner
-    eos = getattr(model.generation_config, "eos_token_id", None)
-    eos = eos if eos is not None else model.config.eos_token_id
+    stops = stop_ids(model)
     pad = getattr(model.generation_config, "pad_token_id", None)
-    pad = pad if pad is not None else (eos[0] if isinstance(eos, list) else eos)
-    config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, eos_token_id=eos,
-                              pad_token_id=pad)
+    pad = pad if pad is not None else min(stops, default=None)
+    config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
+                              eos_token_id=sorted(stops) or None, pad_token_id=pad)
     new = generate(runner, ids, config)[0, len(ids):].tolist()
-    stops = set(eos if isinstance(eos, list) else [eos]) - {None}
     return new[: next((i for i, t in enumerate(new) if t in stops), len(new))]
 
 

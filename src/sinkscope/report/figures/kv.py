@@ -14,16 +14,18 @@ POLICY_MARKS = {"found": "x", "massive": "+"}  # drawn over a cache whose protec
 @figure_for("kv")
 def kv_figures(result: Any) -> dict[str, Any]:
     """Left: Δloss (95% interval over windows) against the bytes held, relative to the full cache. Right:
-    passkey key NLL against the same. Filled markers keep the first tokens (protect > 0), hollow ones do not;
-    a grey line joins the same cache with and without protection."""
+    retrieval through the cache (mean score, 95% interval over prompts) against the same. Filled markers keep
+    protected tokens (protect > 0), hollow ones do not; a grey line joins the same cache with and without
+    protection."""
     table = result.tables["kv"]
-    has_passkey = bool(table["key_nll"].notna().any())
-    fig, axes = plt.subplots(1, 2 if has_passkey else 1, figsize=(13 if has_passkey else 7, 5),
+    has_retrieval = bool(table["retrieval"].notna().any())
+    fig, axes = plt.subplots(1, 2 if has_retrieval else 1, figsize=(13 if has_retrieval else 7, 5),
                              constrained_layout=True, squeeze=False)
     colours = {family: f"C{i % 10}" for i, family in enumerate(dict.fromkeys(table["family"]))}
     panels = [(axes[0][0], "delta_loss", "Δloss vs full cache (nats/token)")]
-    if has_passkey:
-        panels.append((axes[0][1], "key_nll", "passkey: NLL of the key (nats/token)"))
+    if has_retrieval:
+        tasks = ", ".join(result.summary.get("tasks", []))
+        panels.append((axes[0][1], "retrieval", f"retrieval through the cache ({tasks}): mean score"))
     for ax, column, label in panels:
         first = table[table["policy"] == "first"] if "policy" in table else table
         for _, group in first.groupby(["family", first["ratio"].fillna(-1)], sort=False):
@@ -33,9 +35,10 @@ def kv_figures(result: Any) -> dict[str, Any]:
             colour = "black" if r.family == "full" else colours[r.family]
             marker = "*" if r.family == "full" else MARKERS.get(r.family.split("-")[0].removesuffix("_sinkscope"), "o")
             filled = r.protect > 0
-            if column == "delta_loss":
-                ax.errorbar(r.bytes_ratio, r.delta_loss, fmt="none", ecolor=colour, alpha=0.5, lw=0.8, zorder=2,
-                            yerr=[[r.delta_loss - r.delta_low], [r.delta_high - r.delta_loss]])
+            low, high = (r.delta_low, r.delta_high) if column == "delta_loss" else (r.retrieval_low, r.retrieval_high)
+            value = getattr(r, column)
+            ax.errorbar(r.bytes_ratio, value, fmt="none", ecolor=colour, alpha=0.5, lw=0.8, zorder=2,
+                        yerr=[[value - low], [high - value]])
             ax.scatter(r.bytes_ratio, getattr(r, column), marker=marker, s=60 if r.family != "full" else 160,
                        facecolors=colour if filled or r.family == "full" else "none", edgecolors=colour,
                        linewidths=1.4, zorder=3)
@@ -68,6 +71,7 @@ def kv_figures(result: Any) -> dict[str, Any]:
     axes[0][-1].legend(handles=handles, fontsize=8, loc="best")
     summary = result.summary
     fig.suptitle(f"{result.provenance['model']['name']}: KV-cache compression, quality against memory\n"
-                 f"({summary['n_windows']} windows, {summary['n_passkey_prompts']} passkey prompts; bars: 95% "
-                 "interval over windows)", fontsize=10)
+                 f"({summary['context']}-token prefill; {summary['n_windows']} windows, "
+                 f"{summary.get('n_retrieval_prompts', 0)} retrieval prompts; bars: 95% intervals over windows and "
+                 "prompts)", fontsize=10)
     return {"kv_pareto": fig}
