@@ -116,3 +116,33 @@ def test_saved_result_loads_back_as_its_experiment(tmp_path):
     assert isinstance(again, ss.ScanResult)
     np.testing.assert_array_equal(again.alpha, result.alpha)
     assert set(again.figures()) == {"alpha_heatmap"}
+
+
+def test_reuse_loads_a_finished_run_resumes_an_unfinished_one_and_replaces_a_stale_one(tmp_path, monkeypatch):
+    """The rule `paper` runs each experiment under (`run(..., reuse=True, replace_stale=True)`), kept by
+    `RunDir.start`: the same fingerprint finished is loaded (nothing measured), unfinished is continued, another
+    fingerprint is deleted and measured anew."""
+    from sinkscope.experiments.scan import Scan, prompt_list
+
+    out = tmp_path / "run"
+
+    def scan(**settings):
+        experiment = Scan(prompts=prompt_list(SENTENCES[:4]), bos="add", batch_size=2, **settings)
+        return base.run(experiment, loaded(), out=out, resume=True, reuse=True, replace_stale=True, progress=False)
+
+    first = scan()
+    assert first.run_status == "measured"
+    measured = []
+    monkeypatch.setattr(base, "_measure", lambda *args, **kwargs: measured.append(1) or {})
+    again = scan()
+    assert again.run_status == "reused" and not measured
+    np.testing.assert_array_equal(again.alpha, first.alpha)
+    monkeypatch.undo()
+    (out / "summary.json").unlink()
+    (out / "parts" / "batch-000001.done").unlink()
+    resumed = scan()
+    assert resumed.run_status == "resumed"
+    np.testing.assert_allclose(resumed.alpha, first.alpha, rtol=0, atol=1e-6)  # float32 sums, another batch order
+    other = scan(max_tokens=8)
+    assert other.run_status == "measured" and other.summary["provenance"]["settings"]["max_tokens"] == 8
+    assert len(list((out / "parts").glob("*.done"))) == 2  # the stale run's parts are gone, the new run's written

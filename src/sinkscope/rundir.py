@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import pandas as pd
 from .errors import InputError
 
 RUN_FILE = "run.json"
+SUMMARY_FILE = "summary.json"  # written last by a finished run (`experiments.base.Result.save`)
 PARTS_DIR = "parts"
 NAME_MAX = 96  # characters of a name from safe_name; file systems allow 255 bytes per component
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -137,18 +139,26 @@ class RunDir:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
 
-    def start(self, fingerprint: dict[str, Any], resume: bool) -> None:
+    def start(self, fingerprint: dict[str, Any], resume: bool, replace_stale: bool = False) -> str:
+        """Start the run ``fingerprint`` describes here, or (``resume``) continue the same one. Returns "new",
+        "resumed" (the same run, continued) or "finished" (the same run, already summarised). A run here with
+        another fingerprint is refused, or with ``replace_stale`` deleted and started anew."""
+        fingerprint = json.loads(json.dumps(fingerprint, default=str))  # as run.json holds it
         run_file = self.path / RUN_FILE
         if run_file.exists():
-            if not resume:
+            changed = _differences(json.loads(run_file.read_text()), fingerprint)
+            if changed and replace_stale:  # measured with other settings, another model file or other versions
+                shutil.rmtree(self.path)
+            elif not resume:
                 raise InputError(f"{self.path} already holds a run; pass --resume to continue it or pick another --out")
-            previous = json.loads(run_file.read_text())
-            changed = _differences(previous, fingerprint)
-            if changed:
+            elif changed:
                 raise InputError(f"cannot resume {self.path}: the run was started with different {', '.join(changed)}")
+            else:
+                return "finished" if (self.path / SUMMARY_FILE).is_file() else "resumed"
         elif self.path.exists() and any(self.path.iterdir()) and not resume:
             raise InputError(f"{self.path} exists and is not empty; pick another --out")
         write_json(run_file, fingerprint)
+        return "new"
 
     # -- batches of an experiment run: parts/batch-NNNNNN/<table>.parquet, then parts/batch-NNNNNN.done ---------
     def _batch_dir(self, index: int) -> Path:

@@ -39,7 +39,7 @@ from ..conditions import parse_condition
 from ..errors import InputError, SinkscopeError
 from ..faults import stall_at
 from ..models.loader import LoadedModel, load
-from ..rundir import RunDir, write_json, write_table
+from ..rundir import SUMMARY_FILE, RunDir, write_json, write_table
 from ..version import __version__
 from . import distributed
 from .distributed import Shard
@@ -94,6 +94,7 @@ class Result:
     def __init__(self, tables: dict[str, pd.DataFrame], summary: dict[str, Any]) -> None:
         self.tables = tables
         self.summary = summary
+        self.run_status = "loaded"  # `run` sets measured | resumed | reused
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -124,7 +125,7 @@ class Result:
             write_table(out / f"{name}.parquet", frame)
             if len(frame) <= CSV_MAX_ROWS:
                 write_table(out / f"{name}.csv", frame)
-        write_json(out / "summary.json", {"experiment": self.experiment, **self.summary})
+        write_json(out / SUMMARY_FILE, {"experiment": self.experiment, **self.summary})
         for stem, figure in self.figures().items():
             save_figure(figure, out / f"{stem}.png")
         return out
@@ -133,7 +134,7 @@ class Result:
     def load(cls, directory: str | Path) -> Result:
         """A saved result (of this class, or of whatever experiment the directory holds)."""
         directory = Path(directory)
-        summary_path = directory / "summary.json"
+        summary_path = directory / SUMMARY_FILE
         if not summary_path.is_file():
             raise InputError(f"{directory} holds no finished run (no summary.json)")
         try:
@@ -259,8 +260,14 @@ def run(
     command: str | None = None,
     shard: Shard | None = None,
     save: bool = True,
+    reuse: bool = False,
+    replace_stale: bool = False,
 ) -> Result:
     """Run an experiment on a model: measure every batch (resuming from ``out``), summarise, save.
+
+    ``reuse`` (with ``resume``): a finished run of the same fingerprint in ``out`` is loaded, not measured again;
+    ``replace_stale``: a run in ``out`` with another fingerprint is deleted instead of refused. The result's
+    ``run_status`` says which happened: measured | resumed | reused.
 
     ``progress``: True/False, or a rich ``Progress`` shared with other runs (one display over a plan).
     ``shard``: this process's share of a multi-process run (`distributed.from_environment()` under torchrun /
@@ -278,11 +285,18 @@ def run(
     distributed.join(shard)
     rundir = RunDir(out) if out is not None else None
     finished: set[int] = set()
+    status = "measured"
     if rundir is not None:
         # the first process starts (or checks) the run directory; the others then join it as a resume
-        distributed.on_main(shard, lambda: rundir.start(fingerprint(experiment, loaded, units), resume))
+        state = distributed.on_main(shard, lambda: rundir.start(fingerprint(experiment, loaded, units), resume,
+                                                                replace_stale))
         if not shard.main:
-            rundir.start(fingerprint(experiment, loaded, units), True)
+            state = rundir.start(fingerprint(experiment, loaded, units), True)
+        if reuse and state == "finished":
+            reused = Result.load(rundir.path)
+            reused.run_status = "reused"
+            return reused
+        status = "resumed" if state in ("resumed", "finished") else status
         finished = rundir.finished_batches() if resume else set()
     mine = [b for b in range(len(batches)) if shard.owns(b)]
     todo = [b for b in mine if b not in finished]
@@ -307,6 +321,7 @@ def run(
                                        seconds=round(time.time() - started, 3),
                                        **({"processes": shard.world} if shard.world > 1 else {}))
     result = experiment.result_type(tables, summary)
+    result.run_status = status
     if out is not None and save and shard.main:
         result.save(out)
     distributed.barrier(shard)

@@ -15,8 +15,6 @@ same ``--out`` recomputes only what changed.
 
 from __future__ import annotations
 
-import json
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,10 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SinkscopeError
-from ..experiments.base import Experiment, Result, fingerprint, progress_bar, run
+from ..experiments.base import Experiment, Result, progress_bar, run
 from ..models.loader import LoadedModel, load
 from ..models.tokens import encode
-from ..rundir import RUN_FILE, child, safe_name, write_json
+from ..rundir import child, safe_name, write_json
 from .plan import SECTIONS, Inputs, PlanSize, experiments
 
 MANIFEST = "paper.json"
@@ -62,22 +60,13 @@ class ModelRun:
     load_seconds: float = 0.0
 
 
-def _normalised(payload: Any) -> Any:
-    return json.loads(json.dumps(payload, default=str))
-
-
 def run_cached(experiment: Experiment, loaded: LoadedModel, directory: Path, bar: Any, command: str | None
                ) -> tuple[Result, str]:
-    """Run ``experiment`` in ``directory``, reusing a finished run with the same fingerprint."""
-    run_file = directory / RUN_FILE
-    if run_file.is_file():
-        wanted = _normalised(fingerprint(experiment, loaded, experiment.prepare(loaded)))
-        if json.loads(run_file.read_text(encoding="utf-8")) == wanted:
-            if (directory / "summary.json").is_file():
-                return Result.load(directory), "reused"
-            return run(experiment, loaded, out=directory, resume=True, progress=bar, command=command), "resumed"
-        shutil.rmtree(directory)  # measured with other settings, another model file or other versions
-    return run(experiment, loaded, out=directory, progress=bar, command=command), "measured"
+    """Run ``experiment`` in ``directory``: a finished run with the same fingerprint is reused, an unfinished one
+    resumed, one measured with other settings (another model file, other versions) replaced."""
+    result = run(experiment, loaded, out=directory, resume=True, reuse=True, replace_stale=True, progress=bar,
+                 command=command)
+    return result, result.run_status
 
 
 def adds_bos(loaded: LoadedModel) -> bool:

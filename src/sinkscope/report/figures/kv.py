@@ -19,7 +19,7 @@ def kv_figures(result: Any) -> dict[str, Any]:
     protection."""
     table = result.tables["kv"]
     has_retrieval = bool(table["retrieval"].notna().any())
-    fig, axes = plt.subplots(1, 2 if has_retrieval else 1, figsize=(13 if has_retrieval else 7, 5),
+    fig, axes = plt.subplots(1, 2 if has_retrieval else 1, figsize=(15 if has_retrieval else 9, 5),
                              constrained_layout=True, squeeze=False)
     colours = {family: f"C{i % 10}" for i, family in enumerate(dict.fromkeys(table["family"]))}
     panels = [(axes[0][0], "delta_loss", "Δloss vs full cache (nats/token)")]
@@ -68,7 +68,7 @@ def kv_figures(result: Any) -> dict[str, Any]:
                   for p, m in POLICY_MARKS.items() if "policy" in table and (table["policy"] == p).any()],
                 plt.Line2D([], [], marker="o", color="red", markerfacecolor="none", linestyle="", markersize=12,
                            label="recommended (cheapest within tolerance)")]
-    axes[0][-1].legend(handles=handles, fontsize=8, loc="best")
+    axes[0][-1].legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     summary = result.summary
     fig.suptitle(f"{result.provenance['model']['name']}: KV-cache compression, quality against memory\n"
                  f"({summary['context']}-token prefill; {summary['n_windows']} windows, "
