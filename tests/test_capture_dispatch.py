@@ -22,7 +22,7 @@ import torch
 from helpers import tiny_model
 from sinkscope.attention import kernels as kernel_module
 from sinkscope.attention.interface import register
-from sinkscope.attention.variants import VARIANTS, variant_weights
+from sinkscope.attention.variants import VARIANTS
 from sinkscope.capture import (
     IMPLEMENTATION,
     KERNELS,
@@ -61,7 +61,13 @@ def random_inputs(seed: int = 0, *, sinks: bool = True, window: int | None = 4) 
 def test_every_softmax_kernel_equals_the_variant_formula(sinks):
     inputs = random_inputs(sinks=sinks)
     scores = inputs.query @ inputs.key.repeat_interleave(2, 1).transpose(-1, -2) * inputs.scaling
-    weights = variant_weights(scores, inputs.dense_allowed(), "learned_sink" if sinks else "softmax", inputs.sinks)
+    # the reference, written out here: softmax over the allowed keys and the sink logit (its column dropped)
+    logits = scores.masked_fill(~inputs.dense_allowed(), float("-inf"))
+    if sinks:
+        logits = torch.cat([logits, inputs.sinks.reshape(1, -1, 1, 1).expand(*logits.shape[:3], 1)], -1)
+    weights = torch.softmax(logits, -1)[..., :scores.shape[-1]]
+    torch.testing.assert_close(VARIANTS["learned_sink" if sinks else "softmax"].weights(
+        scores, inputs.dense_allowed(), inputs.sinks), weights)
     expected = weights @ inputs.value.repeat_interleave(2, 1)
     options = KernelOptions(torch.float64, chunk_size=4)
     for name in ("fused", "chunked", "eager", "flex"):
@@ -71,7 +77,7 @@ def test_every_softmax_kernel_equals_the_variant_formula(sinks):
         torch.testing.assert_close(torch.exp(scores - result.lse[..., None]) * inputs.dense_allowed(), weights)
     sigmoid = run_kernel("sigmoid", AttentionInputs(inputs.query, inputs.key, inputs.value, inputs.allowed, True,
                                                     inputs.scaling, logit_bias=-1.0), options)
-    reference = variant_weights(scores, inputs.dense_allowed(), "sigmoid", sigmoid_bias=-1.0)
+    reference = VARIANTS["sigmoid"].weights(scores, inputs.dense_allowed(), logit_bias=-1.0)
     torch.testing.assert_close(sigmoid.output, reference @ inputs.value.repeat_interleave(2, 1))
     with pytest.raises(ValueError, match="unknown attention kernel"):
         run_kernel("flash9", inputs, options)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sinkscope.attention.kernels import KERNELS, AttentionInputs, KernelOptions
-from sinkscope.attention.variants import GATE_MODULE, VARIANTS, variant_weights
+from sinkscope.attention.variants import GATE_MODULE, VARIANTS
 from sinkscope.capture import CaptureEngine, FirstTokenAttention
 from sinkscope.experiments.scan import scan
 from sinkscope.lab.models import ModelSpec, build_model
@@ -19,7 +19,7 @@ VOCAB, CONTEXT = 40, 32
 def test_softpick_by_hand_and_rows_sum_to_at_most_one():
     scores = torch.tensor([[[[0.5, -1.0, 2.0, 0.0], [3.0, 1.0, -0.5, 0.2]]]], dtype=torch.float64)
     allowed = torch.tensor([[[[True, True, True, False], [True, True, True, True]]]])
-    weights = variant_weights(scores, allowed, "softpick")
+    weights = VARIANTS["softpick"].weights(scores, allowed)
     for row in range(2):
         s = scores[0, 0, row][allowed[0, 0, row]]
         expected = torch.relu(torch.exp(s) - 1) / (torch.exp(s) - 1).abs().sum()  # Zuhri et al. eq. 1
@@ -27,9 +27,9 @@ def test_softpick_by_hand_and_rows_sum_to_at_most_one():
     assert weights[0, 0, 0, 3] == 0  # a masked key takes nothing and counts for nothing
     assert bool((weights.sum(-1) <= 1 + 1e-12).all())
     # all logits <= 0: the head puts weight nowhere, which softmax cannot do
-    assert variant_weights(-scores.abs(), allowed, "softpick").sum() == 0
+    assert VARIANTS["softpick"].weights(-scores.abs(), allowed).sum() == 0
     # large logits do not overflow
-    assert torch.isfinite(variant_weights(scores * 400, allowed, "softpick")).all()
+    assert torch.isfinite(VARIANTS["softpick"].weights(scores * 400, allowed)).all()
 
 
 def test_softpick_kernel_and_its_lse_give_each_weight():
@@ -40,7 +40,7 @@ def test_softpick_kernel_and_its_lse_give_each_weight():
     inputs = AttentionInputs(query, key, value, None, True, 0.5)
     out = KERNELS["softpick"](inputs, KernelOptions(torch.float64, chunk_size=3, keep_weights=True))
     scores = query @ key.repeat_interleave(2, 1).transpose(-1, -2) * 0.5
-    weights = variant_weights(scores, inputs.dense_allowed(), "softpick")
+    weights = VARIANTS["softpick"].weights(scores, inputs.dense_allowed())
     torch.testing.assert_close(out.weights, weights)
     torch.testing.assert_close(out.output, weights @ value.repeat_interleave(2, 1))
     from_lse = VARIANTS["softpick"].key_weight(scores[..., 0], out.lse, None)

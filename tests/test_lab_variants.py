@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sinkscope import load
-from sinkscope.attention.variants import VARIANT_NAMES, variant_weights
+from sinkscope.attention.variants import VARIANT_NAMES, VARIANTS
 from sinkscope.capture import CaptureEngine
 from sinkscope.experiments.scan import scan
 from sinkscope.lab.models import ModelSpec, build_model
@@ -37,7 +37,7 @@ def random_scores(seed: int = 0):
 
 def test_off_by_one_is_softmax_with_an_extra_zero_logit():
     scores, allowed = random_scores()
-    weights = variant_weights(scores, allowed, "off_by_one", torch.zeros(3, dtype=torch.float64))
+    weights = VARIANTS["off_by_one"].weights(scores, allowed, torch.zeros(3, dtype=torch.float64))
     # by hand: exp(s_ij) / (1 + sum_k exp(s_ik)) over the allowed keys
     exp = torch.exp(scores) * allowed
     expected = exp / (1 + exp.sum(-1, keepdim=True))
@@ -51,15 +51,15 @@ def test_off_by_one_is_softmax_with_an_extra_zero_logit():
 def test_rows_sum_to_one_only_where_they_should():
     scores, allowed = random_scores(1)
     sinks = torch.tensor([-1.0, 0.5, 2.0], dtype=torch.float64)
-    softmax = variant_weights(scores, allowed, "softmax")
+    softmax = VARIANTS["softmax"].weights(scores, allowed)
     torch.testing.assert_close(softmax.sum(-1), torch.ones(2, 3, 5, dtype=torch.float64))
-    learned = variant_weights(scores, allowed, "learned_sink", sinks)
+    learned = VARIANTS["learned_sink"].weights(scores, allowed, sinks)
     sink_share = 1 - learned.sum(-1)  # what the sink logit takes: exp(b) / (exp(b) + sum exp(s))
     expected_share = torch.exp(sinks)[None, :, None] / (
         torch.exp(sinks)[None, :, None] + (torch.exp(scores) * allowed).sum(-1))
     torch.testing.assert_close(sink_share, expected_share)
     assert bool((learned.sum(-1) < 1).all())
-    sigmoid = variant_weights(scores, allowed, "sigmoid", sigmoid_bias=-1.0)
+    sigmoid = VARIANTS["sigmoid"].weights(scores, allowed, logit_bias=-1.0)
     torch.testing.assert_close(sigmoid, torch.sigmoid(scores - 1.0) * allowed)
     assert not torch.allclose(sigmoid.sum(-1), torch.ones(2, 3, 5, dtype=torch.float64))
 

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import torch
 
 from ..errors import ModelLoadError
-from .kernels import _flash_cpu, repeat_kv, scores_block
+from .kernels import _flash_cpu, keys_share, repeat_kv, scores_block
 from .masks import additive_mask, dense_allowed, parse_mask
 from .variants import GATE_MODULE, SOFTMAX, VARIANTS, default_sigmoid_bias, module_variant
 
@@ -65,8 +65,7 @@ class _SinkThroughLse(torch.autograd.Function):
     def forward(ctx: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, sinks: torch.Tensor,
                 mask: torch.Tensor | None, causal: bool, scaling: float) -> torch.Tensor:
         output, lse = _flash_cpu(query, key, value, 0.0, causal, attn_mask=mask, scale=scaling)
-        wide = torch.promote_types(lse.dtype, torch.float32)
-        keep = torch.sigmoid(lse.to(wide) - sinks.to(wide)[None, :, None])  # the keys' share of each row
+        keep = keys_share(lse, sinks)
         result: torch.Tensor = output * keep.to(output.dtype)[..., None]
         ctx.save_for_backward(query, key, value, mask, output, result, lse, keep)
         ctx.causal, ctx.scaling = causal, scaling

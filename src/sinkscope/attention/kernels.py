@@ -102,6 +102,27 @@ def _add_sinks(lse: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:
     return torch.logaddexp(lse, sinks.to(lse.dtype)[None, :, None])
 
 
+def keys_share(lse: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
+    """The keys' share of each row's normaliser when a per-head sink logit b_h [H] joins it:
+    e^lse / (e^lse + e^b) = sigmoid(lse - b), [B, H, T] from the keys' log-normaliser ``lse`` (-inf: no key
+    seen, share 0), in at least float32. A key-only softmax output times it is the output with the sink."""
+    wide = torch.promote_types(lse.dtype, torch.float32)
+    return torch.sigmoid(lse.to(wide) - sinks.to(wide)[None, :, None])
+
+
+def softmax_weights(scores: torch.Tensor, allowed: torch.Tensor, sinks: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights [B, H, T, S], lse [B, H, T]): softmax over the allowed keys, a per-head sink logit [H] joining
+    the normaliser as one more column that is dropped afterwards (as gpt-oss does). A query that sees no key
+    (and has no sink) gets no weight and lse -inf."""
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    if sinks is not None:
+        column = sinks.to(scores.dtype).reshape(1, -1, 1, 1).expand(*scores.shape[:3], 1)
+        scores = torch.cat([scores, column], dim=-1)
+    weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    return (weights[..., :-1] if sinks is not None else weights), torch.logsumexp(scores, -1)
+
+
 def _output_dtype(inputs: AttentionInputs, options: KernelOptions) -> torch.dtype:
     return options.output_dtype or inputs.query.dtype
 
@@ -159,11 +180,9 @@ def fused_kernel(inputs: AttentionInputs, options: KernelOptions) -> KernelOutpu
             lses.append(lse_c)
         output, lse = torch.cat(outputs, 2), torch.cat(lses, 2)
     lse = lse.to(dtype)
-    total = _add_sinks(lse, inputs.sinks)
-    if inputs.sinks is not None:
-        # The sink takes its share of the normaliser: rescale the key-only output.
-        output = output * torch.exp(lse - total).nan_to_num(0.0)[..., None]
-    return KernelOutput(output[..., :width].to(_output_dtype(inputs, options)), total)
+    if inputs.sinks is not None:  # the sink takes its share of the normaliser: rescale the key-only output
+        output = output * keys_share(lse, inputs.sinks).to(output.dtype)[..., None]
+    return KernelOutput(output[..., :width].to(_output_dtype(inputs, options)), _add_sinks(lse, inputs.sinks))
 
 
 def chunked_kernel(inputs: AttentionInputs, options: KernelOptions) -> KernelOutput:
@@ -184,14 +203,7 @@ def eager_kernel(inputs: AttentionInputs, options: KernelOptions) -> KernelOutpu
     dtype = options.compute_dtype
     n_rep = inputs.query.shape[1] // inputs.key.shape[1]
     scores = scores_block(inputs.query, inputs.key, inputs.scaling, inputs.softcap, inputs.bias, dtype)
-    scores = scores.masked_fill(~inputs.dense_allowed(), float("-inf"))
-    if inputs.sinks is not None:
-        sink_column = inputs.sinks.to(dtype).reshape(1, -1, 1, 1).expand(*scores.shape[:3], 1)
-        scores = torch.cat([scores, sink_column], dim=-1)
-    lse = torch.logsumexp(scores, -1)
-    weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a query that sees nothing gets no weight
-    if inputs.sinks is not None:
-        weights = weights[..., :-1]
+    weights, lse = softmax_weights(scores, inputs.dense_allowed(), inputs.sinks)
     output = torch.matmul(weights, repeat_kv(inputs.value, n_rep).to(dtype))
     return KernelOutput(output.to(_output_dtype(inputs, options)), lse, weights)
 

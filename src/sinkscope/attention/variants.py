@@ -28,6 +28,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..errors import UnsupportedModelError
+from .kernels import softmax_weights, softpick_terms
 
 VARIANT_ATTRIBUTE = "attention_variant"  # on an attention module: the name of its variant in VARIANTS
 
@@ -53,12 +54,8 @@ class AttentionVariant:
 
     def weights(self, scores: torch.Tensor, allowed: torch.Tensor, extra_logit: torch.Tensor | None = None,
                 logit_bias: float | None = None) -> torch.Tensor:
-        """The reference formula: weights [B, H, T, S] from logits [B, H, T, S] and bool ``allowed``."""
-        scores = scores.masked_fill(~allowed, float("-inf"))
-        if extra_logit is None:
-            return torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a query that sees nothing gets no weight
-        column = extra_logit.to(scores.dtype).reshape(1, -1, 1, 1).expand(*scores.shape[:3], 1)
-        return torch.softmax(torch.cat([scores, column], dim=-1), dim=-1)[..., :-1]
+        """The explicit formula: weights [B, H, T, S] from logits [B, H, T, S] and bool ``allowed``."""
+        return softmax_weights(scores, allowed, extra_logit)[0]
 
     def key_weight(self, scores: torch.Tensor, lse: torch.Tensor, logit_bias: float | None) -> torch.Tensor:
         """The weight of one key given its logits [B, H, T] and the rows' log-normaliser ``lse`` [B, H, T]."""
@@ -148,8 +145,6 @@ class Softpick(AttentionVariant):
 
     def weights(self, scores: torch.Tensor, allowed: torch.Tensor, extra_logit: torch.Tensor | None = None,
                 logit_bias: float | None = None) -> torch.Tensor:
-        from .kernels import softpick_terms
-
         numerators, denominator, _ = softpick_terms(scores.masked_fill(~allowed, float("-inf")))
         return numerators / denominator
 
@@ -268,14 +263,6 @@ def module_variant(module: Any) -> AttentionVariant:
         raise UnsupportedModelError(f"{type(module).__name__}: unknown attention variant {name!r} "
                                     f"(known: {', '.join(VARIANTS)})")
     return VARIANTS[name]
-
-
-def variant_weights(scores: torch.Tensor, allowed: torch.Tensor, variant: str,
-                    sink_logits: torch.Tensor | None = None, sigmoid_bias: float | None = None) -> torch.Tensor:
-    """Attention weights [B, H, T, S] from logits [B, H, T, S] under the variant named ``variant``."""
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown attention variant {variant!r} (known: {', '.join(VARIANTS)})")
-    return VARIANTS[variant].weights(scores, allowed, sink_logits, sigmoid_bias)
 
 
 def default_sigmoid_bias(context_length: int) -> float:

@@ -34,12 +34,6 @@ def _tokens(h: ArrayLike, exclude_sink: bool) -> NDArray[np.float64]:
     return matrix
 
 
-def mean_row_residual(h: ArrayLike, exclude_sink: bool = False) -> NDArray[np.float64]:
-    """``H - 1 mu^T`` with ``mu`` the mean row: [..., n, d] -> [..., n, d] (n - 1 rows with exclude_sink)."""
-    matrix = _tokens(h, exclude_sink)
-    return matrix - matrix.mean(-2, keepdims=True)
-
-
 def frobenius_residual(h: ArrayLike, exclude_sink: bool = False) -> NDArray[np.float64]:
     """Relative Frobenius residual ``||H - 1 mu^T||_F / ||H||_F``: [..., n, d] -> [...].
 
@@ -72,11 +66,6 @@ def composite_residual(h: ArrayLike, exclude_sink: bool = False) -> NDArray[np.f
     matrix = _tokens(h, exclude_sink)
     with np.errstate(invalid="ignore", divide="ignore"):
         return composite_norm(matrix - matrix.mean(-2, keepdims=True)) / composite_norm(matrix)
-
-
-def singular_values(h: ArrayLike, exclude_sink: bool = False) -> NDArray[np.float64]:
-    """Singular values of ``H`` (not centred), largest first: [..., n, d] -> [..., min(n, d)]."""
-    return cast(NDArray[np.float64], np.linalg.svd(_tokens(h, exclude_sink), compute_uv=False))
 
 
 def energy_shares(h: ArrayLike, exclude_sink: bool = False) -> NDArray[np.float64]:
