@@ -22,11 +22,10 @@ from transformers import DynamicCache
 import helpers
 from helpers import eager_twin, tiny_model
 from sinkscope.capture import CaptureEngine, SinkKnockout
+from sinkscope.capture.cache import cache_nbytes
 from sinkscope.capture.kvcache import (
     EvictingCache,
-    KeptSinkMass,
     KnormPress,
-    LastQueries,
     QuantisedCache,
     QueryRecord,
     SnapKVPress,
@@ -34,6 +33,7 @@ from sinkscope.capture.kvcache import (
     cached_forward,
     make_press,
 )
+from sinkscope.capture.probes import KeptSinkMass, LastQueries
 from sinkscope.errors import InputError
 from sinkscope.metrics.quantise import fake_quantise, quantised_bytes
 
@@ -235,6 +235,18 @@ def test_the_knockout_probe_runs_through_a_compressed_cache(family):
         rest = cached_forward(engine, cache, ids[:, 7:]).last_hidden_state
     torch.testing.assert_close(torch.cat([first, rest], 1), reference, atol=1e-5, rtol=1e-5)
     assert copy.deepcopy(cache).nbytes() == cache.nbytes()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cache_bytes_are_the_tensors_of_a_plain_cache_and_the_packed_count_of_a_quantised_one(family):
+    model = tiny_model(family)
+    plain, quantised = QuantisedCache(model), QuantisedCache(model, bits=4, axis="token", group_size=4)
+    with CaptureEngine(model, []) as engine:
+        for cache in (plain, quantised):
+            cached_forward(engine, cache, tokens(12))
+    held = sum(t.numel() * t.element_size() for layer in plain.layers for t in (layer.keys, layer.values))
+    assert cache_nbytes(plain) == held  # the sliding layers hold their window only
+    assert cache_nbytes(quantised) == quantised.nbytes() < held
 
 
 def test_expected_attention_with_one_repeated_query_is_its_attention_times_the_value_norm():

@@ -1,10 +1,9 @@
 """Capturing what attention does: one engine (`CaptureEngine`), pluggable probes.
 
-Modules, in dependency order: `masks` (the one mask parser), `kernels` (one signature, the name -> kernel
-mapping, the dispatch), `variants` (softmax, off-by-one, learned sink, sigmoid), `attention` (the one
-attention function registered with transformers, and installing a variant on a model), `interventions`
-(what a condition does to the attention on the first token), `engine` (the engine, `AttentionCall`,
-`Probe`), `probes`, `cache` (the StreamingLLM cache).
+Modules, in dependency order: `engine` (the engine, `AttentionCall`, `Probe`; it calls the attention core of
+`sinkscope.attention`: masks, kernels, variants, the registered attention function), `interventions` (what a
+condition does to the attention on the first token), `cache` (the StreamingLLM cache), `kvcache` (quantised
+and evicting caches, the presses), `probes` (what is recorded at every layer, the compressed caches' included).
 
 Conventions (every module of this package, and every table built on it, uses these)
 -----------------------------------------------------------------------------------

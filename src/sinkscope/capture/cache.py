@@ -193,7 +193,11 @@ class StreamingCache(Cache):
 
 
 def cache_nbytes(cache: Cache) -> int:
-    """Bytes held by a cache's key and value tensors (any transformers `Cache`)."""
+    """Bytes a cache holds: its own count where it keeps one (`kvcache.QuantisedCache.nbytes`: quantised tokens
+    as packed payload and scales), else the bytes of its key and value tensors (any transformers `Cache`)."""
+    own = getattr(cache, "nbytes", None)
+    if callable(own):
+        return int(own())
     total = 0
     for layer in cache.layers:
         for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):

@@ -193,19 +193,26 @@ class AttentionCall:
 
     def key_scores(self, position: torch.Tensor) -> torch.Tensor:
         """float [B, H, T]: the logit each query gives the key at ``position[b]``, as the model computes it."""
-        n_rep = self.n_heads // self.key.shape[1]
         index, _ = self.locate_key(position)
         keys = self.key[torch.arange(self.key.shape[0], device=index.device), :, index]  # [B, KVH, D]
-        keys = keys.repeat_interleave(n_rep, dim=1)
+        scores = self.scores_against(keys)
         dtype = self.options.compute_dtype
-        scores = torch.einsum("bhtd,bhd->bht", self.query.to(dtype), keys.to(dtype)) * self.scaling
-        if self.softcap is not None:
-            scores = torch.tanh(scores / self.softcap) * self.softcap
         if self.bias is not None:
             bias = self.bias.expand(self.query.shape[0], self.n_heads, *self.bias.shape[2:])
             scores = scores + torch.gather(
                 bias, 3, index.view(-1, 1, 1, 1).expand(*bias.shape[:3], 1)
             )[..., 0].to(dtype)
+        return scores
+
+    def scores_against(self, keys: torch.Tensor) -> torch.Tensor:
+        """float [B, H, T]: the logit each query gives one key per row and key/value head, ``keys`` [B, KVH, D]
+        (query head h reads kv head h // (H // KVH)), scaled and soft-capped as the model computes it; the
+        additive bias, which depends on the key's column, is the caller's."""
+        dtype = self.options.compute_dtype
+        keys = keys.repeat_interleave(self.n_heads // keys.shape[1], dim=1)
+        scores = torch.einsum("bhtd,bhd->bht", self.query.to(dtype), keys.to(dtype)) * self.scaling
+        if self.softcap is not None:
+            scores = torch.tanh(scores / self.softcap) * self.softcap
         return scores
 
     def key_attention(self, position: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ need explicit ``position_ids``. Sliding-window layers keep their own window and 
 kvpress does for Gemma-3).
 
 Every layer records ``read_positions`` (the position of each key the last forward read: long [S], or
-[B, KVH, S] after per-head eviction), so `KeptSinkMass` can measure, through the capture engine, the
+[B, KVH, S] after per-head eviction), so `probes.KeptSinkMass` can measure, through the capture engine, the
 attention the compressed cache still gives position 0. `nbytes()`: what each cache would hold — full
 precision tokens at the model's dtype, quantised ones as packed payload plus per-group scales.
 """
@@ -41,7 +41,7 @@ from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLa
 from ..errors import InputError, UnsupportedModelError
 from ..metrics.quantise import check_quantiser, fake_quantise, quantised_bytes
 from ..models.loader import LoadedModel, text_config
-from .engine import AttentionCall, BatchInfo, CaptureEngine, Probe
+from .engine import BatchInfo, CaptureEngine
 
 RAW = -1  # held at full precision for good (protected, or no quantisation)
 RESIDUAL = -2  # held at full precision until its per-channel block is complete
@@ -371,7 +371,9 @@ class WindowPress(Press):
     recent window). StreamingLLMPress scores 0 the ``n_pruned = k_len - int(k_len * (1 - ratio))`` tokens after
     the sinks and 1 the rest, and keeps ``n_kept``: the sinks and the last ``n_kept - n_sink`` tokens, the set
     that scoring by position with the first k protected keeps. (Keys are not re-rotated, as in kvpress without
-    its KeyRerotationPress.)"""
+    its KeyRerotationPress.) `capture.cache.StreamingCache` is the other StreamingLLM, kept apart on purpose:
+    a rolling cache that evicts at every step and re-assigns positions inside the cache (the paper's setting
+    for unbounded streams), where this press compresses once after the prefill and keeps original positions."""
 
     name = "window"
 
@@ -538,59 +540,6 @@ def make_press(name: str) -> Press:
     if name not in PRESSES:
         raise InputError(f"unknown press '{name}' (choose from {', '.join(PRESSES)})")
     return PRESSES[name]()
-
-
-# -- probes ---------------------------------------------------------------------------------------------
-class LastQueries(Probe):
-    """Per layer, the last ``n`` queries of each forward (for query-aware presses such as SnapKV, whose kvpress
-    window is 64 queries)."""
-
-    def __init__(self, n: int = KVPRESS_SNAPKV_WINDOW) -> None:
-        self.n = n
-        self.records: dict[int, QueryRecord] = {}
-
-    def on_attention(self, call: AttentionCall) -> None:
-        self.records[call.layer] = QueryRecord(call.query[:, :, -self.n:].detach().clone(), call.scaling,
-                                               call.softcap)
-
-
-class KeptSinkMass(Probe):
-    """Per layer: the attention each query gives the key holding ``position`` (0 when the cache no longer
-    holds it or the query may not see it), read through the engine from the cache's ``read_positions``.
-
-    ``records[layer]``: float [B, H, T] on CPU."""
-
-    def __init__(self, cache: Cache, position: int = 0) -> None:
-        self.cache = cache
-        self.position = position
-        self.records: dict[int, torch.Tensor] = {}
-
-    def start(self, batch: BatchInfo, engine: CaptureEngine) -> None:
-        self.records = {}
-
-    def on_attention(self, call: AttentionCall) -> None:
-        batch, kv_heads, held, _ = call.key.shape
-        positions = compressed_layer(self.cache, call.layer).read_positions.to(call.key.device)
-        positions = positions.expand(batch, kv_heads, held)
-        hits = positions == self.position
-        present = hits.any(-1)  # [B, KVH]
-        index = hits.long().argmax(-1)  # [B, KVH]
-        key = call.key.gather(2, index[..., None, None].expand(-1, -1, 1, call.key.shape[-1]))[:, :, 0]
-        group = call.n_heads // kv_heads
-        key, present, index = (t.repeat_interleave(group, 1) for t in (key, present, index))  # per query head
-        dtype = call.options.compute_dtype
-        scores = torch.einsum("bhtd,bhd->bht", call.query.to(dtype), key.to(dtype)) * call.scaling
-        if call.softcap is not None:
-            scores = torch.tanh(scores / call.softcap) * call.softcap
-        weight = call.variant.key_weight(scores, call.lse, call.inputs.logit_bias)
-        allowed = call.dense_allowed().expand(batch, call.n_heads, -1, -1)
-        visible = allowed.gather(3, index[:, :, None, None].expand(-1, -1, allowed.shape[2], 1))[..., 0]
-        weight = torch.where(visible & present[..., None], weight, torch.zeros((), dtype=weight.dtype))
-        self.records[call.layer] = weight.float().cpu()
-
-    def mean(self) -> float:
-        """Mean over layers, heads and queries of the last forward."""
-        return float(torch.stack([r.mean() for r in self.records.values()]).mean())
 
 
 def cached_forward(engine: CaptureEngine, cache: Cache, ids: torch.Tensor,

@@ -11,11 +11,13 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 import torch
+from transformers.cache_utils import Cache
 
 from ..attention.kernels import row_statistics, run_kernel, scores_block
 from ..conditions import Intervention
 from .engine import AttentionCall, BatchInfo, CaptureEngine, Probe
 from .interventions import RandomKey, SinkIntervention, make_intervention
+from .kvcache import KVPRESS_SNAPKV_WINDOW, QueryRecord, compressed_layer
 
 
 class FirstTokenAttention(Probe):
@@ -352,3 +354,51 @@ class RandomKeyKnockout(SinkKnockout):
         intervention = RandomKey(replace(spec, seed=self.seed))
         intervention.removed = self.removed
         return intervention
+
+
+# -- compressed caches (`capture.kvcache`) ----------------------------------------------------------------
+class LastQueries(Probe):
+    """Per layer, the last ``n`` queries of each forward (for query-aware presses such as SnapKV, whose kvpress
+    window is 64 queries)."""
+
+    def __init__(self, n: int = KVPRESS_SNAPKV_WINDOW) -> None:
+        self.n = n
+        self.records: dict[int, QueryRecord] = {}
+
+    def on_attention(self, call: AttentionCall) -> None:
+        self.records[call.layer] = QueryRecord(call.query[:, :, -self.n:].detach().clone(), call.scaling,
+                                               call.softcap)
+
+
+class KeptSinkMass(Probe):
+    """Per layer: the attention each query gives the key holding ``position`` (0 when the cache no longer
+    holds it or the query may not see it), read through the engine from the compressed cache's
+    ``read_positions`` (after per-head eviction the key sits at another index in each key/value head).
+
+    ``records[layer]``: float [B, H, T] on CPU."""
+
+    def __init__(self, cache: Cache, position: int = 0) -> None:
+        self.cache = cache
+        self.position = position
+        self.records: dict[int, torch.Tensor] = {}
+
+    def start(self, batch: BatchInfo, engine: CaptureEngine) -> None:
+        self.records = {}
+
+    def on_attention(self, call: AttentionCall) -> None:
+        batch, kv_heads, held, _ = call.key.shape
+        positions = compressed_layer(self.cache, call.layer).read_positions.to(call.key.device)
+        hits = positions.expand(batch, kv_heads, held) == self.position
+        index = hits.long().argmax(-1)  # [B, KVH]: where the position sits in each key/value head
+        key = call.key.gather(2, index[..., None, None].expand(-1, -1, 1, call.key.shape[-1]))[:, :, 0]
+        weight = call.variant.key_weight(call.scores_against(key), call.lse, call.inputs.logit_bias)
+        group = call.n_heads // kv_heads
+        present, index = (t.repeat_interleave(group, 1) for t in (hits.any(-1), index))  # per query head
+        allowed = call.dense_allowed().expand(batch, call.n_heads, -1, -1)
+        visible = allowed.gather(3, index[:, :, None, None].expand(-1, -1, allowed.shape[2], 1))[..., 0]
+        weight = torch.where(visible & present[..., None], weight, torch.zeros((), dtype=weight.dtype))
+        self.records[call.layer] = weight.float().cpu()
+
+    def mean(self) -> float:
+        """Mean over layers, heads and queries of the last forward."""
+        return float(torch.stack([r.mean() for r in self.records.values()]).mean())

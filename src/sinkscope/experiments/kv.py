@@ -30,7 +30,7 @@ the answer is decoded token by token. ``answer_nll``: the mean NLL of the expect
 against ``full`` is the paired difference over prompts, with its bootstrap interval.
 Bytes: what the cache would hold after a window (`nbytes`: quantised
 tokens as packed payload + scales). Sink mass: the mean attention (over layers, heads and scored queries)
-on the key at position 0, read through the capture engine from the cache (`capture.kvcache.KeptSinkMass`);
+on the key at position 0, read through the capture engine from the cache (`capture.probes.KeptSinkMass`);
 0 where the cache has evicted it.
 """
 
@@ -52,13 +52,12 @@ from ..capture.kvcache import (
     KVPRESS_SNAPKV_WINDOW,
     PRESSES,
     EvictingCache,
-    KeptSinkMass,
-    LastQueries,
     QuantisedCache,
     cached_forward,
     make_press,
     protected_positions,
 )
+from ..capture.probes import KeptSinkMass, LastQueries
 from ..conditions import parse_condition
 from ..data import ruler as ruler_tasks
 from ..data.passkey import QUESTION, make_passkey_prompt, score_answer
