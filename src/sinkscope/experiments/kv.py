@@ -39,7 +39,7 @@ from __future__ import annotations
 import copy
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +74,7 @@ from .base import Result, run, takes_conditions
 from .decoding import greedy_through_cache
 from .inputs import check_length, prefix_ids, require_tokenizer
 from .loss import TextLoss, hidden_nll, output_logits
+from .settings import given_settings, setting
 
 DEFAULT_PRESSES = ("window", "knorm", "snapkv")
 SNAPKV_WINDOW = KVPRESS_SNAPKV_WINDOW  # last prefill queries SnapKV scores with (recorded for every prefill)
@@ -149,27 +150,40 @@ class KV(TextLoss):
     result_type = KVResult
     unit_label = "caches"
 
-    window: int = 160
-    max_windows: int | None = 4
-    context: int = 128
-    step: int = 32
-    bits: tuple[int, ...] = BITS[::-1]
-    axes: tuple[str, ...] = AXES
-    group_size: int = 32
-    protect: tuple[int, ...] = (0, 1, 4)
-    presses: tuple[str, ...] = DEFAULT_PRESSES
-    ratios: tuple[float, ...] = (0.5, 0.75)
-    tasks: tuple[str, ...] = ("passkey",)  # retrieval tasks (`RETRIEVAL_TASKS`)
-    retrieval_length: int = 160  # text tokens per retrieval prompt (0: no retrieval)
-    retrieval_depths: tuple[float, ...] = (0.5,)  # where the needle sits, cycled over a task's prompts
-    retrieval_trials: int = 2  # prompts per task, each with its own key
-    seed: int = 0
+    window: int = setting(160, "text tokens per window (<bos> comes on top)")
+    max_windows: int | None = setting(4, "windows of the text")
+    context: int = setting(128, "text tokens prefilled (and compressed) before scoring")
+    step: int = setting(32, "tokens per forward when scoring through the cache")
+    bits: tuple[int, ...] = setting(BITS[::-1], "quantisation bits: 2 | 4 | 8 (none: no quantised cache)")
+    axes: tuple[str, ...] = setting(AXES, "quantisation scales per token | channel", flag="--axis")
+    group_size: int = setting(32, "channels (per token) or tokens (per channel) per scale")
+    protect: tuple[int, ...] = setting((0, 1, 4), "tokens kept at full precision / never evicted (0: none)")
+    presses: tuple[str, ...] = setting(DEFAULT_PRESSES, "eviction policy: window | knorm | snapkv | "
+                                       "expected_attention (kvpress's definitions), or the earlier *_sinkscope "
+                                       "variants", flag="--press")
+    ratios: tuple[float, ...] = setting((0.5, 0.75), "fraction evicted, in (0, 1)", flag="--ratio")
+    tasks: tuple[str, ...] = setting(("passkey",), "retrieval through the cache: passkey | a RULER-style task "
+                                     "(niah_single, niah_multikey, ...: `sinkscope ruler --help`)", flag="--task")
+    retrieval_length: int = setting(160, "text tokens per retrieval prompt (0: no retrieval)",
+                                    aliases=("--passkey-length",))
+    retrieval_depths: tuple[float, ...] = setting((0.5,), "where the needle sits (fraction of the context), "
+                                                  "cycled over a task's prompts", flag="--retrieval-depth")
+    retrieval_trials: int = setting(2, "retrieval prompts per task, each with its own key",
+                                    aliases=("--passkey-trials",))
+    seed: int = setting(0, "seed of the retrieval prompts' keys and needles")
     bos: str = "add"
-    max_delta_loss: float = 0.02  # the recommendation's tolerances (nats; retrieval score)
-    max_retrieval_drop: float = 0.02
-    policies: tuple[str, ...] = ("first",)  # which k tokens a protect budget keeps (`POLICIES`)
-    press_policies: tuple[str, ...] | None = None  # the policies for eviction / quantisation (default: ``policies``)
-    quant_policies: tuple[str, ...] | None = None
+    max_delta_loss: float = setting(0.02, "the recommendation: Δloss tolerated (nats), by the upper end of its "
+                                    "interval")
+    max_retrieval_drop: float = setting(0.02, "the recommendation: retrieval drop tolerated, by the lower end of "
+                                        "its paired interval")
+    policies: tuple[str, ...] = setting(("first",), "which k tokens a --protect budget keeps: first (the first "
+                                        "k) | found (the k keys drawing the most attention in the context: the "
+                                        "sinks found) | massive (the k tokens with the largest activations)",
+                                        flag="--policy")
+    press_policies: tuple[str, ...] | None = setting(None, "--policy for the eviction presses alone (default: "
+                                                     "--policy)", flag="--press-policy")
+    quant_policies: tuple[str, ...] | None = setting(None, "--policy for the quantised caches alone (default: "
+                                                     "--policy)", flag="--quant-policy")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -551,11 +565,7 @@ def kv_settings(grid: str | None, given: dict[str, Any]) -> dict[str, Any]:
     """A grid's settings with the ``given`` ones (those not None) on top; refuses an unknown grid or setting."""
     if grid is not None and grid not in GRIDS:
         raise InputError(f"--grid {grid}: choose from {', '.join(GRIDS)}")
-    known = {f.name for f in fields(KV)}
-    unknown = sorted(set(given) - known)
-    if unknown:
-        raise InputError(f"kv has no setting '{unknown[0]}' (settings: {', '.join(sorted(known))})")
-    return {**(GRIDS[grid] if grid else {}), **{k: v for k, v in given.items() if v is not None}}
+    return {**(GRIDS[grid] if grid else {}), **given_settings(KV, given)}
 
 
 @takes_conditions

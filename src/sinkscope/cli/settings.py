@@ -1,0 +1,61 @@
+"""Command-line options generated from an experiment's declared settings (`experiments.settings.setting`).
+
+    @app.command("kv")
+    @user_errors
+    @with_settings(KV)
+    def kv_command(model: options.Model = "gemma3-270m", ..., settings: Settings = None) -> None:
+        ...  # ``settings``: the declared settings given on the command line, by field name
+
+Every declared setting becomes an option (``--name``, or its ``flag``; tuples repeat), defaulting to None
+so that the experiment's default (or a preset's value) applies where it is not given; its help text ends
+with the dataclass default in brackets.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import typing
+from collections.abc import Callable, Collection
+from typing import Annotated, Any
+
+import typer
+
+from ..experiments.settings import Declared, declared_settings, given_settings
+
+Settings = dict[str, Any] | None  # what a wrapped command receives: {field name: value given}
+
+
+def _parameter(declared: Declared) -> inspect.Parameter:
+    element = declared.element
+    kind = list[element] if declared.repeated else element  # type: ignore[valid-type]
+    option = typer.Option(declared.flag, *declared.aliases,
+                          help=f"{declared.help}{'; repeat' if declared.repeated else ''} [{declared.shown_default}]")
+    return inspect.Parameter(declared.name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                             annotation=Annotated[kind | None, option])
+
+
+def with_settings(cls: type, skip: Collection[str] = ()) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Add an option for each declared setting of ``cls`` (but those named in ``skip`` or already a parameter of
+    the command) to a command; it receives them as ``settings``."""
+
+    def wrap(command: Callable[..., Any]) -> Callable[..., Any]:
+        own = inspect.signature(command)
+        generated = [_parameter(d) for d in declared_settings(cls)
+                     if d.name not in skip and d.name not in own.parameters]
+        names = [p.name for p in generated]
+
+        @functools.wraps(command)
+        def run(**kwargs: Any) -> Any:
+            given = {name: kwargs.pop(name, None) for name in names}
+            return command(**kwargs, settings=given_settings(cls, given))
+
+        hints = typing.get_type_hints(command, include_extras=True)  # the command module's names, resolved
+        kept = [p.replace(annotation=hints.get(p.name, p.annotation)) for p in own.parameters.values()
+                if p.name != "settings"]
+        run.__signature__ = own.replace(parameters=[*kept, *generated], return_annotation=None)  # type: ignore[attr-defined]
+        run.__annotations__ = {p.name: p.annotation for p in [*kept, *generated]} | {"return": None}
+        del run.__wrapped__  # typer reads the signature above, not the command's own
+        return run
+
+    return wrap
