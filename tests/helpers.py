@@ -217,3 +217,16 @@ def padded_batch(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
 
 def positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+@functools.lru_cache(maxsize=1)
+def tiny_plan():
+    """The paper's quick plan, small enough for a 3-layer random model and the word tokenizer."""
+    from sinkscope.paper import QUICK
+    from sinkscope.paper.plan import sized
+
+    return sized(QUICK, scan_prompts=None, explain_prompts=None, max_tokens=16, ablate_window=32,
+                 ablate_windows=2, passkey_lengths=(64,), passkey_depths=(0.5,), passkey_trials=2,
+                 repr_lengths=(4, 8, 16), oversquash_probes=2, stream_window=16, stream_length=48,
+                 perturb_text=SENTENCES[0], perturb_swap=("cat", "dog"), trigger="the",
+                 trigger_texts=tuple(SENTENCES), text=" ".join(SENTENCES * 12))

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 import sinkscope as ss
-from helpers import SENTENCES, invoke, tiny_model, word_tokenizer
+from helpers import SENTENCES, invoke, tiny_model, tiny_plan, word_tokenizer
 from sinkscope.data import Prompt
 from sinkscope.experiments.base import Result
 from sinkscope.metrics.stats import loglog_slope, spearman, statistic_interval
@@ -34,14 +34,8 @@ from sinkscope.paper.verdicts import (
     judge_table3,
 )
 
-TEXT = " ".join(SENTENCES * 12)
 HOSTILE = "<script>alert('pwned')</script> the cat sat"
-# A plan small enough for a 3-layer random model and a word tokenizer.
-TINY = sized(QUICK, scan_prompts=None, explain_prompts=None, max_tokens=16, ablate_window=32, ablate_windows=2,
-             passkey_lengths=(64,), passkey_depths=(0.5,), passkey_trials=2, repr_lengths=(4, 8, 16),
-             oversquash_probes=2, stream_window=16, stream_length=48,
-             perturb_text=SENTENCES[0], perturb_swap=("cat", "dog"), trigger="the", trigger_texts=tuple(SENTENCES),
-             text=TEXT)
+TINY = tiny_plan()
 FAST = ("scan_add", "scan_strip", "ablate", "perturb", "smoothing")  # the sections with interactive figures
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import tiny_plan
+
 HOSTILE = "<script>window.pwned = 1; alert('pwned')</script> the cat sat"
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 
@@ -40,7 +42,6 @@ def launch(playwright):
 
 @pytest.fixture(scope="module")
 def report_html(tmp_path_factory) -> Path:
-    from test_paper import TINY
 
     import sinkscope as ss
     from helpers import SENTENCES, tiny_model, word_tokenizer
@@ -51,7 +52,7 @@ def report_html(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("paper-browser")
     prompts = [Prompt(f"p{i}", s, "test") for i, s in enumerate(SENTENCES)] + [Prompt("hostile", HOSTILE, "test")]
     loaded = ss.load(tiny_model("llama"), tokenizer=word_tokenizer())
-    run_paper([loaded], out, TINY, Inputs(prompts, "prompts.txt"), progress=False,
+    run_paper([loaded], out, tiny_plan(), Inputs(prompts, "prompts.txt"), progress=False,
               only=("scan_add", "smoothing", "perturb"))
     build_report([out], out, prompt_texts=[(p.id, p.text) for p in prompts])
     return out / "report.html"

@@ -191,3 +191,12 @@ def test_a_tie_at_the_retrieval_ceiling_says_nothing_either_way():
     dropped = Context("gemma", {**scans(0.8, 0.0), "ruler": ruler(1.0, 0.2)}, {}, adds_bos=True)
     (finding,) = [f for f in judge_table3(dropped) if "RULER" in f.measurement]
     assert finding.verdict == REPRODUCED
+
+
+def test_every_per_model_section_of_the_plan_has_a_registered_judge():
+    """A section added to the plan without a judge would raise a KeyError only when a report is built."""
+    from sinkscope.paper.plan import SECTIONS
+    from sinkscope.paper.verdicts import JUDGES
+
+    across_models = {"scale", "fig5"}  # judged from all models at once (judge_scale) or the lab (judge_lab)
+    assert {s.key for s in SECTIONS} - across_models == set(JUDGES)

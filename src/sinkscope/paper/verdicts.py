@@ -357,11 +357,26 @@ def _paired(frame: pd.DataFrame, first: str, second: str) -> tuple[np.ndarray, n
     return both[first].to_numpy(float), both[second].to_numpy(float)
 
 
+# -- the judges: one per section of the plan, registered by its key ---------------------------------------------
+JUDGES: dict[str, Callable[[Context], list[Finding]]] = {}
+
+
+def judges(section: str) -> Callable[[Callable[[Context], list[Finding]]], Callable[[Context], list[Finding]]]:
+    """Register the function that judges a plan section's claims (`paper.plan.SECTIONS` keys)."""
+
+    def register(judge: Callable[[Context], list[Finding]]) -> Callable[[Context], list[Finding]]:
+        JUDGES[section] = judge
+        return judge
+
+    return register
+
+
 # -- Table 1 and scale ------------------------------------------------------------------------------------------
 TABLE1 = Rule("table1", "most heads are attention sinks", f"sink rate at ε = {SINK_EPS} (with ⟨bos⟩)", "above",
               0.5, 0.05, 0.05, "prompts", "add", kind="mean")
 
 
+@judges("table1")
 def judge_table1(ctx: Context) -> list[Finding]:
     why = ctx.absent("scan_add")
     if why:
@@ -423,6 +438,7 @@ def _table2_rules(fixed: bool) -> tuple[Rule, Rule]:
                  "strip vs add"))
 
 
+@judges("table2")
 def judge_table2(ctx: Context) -> list[Finding]:
     rate_rule, loss_rule = _table2_rules(ctx.adds_bos)
     findings = []
@@ -460,6 +476,7 @@ def _paired_scores(frame: pd.DataFrame, index: list[str], score: str) -> pd.Data
     return keyed.pivot_table(index=index, columns="bos", values=score, aggfunc="mean").dropna()
 
 
+@judges("table3")
 def judge_table3(ctx: Context) -> list[Finding]:
     premise = ctx.sink_premise()
     relocated = premise is not None and not premise[0]
@@ -507,6 +524,7 @@ FIG2 = Rule("fig2", "a one-token change spreads more without ⟨bos⟩", "R = sp
             "prompts (one swap each)", "strip vs add", kind="ratio", premise="sink removed")
 
 
+@judges("fig2")
 def judge_fig2(ctx: Context) -> list[Finding]:
     """Prompts as units (`spread`); the paper's one text (`perturb`) is shown in the note."""
     notes = []
@@ -530,6 +548,7 @@ FIG3 = Rule("fig3", "attention is smoother without ⟨bos⟩", "Δ normalised en
             "without − with ⟨bos⟩", "above", 0.0, 0.01, 0.01, "prompts", "strip vs add", premise="sink removed")
 
 
+@judges("fig3")
 def judge_fig3(ctx: Context) -> list[Finding]:
     why = ctx.absent("smoothing")
     if why:
@@ -599,6 +618,7 @@ def judge_conditional(ctx: Context) -> Finding:
     return finding
 
 
+@judges("fig4")
 def judge_fig4(ctx: Context) -> list[Finding]:
     return [judge_noop(ctx), judge_conditional(ctx)]
 
@@ -639,6 +659,7 @@ def _trend(frame: pd.DataFrame, x: pd.DataFrame | dict[str, float]) -> np.ndarra
     return np.asarray(out, dtype=float)
 
 
+@judges("dose")
 def judge_dose(ctx: Context) -> list[Finding]:
     findings = []
     why = ctx.absent("smoothing")
@@ -747,6 +768,7 @@ REPR = Rule("rank", "last-token representations collapse as the sequence grows",
             "repeated tokens (one sequence each)", "add", kind="mean")
 
 
+@judges("rank")
 def judge_rank(ctx: Context) -> list[Finding]:
     return [judge_rank_collapse(ctx), judge_repr_collapse(ctx)]
 
@@ -792,6 +814,7 @@ OVERSQUASH = Rule("oversquash", "removing ⟨bos⟩ raises the sensitivity betwe
                   "texts", "strip vs add", kind="ratio", premise="sink removed")
 
 
+@judges("oversquash")
 def judge_oversquash(ctx: Context) -> list[Finding]:
     """Texts as units: per text, the mean s² over its shared sources, with and without ⟨bos⟩."""
     why = ctx.absent("oversquash")
@@ -818,6 +841,7 @@ MASSIVE = Rule("massive", "massive activations sit on the first token", "share o
                "median) with the peak at position 0", "above", 0.5, 0.1, 0.05, "prompts", "add", kind="mean")
 
 
+@judges("massive")
 def judge_massive(ctx: Context) -> list[Finding]:
     why = ctx.absent("massive")
     if why:
@@ -844,6 +868,7 @@ def layer_bands(n_layers: int) -> dict[str, str]:
             for name, lo, hi in zip(("early", "middle", "late"), edges[:-1], edges[1:], strict=True) if hi > lo}
 
 
+@judges("knockout")
 def judge_knockout(ctx: Context) -> list[Finding]:
     """Per layer band, the knock-out against the equal-budget random-key control, paired by window. All-heads
     knock-out is not judged here: on RoPE models it is the same computation as stripping ⟨bos⟩ (Table 2)."""
@@ -874,6 +899,7 @@ STREAM = Rule("stream", "keeping the sink tokens in a window cache keeps the los
               kind="difference")
 
 
+@judges("stream")
 def judge_stream(ctx: Context) -> list[Finding]:
     why = ctx.absent("stream")
     if why:
@@ -948,8 +974,3 @@ def judge_lab(summary: pd.DataFrame | None, reason: str) -> list[Finding]:
     return findings or [judge(LAB_CONTEXT, "lab", None, missing="the sweep has no context, depth or packing group")]
 
 
-JUDGES: dict[str, Callable[[Context], list[Finding]]] = {
-    "table1": judge_table1, "table2": judge_table2, "table3": judge_table3, "fig2": judge_fig2,
-    "fig3": judge_fig3, "fig4": judge_fig4, "dose": judge_dose, "rank": judge_rank, "oversquash": judge_oversquash,
-    "massive": judge_massive, "knockout": judge_knockout, "stream": judge_stream,
-}

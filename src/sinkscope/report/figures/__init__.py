@@ -8,13 +8,18 @@ package group the figures by what they show; `save_figure` is the only place a f
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 FIGURES: dict[str, Callable[[Any], dict[str, Any]]] = {}
-# modules that register figures of experiments
-_MODULES = ("measure", "explain", "consequences", "retrieval", "kv", "keys", "matrix_entropy")
+
+
+def _import_all() -> None:
+    """Import every module of this package: each registers what it draws (a new one needs no list here)."""
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
 
 
 def pyplot() -> Any:
@@ -39,8 +44,7 @@ def figure_for(experiment: str) -> Callable[[Callable[[Any], dict[str, Any]]], C
 
 def figures_for(result: Any) -> dict[str, Any]:
     """{file stem: figure} for a result (none if its experiment draws none)."""
-    for name in _MODULES:
-        importlib.import_module(f"{__name__}.{name}")
+    _import_all()
     draw = FIGURES.get(result.experiment)
     return {} if draw is None else draw(result)
 

@@ -7,11 +7,17 @@ the command modules only call `table_for`.
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from collections.abc import Callable
 from typing import Any
 
 TABLES: dict[str, Callable[[Any], list[Any]]] = {}
-_MODULES = ("measure", "explain", "consequences", "retrieval", "kv", "keys", "matrix_entropy")
+
+
+def _import_all() -> None:
+    """Import every module of this package: each registers what it draws (a new one needs no list here)."""
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
 
 
 def table_for_experiment(experiment: str) -> Callable[[Callable[[Any], list[Any]]], Callable[[Any], list[Any]]]:
@@ -27,8 +33,7 @@ def table_for_experiment(experiment: str) -> Callable[[Callable[[Any], list[Any]
 def table_for(result: Any, **options: Any) -> list[Any]:
     """The rich tables (or other renderables) that summarise a result on the terminal. ``options``: display
     choices of that experiment's renderer (e.g. knockout's ``top``)."""
-    for name in _MODULES:
-        importlib.import_module(f"{__name__}.{name}")
+    _import_all()
     render = TABLES.get(result.experiment)
     return [] if render is None else render(result, **options)
 
