@@ -39,7 +39,7 @@ from sinkscope.capture import (
     sinkscope_attention,
 )
 
-SRC = Path(__file__).resolve().parents[1] / "src" / "sinkscope"
+SRC = Path(__file__).resolve().parents[2] / "src" / "sinkscope"
 
 
 def random_inputs(seed: int = 0, *, sinks: bool = True, window: int | None = 4) -> AttentionInputs:

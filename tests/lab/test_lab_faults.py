@@ -27,7 +27,7 @@ from sinkscope.cli import app
 from sinkscope.faults import STALL_ENV
 from sinkscope.lab.train import LabRunError, train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
 ENV.pop(STALL_ENV, None)
 

@@ -3,7 +3,7 @@ figure drawn, hover data on the interactive heatmaps, a hostile prompt shown as 
 fallbacks with JavaScript off.
 
 Skipped, with the reason, when playwright or a Chromium is missing (`.ci/run` installs both). Also a script:
-``python tests/test_paper_browser.py REPORT.html SHOT.png`` screenshots a report (docs/images/report.png).
+``python tests/paper/test_paper_browser.py REPORT.html SHOT.png`` screenshots a report (docs/images/report.png).
 """
 
 from __future__ import annotations
@@ -14,8 +14,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from helpers import tiny_plan
 
 HOSTILE = "<script>window.pwned = 1; alert('pwned')</script> the cat sat"
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
@@ -42,9 +40,8 @@ def launch(playwright):
 
 @pytest.fixture(scope="module")
 def report_html(tmp_path_factory) -> Path:
-
     import sinkscope as ss
-    from helpers import SENTENCES, tiny_model, word_tokenizer
+    from helpers import SENTENCES, tiny_model, tiny_plan, word_tokenizer
     from sinkscope.data import Prompt
     from sinkscope.paper import build_report, run_paper
     from sinkscope.paper.plan import Inputs

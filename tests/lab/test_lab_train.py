@@ -20,7 +20,7 @@ from sinkscope.lab import load_sweep_config, load_train_config, train
 from sinkscope.lab.config import LabConfigError, train_config
 from sinkscope.lab.train import LabRunError, learning_rate
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def small(**changes) -> dict:
