@@ -146,16 +146,22 @@ class _Quantising:
         self._pending = [p for p in self._pending if p[0] // size >= complete]
         keys, values, status = keys.clone(), values.clone(), status.clone()
         first = int(positions[0]) if positions.dim() == 1 else 0  # quantised caches hold consecutive positions
-        for block_id in sorted({p[0] // size for p in ready}):
-            block = [p for p in ready if p[0] // size == block_id]
-            q_k = fake_quantise(torch.stack([k for _, k, _ in block], dim=-2), self.spec.bits, "channel", None)
-            q_v = fake_quantise(torch.stack([v for _, _, v in block], dim=-2), self.spec.bits, "channel", None)
-            for j, (position, _, _) in enumerate(block):
-                index = position - first
-                if 0 <= index < keys.shape[-2]:  # a sliding window may have dropped it already
-                    keys[..., index, :] = q_k[..., j, :]
-                    values[..., index, :] = q_v[..., j, :]
-                    status[index] = block_id
+        blocks: dict[int, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
+        for pending in ready:
+            blocks.setdefault(pending[0] // size, []).append(pending)
+        alike: dict[int, list[int]] = {}  # blocks holding the same number of tokens are quantised in one call
+        for block_id in sorted(blocks):
+            alike.setdefault(len(blocks[block_id]), []).append(block_id)
+        for ids in alike.values():
+            members = [p for block_id in ids for p in blocks[block_id]]  # block by block, in position order
+            shape = (len(ids), len(blocks[ids[0]]))
+            stacked = [torch.stack([p[i] for p in members], dim=-2).unflatten(-2, shape) for i in (1, 2)]
+            q_k, q_v = (fake_quantise(x, self.spec.bits, "channel", None).flatten(-3, -2) for x in stacked)
+            index = torch.tensor([p[0] for p in members]) - first
+            inside = (index >= 0) & (index < keys.shape[-2])  # a sliding window may have dropped some already
+            keys[..., index[inside], :] = q_k[..., inside, :]
+            values[..., index[inside], :] = q_v[..., inside, :]
+            status[index[inside]] = index[inside].add(first) // size
         return keys, values, status
 
     def nbytes(self) -> int:
