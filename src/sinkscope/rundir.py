@@ -164,21 +164,28 @@ class RunDir:
     def _batch_dir(self, index: int) -> Path:
         return self.path / PARTS_DIR / f"batch-{index:06d}"
 
-    def write_batch(self, index: int, tables: dict[str, pd.DataFrame]) -> None:
-        """Write one batch's tables; the marker written last makes the batch count as done (a kill before
-        it leaves a batch that is simply measured again)."""
+    def write_batch(self, index: int, tables: dict[str, pd.DataFrame], seconds: float | None = None) -> None:
+        """Write one batch's tables; the marker written last (the table names and the seconds measuring took)
+        makes the batch count as done (a kill before it leaves a batch that is simply measured again)."""
         directory = self._batch_dir(index)
         for name, frame in tables.items():
             write_table(directory / f"{name}.parquet", frame)
-        write_json(directory.with_suffix(".done"), sorted(tables))
+        write_json(directory.with_suffix(".done"), {"tables": sorted(tables), "seconds": seconds})
 
     def finished_batches(self) -> set[int]:
         return {int(p.stem.split("-")[1]) for p in (self.path / PARTS_DIR).glob("batch-*.done")}
 
+    def _marker(self, index: int) -> dict[str, Any]:
+        marker = json.loads(self._batch_dir(index).with_suffix(".done").read_text())
+        return marker if isinstance(marker, dict) else {"tables": marker, "seconds": None}  # older runs: names
+
     def read_batch(self, index: int) -> dict[str, pd.DataFrame]:
         directory = self._batch_dir(index)
-        names = json.loads(directory.with_suffix(".done").read_text())
-        return {name: pd.read_parquet(directory / f"{name}.parquet") for name in names}
+        return {name: pd.read_parquet(directory / f"{name}.parquet") for name in self._marker(index)["tables"]}
+
+    def batch_seconds(self) -> dict[int, float | None]:
+        """Seconds each finished batch took to measure, across every resume (None where not recorded)."""
+        return {index: self._marker(index)["seconds"] for index in sorted(self.finished_batches())}
 
     def write_part(self, index: int, frame: pd.DataFrame) -> None:
         write_table(self.path / PARTS_DIR / f"part-{index:06d}.parquet", frame)

@@ -66,8 +66,8 @@ def test_resume_redoes_a_batch_whose_marker_is_missing(tmp_path, monkeypatch):
     full = ss.scan(loaded(), SENTENCES, bos="add", batch_size=2, progress=False)
     real = base.RunDir.write_batch
 
-    def torn(self, index, tables):
-        real(self, index, tables)
+    def torn(self, index, tables, seconds=None):
+        real(self, index, tables, seconds)
         if index == 1:
             self._batch_dir(index).with_suffix(".done").unlink()
             raise KeyboardInterrupt
@@ -132,6 +132,8 @@ def test_reuse_loads_a_finished_run_resumes_an_unfinished_one_and_replaces_a_sta
 
     first = scan()
     assert first.run_status == "measured"
+    seconds = base.RunDir(out).batch_seconds()
+    assert sorted(seconds) == [0, 1] and all(s is not None and s >= 0 for s in seconds.values())
     measured = []
     monkeypatch.setattr(base, "_measure", lambda *args, **kwargs: measured.append(1) or {})
     again = scan()

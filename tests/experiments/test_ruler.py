@@ -296,8 +296,8 @@ def test_experiment_resumes_to_the_same_table(tmp_path, monkeypatch):
     full = ss.ruler(scripted(), progress=False, **SCRIPTED).frame
     real = base.RunDir.write_batch
 
-    def interrupted(self, index, tables):
-        real(self, index, tables)
+    def interrupted(self, index, tables, seconds=None):
+        real(self, index, tables, seconds)
         if index == 9:
             raise KeyboardInterrupt
 

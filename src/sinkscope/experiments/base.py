@@ -340,6 +340,7 @@ def _measure(experiment: Experiment, engine: Any, units: Sequence[Any], batches:
     for b in todo:
         chosen = [units[i] for i in batches[b]]
         bar.update(task, description=f"{experiment.name} {experiment.describe(chosen)}".rstrip())
+        began = time.perf_counter()
         try:
             with _under(engine, experiment.condition_of(chosen), experiment.name):
                 where = (experiment.records_whereabouts and isinstance(engine, CaptureEngine)
@@ -355,7 +356,7 @@ def _measure(experiment: Experiment, engine: Any, units: Sequence[Any], batches:
                                  f"{experiment.unit_label}; use smaller batches or shorter inputs "
                                  "(finished batches are saved under --out)") from error
         if rundir is not None:
-            rundir.write_batch(b, tables)
+            rundir.write_batch(b, tables, round(time.perf_counter() - began, 3))
             written += 1
             stall_for_tests(rundir, written)
         measured[b] = tables
