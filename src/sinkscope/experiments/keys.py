@@ -54,6 +54,7 @@ from .inputs import (
     text_windows,
     token_label,
 )
+from .settings import given_settings, setting
 
 MIN_QUERIES = 32
 CONTEXT_ROWS, CONTEXT_BEFORE, CONTEXT_AFTER = 50, 6, 3  # the strongest keys get the text around them
@@ -76,13 +77,13 @@ class KeyAttentionExperiment(Experiment):
 
     text: LongText | str | Path | None = None  # used when no prompts are given
     prompts: list[Prompt] = field(default_factory=list)
-    max_tokens: int = 4096
-    windows: int = 1
+    max_tokens: int = setting(4096, "tokens per sequence, <bos> included")
+    windows: int = setting(1, "windows of --text (ignored with --prompts)")
     bos: str = "add"
-    eps: float = DEFAULT_EPS
-    min_queries: int = MIN_QUERIES
+    eps: float = setting(DEFAULT_EPS, "a key is a sink in a head when its alpha_k exceeds this")
+    min_queries: int = setting(MIN_QUERIES, "token/position aggregates use keys seen by at least this many queries")
     batch_size: int = 1
-    chunk_size: int = 512
+    chunk_size: int = setting(512, "queries per block (memory: block x tokens)")
     path: str = "auto"
     precision: str = "float32"
 
@@ -264,20 +265,18 @@ def sink_token_table(keys: pd.DataFrame, eps: float, min_queries: int) -> pd.Dat
 
 
 @takes_conditions
-def keys(
-    model: LoadedModel | Any, text: str | Path | LongText | None = None, *,
-    prompts: Sequence[str | Prompt] | None = None, max_tokens: int = 4096, windows: int = 1, bos: str = "add",
-    eps: float = DEFAULT_EPS, min_queries: int = MIN_QUERIES, batch_size: int = 1, chunk_size: int = 512,
-    path: str = "auto", precision: str = "float32", out: str | Path | None = None, resume: bool = False,
-    progress: bool | Any = True, command: str | None = None,
-) -> KeysResult:
+def keys(model: LoadedModel | Any, text: str | Path | LongText | None = None, *,
+         prompts: Sequence[str | Prompt] | None = None, bos: str = "add", out: str | Path | None = None,
+         resume: bool = False, progress: bool | Any = True, command: str | None = None,
+         **settings: Any) -> KeysResult:
     """Gu et al.'s alpha_k for every key of ``windows`` windows of ``max_tokens`` tokens of a long text
     (default Hamlet; a string, a LongText or a UTF-8 file), or of ``prompts``; per layer and head, in
-    O(chunk_size x n) memory; and which tokens besides position 0 act as sinks (alpha_k > eps)."""
+    O(chunk_size x n) memory; and which tokens besides position 0 act as sinks (alpha_k > eps). ``settings``:
+    any field of `KeyAttentionExperiment` (``max_tokens``, ``windows``, ``eps``, ``min_queries``,
+    ``batch_size``, ``chunk_size``, ``path``, ``precision``)."""
     experiment = KeyAttentionExperiment(
         text=None if prompts is not None else text, prompts=[] if prompts is None else prompt_list(prompts),
-        max_tokens=max_tokens, windows=windows, bos=bos, eps=eps, min_queries=min_queries, batch_size=batch_size,
-        chunk_size=chunk_size, path=path, precision=precision)
+        bos=bos, **given_settings(KeyAttentionExperiment, settings))
     result = run(experiment, model, out=out, resume=resume, progress=progress, command=command)
     assert isinstance(result, KeysResult)
     return result
