@@ -155,8 +155,9 @@ class _Quantising:
         for ids in alike.values():
             members = [p for block_id in ids for p in blocks[block_id]]  # block by block, in position order
             shape = (len(ids), len(blocks[ids[0]]))
-            stacked = [torch.stack([p[i] for p in members], dim=-2).unflatten(-2, shape) for i in (1, 2)]
-            q_k, q_v = (fake_quantise(x, self.spec.bits, "channel", None).flatten(-3, -2) for x in stacked)
+            stacked = (torch.stack([k for _, k, _ in members], dim=-2), torch.stack([v for _, _, v in members], dim=-2))
+            q_k, q_v = (fake_quantise(x.unflatten(-2, shape), self.spec.bits, "channel", None).flatten(-3, -2)
+                        for x in stacked)
             index = torch.tensor([p[0] for p in members]) - first
             inside = (index >= 0) & (index < keys.shape[-2])  # a sliding window may have dropped some already
             keys[..., index[inside], :] = q_k[..., inside, :]
