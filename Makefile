@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # torch is pinned here only (the CPU wheel on disk); the library itself asks for torch>=2.4.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup demo findings lab-demo test test-fast lint docs bench clean
+.PHONY: setup demo findings lab-demo kv-quick kv-docs test test-fast lint docs bench clean
 
 setup: $(VENV)/.installed
 
@@ -36,6 +36,18 @@ findings: setup
 # The emergence lab: pre-train 14 small models and watch sinks form (~7 min on 2 CPU cores).
 lab-demo: setup
 	$(VENV)/bin/sinkscope sweep cpu-demo --out runs/lab/cpu-demo --resume
+
+# KV caches with and without the sink kept: a 2-minute smoke grid on Gemma-3-270M.
+kv-quick: setup
+	$(VENV)/bin/sinkscope kv --model gemma3-270m --grid quick --out runs/kv-quick --resume
+
+# The docs' KV grid on both bundled models (2048-token prefills; about an hour each on 2 CPU cores, resumable),
+# its time recorded in docs/generated/bench-kv_grid-<model>.md, and the docs pages regenerated from the runs.
+kv-docs: setup
+	for m in smollm2-135m gemma3-270m; do \
+		$(PY) benchmarks/record.py --as kv_grid-$$m kv_grid --model $$m --grid docs --out runs/kv-docs-$$m || exit 1; \
+		$(PY) scripts/beyond_docs.py runs/kv-docs-$$m || exit 1; \
+	done
 
 test: setup lint docs
 	$(PY) -m pytest -m "not slow"
