@@ -21,6 +21,13 @@ from sinkscope.metrics.sink import key_sink_scores
 SMALL = dict(window=24, context=14, max_windows=3, step=4, group_size=4, retrieval_length=0)
 
 
+def ss_load(family: str):
+    from helpers import word_tokenizer
+    from sinkscope import load
+
+    return load(tiny_model(family), tokenizer=word_tokenizer())
+
+
 def tokens(n: int, seed: int = 1) -> torch.Tensor:
     return torch.randint(3, helpers.VOCAB, (1, n), generator=torch.Generator().manual_seed(seed))
 
@@ -108,3 +115,24 @@ def test_policies_compare_at_the_same_budget():
     assert result.summary["policies"] == ["first", "found", "massive"]
     with pytest.raises(InputError, match="--policy"):
         KV(policies=("last",))
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_the_sinks_found_on_the_shared_prefill_are_those_of_a_forward_of_their_own(family, monkeypatch):
+    """The `found` ranking rides on the uncompressed prefill every press copies (no forward of its own): it
+    must rank as `protection_ranking`'s own forward does (the same context, the same attention)."""
+    from sinkscope.experiments import kv as kv_module
+    from sinkscope.experiments.kv import Method
+
+    own_forwards = []
+    monkeypatch.setattr(kv_module, "protection_ranking", lambda *args: own_forwards.append(args) or [])
+    model = ss_load(family)
+    experiment = KV(text=TEXT, bits=(), presses=("window",), ratios=(0.5,), protect=(0, 2),
+                    press_policies=("first", "found"), **SMALL)
+    experiment.prepare(model)
+    ids = tokens(14)[0].tolist()
+    with experiment.open(model) as engine:
+        experiment._filled(engine, Method("press", 2, press="window", ratio=0.5, policy="found"), ("window", 0), ids)
+        ridden = experiment._rankings[("window", 0, "found")]
+        assert not own_forwards and sorted(ridden) == list(range(14))
+        assert ridden == protection_ranking(engine, ids, "found")

@@ -36,6 +36,7 @@ on the key at position 0, read through the capture engine from the cache (`captu
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import random
 from collections.abc import Sequence
@@ -347,22 +348,29 @@ class KV(TextLoss):
     def _filled(self, engine: CaptureEngine, method: Method, key: tuple[str, int], ids: list[int]) -> QuantisedCache:
         """The method's cache after the prefill of ``ids`` (compressed, for a press). The full cache and every
         press start from one uncompressed prefill per context (it is the same forward): a copy of it."""
-        protect = self._protected(engine, method, key, ids)
         if method.kind == "quant":
-            cache = self._cache(method, protect)
+            cache = self._cache(method, self._protected(engine, method, key, ids))
             self._mass.cache = cache
             cached_forward(engine, cache, torch.tensor([ids]), range(len(ids)))
             return cache
         if key not in self._prefills:
             cache = EvictingCache(self._model)
             self._mass.cache = cache
-            cached_forward(engine, cache, torch.tensor([ids]), range(len(ids)))
+            # the sinks found in this context ride on its prefill (the same uncompressed forward) when a press
+            # will spend a budget on them, instead of a forward of their own
+            finding = "found" in (self.press_policies or ()) and max(self.protect) > 0
+            found = KeyAttention() if finding and (*key, "found") not in self._rankings else None
+            with engine.probing([*engine.probes, found]) if found is not None else contextlib.nullcontext():
+                cached_forward(engine, cache, torch.tensor([ids]), range(len(ids)))
+            if found is not None:
+                self._rankings[(*key, "found")] = found_ranking(found, len(ids))
             self._prefills[key] = (cache, dict(self._queries.records))
         prefilled, queries = self._prefills[key]
         copied = copy.deepcopy(prefilled)
         if method.kind == "press":
             assert method.press is not None and method.ratio is not None
-            copied.compress(make_press(method.press), method.ratio, protect, queries)
+            copied.compress(make_press(method.press), method.ratio, self._protected(engine, method, key, ids),
+                            queries)
         return copied
 
     # -- measuring ------------------------------------------------------------------------------------
@@ -517,16 +525,23 @@ def protection_ranking(engine: CaptureEngine, ids: list[int], policy: str) -> li
         probe = KeyAttention()
         with engine.probing([probe]):
             engine.forward(tokens)
-        layers = sorted(probe.records)
-        received = torch.stack([probe.records[layer]["received"][0] for layer in layers]).numpy()
-        seen = torch.stack([probe.records[layer]["queries"][0] for layer in layers]).numpy()
-        scores = sink_metrics.key_sink_scores(received, seen, min(FOUND_MIN_QUERIES, max(1, len(ids) // 4)))
-    elif policy == "massive":
+        return found_ranking(probe, len(ids))
+    if policy == "massive":
         with engine.probing([]):
             residual = engine.forward(tokens, residual=True).residual[:, 0]  # [depths, n, d]
         scores = activation_metrics.token_massive_ratio(residual[1:].float().numpy())  # the embeddings left out
     else:
         raise InputError(f"unknown protect policy '{policy}' (choose from {', '.join(POLICIES)})")
+    return [int(i) for i in np.argsort(-scores, kind="stable")]
+
+
+def found_ranking(probe: KeyAttention, n: int) -> list[int]:
+    """Positions best first by the largest mean attention the key receives in any layer and head, from a
+    `KeyAttention` probe that saw one uncompressed forward of ``n`` tokens (one row); ties: earlier first."""
+    layers = sorted(probe.records)
+    received = torch.stack([probe.records[layer]["received"][0] for layer in layers]).numpy()
+    seen = torch.stack([probe.records[layer]["queries"][0] for layer in layers]).numpy()
+    scores = sink_metrics.key_sink_scores(received, seen, min(FOUND_MIN_QUERIES, max(1, n // 4)))
     return [int(i) for i in np.argsort(-scores, kind="stable")]
 
 
