@@ -145,7 +145,7 @@ class KVResult(Result):
 
 @dataclass
 class KV(TextLoss):
-    """Loss, passkey accuracy, bytes and sink mass per compressed cache (see the module docstring)."""
+    """Loss, retrieval through the cache, bytes and sink mass per compressed cache (see the module docstring)."""
 
     name = "kv"
     result_type = KVResult
