@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import argparse
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
 from sinkscope.experiments.base import Result
+from sinkscope.report.figures import save_figure
 
 GENERATED = Path(__file__).resolve().parent.parent / "docs" / "generated"
 
@@ -298,10 +298,9 @@ def main() -> None:
         path = GENERATED / f"{args.stem or stem}-{result.summary['model']}.md"
         path.write_text(page(result), encoding="utf-8")
         print(f"wrote {path}")
-        if experiment == "kv":  # its Pareto figure beside the page
+        if experiment == "kv":  # its Pareto figure beside the page, drawn from the saved result
             image = GENERATED.parent / "images" / f"kv-{result.summary['model']}.png"
-            image.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(run / "kv_pareto.png", image)
+            save_figure(result.figures()["kv_pareto"], image)
             print(f"wrote {image}")
 
 

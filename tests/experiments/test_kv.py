@@ -4,6 +4,8 @@ the grids, resume and bad input on the command line."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from dataclasses import replace
 
 import numpy as np
@@ -172,6 +174,11 @@ def test_cli_resumes_and_the_result_loads_back(tmp_path, model_dir):
     assert invoke(*args).exit_code == 0
     first = Result.load(out)
     assert (out / "kv_pareto.png").is_file() and (out / "kv.csv").is_file()
+    # a fresh process that never imported the kv module loads it back as a KVResult (its figures included)
+    code = ("import sys; from sinkscope.experiments.base import Result; r = Result.load(sys.argv[1]); "
+            "print(type(r).__name__, sorted(r.figures()))")
+    loaded = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, check=True)
+    assert loaded.stdout.split("\n")[-2] == "KVResult ['kv_pareto']"
     sorted((out / "parts").glob("batch-*.done"))[-1].unlink()
     assert invoke(*args, "--resume").exit_code == 0
     again = Result.load(out)

@@ -21,8 +21,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import importlib
 import inspect
 import json
+import pkgutil
 import platform
 import sys
 import time
@@ -142,6 +144,9 @@ class Result:
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise InputError(f"{summary_path}: not a valid summary ({error})") from None
         name = summary.pop("experiment", cls.experiment)
+        if name and name not in RESULT_TYPES:  # its module not imported yet: each registers its result type
+            for module in pkgutil.iter_modules(sys.modules[__package__].__path__):
+                importlib.import_module(f"{__package__}.{module.name}")
         kind = RESULT_TYPES.get(name, cls) if cls.experiment in ("", name) else cls
         if cls.experiment and name != cls.experiment:
             raise InputError(f"{directory} holds a {name or 'different'} run, not a {cls.experiment} run")

@@ -24,8 +24,7 @@ def kv_figures(result: Any) -> dict[str, Any]:
     colours = {family: f"C{i % 10}" for i, family in enumerate(dict.fromkeys(table["family"]))}
     panels = [(axes[0][0], "delta_loss", "Δloss vs full cache (nats/token)")]
     if has_retrieval:
-        tasks = ", ".join(result.summary.get("tasks", []))
-        panels.append((axes[0][1], "retrieval", f"retrieval through the cache ({tasks}): mean score"))
+        panels.append((axes[0][1], "retrieval", "retrieval through the cache: mean score"))
     for ax, column, label in panels:
         first = table[table["policy"] == "first"] if "policy" in table else table
         for _, group in first.groupby(["family", first["ratio"].fillna(-1)], sort=False):
@@ -71,7 +70,7 @@ def kv_figures(result: Any) -> dict[str, Any]:
     axes[0][-1].legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     summary = result.summary
     fig.suptitle(f"{result.provenance['model']['name']}: KV-cache compression, quality against memory\n"
-                 f"({summary['context']}-token prefill; {summary['n_windows']} windows, "
-                 f"{summary.get('n_retrieval_prompts', 0)} retrieval prompts; bars: 95% intervals over windows and "
-                 "prompts)", fontsize=10)
+                 f"({summary['context']}-token prefill; {summary['n_windows']} windows; "
+                 f"{summary.get('n_retrieval_prompts', 0)} retrieval prompts: {', '.join(summary.get('tasks', []))}; "
+                 "bars: 95% intervals over windows and prompts)", fontsize=10)
     return {"kv_pareto": fig}
