@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
+import queue
+import re
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
 
 import numpy as np
 import pandas as pd
@@ -230,3 +239,88 @@ def tiny_plan():
                  repr_lengths=(4, 8, 16), oversquash_probes=2, stream_window=16, stream_length=48,
                  perturb_text=SENTENCES[0], perturb_swap=("cat", "dog"), trigger="the",
                  trigger_texts=tuple(SENTENCES), text=" ".join(SENTENCES * 12))
+
+
+# -- processes: launched, stalled at a fault point, killed with everything below them -------------------------
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and every process below it. torchrun starts its workers in sessions of their own, so
+    killing the launcher's process group would leave them running (and holding its output pipes)."""
+    import psutil
+
+    try:
+        top = psutil.Process(pid)
+        family = [top, *top.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for process in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    # wait for the others to be gone; this process's own children are left to Popen.wait to reap (a wait here
+    # would take their exit status from it)
+    mine = {p.pid for p in psutil.Process().children()}
+    psutil.wait_procs([p for p in family if p.pid not in mine], timeout=60)
+
+
+def run_to_end(command: list[str], env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run ``command`` to its end, its output in files (a pipe would wait for every grandchild holding it);
+    past ``timeout`` seconds (a hang guard, never a measurement) the whole tree is killed and the test fails."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        process = subprocess.Popen(command, env=env, stdout=out, stderr=err, text=True, start_new_session=True)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            kill_tree(process.pid)
+            process.wait()
+        out.seek(0)
+        err.seek(0)
+        done = subprocess.CompletedProcess(command, process.returncode, out.read(), err.read())
+    if done.returncode == -signal.SIGKILL:
+        pytest.fail(f"{' '.join(command[:6])} ... did not finish within {timeout} s:\n{done.stderr[-3000:]}")
+    return done
+
+
+@contextlib.contextmanager
+def stalled(command: list[str], env: dict[str, str], point: str, processes: int = 1,
+            timeout: float = 600) -> Iterator[subprocess.Popen]:
+    """``command`` running until ``processes`` of its processes have said they stalled at ``point``
+    (`sinkscope.faults`); on exit the launch and every process below it are SIGKILLed, as a scheduler or
+    the OOM killer of a job's cgroup does. ``timeout`` only turns a hang into a failure."""
+    from sinkscope.faults import STALL_ENV
+
+    process = subprocess.Popen(command, env={**env, STALL_ENV: point}, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def read() -> None:  # in a thread, so waiting for a line can give up
+        assert process.stderr is not None
+        for line in process.stderr:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
+    said: list[str] = []
+    stalled_pids: list[int] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while len(stalled_pids) < processes:
+            try:
+                line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                pytest.fail(f"no stall at {point!r} within {timeout} s:\n{''.join(said)[-3000:]}")
+            if line is None:
+                process.wait()
+                pytest.fail(f"the run ended (exit {process.returncode}) before it stalled at {point!r}:\n"
+                            f"{''.join(said)[-3000:]}")
+            said.append(line)
+            found = re.search(rf"stalled at {re.escape(point)} .*pid (\d+)", line)
+            if found:
+                stalled_pids.append(int(found.group(1)))
+        process.stalled_pids = stalled_pids  # type: ignore[attr-defined]
+        yield process
+    finally:
+        for pid in stalled_pids:  # a worker torchrun started in a session of its own
+            kill_tree(pid)
+        if process.poll() is None:  # (once reaped, its pid may belong to another process)
+            kill_tree(process.pid)
+        process.wait()

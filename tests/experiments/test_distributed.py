@@ -5,16 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from helpers import SENTENCES
+from helpers import SENTENCES, run_to_end, stalled
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="process groups tested on Linux")
 
@@ -49,8 +46,7 @@ def prompts(tmp_path_factory) -> Path:
 def reference(model_dir, prompts, tmp_path_factory) -> Path:
     """The single-process run both tests compare with."""
     out = tmp_path_factory.mktemp("distributed") / "one"
-    done = subprocess.run(_command(1, *_scan_args(model_dir, prompts, out)), env=_env(), capture_output=True,
-                          text=True, timeout=600)
+    done = run_to_end(_command(1, *_scan_args(model_dir, prompts, out)), _env())
     assert done.returncode == 0, done.stderr[-3000:]
     return out
 
@@ -64,8 +60,7 @@ def _tables(out: Path) -> tuple[pd.DataFrame, dict]:
 
 def test_two_processes_give_the_single_process_result(model_dir, prompts, reference, tmp_path):
     one, two = reference, tmp_path / "two"
-    done = subprocess.run(_command(2, *_scan_args(model_dir, prompts, two)), env=_env(), capture_output=True,
-                          text=True, timeout=600)
+    done = run_to_end(_command(2, *_scan_args(model_dir, prompts, two)), _env())
     assert done.returncode == 0, done.stderr[-3000:]
     (alpha_one, summary_one), (alpha_two, summary_two) = _tables(one), _tables(two)
     pd.testing.assert_frame_equal(alpha_one, alpha_two)
@@ -77,28 +72,11 @@ def test_two_processes_give_the_single_process_result(model_dir, prompts, refere
 
 def test_a_killed_two_process_run_resumes_per_shard(model_dir, prompts, reference, tmp_path):
     out = tmp_path / "killed"
-    # every process stops for ever after writing one batch; kill the whole launch (launcher and workers)
-    launch = subprocess.Popen(_command(2, *_scan_args(model_dir, prompts, out)),
-                              env=_env(SINKSCOPE_TEST_STALL="batches 1"), stderr=subprocess.PIPE,
-                              text=True, start_new_session=True)
-    workers: list[int] = []
-    assert launch.stderr is not None
-    try:
-        for line in launch.stderr:
-            found = re.search(r"stalled at batches 1 .*pid (\d+)", line)
-            if found:
-                workers.append(int(found.group(1)))
-            if len(workers) == 2:
-                break
-    finally:  # the launcher and each worker (torchrun may start workers in sessions of their own)
-        for pid in workers:
-            os.kill(pid, signal.SIGKILL)
-        os.killpg(launch.pid, signal.SIGKILL)
-        launch.wait(timeout=60)
-    assert len(workers) == 2
+    # every process stops for ever after writing one batch; then the launcher and both workers are killed
+    with stalled(_command(2, *_scan_args(model_dir, prompts, out)), _env(), "batches 1", processes=2) as launch:
+        assert len(launch.stalled_pids) == 2
     assert len(list((out / "parts").glob("batch-*.done"))) == 2  # one finished batch per shard
-    done = subprocess.run(_command(2, *_scan_args(model_dir, prompts, out), "--resume"), env=_env(),
-                          capture_output=True, text=True, timeout=600)
+    done = run_to_end(_command(2, *_scan_args(model_dir, prompts, out), "--resume"), _env())
     assert done.returncode == 0, done.stderr[-3000:]
     (alpha_ref, summary_ref), (alpha_out, summary_out) = _tables(reference), _tables(out)
     pd.testing.assert_frame_equal(alpha_ref, alpha_out)

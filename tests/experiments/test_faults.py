@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,30 +20,16 @@ import pandas as pd
 import pytest
 
 import sinkscope as ss
-from helpers import SENTENCES, TEXT, invoke, passkey_tokenizer, tiny_model, word_tokenizer
-from sinkscope.faults import STALL_ENV
+from helpers import SENTENCES, TEXT, invoke, passkey_tokenizer, stalled, tiny_model, word_tokenizer
 
 SOURCE = Path(ss.__file__).resolve().parents[1]  # the src directory the tests import sinkscope from
 
 
 def killed_at(args: list[str], batches: int) -> None:
     """Run ``sinkscope *args`` in a new process, stalled after ``batches`` batch markers, and SIGKILL it there."""
-    env = {**os.environ, STALL_ENV: f"batches {batches}", "PYTHONPATH": os.pathsep.join(
-        [str(SOURCE), *filter(None, [os.environ.get("PYTHONPATH")])])}
-    process = subprocess.Popen([sys.executable, "-m", "sinkscope.cli", *args, "--quiet"], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    assert process.stderr is not None
-    said = []
-    for line in process.stderr:  # blocks until the run stalls (or ends, which is a failure)
-        said.append(line)
-        if "stalled at batches" in line:
-            break
-    else:
-        process.wait()
-        pytest.fail(f"the run ended (exit {process.returncode}) without stalling:\n{''.join(said)}")
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    process.stderr.close()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SOURCE), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    with stalled([sys.executable, "-m", "sinkscope.cli", *args, "--quiet"], env, f"batches {batches}") as process:
+        pass
     assert process.returncode == -signal.SIGKILL
 
 

@@ -8,13 +8,11 @@ process says it has reached the point and blocks; the test reads that line, then
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -23,6 +21,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from helpers import run_to_end, stalled
 from sinkscope.cli import app
 from sinkscope.faults import STALL_ENV
 from sinkscope.lab.train import LabRunError, train
@@ -48,37 +47,14 @@ def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "sinkscope.cli", *args]
 
 
-@contextlib.contextmanager
-def stalled(point: str, command: list[str]) -> Iterator[subprocess.Popen]:
-    """`command` running, blocked at `point` (it said so on stderr); on exit its whole process group is
-    SIGKILLed (the sweep's workers too, as a scheduler or the OOM killer of a job's cgroup does)."""
-    process = subprocess.Popen(command, env={**ENV, STALL_ENV: point}, stderr=subprocess.PIPE,
-                               stdout=subprocess.DEVNULL, text=True, start_new_session=True)
-    assert process.stderr is not None
-    seen = []
-    try:
-        for line in process.stderr:  # blocks until the process writes a line (or exits)
-            seen.append(line)
-            if f"stalled at {point}" in line:
-                break
-        else:
-            process.wait()
-            raise AssertionError(f"never reached {point!r} (exit {process.returncode}): {''.join(seen)[-2000:]}")
-        yield process
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-
-
 def kill_at(point: str, command: list[str]) -> None:
-    with stalled(point, command) as process:
+    with stalled(command, ENV, point) as process:
         pass
     assert process.returncode == -signal.SIGKILL
 
 
 def run_ok(command: list[str]) -> subprocess.CompletedProcess:
-    finished = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=900)
+    finished = run_to_end(command, ENV, timeout=900)
     assert finished.returncode == 0, finished.stderr[-3000:]
     return finished
 
@@ -217,7 +193,7 @@ def test_a_run_being_trained_is_locked_against_a_second_process(reference, tmp_p
     that process is killed the lock is gone with it and the resume finishes the run exactly."""
     config, whole = reference
     out = tmp_path / "busy"
-    with stalled("step 4", cli("train", str(config), "--out", str(out), "--quiet")):
+    with stalled(cli("train", str(config), "--out", str(out), "--quiet"), ENV, "step 4"):
         with pytest.raises(LabRunError, match="being trained by another process"):
             train(json.loads(config.read_text()), out, resume=True, progress=False)
         assert rows(out, "log.jsonl")[-1]["step"] == 4  # the refused resume truncated nothing

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from helpers import run_to_end
 from sinkscope import load
 from sinkscope.cli import app
 from sinkscope.experiments.scan import scan
@@ -200,7 +201,7 @@ def test_two_processes_match_one(tmp_path):
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
                "29517", "-m", "sinkscope.cli", "train", str(path), "--out", str(tmp_path / "ddp"), "--quiet"]
-    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    finished = run_to_end(command, env)
     assert finished.returncode == 0, finished.stderr[-3000:]
     single = [r["loss"] for r in logs(tmp_path / "single", "log.jsonl")]
     ddp = [r["loss"] for r in logs(tmp_path / "ddp", "log.jsonl")]
@@ -238,7 +239,7 @@ def _signal_inside_step(tmp_path: Path, config: dict, signum: int, at_update: in
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
     command = [sys.executable, "-c", SIGNAL_INSIDE_STEP, str(int(signum)), str(at_update), "train", str(path),
                "--out", str(tmp_path / "stopped"), "--quiet"]
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    return run_to_end(command, env)
 
 
 @pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT"])
