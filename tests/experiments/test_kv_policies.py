@@ -118,21 +118,32 @@ def test_policies_compare_at_the_same_budget():
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])
-def test_the_sinks_found_on_the_shared_prefill_are_those_of_a_forward_of_their_own(family, monkeypatch):
-    """The `found` ranking rides on the uncompressed prefill every press copies (no forward of its own): it
-    must rank as `protection_ranking`'s own forward does (the same context, the same attention)."""
+def test_the_rankings_on_the_shared_prefill_are_those_of_a_forward_of_their_own(family, monkeypatch):
+    """The `found` and `massive` rankings ride on the uncompressed prefill every press copies (no forward of
+    their own): they must rank as `protection_ranking`'s own forward does (the same context, the same attention,
+    the same residual stream)."""
     from sinkscope.experiments import kv as kv_module
     from sinkscope.experiments.kv import Method
 
     own_forwards = []
     monkeypatch.setattr(kv_module, "protection_ranking", lambda *args: own_forwards.append(args) or [])
     model = ss_load(family)
-    experiment = KV(text=TEXT, bits=(), presses=("window",), ratios=(0.5,), protect=(0, 2),
-                    press_policies=("first", "found"), **SMALL)
+    experiment = KV(text=TEXT, bits=(2,), axes=("token",), presses=("window",), ratios=(0.5,), protect=(0, 2),
+                    press_policies=("first", "found"), quant_policies=("first", "massive"), **SMALL)
     experiment.prepare(model)
     ids = tokens(14)[0].tolist()
     with experiment.open(model) as engine:
         experiment._filled(engine, Method("press", 2, press="window", ratio=0.5, policy="found"), ("window", 0), ids)
-        ridden = experiment._rankings[("window", 0, "found")]
-        assert not own_forwards and sorted(ridden) == list(range(14))
-        assert ridden == protection_ranking(engine, ids, "found")
+        found, massive = (experiment._rankings[("window", 0, policy)] for policy in ("found", "massive"))
+        assert not own_forwards and sorted(found) == sorted(massive) == list(range(14))
+        assert found == protection_ranking(engine, ids, "found")
+        # the massive ranking orders the tokens as the scores of a forward of its own do: float32 residuals
+        # through another code path (a cache) agree to ~1e-6 relative, well inside 1e-5
+        with engine.probing([]):
+            residual = engine.forward(torch.tensor([ids]), residual=True).residual[:, 0]
+        scores = token_massive_ratio(residual[1:].float().numpy())
+        np.testing.assert_allclose(scores[massive], np.sort(scores)[::-1], rtol=1e-5)
+        # a quantised cache spends its budget on that ranking, without a forward of its own
+        quant = Method("quant", 2, bits=2, axis="token", policy="massive")
+        assert experiment._protected(engine, quant, ("window", 0), ids) == sorted(massive[:2])
+        assert not own_forwards

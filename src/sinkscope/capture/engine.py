@@ -18,7 +18,7 @@ Shapes, positions and the meaning of ``layer``: see the `sinkscope.capture` pack
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -455,26 +455,17 @@ class CaptureEngine:
             inputs["inputs_embeds"] = inputs_embeds.to(device)
         else:
             inputs["input_ids"] = ids
-        pre_norm: list[torch.Tensor] = []
-        hook = None
-        if residual:
-            inputs["output_hidden_states"] = True
-            hook = final_norm(self.model).register_forward_pre_hook(lambda _m, args: pre_norm.append(args[0]))
-        try:
+        with residual_stream(self.model, inputs) if residual else nullcontext() as stream:
             with torch.enable_grad() if grad else torch.inference_mode():
                 output = runner(**inputs)
-        finally:
-            if hook is not None:
-                hook.remove()
         if self.calls_seen != len(self.attention_layers):
             raise UnsupportedModelError(
                 f"{type(self.model).__name__}: captured {self.calls_seen} attention calls for "
                 f"{len(self.attention_layers)} softmax attention layers; its attention does not all go through "
                 "transformers' attention interface"
             )
-        if residual:
-            # hidden_states[-1] is after the final norm; the residual stream proper ends before it.
-            output.residual = torch.stack(list(output.hidden_states[:-1]) + [pre_norm[-1]])
+        if stream is not None:
+            output.residual = stream.of(output)
         for probe in self.probes:
             probe.finish()
         return output
@@ -596,6 +587,30 @@ def check_attention_inputs(layer: int, query: torch.Tensor, key: torch.Tensor, v
 
 
 _FINAL_NORMS = ("norm", "final_layernorm", "ln_f", "final_layer_norm", "final_norm")
+
+
+class ResidualStream:
+    """The residual stream of one forward, [L + 1, B, T, d] by depth: the embeddings, then every layer's output,
+    the last taken *before* the final norm (``hidden_states[-1]`` is after it). Made by `residual_stream`."""
+
+    def __init__(self) -> None:
+        self.pre_norm: list[torch.Tensor] = []
+
+    def of(self, output: Any) -> torch.Tensor:
+        return torch.stack(list(output.hidden_states[:-1]) + [self.pre_norm[-1]])
+
+
+@contextmanager
+def residual_stream(model: Any, inputs: dict[str, Any]) -> Iterator[ResidualStream]:
+    """Around one forward with ``inputs`` (asked here for its hidden states): ``stream.of(output)`` is its
+    residual stream. For `CaptureEngine.forward` and a forward through a cache alike."""
+    inputs["output_hidden_states"] = True
+    stream = ResidualStream()
+    hook = final_norm(model).register_forward_pre_hook(lambda _m, args: stream.pre_norm.append(args[0]))
+    try:
+        yield stream
+    finally:
+        hook.remove()
 
 
 def final_norm(model: Any) -> torch.nn.Module:

@@ -29,6 +29,7 @@ precision tokens at the model's dtype, quantised ones as packed payload plus per
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLa
 from ..errors import InputError, UnsupportedModelError
 from ..metrics.quantise import check_quantiser, fake_quantise, quantised_bytes
 from ..models.loader import LoadedModel, text_config
-from .engine import BatchInfo, CaptureEngine
+from .engine import BatchInfo, CaptureEngine, residual_stream
 
 RAW = -1  # held at full precision for good (protected, or no quantisation)
 RESIDUAL = -2  # held at full precision until its per-channel block is complete
@@ -550,10 +551,10 @@ def make_press(name: str) -> Press:
 
 
 def cached_forward(engine: CaptureEngine, cache: Cache, ids: torch.Tensor,
-                   positions: Sequence[int] | torch.Tensor | None = None) -> Any:
+                   positions: Sequence[int] | torch.Tensor | None = None, residual: bool = False) -> Any:
     """One forward of ``ids`` [B, T] through ``cache`` with the engine's probes attached (the base model: no
     LM head). ``positions``: the tokens' positions (needed once a cache has evicted; default: the cache's
-    length onwards)."""
+    length onwards). ``residual``: add ``output.residual`` as `CaptureEngine.forward` does."""
     model = engine.model
     device = next(model.parameters()).device
     ids = ids.to(device)
@@ -565,8 +566,11 @@ def cached_forward(engine: CaptureEngine, cache: Cache, ids: torch.Tensor,
     if positions is not None:
         inputs["position_ids"] = torch.as_tensor(positions, device=device).view(1, -1).expand(ids.shape[0], -1)
     model.eval()
-    with torch.inference_mode():
-        output = model.base_model(**inputs)
+    with residual_stream(model, inputs) if residual else contextlib.nullcontext() as stream:
+        with torch.inference_mode():
+            output = model.base_model(**inputs)
+    if stream is not None:
+        output.residual = stream.of(output)
     for probe in engine.probes:
         probe.finish()
     return output

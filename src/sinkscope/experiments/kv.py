@@ -356,14 +356,17 @@ class KV(TextLoss):
         if key not in self._prefills:
             cache = EvictingCache(self._model)
             self._mass.cache = cache
-            # the sinks found in this context ride on its prefill (the same uncompressed forward) when a press
-            # will spend a budget on them, instead of a forward of their own
-            finding = "found" in (self.press_policies or ()) and max(self.protect) > 0
-            found = KeyAttention() if finding and (*key, "found") not in self._rankings else None
+            # the rankings a protect budget will need in this context (the sinks found, the massive tokens) ride
+            # on its prefill, the same uncompressed forward, instead of a forward of their own
+            ranking = self._ranked_on_prefill(key)
+            found = KeyAttention() if "found" in ranking else None
             with engine.probing([*engine.probes, found]) if found is not None else contextlib.nullcontext():
-                cached_forward(engine, cache, torch.tensor([ids]), range(len(ids)))
+                output = cached_forward(engine, cache, torch.tensor([ids]), range(len(ids)),
+                                        residual="massive" in ranking)
             if found is not None:
                 self._rankings[(*key, "found")] = found_ranking(found, len(ids))
+            if "massive" in ranking:
+                self._rankings[(*key, "massive")] = massive_ranking(output.residual[:, 0])
             self._prefills[key] = (cache, dict(self._queries.records))
         prefilled, queries = self._prefills[key]
         copied = copy.deepcopy(prefilled)
@@ -372,6 +375,13 @@ class KV(TextLoss):
             copied.compress(make_press(method.press), method.ratio, self._protected(engine, method, key, ids),
                             queries)
         return copied
+
+    def _ranked_on_prefill(self, key: tuple[str, int]) -> set[str]:
+        """The policies a method spends a protect budget on whose ranking of this context is still missing."""
+        if max(self.protect, default=0) == 0:
+            return set()
+        used = {*(self.press_policies or ()), *(self.quant_policies or ())}
+        return {policy for policy in ("found", "massive") if policy in used and (*key, policy) not in self._rankings}
 
     # -- measuring ------------------------------------------------------------------------------------
     def _window(self, engine: CaptureEngine, method: Method, index: int, ids: list[int]) -> dict[str, Any]:
@@ -528,10 +538,14 @@ def protection_ranking(engine: CaptureEngine, ids: list[int], policy: str) -> li
         return found_ranking(probe, len(ids))
     if policy == "massive":
         with engine.probing([]):
-            residual = engine.forward(tokens, residual=True).residual[:, 0]  # [depths, n, d]
-        scores = activation_metrics.token_massive_ratio(residual[1:].float().numpy())  # the embeddings left out
-    else:
-        raise InputError(f"unknown protect policy '{policy}' (choose from {', '.join(POLICIES)})")
+            return massive_ranking(engine.forward(tokens, residual=True).residual[:, 0])
+    raise InputError(f"unknown protect policy '{policy}' (choose from {', '.join(POLICIES)})")
+
+
+def massive_ranking(residual: torch.Tensor) -> list[int]:
+    """Positions best first by the token's largest activation relative to its depth's median, over the depths
+    of one row's residual stream [depths, n, d] (the embeddings left out); ties: earlier first."""
+    scores = activation_metrics.token_massive_ratio(residual[1:].float().numpy())
     return [int(i) for i in np.argsort(-scores, kind="stable")]
 
 
