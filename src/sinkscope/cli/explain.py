@@ -1,12 +1,14 @@
-"""`sinkscope smoothing`, `noop`, `conditional-heads`: why heads sink (the paper's Section 3)."""
+"""`sinkscope smoothing`, `noop`, `conditional-heads`: why heads sink (the paper's Section 3). Each command's
+options are its experiment's declared settings (`cli.settings.with_settings`), plus those below."""
 
 from __future__ import annotations
 
-from typing import Annotated
-
-import typer
-
+from ..experiments.conditional_heads import TRIGGER_TEXTS, ConditionalHeads
+from ..experiments.inputs import prompt_list
+from ..experiments.noop import Noop
+from ..experiments.smoothing import AttentionSmoothing
 from . import EXPLAIN, app, options, run_command, run_each_condition, user_errors
+from .settings import Settings, with_settings
 
 
 @app.command(rich_help_panel=EXPLAIN)
@@ -16,8 +18,6 @@ def smoothing(model: options.Model = "gemma3-270m", prompts: options.Prompts = N
               resume: options.Resume = False, quiet: options.Quiet = False, device: options.Device = "cpu",
               dtype: options.Dtype = "float32", trust_remote_code: options.TrustRemoteCode = False) -> None:
     """Attention entropy and max weight per head, with vs without the sink (Fig. 3)."""
-    from ..experiments.smoothing import AttentionSmoothing
-
     experiment = AttentionSmoothing(prompts=options.prompts_from(prompts, limit), bos=tuple(bos or ["add", "strip"]),
                                     max_tokens=max_tokens)
     run_command(experiment, model, out=out, resume=resume, quiet=quiet, device=device, dtype=dtype,
@@ -26,38 +26,30 @@ def smoothing(model: options.Model = "gemma3-270m", prompts: options.Prompts = N
 
 @app.command(rich_help_panel=EXPLAIN)
 @user_errors
+@with_settings(Noop)
 def noop(model: options.Model = "gemma3-270m", prompts: options.Prompts = None, bos: options.Bos = None,
          max_tokens: options.MaxTokens = 64, limit: options.Limit = 40,
-         eps: Annotated[float, typer.Option(help="a query sinks when its attention on position 0 exceeds eps, "
-                                                 "in (0, 1)")] = 0.3,
          out: options.Out = None, resume: options.Resume = False, quiet: options.Quiet = False,
          device: options.Device = "cpu", dtype: options.Dtype = "float32",
-         trust_remote_code: options.TrustRemoteCode = False) -> None:
+         trust_remote_code: options.TrustRemoteCode = False, settings: Settings = None) -> None:
     """Value norms and output shares: is attending to the sink an approximate no-op? (Fig. 4)"""
-    from ..experiments.noop import Noop
-
     experiment = Noop(prompts=options.prompts_from(prompts, limit), bos=tuple(bos or ["add"]), max_tokens=max_tokens,
-                      eps=eps)
+                      **(settings or {}))
     run_command(experiment, model, out=out, resume=resume, quiet=quiet, device=device, dtype=dtype,
                 trust_remote_code=trust_remote_code)
 
 
 @app.command("conditional-heads", rich_help_panel=EXPLAIN)
 @user_errors
+@with_settings(ConditionalHeads)
 def conditional_heads(
-    model: options.Model = "gemma3-270m", prompts: options.Prompts = None,
-    trigger: Annotated[str, typer.Option(help="a query follows the trigger when the token before it contains this")]
-    = "'",
-    bos: options.Bos = None, top: Annotated[int, typer.Option(help="heads to list")] = 8,
+    model: options.Model = "gemma3-270m", prompts: options.Prompts = None, bos: options.Bos = None,
     out: options.Out = None, resume: options.Resume = False, quiet: options.Quiet = False,
     device: options.Device = "cpu", dtype: options.Dtype = "float32",
-    trust_remote_code: options.TrustRemoteCode = False,
+    trust_remote_code: options.TrustRemoteCode = False, settings: Settings = None,
 ) -> None:
     """Heads that sink by default but attend elsewhere after a trigger token (the 'apostrophe head')."""
-    from ..experiments.conditional_heads import TRIGGER_TEXTS, ConditionalHeads
-    from ..experiments.inputs import prompt_list
-
     texts = options.prompts_from(prompts) if prompts is not None else prompt_list(TRIGGER_TEXTS)
-    run_each_condition(lambda condition: ConditionalHeads(prompts=texts, trigger=trigger, bos=condition, top=top),
+    run_each_condition(lambda condition: ConditionalHeads(prompts=texts, bos=condition, **(settings or {})),
                        bos, "add", model, out=out, resume=resume, quiet=quiet, device=device, dtype=dtype,
                        trust_remote_code=trust_remote_code)

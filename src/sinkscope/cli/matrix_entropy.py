@@ -3,25 +3,22 @@ and the sink rate per layer, with vs without <bos>."""
 
 from __future__ import annotations
 
-from typing import Annotated
-
-import typer
-
+from ..experiments.matrix_entropy import MatrixEntropy
 from . import EXPLAIN, app, options, run_command, user_errors
+from .settings import Settings, with_settings
 
 
 @app.command("matrix-entropy", rich_help_panel=EXPLAIN)
 @user_errors
+@with_settings(MatrixEntropy)
 def matrix_entropy(
     model: options.Model = "gemma3-270m", prompts: options.Prompts = None, limit: options.Limit = None,
     bos: options.Bos = None, max_tokens: options.MaxTokens = 64,
-    eps: Annotated[float, typer.Option(help="a head is a sink when its alpha exceeds this")] = 0.3,
     batch_size: options.BatchSize = 8, device: options.Device = "cpu", dtype: options.Dtype = "float32",
     out: options.Out = None, resume: options.Resume = False, quiet: options.Quiet = False,
+    settings: Settings = None,
 ) -> None:
     """Matrix entropy of the residual stream per depth (compression valley), <bos> norm, sink rate per layer."""
-    from ..experiments.matrix_entropy import MatrixEntropy
-
     experiment = MatrixEntropy(prompts=options.prompts_from(prompts, limit), bos=tuple(bos or ["add", "strip"]),
-                               max_tokens=max_tokens, eps=eps, batch_size=batch_size)
+                               max_tokens=max_tokens, batch_size=batch_size, **(settings or {}))
     run_command(experiment, model, out=out, resume=resume, quiet=quiet, device=device, dtype=dtype)

@@ -10,7 +10,9 @@ import typer
 from ..data import read_prompts
 from ..experiments.base import run
 from ..experiments.distributed import from_environment
+from ..experiments.scan import Scan, ScanResult
 from . import MEASURE, app, check_out, command_line, console, load_model, options, user_errors
+from .settings import Settings, with_settings
 
 
 def condition_dir(out: Path, bos: str) -> Path:
@@ -62,21 +64,18 @@ def _first_token_audit(result: Any) -> str:
 
 @app.command(rich_help_panel=MEASURE)
 @user_errors
+@with_settings(Scan)
 def scan(
     model: options.Model = "gemma3-270m", prompts: options.Prompts = None, bos: options.Bos = None,
     max_tokens: options.MaxTokens = 64, eps: options.Eps = None, out: options.Out = None,
     resume: options.Resume = False, limit: options.Limit = None, batch_size: options.BatchSize = 8,
-    first_k: Annotated[int, typer.Option(min=1, help="also report the attention mass on the first k tokens")] = 4,
     exclude_self: Annotated[bool, typer.Option(help="leave query 0 out of alpha (Gu et al. keep it)")] = False,
-    per_position: Annotated[bool, typer.Option(
-        help="also write the first-token attention of every query position (table positions, a figure)")] = False,
     path: options.KernelPath = "auto", precision: options.Precision = "float32", device: options.Device = "cpu",
     dtype: options.Dtype = "float32", trust_remote_code: options.TrustRemoteCode = False,
-    quiet: options.Quiet = False,
+    quiet: options.Quiet = False, settings: Settings = None,
 ) -> None:
     """Measure how much every attention head attends to the first token (Gu et al.'s alpha, sink rate)."""
     from ..experiments.inputs import prompt_list
-    from ..experiments.scan import Scan
 
     conditions, thresholds = check_conditions(bos or ["auto"]), check_thresholds(eps)
     texts = prompt_list(read_prompts(prompts) if prompts is not None else None, limit)
@@ -85,8 +84,8 @@ def scan(
     results = []
     for condition in conditions:
         experiment = Scan(prompts=texts, bos=condition, max_tokens=max_tokens, eps=tuple(thresholds),
-                          batch_size=batch_size, first_k=first_k, include_self=not exclude_self, path=path,
-                          precision=precision, per_position=per_position)
+                          batch_size=batch_size, include_self=not exclude_self, path=path, precision=precision,
+                          **(settings or {}))
         target = None if out is None or len(conditions) == 1 else condition_dir(out, condition)
         result = run(experiment, loaded, out=target or out, resume=resume, progress=not quiet,
                      command=command_line(), shard=from_environment())
@@ -103,8 +102,6 @@ def compare(
     out: Annotated[Path | None, typer.Option(help="write side-by-side figures here")] = None,
 ) -> None:
     """Show finished scans side by side (per-layer sink rates, heatmaps)."""
-    from ..experiments.scan import ScanResult
-
     thresholds = check_thresholds(eps)
     check_out(out)
     results = [(r.name, ScanResult.load(r)) for r in runs]

@@ -20,6 +20,7 @@ from collections.abc import Callable, Collection
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from ..experiments.settings import Declared, declared_settings, given_settings
 
@@ -29,8 +30,12 @@ Settings = dict[str, Any] | None  # what a wrapped command receives: {field name
 def _parameter(declared: Declared) -> inspect.Parameter:
     element = declared.element
     kind = list[element] if declared.repeated else element  # type: ignore[valid-type]
-    option = typer.Option(declared.flag, *declared.aliases,
-                          help=f"{declared.help}{'; repeat' if declared.repeated else ''} [{declared.shown_default}]")
+    # escaped: --help renders rich markup, where "[numbers]" would read as a style tag and vanish
+    text = f"{declared.help}{'; repeat' if declared.repeated else ''} [{declared.shown_default}]"
+    flag = declared.flag
+    if element is bool and "/" not in flag:  # a switch: --x / --no-x
+        flag = f"{flag}/--no-{flag.removeprefix('--')}"
+    option = typer.Option(flag, *declared.aliases, help=escape(text))
     return inspect.Parameter(declared.name, inspect.Parameter.KEYWORD_ONLY, default=None,
                              annotation=Annotated[kind | None, option])
 
@@ -56,6 +61,7 @@ def with_settings(cls: type, skip: Collection[str] = ()) -> Callable[[Callable[.
         run.__signature__ = own.replace(parameters=[*kept, *generated], return_annotation=None)  # type: ignore[attr-defined]
         run.__annotations__ = {p.name: p.annotation for p in [*kept, *generated]} | {"return": None}
         del run.__wrapped__  # typer reads the signature above, not the command's own
+        run.settings_of = cls  # type: ignore[attr-defined]  # (what the options were generated from)
         return run
 
     return wrap

@@ -27,6 +27,7 @@ from ..models.loader import LoadedModel
 from .base import Result, run, takes_conditions
 from .inputs import Encoded, bos_conditions, first_token_label, prefix_ids, require_tokenizer
 from .loss import LOSS_CHUNK, TextLoss
+from .settings import setting
 from .whereabouts import TABLE as WHEREABOUTS
 from .whereabouts import whereabouts_rows
 
@@ -60,7 +61,7 @@ class Ablate(TextLoss):
     unit_label = "windows"
 
     bos: tuple[str, ...] = DEFAULT_CONDITIONS
-    per_token: bool = False
+    per_token: bool = setting(False, "also write tokens.parquet")
 
     def __post_init__(self) -> None:
         super().__post_init__()

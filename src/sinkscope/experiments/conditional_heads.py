@@ -26,6 +26,7 @@ from ..errors import InputError
 from ..models.loader import LoadedModel
 from .base import Experiment, Result, run, takes_conditions
 from .inputs import Encoded, bos_conditions, check_context, encode_prompts, prompt_list, require_tokenizer
+from .settings import setting
 
 TRIGGER_TEXTS = [
     "I've been well, and I hope that you're doing well too.",
@@ -78,10 +79,10 @@ class ConditionalHeads(Experiment):
     unit_label = "texts"
 
     prompts: list[Prompt] = field(default_factory=list)
-    trigger: str = "'"
+    trigger: str = setting("'", "a query follows the trigger when the token before it contains this")
     bos: str = "add"
     max_tokens: int | None = 256
-    top: int = 8  # heads listed in the summary
+    top: int = setting(8, "heads to list")
 
     def settings(self) -> dict[str, Any]:
         settings = super().settings()

@@ -22,6 +22,7 @@ from ..conditions import parse_condition, parse_conditions
 from ..errors import InputError
 from ..models.loader import LoadedModel
 from .base import Experiment, Result, run, takes_conditions
+from .settings import setting
 
 BOS_SWITCH = {"add": True, "strip": False}
 COLUMNS = ["bos", "task", "metric", "value"]
@@ -58,8 +59,8 @@ class Downstream(Experiment):
 
     tasks: tuple[str, ...] = ()
     bos: tuple[str, ...] = ("add", "strip")
-    limit: int | None = None
-    num_fewshot: int | None = None
+    limit: int | None = setting(None, "examples per task")
+    num_fewshot: int | None = setting(None, "few-shot examples (none: each task's default)")
     batch_size: int = 1
 
     def __post_init__(self) -> None:

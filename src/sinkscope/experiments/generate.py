@@ -25,6 +25,7 @@ from ..errors import InputError
 from ..models.loader import LoadedModel
 from .base import Experiment, Result, run, takes_conditions
 from .inputs import bos_conditions, encode_prompts, require_tokenizer
+from .settings import setting
 
 DEFAULT_PROMPT = "The old lighthouse keeper climbed the stairs every evening, and on the night of the storm he saw"
 
@@ -79,10 +80,10 @@ class Generate(Experiment):
     result_type = GenerateResult
     unit_label = "continuations"
 
-    prompts: tuple[str, ...] = (DEFAULT_PROMPT,)
+    prompts: tuple[str, ...] = setting((DEFAULT_PROMPT,), "prompt text", flag="--prompt")
     bos: tuple[str, ...] = ("add", "strip")
-    max_new_tokens: int = 40
-    knockout: bool = False
+    max_new_tokens: int = setting(40, "greedy tokens per continuation")
+    knockout: bool = setting(False, "also decode with all heads' sink knocked out")
 
     def __post_init__(self) -> None:
         if not self.prompts or any(not p.strip() for p in self.prompts):

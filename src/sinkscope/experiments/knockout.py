@@ -37,6 +37,7 @@ from ..models.loader import LoadedModel
 from .base import Result, run, takes_conditions
 from .inputs import first_token_label, prefix_ids, require_tokenizer
 from .loss import LOSS_CHUNK, TextLoss
+from .settings import setting
 
 
 def _index_range(piece: str, option: str, example: str) -> range:
@@ -124,14 +125,16 @@ class Knockout(TextLoss):
     result_type = KnockoutResult
     unit_label = "interventions"
 
-    window: int = 256
-    max_windows: int | None = 2
+    window: int = setting(256, "text tokens per window")
+    max_windows: int | None = setting(2, "windows of the text")
     bos: str = "add"
-    layers: str | list[int] | None = None
-    heads: str | list[tuple[int, int]] | None = None
-    per_head: bool = True
-    control: bool = True
-    seed: int = 0
+    layers: str | list[int] | None = setting(None, "e.g. 0-3,7 (none: all)")
+    heads: str | list[tuple[int, int]] | None = setting(
+        None, "single heads to knock out, layer:head, e.g. 5:1,11:0-3 (none: every head of --layers)")
+    per_head: bool = setting(True, "also knock out each head alone")
+    control: bool = setting(True, "also remove one random non-first key per query (all heads, each layer): "
+                            "the control")
+    seed: int = setting(0, "seed of the control's random keys")
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -28,6 +28,7 @@ from ..metrics.loss import token_nll
 from ..models.loader import LoadedModel, text_config
 from .base import Experiment
 from .inputs import check_engine_options, check_length, check_windows, long_text, require_tokenizer, text_windows
+from .settings import setting
 
 LOSS_CHUNK = 256  # positions per LM-head chunk: 256 x 262k vocab x 4 bytes = 268 MB for Gemma
 
@@ -79,10 +80,10 @@ class TextLoss(Experiment):
     scored with a prefix (what sits at position 0) before each window."""
 
     text: LongText | str | Path | None = None  # the text, a UTF-8 file, or None (Hamlet); kept as a LongText
-    window: int = 1024
-    max_windows: int | None = 8
-    stride: int | None = None
-    batch_size: int = 4
+    window: int = setting(1024, "text tokens per window")
+    max_windows: int | None = setting(8, "windows of the text")
+    stride: int | None = setting(None, "window start distance (none: the window)")
+    batch_size: int = setting(4, "windows per forward pass")
     chunk: int = LOSS_CHUNK
     path: str = "auto"
 

@@ -33,6 +33,7 @@ from .inputs import (
     token_strings,
 )
 from .residual import DEPTH_CONVENTION, first_token_counts, residual_streams
+from .settings import setting
 
 FACTORS = activation_metrics.MASSIVE_FACTORS
 
@@ -59,7 +60,7 @@ class MassiveActivations(PromptExperiment):
     whereabouts_rides = True
     result_type = MassiveActivationsResult
 
-    top_k: int = 4
+    top_k: int = setting(4, "top coordinates kept per prompt and depth")
     batch_size: int = 8
 
     def __post_init__(self) -> None:

@@ -37,6 +37,7 @@ from ..models.loader import LoadedModel
 from .base import Result, run, takes_conditions
 from .inputs import Encoded, PromptExperiment, bos_conditions, condition_batches, prompt_list, token_strings
 from .residual import DEPTH_CONVENTION, first_token_counts, residual_streams
+from .settings import setting
 
 
 class MatrixEntropyResult(Result):
@@ -53,7 +54,7 @@ class MatrixEntropy(PromptExperiment):
     whereabouts_rides = True
     result_type = MatrixEntropyResult
 
-    eps: float = sink_metrics.DEFAULT_EPS
+    eps: float = setting(sink_metrics.DEFAULT_EPS, "a head is a sink when its alpha exceeds this")
     batch_size: int = 8
 
     def __post_init__(self) -> None:

@@ -27,6 +27,7 @@ from ..metrics import sink as sink_metrics
 from ..models.loader import LoadedModel
 from .base import Result, run, takes_conditions
 from .inputs import Encoded, PromptExperiment, bos_conditions, check_engine_options, prompt_list
+from .settings import setting
 
 
 class NoopResult(Result):
@@ -44,7 +45,7 @@ class Noop(PromptExperiment):
     result_type = NoopResult
 
     bos: tuple[str, ...] = ("add",)
-    eps: float = 0.3
+    eps: float = setting(0.3, "a query sinks when its attention on position 0 exceeds eps, in (0, 1)")
     path: str = "auto"
 
     def __post_init__(self) -> None:

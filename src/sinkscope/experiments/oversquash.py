@@ -56,6 +56,7 @@ from ..models.loader import LoadedModel
 from .base import Experiment, Result, run, takes_conditions
 from .inputs import bos_conditions, check_context, check_length, encode_one, require_tokenizer, token_label
 from .residual import check_residual_finite
+from .settings import setting
 
 ESTIMATOR_NOTE = ("s2 = mean over probes of ||u^T J||^2 is unbiased for ||J||_F^2 (s2_se: its standard error; "
                   "s2_mean, s2_mean_se, R_s2_mean over the shared sources); s = sqrt(s2), s_mean and R_s_mean are "
@@ -124,15 +125,16 @@ class Oversquash(Experiment):
     unit_label = "conditions"
 
     text: str = SHAKESPEARE
-    target: int = -1
-    probes: int = 16
+    target: int = setting(-1, "target text token j (-1: the last)")
+    probes: int = setting(16, "random probes k (cost: 1 forward + k backward passes)")
     bos: tuple[str, ...] = ("add", "strip")
-    exact: bool = False
-    path_sum: bool = True
+    exact: bool = setting(False, "also the exact Jacobian (d backward passes; small models)")
+    path_sum: bool = setting(True, "attention path-sum bound B (needs the full weights)")
     max_tokens: int | None = 64
-    seed: int = 0
+    seed: int = setting(0, "seed of the random probes")
     texts: tuple[str, ...] = ()  # several texts (independent units) instead of ``text``
-    normed: bool = False  # also the sensitivity of the *normed* state norm(h_j^(L)) (one more backward per probe)
+    # also the sensitivity of the *normed* state norm(h_j^(L)) (one more backward per probe)
+    normed: bool = setting(False, "also the sensitivity after the final norm (k more backward passes)")
 
     def __post_init__(self) -> None:  # settings checked before any model loads
         if self.probes < 0 or (self.probes == 0 and not self.exact):

@@ -26,6 +26,7 @@ from ..models.loader import LoadedModel
 from .base import Experiment, Result, run, takes_conditions
 from .decoding import decoding_context, generate
 from .inputs import bos_conditions, context_limit, encode_one, require_tokenizer
+from .settings import setting
 from .whereabouts import TABLE as WHEREABOUTS
 from .whereabouts import whereabouts_of_heads
 
@@ -69,12 +70,12 @@ class Passkey(Experiment):
     result_type = PasskeyResult
     unit_label = "prompts"
 
-    lengths: tuple[int, ...] = (512, 1024, 2048, 4096)
-    depths: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)
-    trials: int = 3
+    lengths: tuple[int, ...] = setting((512, 1024, 2048, 4096), "prompt length in text tokens", flag="--length")
+    depths: tuple[float, ...] = setting((0.1, 0.3, 0.5, 0.7, 0.9), "depth of the key in [0, 1]", flag="--depth")
+    trials: int = setting(3, "keys per length x depth cell")
     bos: tuple[str, ...] = ("add", "strip")
-    seed: int = 0
-    max_new_tokens: int = 8
+    seed: int = setting(0, "seed of the keys")
+    max_new_tokens: int = setting(8, "greedy tokens decoded for the answer")
 
     def __post_init__(self) -> None:
         if self.trials < 1 or not self.lengths or not self.depths or not self.bos:

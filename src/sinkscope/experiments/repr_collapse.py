@@ -28,6 +28,7 @@ from ..models.tokens import encode
 from .base import Experiment, Result, run, takes_conditions
 from .inputs import bos_conditions, check_length, prefix_ids, require_tokenizer, token_strings
 from .residual import residual_streams
+from .settings import setting
 
 REPR_LENGTHS = (8, 16, 32, 64, 128, 256, 512)
 FAMILIES = ("repeated", "natural")
@@ -59,10 +60,10 @@ class ReprCollapse(Experiment):
     result_type = ReprCollapseResult
     unit_label = "lengths"
 
-    lengths: tuple[int, ...] = REPR_LENGTHS
-    families: tuple[str, ...] = FAMILIES
+    lengths: tuple[int, ...] = setting(REPR_LENGTHS, "text lengths n", flag="--length")
+    families: tuple[str, ...] = setting(FAMILIES, "repeated | natural", flag="--family")
     bos: tuple[str, ...] = ("add", "strip")
-    repeat_token: str = " a"
+    repeat_token: str = setting(" a", "the one token the 'repeated' family repeats")
     text: str | None = None
     repeat_tokens: tuple[str, ...] = ()  # more repeated tokens: each its own sequence (independent units)
 

@@ -37,6 +37,7 @@ from ..models.loader import LoadedModel
 from .base import Experiment, Result, run, takes_conditions
 from .decoding import decoding_context, generate, stop_ids
 from .inputs import bos_conditions, check_token_ids, context_limit, encode_one, prefix_ids, require_tokenizer
+from .settings import setting
 from .whereabouts import TABLE as WHEREABOUTS
 from .whereabouts import whereabouts_of_heads
 
@@ -90,14 +91,16 @@ class Ruler(Experiment):
     result_type = RulerResult
     unit_label = "prompts"
 
-    tasks: tuple[str, ...] = tuple(tasks_.TASKS)
-    lengths: tuple[int, ...] = DEFAULT_LENGTHS
-    depths: tuple[float, ...] = DEFAULT_DEPTHS
-    trials: int = 3
+    tasks: tuple[str, ...] = setting(tuple(tasks_.TASKS), "niah_single, niah_multikey, vt, cwe, ...",
+                                     flag="--task")
+    lengths: tuple[int, ...] = setting(DEFAULT_LENGTHS, "prompt length in text tokens", flag="--length")
+    depths: tuple[float, ...] = setting(DEFAULT_DEPTHS, "depth of the target needle in [0, 1]", flag="--depth")
+    trials: int = setting(3, "prompts (keys, values) per task x length x depth")
     bos: tuple[str, ...] = ("add", "strip")
-    seed: int = 0
-    values: str = "numbers"
-    max_new_tokens: int | None = None  # None: each prompt's own budget (its expected answer once + 8 tokens)
+    seed: int = setting(0, "seed of the needles, keys and values")
+    values: str = setting("numbers", "needle values: numbers | words | uuids")
+    # None: each prompt's own budget (its expected answer once + 8 tokens)
+    max_new_tokens: int | None = setting(None, "greedy tokens per answer (none: each task's)")
     text: str | None = None  # haystack text file (default: the offline Shakespeare text)
 
     def _check(self, loaded: LoadedModel) -> list[str]:

@@ -36,6 +36,7 @@ from .inputs import (
     require_tokenizer,
     token_strings,
 )
+from .settings import setting
 
 
 class ScanResult(Result):
@@ -143,12 +144,13 @@ class Scan(Experiment):
     max_tokens: int | None = 64
     eps: tuple[float, ...] = (0.3, 0.8)
     batch_size: int = 8
-    first_k: int = 4
+    first_k: int = setting(4, "also report the attention mass on the first k tokens")
     include_self: bool = True
     path: str = "auto"
     chunk_size: int = 1024
     precision: str = "float32"
-    per_position: bool = False
+    per_position: bool = setting(False, "also write the first-token attention of every query position (table "
+                                 "positions, a figure)")
 
     def settings(self) -> dict[str, Any]:
         settings = super().settings()

@@ -57,10 +57,10 @@ class Declared:
 
 
 def _without_none(kind: Any) -> Any:
-    """``X | None`` -> ``X``."""
+    """``X | None`` -> ``X``; ``X | Y | None`` -> ``X`` (the first type is what the command line gives, e.g. a
+    layer list ``str | list[int]`` as its text ``0-3,7``)."""
     if typing.get_origin(kind) in (typing.Union, types.UnionType):
-        kept = [k for k in typing.get_args(kind) if k is not type(None)]
-        return kept[0] if len(kept) == 1 else kind
+        return [k for k in typing.get_args(kind) if k is not type(None)][0]
     return kind
 
 

@@ -29,6 +29,7 @@ from ..errors import InputError
 from .base import Result, run, takes_conditions
 from .inputs import Encoded, PromptExperiment, bos_conditions, prompt_list
 from .residual import residual_streams
+from .settings import setting
 
 
 class SpreadResult(Result):
@@ -50,7 +51,7 @@ class Spread(PromptExperiment):
     name = "spread"
     result_type = SpreadResult
 
-    position: float = 0.25
+    position: float = setting(0.25, "where the swapped token sits, as a fraction of the text")
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -35,6 +35,7 @@ from ..models.tokens import encode
 from .base import Experiment, Result, run, takes_conditions
 from .inputs import context_limit, prefix_ids, require_tokenizer
 from .loss import output_logits
+from .settings import setting
 
 
 def cache_label(sinks: int | None) -> str:
@@ -107,12 +108,13 @@ class Stream(Experiment):
 
     text: str | None = None
     source: str | None = None
-    window: int = 256
-    sinks: tuple[int, ...] = (0, 1, 4)
-    full: bool = True
-    length: int = 1024
+    window: int = setting(256, "recent tokens each streaming cache keeps")
+    sinks: tuple[int, ...] = setting((0, 1, 4), "sink tokens kept (0 = window only)")
+    full: bool = setting(True, "also run the full (unbounded) cache")
+    length: int = setting(1024, "tokens to stream, <bos> included")
     bos: str = "add"
-    segments: int = 1  # consecutive pieces of the text, each streamed from an empty cache (independent units)
+    segments: int = setting(1, "consecutive pieces of the text of --length tokens each, streamed together from "
+                            "empty caches (independent units)")
 
     def __post_init__(self) -> None:
         self.sinks = tuple(sorted({int(k) for k in self.sinks}))
