@@ -142,7 +142,12 @@ def plain_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: 
                     attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                     **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The module's attention variant without an engine: SDPA for plain softmax, explicit weights otherwise
-    (lab models are small, so the n x n weights are cheap; they also keep autograd simple)."""
+    (lab models are small, so the n x n weights are cheap; they also keep autograd simple).
+
+    Kept beside `kernels.KERNELS` on purpose: this is the training path (autograd through every op, attention
+    dropout, transformers' own SDPA for plain softmax), where the kernels serve measurement (inference mode,
+    the normaliser every probe reads, no dropout). The formulas are shared: the weights come from
+    `AttentionVariant.weights` (`kernels.softmax_weights`), the fused sink/gate path from `sdpa_attention`."""
     variant = module_variant(module)
     extra_logit = kwargs.pop("s_aux", None)
     extra_logit = kwargs.pop("sinks", None) if extra_logit is None else extra_logit

@@ -49,15 +49,13 @@ class Window:
 class AblateResult(Result):
     """Tables ``ablate`` (condition x window x position bucket) and, with ``per_token``, ``tokens``."""
 
-    experiment = "ablate"
 
 
 @dataclass
-class Ablate(TextLoss):
+class Ablate(TextLoss[AblateResult]):
     """Loss on the same text tokens under each `<bos>` condition."""
 
     name = "ablate"
-    result_type = AblateResult
     unit_label = "windows"
 
     bos: tuple[str, ...] = DEFAULT_CONDITIONS
@@ -165,6 +163,4 @@ def ablate(
     """
     experiment = Ablate(text=text, bos=tuple(bos), window=window, max_windows=max_windows, stride=stride,
                         batch_size=batch_size, per_token=per_token, chunk=chunk, path=path)
-    result = run(experiment, model, out=out, resume=resume, progress=progress, command=command)
-    assert isinstance(result, AblateResult)
-    return result
+    return run(experiment, model, out=out, resume=resume, progress=progress, command=command)

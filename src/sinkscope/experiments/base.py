@@ -28,10 +28,11 @@ import pkgutil
 import platform
 import sys
 import time
+import typing
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar, cast
 
 import pandas as pd
 import torch
@@ -89,7 +90,8 @@ def provenance(loaded: LoadedModel, command: str | None = None, **extra: Any) ->
 
 
 class Result:
-    """Tidy tables + a summary (``summary["provenance"]``: where the numbers came from)."""
+    """Tidy tables + a summary (``summary["provenance"]``: where the numbers came from). ``experiment``: the
+    name of the experiment that makes it, set when that experiment's class is defined."""
 
     experiment: ClassVar[str] = ""
 
@@ -97,11 +99,6 @@ class Result:
         self.tables = tables
         self.summary = summary
         self.run_status = "loaded"  # `run` sets measured | resumed | reused
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if cls.experiment:
-            RESULT_TYPES[cls.experiment] = cls
 
     @property
     def provenance(self) -> dict[str, Any]:
@@ -157,9 +154,14 @@ class Result:
         return kind(tables, summary)
 
 
+ResultT = TypeVar("ResultT", bound=Result)
+
+
 @dataclasses.dataclass
-class Experiment:
-    """Base of every experiment. Subclasses are dataclasses whose fields are their settings."""
+class Experiment(Generic[ResultT]):
+    """Base of every experiment. Subclasses are dataclasses whose fields are their settings, named by their
+    result type: ``class Ruler(Experiment[RulerResult])`` makes `run` return a ``RulerResult``, and
+    ``Result.load`` find that type for a saved ``ruler`` run."""
 
     name: ClassVar[str] = ""
     result_type: ClassVar[type[Result]] = Result
@@ -169,6 +171,16 @@ class Experiment:
     # ... read on the experiment's own forward when it makes exactly one over the units' ids and its probes leave
     # the attention output alone (`WhereaboutsRider`; otherwise the extra forward is made anyway)
     whereabouts_rides: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for base in getattr(cls, "__orig_bases__", ()):  # Experiment[R], PromptExperiment[R], ...
+            found = [a for a in typing.get_args(base) if isinstance(a, type) and issubclass(a, Result)]
+            if found:
+                cls.result_type = found[0]
+        if cls.name and "name" in cls.__dict__ and cls.result_type is not Result:
+            cls.result_type.experiment = cls.name
+            RESULT_TYPES[cls.name] = cls.result_type
 
     # -- what a subclass supplies ---------------------------------------------------------------------
     def prepare(self, loaded: LoadedModel) -> list[Any]:
@@ -256,7 +268,7 @@ def fingerprint(experiment: Experiment, loaded: LoadedModel, units: Sequence[Any
 
 
 def run(
-    experiment: Experiment,
+    experiment: Experiment[ResultT],
     model: LoadedModel | Any,
     *,
     out: str | Path | None = None,
@@ -267,7 +279,7 @@ def run(
     save: bool = True,
     reuse: bool = False,
     replace_stale: bool = False,
-) -> Result:
+) -> ResultT:
     """Run an experiment on a model: measure every batch (resuming from ``out``), summarise, save.
 
     ``reuse`` (with ``resume``): a finished run of the same fingerprint in ``out`` is loaded, not measured again;
@@ -300,7 +312,7 @@ def run(
         if reuse and state == "finished":
             reused = Result.load(rundir.path)
             reused.run_status = "reused"
-            return reused
+            return cast(ResultT, reused)
         status = "resumed" if state in ("resumed", "finished") else status
         finished = rundir.finished_batches() if resume else set()
     mine = [b for b in range(len(batches)) if shard.owns(b)]
@@ -325,7 +337,7 @@ def run(
                                        tables=list(tables), kernels=kernels,
                                        seconds=round(time.time() - started, 3),
                                        **({"processes": shard.world} if shard.world > 1 else {}))
-    result = experiment.result_type(tables, summary)
+    result = cast(ResultT, experiment.result_type(tables, summary))
     result.run_status = status
     if out is not None and save and shard.main:
         result.save(out)

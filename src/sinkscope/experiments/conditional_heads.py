@@ -64,18 +64,16 @@ def text_queries(unit: Encoded) -> np.ndarray:
 class ConditionalHeadsResult(Result):
     """Tables ``conditional_heads`` (heads ranked by drop) and ``queries`` (per text, query, layer, head)."""
 
-    experiment = "conditional_heads"
 
 
 ConditionalResult = ConditionalHeadsResult  # older name
 
 
 @dataclass
-class ConditionalHeads(Experiment):
+class ConditionalHeads(Experiment[ConditionalHeadsResult]):
     """First-token attention of every head for queries after a trigger token vs all other text queries."""
 
     name = "conditional_heads"
-    result_type = ConditionalHeadsResult
     unit_label = "texts"
 
     prompts: list[Prompt] = field(default_factory=list)
@@ -184,6 +182,4 @@ def conditional_heads(
     """Rank heads by how much their first-token attention drops for queries right after a trigger token."""
     experiment = ConditionalHeads(prompts=prompt_list(TRIGGER_TEXTS if texts is None else texts), trigger=trigger,
                                   bos=bos, max_tokens=max_tokens, top=top)
-    result = run(experiment, model, out=out, resume=resume, progress=progress, command=command)
-    assert isinstance(result, ConditionalHeadsResult)
-    return result
+    return run(experiment, model, out=out, resume=resume, progress=progress, command=command)

@@ -46,15 +46,13 @@ class Task:
 class DownstreamResult(Result):
     """Table ``downstream``: one row per bos x task x metric."""
 
-    experiment = "downstream"
 
 
 @dataclass
-class Downstream(Experiment):
+class Downstream(Experiment[DownstreamResult]):
     """lm-eval ``tasks`` once per `<bos>` condition (``add``: the tokenizer's bos on, ``strip``: off)."""
 
     name = "downstream"
-    result_type = DownstreamResult
     unit_label = "tasks"
 
     tasks: tuple[str, ...] = ()
@@ -133,6 +131,4 @@ def downstream(
     """Run lm-eval ``tasks`` once per `<bos>` condition (``add``: the tokenizer's bos on, ``strip``: off)."""
     experiment = Downstream(tasks=tuple(tasks), bos=tuple(bos), limit=limit, num_fewshot=num_fewshot,
                             batch_size=batch_size)
-    result = run(experiment, model, out=out, resume=resume, progress=progress, command=command)
-    assert isinstance(result, DownstreamResult)
-    return result
+    return run(experiment, model, out=out, resume=resume, progress=progress, command=command)

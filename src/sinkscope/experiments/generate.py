@@ -44,7 +44,6 @@ class Continuation:
 class GenerateResult(Result):
     """Table ``generate`` (one row per prompt x condition). No figure: the text is the result."""
 
-    experiment = "generate"
 
 
 def _greedy_config(model: Any, max_new_tokens: int, pad_token_id: int | None) -> Any:
@@ -72,12 +71,11 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 @dataclass
-class Generate(Experiment):
+class Generate(Experiment[GenerateResult]):
     """Greedy continuation of each prompt under each `<bos>` condition (and, with ``knockout``, each
     condition again with all heads' attention to position 0 removed)."""
 
     name = "generate"
-    result_type = GenerateResult
     unit_label = "continuations"
 
     prompts: tuple[str, ...] = setting((DEFAULT_PROMPT,), "prompt text", flag="--prompt")
@@ -160,6 +158,4 @@ def generate_side_by_side(
     reference: ``common_prefix_tokens`` counts the new tokens a continuation shares with it."""
     prompts = [DEFAULT_PROMPT] if prompt is None else [prompt] if isinstance(prompt, str) else list(prompt)
     experiment = Generate(prompts=tuple(prompts), bos=tuple(bos), max_new_tokens=max_new_tokens, knockout=knockout)
-    result = run(experiment, model, out=out, resume=resume, progress=progress, command=command)
-    assert isinstance(result, GenerateResult)
-    return result
+    return run(experiment, model, out=out, resume=resume, progress=progress, command=command)

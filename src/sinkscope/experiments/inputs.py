@@ -23,7 +23,7 @@ from ..data.texts import LongText, load_text, read_text_file
 from ..errors import InputError, TokenizationError
 from ..models.loader import LoadedModel, text_config
 from ..models.tokens import encode
-from .base import Experiment
+from .base import Experiment, ResultT
 
 TOKENS_PER_BATCH = 8192  # padded tokens per forward pass: long inputs run one (or a few) at a time
 _PROBE_TEXT = "Hello world"
@@ -300,7 +300,7 @@ def pad_right(sequences: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.T
 
 # -- experiments over prompts x conditions -----------------------------------------------------------
 @dataclass
-class PromptExperiment(Experiment):
+class PromptExperiment(Experiment[ResultT]):
     """An experiment whose units are prompts x `<bos>` conditions: one `Encoded` each, condition by
     condition, checked against the model's context. Subclasses add their settings and what they measure."""
 

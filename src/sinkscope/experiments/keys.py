@@ -63,16 +63,14 @@ CONTEXT_ROWS, CONTEXT_BEFORE, CONTEXT_AFTER = 50, 6, 3  # the strongest keys get
 class KeysResult(Result):
     """Tables ``keys`` (per key), ``positions`` and ``sink_tokens`` (aggregates)."""
 
-    experiment = "keys"
 
 
 @dataclass
-class KeyAttentionExperiment(Experiment):
+class KeyAttentionExperiment(Experiment[KeysResult]):
     """alpha_k of every key of every sequence, per layer and head, and the tokens that act as sinks."""
 
     name = "keys"
     whereabouts_rides = True
-    result_type = KeysResult
     unit_label = "sequences"
 
     text: LongText | str | Path | None = None  # used when no prompts are given
@@ -277,6 +275,4 @@ def keys(model: LoadedModel | Any, text: str | Path | LongText | None = None, *,
     experiment = KeyAttentionExperiment(
         text=None if prompts is not None else text, prompts=[] if prompts is None else prompt_list(prompts),
         bos=bos, **given_settings(KeyAttentionExperiment, settings))
-    result = run(experiment, model, out=out, resume=resume, progress=progress, command=command)
-    assert isinstance(result, KeysResult)
-    return result
+    return run(experiment, model, out=out, resume=resume, progress=progress, command=command)

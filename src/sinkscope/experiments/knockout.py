@@ -114,15 +114,13 @@ class KnockoutResult(Result):
     """Tables ``knockout`` (one row per intervention: scope, layer, head, target, loss, Δloss and its 95%
     interval over windows, ...) and ``windows`` (intervention x window: that window's mean Δloss)."""
 
-    experiment = "knockout"
 
 
 @dataclass
-class Knockout(TextLoss):
+class Knockout(TextLoss[KnockoutResult]):
     """Δloss when the attention to position 0 is removed in all heads, per layer and per head."""
 
     name = "knockout"
-    result_type = KnockoutResult
     unit_label = "interventions"
 
     window: int = setting(256, "text tokens per window")
@@ -311,6 +309,4 @@ def knockout(
         path=path, bos=bos, layers=layers if layers is None or isinstance(layers, str) else [int(x) for x in layers],
         heads=heads if heads is None or isinstance(heads, str) else [(int(a), int(b)) for a, b in heads],
         per_head=per_head, control=control, seed=seed)
-    result = run(experiment, model, out=out, resume=resume, progress=progress, command=command)
-    assert isinstance(result, KnockoutResult)
-    return result
+    return run(experiment, model, out=out, resume=resume, progress=progress, command=command)

@@ -140,15 +140,13 @@ class KVResult(Result):
     """Tables ``kv`` (one row per method), ``windows`` (method x window), ``retrieval`` (method x prompt) and
     ``retrieval_tasks`` (method x task)."""
 
-    experiment = "kv"
 
 
 @dataclass
-class KV(TextLoss):
+class KV(TextLoss[KVResult]):
     """Loss, retrieval through the cache, bytes and sink mass per compressed cache (see the module docstring)."""
 
     name = "kv"
-    result_type = KVResult
     unit_label = "caches"
 
     window: int = setting(160, "text tokens per window (<bos> comes on top)")
@@ -608,6 +606,4 @@ def kv(model: LoadedModel | Any, text: str | Path | LongText | None = None, *, g
     ``policies``: which k tokens a protect budget keeps (`POLICIES`: the first k, the sinks found in the context,
     the tokens with massive activations), each compared at the same k, so at the same bytes."""
     experiment = KV(text=text, bos=bos, **kv_settings(grid, settings))
-    result = run(experiment, model, out=out, resume=resume, progress=progress, command=command)
-    assert isinstance(result, KVResult)
-    return result
+    return run(experiment, model, out=out, resume=resume, progress=progress, command=command)

@@ -26,7 +26,7 @@ from ..data.texts import LongText
 from ..errors import InputError
 from ..metrics.loss import token_nll
 from ..models.loader import LoadedModel, text_config
-from .base import Experiment
+from .base import Experiment, ResultT
 from .inputs import check_engine_options, check_length, check_windows, long_text, require_tokenizer, text_windows
 from .settings import setting
 
@@ -75,7 +75,7 @@ def window_nll(engine: CaptureEngine, windows: torch.Tensor, prefix: Sequence[in
 
 
 @dataclass
-class TextLoss(Experiment):
+class TextLoss(Experiment[ResultT]):
     """Settings and inputs shared by the loss experiments: one long text cut into windows of text tokens,
     scored with a prefix (what sits at position 0) before each window."""
 

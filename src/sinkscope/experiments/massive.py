@@ -41,7 +41,6 @@ FACTORS = activation_metrics.MASSIVE_FACTORS
 class MassiveActivationsResult(Result):
     """Tables ``massive`` (one row per prompt x bos x depth) and ``top_activations`` (top-k coordinates)."""
 
-    experiment = "massive"
 
     def ratio_by_depth(self, bos: str, how: str = "median") -> np.ndarray:
         """max/median ratio per depth [layers + 1] over prompts (``how``: median, mean, min or max)."""
@@ -53,12 +52,11 @@ class MassiveActivationsResult(Result):
 
 
 @dataclass
-class MassiveActivations(PromptExperiment):
+class MassiveActivations(PromptExperiment[MassiveActivationsResult]):
     """Massive-activation statistics of every prompt's residual stream at every depth, per `<bos>` condition."""
 
     name = "massive"
     whereabouts_rides = True
-    result_type = MassiveActivationsResult
 
     top_k: int = setting(4, "top coordinates kept per prompt and depth")
     batch_size: int = 8
@@ -157,6 +155,4 @@ def massive_activations(
     """
     experiment = MassiveActivations(prompts=prompt_list(texts), bos=tuple(bos_conditions(bos)),
                                     max_tokens=max_tokens, top_k=top_k, batch_size=batch_size)
-    result = run(experiment, model, out=out, resume=resume, progress=progress, command=command)
-    assert isinstance(result, MassiveActivationsResult)
-    return result
+    return run(experiment, model, out=out, resume=resume, progress=progress, command=command)

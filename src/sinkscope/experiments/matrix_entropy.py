@@ -43,16 +43,14 @@ from .settings import setting
 class MatrixEntropyResult(Result):
     """Tables ``matrix_entropy`` (prompt x bos x depth), ``sink_rate`` (prompt x bos x layer), ``per_depth``."""
 
-    experiment = "matrix_entropy"
 
 
 @dataclass
-class MatrixEntropy(PromptExperiment):
+class MatrixEntropy(PromptExperiment[MatrixEntropyResult]):
     """Matrix entropy of the residual stream per depth, the position-0 norm and the sink rate per layer."""
 
     name = "matrix_entropy"
     whereabouts_rides = True
-    result_type = MatrixEntropyResult
 
     eps: float = setting(sink_metrics.DEFAULT_EPS, "a head is a sink when its alpha exceeds this")
     batch_size: int = 8
@@ -177,6 +175,4 @@ def matrix_entropy_by_depth(
     ``texts``: strings or Prompts (default: the built-in probe set)."""
     experiment = MatrixEntropy(prompts=prompt_list(texts), bos=tuple(bos_conditions(bos)), max_tokens=max_tokens,
                                eps=eps, batch_size=batch_size)
-    result = run(experiment, model, out=out, resume=resume, progress=progress, command=command)
-    assert isinstance(result, MatrixEntropyResult)
-    return result
+    return run(experiment, model, out=out, resume=resume, progress=progress, command=command)

@@ -33,16 +33,14 @@ from .settings import setting
 class NoopResult(Result):
     """Table ``noop``: one row per prompt x bos x layer x head."""
 
-    experiment = "noop"
 
 
 @dataclass
-class Noop(PromptExperiment):
+class Noop(PromptExperiment[NoopResult]):
     """Value norms and output shares of every head, per prompt and `<bos>` condition."""
 
     name = "noop"
     whereabouts_rides = True
-    result_type = NoopResult
 
     bos: tuple[str, ...] = ("add",)
     eps: float = setting(0.3, "a query sinks when its attention on position 0 exceeds eps, in (0, 1)")
@@ -127,6 +125,4 @@ def noop(
     """Value norms and output shares per (prompt, bos, layer, head): is the sink an approximate no-op?"""
     experiment = Noop(prompts=prompt_list(texts, limit), bos=tuple(bos_conditions(bos)), max_tokens=max_tokens,
                       eps=eps, path=path)
-    result = run(experiment, model, out=out, resume=resume, progress=progress, command=command)
-    assert isinstance(result, NoopResult)
-    return result
+    return run(experiment, model, out=out, resume=resume, progress=progress, command=command)

@@ -68,7 +68,6 @@ EXACT_MAX_DIM = 2048  # exact mode costs d backward passes
 class OversquashResult(Result):
     """Table ``sensitivity``: one row per bos x source position."""
 
-    experiment = "oversquash"
 
 
 @dataclass(frozen=True)
@@ -117,11 +116,10 @@ def _checked_target(target: int, n_text: int) -> int:
 
 
 @dataclass
-class Oversquash(Experiment):
+class Oversquash(Experiment[OversquashResult]):
     """Jacobian sensitivity of one text token to every earlier position, and the path-sum bound, per condition."""
 
     name = "oversquash"
-    result_type = OversquashResult
     unit_label = "conditions"
 
     text: str = SHAKESPEARE
@@ -345,6 +343,4 @@ def oversquash(
     """
     experiment = Oversquash(text=text, target=target, probes=probes, bos=tuple(bos_conditions(bos)), exact=exact,
                             path_sum=path_sum, max_tokens=max_tokens, seed=seed, texts=tuple(texts), normed=normed)
-    result = run(experiment, model, out=out, resume=resume, progress=progress, command=command)
-    assert isinstance(result, OversquashResult)
-    return result
+    return run(experiment, model, out=out, resume=resume, progress=progress, command=command)

@@ -49,7 +49,6 @@ class Trial:
 class PasskeyResult(Result):
     """Table ``passkey``: one row per bos x length x depth x trial."""
 
-    experiment = "passkey"
 
 
 def _generation_config(model: Any, max_new_tokens: int) -> Any:
@@ -63,11 +62,10 @@ def _generation_config(model: Any, max_new_tokens: int) -> Any:
 
 
 @dataclass
-class Passkey(Experiment):
+class Passkey(Experiment[PasskeyResult]):
     """Greedy passkey retrieval per (bos, length, depth, trial)."""
 
     name = "passkey"
-    result_type = PasskeyResult
     unit_label = "prompts"
 
     lengths: tuple[int, ...] = setting((512, 1024, 2048, 4096), "prompt length in text tokens", flag="--length")
@@ -156,6 +154,4 @@ def passkey(
     continues an interrupted run."""
     experiment = Passkey(lengths=tuple(lengths), depths=tuple(depths), trials=trials, bos=tuple(bos), seed=seed,
                          max_new_tokens=max_new_tokens)
-    result = run(experiment, model, out=out, resume=resume, progress=progress, command=command)
-    assert isinstance(result, PasskeyResult)
-    return result
+    return run(experiment, model, out=out, resume=resume, progress=progress, command=command)

@@ -64,7 +64,6 @@ def swap_word(text: str, old: str, new: str) -> tuple[str, int]:
 class PerturbResult(Result):
     """Table ``delta``: one row per bos x depth x text token."""
 
-    experiment = "perturb"
 
 
 @dataclass(frozen=True)
@@ -78,11 +77,10 @@ class SwapPair:
 
 
 @dataclass
-class Perturb(Experiment):
+class Perturb(Experiment[PerturbResult]):
     """Perturbation spread of a one-word swap under each `<bos>` condition (see the module docstring)."""
 
     name = "perturb"
-    result_type = PerturbResult
     unit_label = "conditions"
 
     text: str = SHAKESPEARE
@@ -209,6 +207,4 @@ def perturb(
     that change nothing, or that change the token count are refused (InputError).
     """
     experiment = Perturb(text=text, swap=swap, bos=tuple(bos_conditions(bos)), max_tokens=max_tokens)
-    result = run(experiment, model, out=out, resume=resume, progress=progress, command=command)
-    assert isinstance(result, PerturbResult)
-    return result
+    return run(experiment, model, out=out, resume=resume, progress=progress, command=command)

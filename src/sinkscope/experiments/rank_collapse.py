@@ -40,7 +40,6 @@ class RankCollapseResult(Result):
     """Tables ``rank_collapse`` (one row per prompt x bos x depth x exclude_sink x measure) and ``per_depth``
     (means over prompts)."""
 
-    experiment = "rank_collapse"
 
     def per_depth(self, measure: str, bos: str, exclude_sink: bool = False) -> NDArray[np.float64]:
         """Mean of `measure` over prompts at every depth [layers + 1] for one condition."""
@@ -52,12 +51,11 @@ class RankCollapseResult(Result):
 
 
 @dataclass
-class RankCollapse(PromptExperiment):
+class RankCollapse(PromptExperiment[RankCollapseResult]):
     """Rank-collapse measures of each prompt's residual stream at every depth, per `<bos>` condition."""
 
     name = "rank_collapse"
     whereabouts_rides = True
-    result_type = RankCollapseResult
 
     exclude_sink: tuple[bool, ...] = (False, True)
     batch_size: int = 8
@@ -154,6 +152,4 @@ def rank_collapse(
     experiment = RankCollapse(prompts=prompt_list(texts), bos=tuple(bos_conditions(bos)), max_tokens=max_tokens,
                               exclude_sink=(exclude_sink,) if isinstance(exclude_sink, bool) else tuple(exclude_sink),
                               batch_size=batch_size)
-    result = run(experiment, model, out=out, resume=resume, progress=progress, command=command)
-    assert isinstance(result, RankCollapseResult)
-    return result
+    return run(experiment, model, out=out, resume=resume, progress=progress, command=command)

@@ -37,7 +37,6 @@ FAMILIES = ("repeated", "natural")
 class ReprCollapseResult(Result):
     """Table ``repr_collapse``: one row per family x bos x length n."""
 
-    experiment = "repr_collapse"
 
 
 @dataclass(frozen=True)
@@ -53,11 +52,10 @@ class Trial:
 
 
 @dataclass
-class ReprCollapse(Experiment):
+class ReprCollapse(Experiment[ReprCollapseResult]):
     """Last-token distance between a sequence and the same with its last token repeated, by length n."""
 
     name = "repr_collapse"
-    result_type = ReprCollapseResult
     unit_label = "lengths"
 
     lengths: tuple[int, ...] = setting(REPR_LENGTHS, "text lengths n", flag="--length")
@@ -187,6 +185,4 @@ def representational_collapse(
     experiment = ReprCollapse(lengths=(lengths,) if isinstance(lengths, int) else tuple(lengths),
                               families=(families,) if isinstance(families, str) else tuple(families),
                               bos=tuple(bos_conditions(bos)), repeat_token=repeat_token, text=text)
-    result = run(experiment, model, out=out, resume=resume, progress=progress, command=command)
-    assert isinstance(result, ReprCollapseResult)
-    return result
+    return run(experiment, model, out=out, resume=resume, progress=progress, command=command)

@@ -50,7 +50,6 @@ COLUMNS = ["task", "length", "depth", "trial", "bos", "n_tokens", "text_tokens",
 class RulerResult(Result):
     """Tables ``ruler`` (per unit), ``accuracy`` (task x length x bos, with intervals), ``difference``."""
 
-    experiment = "ruler"
 
     @property
     def frame(self) -> pd.DataFrame:
@@ -84,11 +83,10 @@ class RulerUnit:
 
 
 @dataclass
-class Ruler(Experiment):
+class Ruler(Experiment[RulerResult]):
     """Greedy RULER-style tasks per task x length x depth x trial x `<bos>` condition."""
 
     name = "ruler"
-    result_type = RulerResult
     unit_label = "prompts"
 
     tasks: tuple[str, ...] = setting(tuple(tasks_.TASKS), "niah_single, niah_multikey, vt, cwe, ...",
@@ -312,6 +310,4 @@ def ruler(
         depths=tuple(float(d) for d in depths), trials=int(trials), bos=tuple(bos), seed=int(seed), values=values,
         max_new_tokens=max_new_tokens, text=None if text is None else str(text),
     )
-    result = run(experiment, model, out=out, resume=resume, progress=progress, command=command)
-    assert isinstance(result, RulerResult)
-    return result
+    return run(experiment, model, out=out, resume=resume, progress=progress, command=command)

@@ -42,7 +42,6 @@ from .settings import setting
 class ScanResult(Result):
     """Tidy per-(prompt, layer, head) results of a scan (table ``alpha``) and per-layer rates (``per_layer``)."""
 
-    experiment = "scan"
 
     @property
     def frame(self) -> pd.DataFrame:
@@ -130,12 +129,11 @@ class ScanResult(Result):
 
 
 @dataclass
-class Scan(Experiment):
+class Scan(Experiment[ScanResult]):
     """First-token attention of every head on each prompt under one condition (position 0 + intervention)."""
 
     name = "scan"
     whereabouts_rides = True
-    result_type = ScanResult
     unit_label = "prompts"
 
     prompts: list[Prompt] = field(default_factory=list)
@@ -336,6 +334,4 @@ def scan(
     )
     if input_ids is not None and not input_ids:
         raise InputError("nothing to scan: no prompts")
-    result = run(experiment, model, out=out, resume=resume, progress=progress, command=command)
-    assert isinstance(result, ScanResult)
-    return result
+    return run(experiment, model, out=out, resume=resume, progress=progress, command=command)

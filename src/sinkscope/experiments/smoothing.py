@@ -31,16 +31,14 @@ COLUMNS = ("entropy", "max_weight", "entropy_norm", "entropy_text", "n_keys")
 class SmoothingResult(Result):
     """Table ``smoothing``: one row per prompt x bos x layer x head (entropy in nats, max weight)."""
 
-    experiment = "smoothing"
 
 
 @dataclass
-class AttentionSmoothing(PromptExperiment):
+class AttentionSmoothing(PromptExperiment[SmoothingResult]):
     """Entropy and max weight of every head's attention over the text-token queries, per `<bos>` condition."""
 
     name = "smoothing"
     whereabouts_rides = True
-    result_type = SmoothingResult
 
     path: str = "auto"
 
@@ -100,6 +98,4 @@ def attention_smoothing(
     """Mean attention entropy and max weight per (prompt, bos, layer, head) over the text-token queries."""
     experiment = AttentionSmoothing(prompts=prompt_list(texts, limit), bos=tuple(bos_conditions(bos)),
                                     max_tokens=max_tokens, path=path)
-    result = run(experiment, model, out=out, resume=resume, progress=progress, command=command)
-    assert isinstance(result, SmoothingResult)
-    return result
+    return run(experiment, model, out=out, resume=resume, progress=progress, command=command)

@@ -35,7 +35,6 @@ from .settings import setting
 class SpreadResult(Result):
     """Table ``spread``: one row per prompt x condition x depth (``S``, ``S_rel``, ``S_normed``)."""
 
-    experiment = "spread"
 
 
 def swap_index(unit: Encoded, position: float) -> int:
@@ -45,11 +44,10 @@ def swap_index(unit: Encoded, position: float) -> int:
 
 
 @dataclass
-class Spread(PromptExperiment):
+class Spread(PromptExperiment[SpreadResult]):
     """Perturbation spread of a one-token swap per prompt, under each condition (see the module docstring)."""
 
     name = "spread"
-    result_type = SpreadResult
 
     position: float = setting(0.25, "where the swapped token sits, as a fraction of the text")
 
@@ -115,6 +113,4 @@ def spread(model: Any, texts: Sequence[str | Prompt] | None = None, *, bos: str 
     condition; each prompt is one unit (see the module docstring)."""
     experiment = Spread(prompts=prompt_list(texts, limit), bos=tuple(bos_conditions(bos)), max_tokens=max_tokens,
                         position=position)
-    result = run(experiment, model, out=out, resume=resume, progress=progress, command=command)
-    assert isinstance(result, SpreadResult)
-    return result
+    return run(experiment, model, out=out, resume=resume, progress=progress, command=command)

@@ -45,7 +45,6 @@ def cache_label(sinks: int | None) -> str:
 class StreamResult(Result):
     """Table ``stream``: cache x position (``nll``, ``cache_bytes``, ``rss_bytes``)."""
 
-    experiment = "stream"
 
 
 def _default_text() -> tuple[str, str]:
@@ -99,11 +98,10 @@ def _run(runner: Any, ids: torch.Tensor, cache: Any, prefill: int) -> pd.DataFra
 
 
 @dataclass
-class Stream(Experiment):
+class Stream(Experiment[StreamResult]):
     """Next-token NLL per position and cache bytes for a full cache and StreamingLLM caches."""
 
     name = "stream"
-    result_type = StreamResult
     unit_label = "caches"
 
     text: str | None = None
@@ -236,6 +234,4 @@ def stream(
     run (``out``/``resume``)."""
     experiment = Stream(text=text, source=source, window=window, sinks=tuple(sinks), full=full, length=length,
                         bos=bos, segments=segments)
-    result = run(experiment, model, out=out, resume=resume, progress=progress, command=command)
-    assert isinstance(result, StreamResult)
-    return result
+    return run(experiment, model, out=out, resume=resume, progress=progress, command=command)
