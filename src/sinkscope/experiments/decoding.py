@@ -8,7 +8,7 @@ every cached step (the first token is found by its position, so a sliding window
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -46,14 +46,15 @@ def stop_ids(model: Any) -> set[int]:
 
 
 def greedy_through_cache(engine: CaptureEngine, cache: Any, first: int, position: int, max_new_tokens: int,
-                         logits: Any) -> list[int]:
+                         logits: Any, done: Callable[[list[int]], bool] | None = None) -> list[int]:
     """Greedy decoding through a (compressed) cache already holding the prompt: ``first`` is the greedy token
     after the prompt, at ``position``; each step feeds the last token and takes the argmax of ``logits(hidden)``
     (the model's output logits), up to ``max_new_tokens`` tokens, stopping after an end-of-sequence token
-    (which is not returned)."""
+    (which is not returned), or once ``done(tokens so far)`` (e.g. a score that more text cannot change)."""
     stops = stop_ids(engine.model)
     written = [int(first)]
-    while len(written) < max_new_tokens and written[-1] not in stops:
+    while (len(written) < max_new_tokens and written[-1] not in stops
+           and not (done is not None and done(written))):
         step = position + len(written) - 1
         hidden = cached_forward(engine, cache, torch.tensor([[written[-1]]]), [step]).last_hidden_state
         with torch.inference_mode():

@@ -36,10 +36,9 @@ on the key at position 0, read through the capture engine from the cache (`captu
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -328,9 +327,11 @@ class KV(TextLoss[KVResult]):
         return QuantisedCache(self._model)
 
     def open(self, loaded: LoadedModel) -> CaptureEngine:
+        # each probe is attached only where it is read (probes only read: the numbers are the same either way):
+        # the sink mass while scoring windows, SnapKV's last queries during a press's prefill
         self._mass = KeptSinkMass(QuantisedCache(loaded.model))
         self._queries = LastQueries(SNAPKV_WINDOW)
-        return CaptureEngine(loaded, [self._mass, self._queries], path=self.path)
+        return CaptureEngine(loaded, [], path=self.path)
 
     def _protected(self, engine: CaptureEngine, method: Method, key: tuple[str, int], ids: list[int]) -> list[int]:
         """The positions the method's protect budget keeps in this context: the first k, or the k found by its
@@ -348,17 +349,15 @@ class KV(TextLoss[KVResult]):
         press start from one uncompressed prefill per context (it is the same forward): a copy of it."""
         if method.kind == "quant":
             cache = self._cache(method, self._protected(engine, method, key, ids))
-            self._mass.cache = cache
             cached_forward(engine, cache, torch.tensor([ids]), range(len(ids)))
             return cache
         if key not in self._prefills:
             cache = EvictingCache(self._model)
-            self._mass.cache = cache
             # the rankings a protect budget will need in this context (the sinks found, the massive tokens) ride
             # on its prefill, the same uncompressed forward, instead of a forward of their own
             ranking = self._ranked_on_prefill(key)
             found = KeyAttention() if "found" in ranking else None
-            with engine.probing([*engine.probes, found]) if found is not None else contextlib.nullcontext():
+            with engine.probing([self._queries, *([found] if found is not None else [])]):
                 output = cached_forward(engine, cache, torch.tensor([ids]), range(len(ids)),
                                         residual="massive" in ranking)
             if found is not None:
@@ -391,7 +390,8 @@ class KV(TextLoss[KVResult]):
         nll, mass = [], []
         for chunk in range(start, len(sequence) - 1, self.step):
             stop = min(chunk + self.step, len(sequence) - 1)
-            hidden = cached_forward(engine, cache, torch.tensor([sequence[chunk:stop]]), range(chunk, stop))
+            with engine.probing([self._mass]):
+                hidden = cached_forward(engine, cache, torch.tensor([sequence[chunk:stop]]), range(chunk, stop))
             targets = torch.tensor([sequence[chunk + 1:stop + 1]])
             nll.append(hidden_nll(engine.model, hidden.last_hidden_state, targets, self.chunk)[0])
             mass.append(torch.stack([self._mass.records[layer] for layer in sorted(self._mass.records)])[:, 0])
@@ -405,9 +405,8 @@ class KV(TextLoss[KVResult]):
         one teacher-forced forward of the expected answer. Where every greedy token follows the answer and the
         text so far already scores 1, greedy decoding would write the same beginning and can only keep the
         score: that is the result. Otherwise the answer is decoded greedily from the cache as it stood after
-        the question (a copy), token by token."""
+        the question (a copy), token by token. No probe is attached: retrieval reads only the model's output."""
         cache = self._filled(engine, method, ("retrieval", index), item.context)
-        self._mass.cache = cache
         start = len(item.context) + len(item.question)
         asked = cached_forward(engine, cache, torch.tensor([item.question]), range(len(item.context), start))
         after_question = copy.deepcopy(cache)
@@ -420,13 +419,19 @@ class KV(TextLoss[KVResult]):
         written = self._tokenizer.decode(greedy, skip_special_tokens=True)
         teacher_forced = greedy[:-1] == list(item.answer) and item.score(written) == 1.0
         if not teacher_forced:
-            self._mass.cache = after_question
             tokens = greedy_through_cache(engine, after_question, greedy[0], start, item.max_new_tokens,
-                                          lambda h: output_logits(engine.model, h))
+                                          lambda h: output_logits(engine.model, h), self._scored_in_full(item))
             written = self._tokenizer.decode(tokens, skip_special_tokens=True)
         return {"task": item.task, "prompt": index, "trial": item.trial, "depth": item.depth,
                 "answer": written, "score": item.score(written), "answer_nll": answer_nll,
                 "decoded": "teacher-forced" if teacher_forced else "greedy"}
+
+    def _scored_in_full(self, item: RetrievalItem) -> Callable[[list[int]], bool] | None:
+        """Where more text cannot change a score (RULER's string_match_all only finds more of the expected
+        strings), decoding may stop once the text so far scores 1; the passkey's first number can still change."""
+        if item.task == "passkey":
+            return None
+        return lambda tokens: item.score(self._tokenizer.decode(tokens, skip_special_tokens=True)) == 1.0
 
     def measure(self, engine: CaptureEngine, units: Sequence[Method]) -> dict[str, pd.DataFrame]:
         method = units[0]
