@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 
 from ..data import Prompt
 from ..errors import InputError
@@ -26,13 +25,11 @@ from ..models.loader import LoadedModel
 from .base import Result, run, takes_conditions
 from .inputs import (
     Encoded,
-    PromptExperiment,
     bos_conditions,
-    condition_batches,
     prompt_list,
     token_strings,
 )
-from .residual import DEPTH_CONVENTION, first_token_counts, residual_streams
+from .residual import DEPTH_CONVENTION, ResidualPromptExperiment, first_token_counts
 from .settings import setting
 
 FACTORS = activation_metrics.MASSIVE_FACTORS
@@ -52,34 +49,20 @@ class MassiveActivationsResult(Result):
 
 
 @dataclass
-class MassiveActivations(PromptExperiment[MassiveActivationsResult]):
+class MassiveActivations(ResidualPromptExperiment[MassiveActivationsResult]):
     """Massive-activation statistics of every prompt's residual stream at every depth, per `<bos>` condition."""
 
     name = "massive"
     whereabouts_rides = True
 
     top_k: int = setting(4, "top coordinates kept per prompt and depth")
-    batch_size: int = 8
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.top_k < 1:
             raise InputError("top_k must be at least 1")
 
-    def batches(self, units: Sequence[Encoded]) -> list[list[int]]:
-        return condition_batches(units, self.batch_size)
-
-    def measure(self, engine: Any, units: Sequence[Encoded]) -> dict[str, pd.DataFrame]:
-        labels = [self.label(u) for u in units]
-        depth_frames, top_frames = [], []
-        for unit, stream in zip(units, residual_streams(engine, [u.ids for u in units], labels), strict=True):
-            depths, top = self._rows(stream.to(torch.float64).cpu().numpy(), unit)
-            depth_frames.append(depths)
-            top_frames.append(top)
-        return {"massive": pd.concat(depth_frames, ignore_index=True),
-                "top_activations": pd.concat(top_frames, ignore_index=True)}
-
-    def _rows(self, residual: np.ndarray, unit: Encoded) -> tuple[pd.DataFrame, pd.DataFrame]:
+    def rows(self, residual: np.ndarray, unit: Encoded, row: int) -> dict[str, pd.DataFrame]:
         n_depths = residual.shape[0]
         tokens = token_strings(self._tokenizer, unit.ids)
         stats = activation_metrics.activation_stats(residual, FACTORS)
@@ -102,7 +85,7 @@ class MassiveActivations(PromptExperiment[MassiveActivationsResult]):
             "token_index": token_index.reshape(-1), "token": [tokens[t] for t in token_index.reshape(-1)],
             "dim": dim.reshape(-1), "value": value.reshape(-1), "ratio_to_median": ratio_to_median.reshape(-1),
         })
-        return depths, top
+        return {"massive": depths, "top_activations": top}
 
     def summarise(self, loaded: LoadedModel, tables: dict[str, pd.DataFrame], units: Sequence[Encoded]
                   ) -> dict[str, Any]:

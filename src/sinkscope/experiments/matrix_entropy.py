@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 
 from ..capture import FirstTokenAttention, Probe
 from ..data import Prompt
@@ -35,8 +34,8 @@ from ..metrics.matrix_entropy import matrix_entropy
 from ..metrics.stats import bootstrap_interval, paired_difference_interval
 from ..models.loader import LoadedModel
 from .base import Result, run, takes_conditions
-from .inputs import Encoded, PromptExperiment, bos_conditions, condition_batches, prompt_list, token_strings
-from .residual import DEPTH_CONVENTION, first_token_counts, residual_streams
+from .inputs import Encoded, bos_conditions, prompt_list, token_strings
+from .residual import DEPTH_CONVENTION, ResidualPromptExperiment, first_token_counts
 from .settings import setting
 
 
@@ -46,14 +45,13 @@ class MatrixEntropyResult(Result):
 
 
 @dataclass
-class MatrixEntropy(PromptExperiment[MatrixEntropyResult]):
+class MatrixEntropy(ResidualPromptExperiment[MatrixEntropyResult]):
     """Matrix entropy of the residual stream per depth, the position-0 norm and the sink rate per layer."""
 
     name = "matrix_entropy"
     whereabouts_rides = True
 
     eps: float = setting(sink_metrics.DEFAULT_EPS, "a head is a sink when its alpha exceeds this")
-    batch_size: int = 8
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -62,26 +60,16 @@ class MatrixEntropy(PromptExperiment[MatrixEntropyResult]):
         if self.max_tokens is not None and self.max_tokens < 2:
             raise InputError("--max-tokens must be at least 2 (an entropy needs tokens)")
 
-    def batches(self, units: Sequence[Encoded]) -> list[list[int]]:
-        return condition_batches(units, self.batch_size)
-
     def probes(self) -> list[Probe]:
         self._probe = FirstTokenAttention()
         return [self._probe]
 
-    def measure(self, engine: Any, units: Sequence[Encoded]) -> dict[str, pd.DataFrame]:
-        labels = [self.label(u) for u in units]
-        streams = residual_streams(engine, [u.ids for u in units], labels)
-        depth_frames, layer_frames = [], []
-        for row, (unit, stream) in enumerate(zip(units, streams, strict=True)):
-            depth_frames.append(self._depth_rows(stream.to(torch.float64).cpu().numpy(), unit))
-            record = self._probe.per_prompt(row)
-            alpha = sink_metrics.alpha_from_query_weights(record["attention"].numpy(), record["visible"].numpy())
-            layer_frames.append(pd.DataFrame({
-                **self._common(unit), "layer": np.array(self._probe.layers()),
-                "sink_rate": (alpha > self.eps).mean(-1), "alpha_mean": alpha.mean(-1)}))
-        return {"matrix_entropy": pd.concat(depth_frames, ignore_index=True),
-                "sink_rate": pd.concat(layer_frames, ignore_index=True)}
+    def rows(self, residual: np.ndarray, unit: Encoded, row: int) -> dict[str, pd.DataFrame]:
+        record = self._probe.per_prompt(row)  # the same forward's attention on position 0
+        alpha = sink_metrics.alpha_from_query_weights(record["attention"].numpy(), record["visible"].numpy())
+        return {"matrix_entropy": self._depth_rows(residual, unit),
+                "sink_rate": pd.DataFrame({**self._common(unit), "layer": np.array(self._probe.layers()),
+                                           "sink_rate": (alpha > self.eps).mean(-1), "alpha_mean": alpha.mean(-1)})}
 
     def _common(self, unit: Encoded) -> dict[str, Any]:
         prompt = self.prompts[unit.prompt]

@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 from numpy.typing import NDArray
 
 from ..data import Prompt
@@ -27,13 +26,11 @@ from ..models.loader import LoadedModel
 from .base import Result, run, takes_conditions
 from .inputs import (
     Encoded,
-    PromptExperiment,
     bos_conditions,
-    condition_batches,
     prompt_list,
     token_strings,
 )
-from .residual import DEPTH_CONVENTION, first_token_counts, residual_streams
+from .residual import DEPTH_CONVENTION, ResidualPromptExperiment, first_token_counts
 
 
 class RankCollapseResult(Result):
@@ -51,14 +48,13 @@ class RankCollapseResult(Result):
 
 
 @dataclass
-class RankCollapse(PromptExperiment[RankCollapseResult]):
+class RankCollapse(ResidualPromptExperiment[RankCollapseResult]):
     """Rank-collapse measures of each prompt's residual stream at every depth, per `<bos>` condition."""
 
     name = "rank_collapse"
     whereabouts_rides = True
 
     exclude_sink: tuple[bool, ...] = (False, True)
-    batch_size: int = 8
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -66,37 +62,30 @@ class RankCollapse(PromptExperiment[RankCollapseResult]):
             raise InputError("exclude_sink must hold True, False or both")
         self.exclude_sink = tuple(dict.fromkeys(bool(e) for e in self.exclude_sink))
 
-    def batches(self, units: Sequence[Encoded]) -> list[list[int]]:
-        return condition_batches(units, self.batch_size)
-
-    def measure(self, engine: Any, units: Sequence[Encoded]) -> dict[str, pd.DataFrame]:
-        labels = [self.label(u) for u in units]
-        frames, text_frames = [], []
-        for unit, stream in zip(units, residual_streams(engine, [u.ids for u in units], labels), strict=True):
-            residual = stream.to(torch.float64).cpu().numpy()
-            n_depths = residual.shape[0]
-            prompt = self.prompts[unit.prompt]
-            # like for like: the text tokens' rows only, the same rows in every condition
-            text = collapse_metrics.rank_collapse_measures(residual[:, unit.text_start:unit.text_stop], False)
-            text_frames.append(pd.DataFrame({
-                "prompt": unit.prompt, "bos": unit.bos, "n_rows": unit.text_stop - unit.text_start,
-                "depth": np.tile(np.arange(n_depths), len(text)), "measure": np.repeat(list(text), n_depths),
-                "value": np.concatenate([text[m] for m in text])}))
-            for exclude in self.exclude_sink:
-                if exclude and len(unit) < 2:
-                    values = {m: np.full(n_depths, np.nan) for m in collapse_metrics.RANK_MEASURES}
-                else:
-                    values = collapse_metrics.rank_collapse_measures(residual, exclude)
-                frames.append(pd.DataFrame({
-                    "prompt": unit.prompt, "prompt_id": prompt.id, "domain": prompt.domain, "bos": unit.bos,
-                    "first_token": token_strings(self._tokenizer, unit.ids[:1])[0], "n_tokens": len(unit),
-                    "exclude_sink": exclude,
-                    "depth": np.tile(np.arange(n_depths), len(values)),
-                    "measure": np.repeat(list(values), n_depths),
-                    "value": np.concatenate([values[m] for m in values]),
-                }))
-        return {"rank_collapse": pd.concat(frames, ignore_index=True),
-                "text_rows": pd.concat(text_frames, ignore_index=True)}
+    def rows(self, residual: np.ndarray, unit: Encoded, row: int) -> dict[str, pd.DataFrame]:
+        n_depths = residual.shape[0]
+        prompt = self.prompts[unit.prompt]
+        # like for like: the text tokens' rows only, the same rows in every condition
+        text = collapse_metrics.rank_collapse_measures(residual[:, unit.text_start:unit.text_stop], False)
+        text_rows = pd.DataFrame({
+            "prompt": unit.prompt, "bos": unit.bos, "n_rows": unit.text_stop - unit.text_start,
+            "depth": np.tile(np.arange(n_depths), len(text)), "measure": np.repeat(list(text), n_depths),
+            "value": np.concatenate([text[m] for m in text])})
+        frames = []
+        for exclude in self.exclude_sink:
+            if exclude and len(unit) < 2:
+                values = {m: np.full(n_depths, np.nan) for m in collapse_metrics.RANK_MEASURES}
+            else:
+                values = collapse_metrics.rank_collapse_measures(residual, exclude)
+            frames.append(pd.DataFrame({
+                "prompt": unit.prompt, "prompt_id": prompt.id, "domain": prompt.domain, "bos": unit.bos,
+                "first_token": token_strings(self._tokenizer, unit.ids[:1])[0], "n_tokens": len(unit),
+                "exclude_sink": exclude,
+                "depth": np.tile(np.arange(n_depths), len(values)),
+                "measure": np.repeat(list(values), n_depths),
+                "value": np.concatenate([values[m] for m in values]),
+            }))
+        return {"rank_collapse": pd.concat(frames, ignore_index=True), "text_rows": text_rows}
 
     def finalise(self, tables: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
         order = {c: i for i, c in enumerate(self.bos)}

@@ -9,13 +9,16 @@ taken before the final norm. Attention blocks are ``layer`` 0..L-1 everywhere el
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 
 from ..errors import NonFiniteError
-from .inputs import pad_right
+from .base import ResultT
+from .inputs import Encoded, PromptExperiment, condition_batches, pad_right
 
 DEPTH_CONVENTION = ("depth 0 = embeddings, depth d = output of layer d-1 (layers 0..L-1); "
                     "depth L is taken before the final norm")
@@ -53,3 +56,27 @@ def first_token_counts(frame: pd.DataFrame) -> dict[str, dict[str, int]]:
     firsts = frame.drop_duplicates(["bos", "prompt"])
     return {str(b): {str(k): int(v) for k, v in group["first_token"].value_counts().items()}
             for b, group in firsts.groupby("bos", sort=False)}
+
+
+@dataclass
+class ResidualPromptExperiment(PromptExperiment[ResultT]):
+    """Prompts x conditions measured on each prompt's residual stream: one right-padded forward per batch of
+    ``batch_size`` prompts of one condition, then `rows` per prompt on its stream [depths, n, d] in float64.
+    The tables of a batch are the prompts' rows, concatenated in prompt order."""
+
+    batch_size: int = 8
+
+    def batches(self, units: Sequence[Encoded]) -> list[list[int]]:
+        return condition_batches(units, self.batch_size)
+
+    def measure(self, engine: Any, units: Sequence[Encoded]) -> dict[str, pd.DataFrame]:
+        streams = residual_streams(engine, [u.ids for u in units], [self.label(u) for u in units])
+        pieces: dict[str, list[pd.DataFrame]] = {}
+        for row, (unit, stream) in enumerate(zip(units, streams, strict=True)):
+            for name, frame in self.rows(stream.to(torch.float64).cpu().numpy(), unit, row).items():
+                pieces.setdefault(name, []).append(frame)
+        return {name: pd.concat(frames, ignore_index=True) for name, frames in pieces.items()}
+
+    def rows(self, residual: np.ndarray, unit: Encoded, row: int) -> dict[str, pd.DataFrame]:
+        """The tables' rows of one prompt (``row``: its row in the batch, for probes that read the forward)."""
+        raise NotImplementedError
