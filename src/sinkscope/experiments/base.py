@@ -171,6 +171,9 @@ class Experiment(Generic[ResultT]):
     # ... read on the experiment's own forward when it makes exactly one over the units' ids and its probes leave
     # the attention output alone (`WhereaboutsRider`; otherwise the extra forward is made anyway)
     whereabouts_rides: ClassVar[bool] = False
+    # `begin` computes what `summarise` reads too (e.g. a baseline), so a run resumed with nothing left to
+    # measure still calls it
+    summary_needs_begin: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -202,7 +205,8 @@ class Experiment(Generic[ResultT]):
         return {}
 
     def begin(self, engine: Any, units: Sequence[Any]) -> None:
-        """Called once before the first batch (e.g. a baseline every unit is compared with)."""
+        """Called once before the first batch (e.g. a baseline every unit is compared with); also when nothing
+        is left to measure, if `summary_needs_begin`."""
 
     def measure(self, engine: Any, units: Sequence[Any]) -> dict[str, pd.DataFrame]:
         raise NotImplementedError
@@ -350,7 +354,7 @@ def _measure(experiment: Experiment, engine: Any, units: Sequence[Any], batches:
     """Measure the batches ``todo``, writing each to the run directory as soon as it is done."""
     measured: dict[int, dict[str, pd.DataFrame]] = {}
     task = bar.add_task(experiment.name, total=total, completed=total - sum(len(batches[b]) for b in todo))
-    if todo:
+    if todo or experiment.summary_needs_begin:
         experiment.begin(engine, units)
     written = 0
     stall_for_tests(rundir, written)

@@ -122,6 +122,7 @@ class Knockout(TextLoss[KnockoutResult]):
 
     name = "knockout"
     unit_label = "interventions"
+    summary_needs_begin = True  # the summary compares with the baseline, which is measured again after a resume
 
     window: int = setting(256, "text tokens per window")
     max_windows: int | None = setting(2, "windows of the text")
@@ -219,9 +220,6 @@ class Knockout(TextLoss[KnockoutResult]):
 
     def summarise(self, loaded: LoadedModel, tables: dict[str, pd.DataFrame], units: Sequence[Intervention]
                   ) -> dict[str, Any]:
-        if self._baseline is None:  # every intervention was resumed from disk: only the baseline is left
-            with self.open(loaded) as engine:
-                self.begin(engine, units)
         baseline = self._baseline
         assert baseline is not None
         frame = tables["knockout"]
