@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import pytest
 import typer
 
-from sinkscope.cli.settings import Settings, with_settings
+from sinkscope.cli.settings import RunOptions, Settings, with_run_options, with_settings
 from sinkscope.errors import InputError
 from sinkscope.experiments.kv import KV
 from sinkscope.experiments.settings import declared_settings, given_settings, setting
@@ -78,6 +78,32 @@ def test_every_declared_setting_is_an_option_of_its_command():
             assert declared.flag in shown, (command, declared.name)
             for alias in declared.aliases:
                 assert alias in shown, (command, alias)
+
+
+def test_run_options_reach_the_command_as_one_object_beside_the_settings(tmp_path):
+    from typer.testing import CliRunner
+
+    app, seen = typer.Typer(), []
+
+    @app.command("toy")
+    @with_settings(Toy)
+    @with_run_options
+    def toy(verbose: bool = False, run: RunOptions = RunOptions(), settings: Settings = None) -> None:
+        seen.append((verbose, run, settings))
+
+    @app.command("other")
+    def other() -> None:
+        pass
+
+    runner = CliRunner()
+    assert runner.invoke(app, ["toy", "--out", str(tmp_path), "--resume", "--device", "cuda:1", "--size", "2"]
+                         ).exit_code == 0
+    assert seen[-1] == (False, RunOptions(out=tmp_path, resume=True, device="cuda:1"), {"size": 2})
+    assert runner.invoke(app, ["toy"]).exit_code == 0
+    assert seen[-1] == (False, RunOptions(), {})
+    shown = runner.invoke(app, ["toy", "--help"], env={"COLUMNS": "200"}).output
+    for flag in ("--out", "--resume", "--quiet", "--device", "--dtype", "--trust-remote-code", "--size"):
+        assert flag in shown
 
 
 def test_given_settings_drop_what_was_not_given_and_refuse_unknown_names():

@@ -79,50 +79,48 @@ def check_out(out: Path | None) -> None:
         raise InputError(f"--out {out}: not writable ({error.strerror}); pick a writable directory") from None
 
 
-def run_command(experiment: Any, model: str, *, out: Path | None = None, resume: bool = False,
-                quiet: bool = False, device: str = "cpu", dtype: str = "float32",
-                trust_remote_code: bool = False, loaded: Any = None, show: dict[str, Any] | None = None) -> Any:
+def run_command(experiment: Any, model: str, run: Any, *, loaded: Any = None,
+                show: dict[str, Any] | None = None) -> Any:
     """What every experiment command does: check --out, load the model, run the experiment on the shared
-    protocol (saving to --out as it goes), print its table and where the files are. ``show``: display options
-    for the experiment's terminal table."""
-    from ..experiments.base import run
+    protocol (saving to --out as it goes), print its table and where the files are. ``run``: the command's
+    `settings.RunOptions`; ``show``: display options for the experiment's terminal table."""
+    from ..experiments.base import run as run_experiment
     from ..experiments.distributed import from_environment
     from ..report.tables import table_for
 
-    if resume and out is None:
+    if run.resume and run.out is None:
         raise InputError("--resume needs --out (the run directory to continue)")
-    check_out(out)
-    loaded = loaded or load_model(model, device, dtype, trust_remote_code)
-    result = run(experiment, loaded, out=out, resume=resume, progress=not quiet, command=command_line(),
-                 shard=from_environment())
+    check_out(run.out)
+    loaded = loaded or load_model(model, run.device, run.dtype, run.trust_remote_code)
+    result = run_experiment(experiment, loaded, out=run.out, resume=run.resume, progress=not run.quiet,
+                            command=command_line(), shard=from_environment())
     for table in table_for(result, **(show or {})):
         console.print(table)
-    if out is not None:
-        console.print(f"results written to {out}/", highlight=False)
+    if run.out is not None:
+        console.print(f"results written to {run.out}/", highlight=False)
     return result
 
 
-def run_each_condition(make: Any, conditions: list[str] | None, default: str, model: str, *,
-                       out: Path | None = None, resume: bool = False, quiet: bool = False, device: str = "cpu",
-                       dtype: str = "float32", trust_remote_code: bool = False,
+def run_each_condition(make: Any, conditions: list[str] | None, default: str, model: str, run: Any, *,
                        show: dict[str, Any] | None = None) -> list[Any]:
     """`run_command` once per condition (``make(condition)`` builds the experiment) for commands whose
     experiment takes one condition: the model is loaded once; with several conditions each run goes to its
     own sub-directory of --out, named after the condition."""
+    from dataclasses import replace
+
     from ..experiments.inputs import bos_conditions
     from ..rundir import child, safe_name
 
     chosen = bos_conditions(conditions or [default])
     experiments = [make(condition) for condition in chosen]  # settings are checked before the model loads
-    check_out(out)
-    loaded = load_model(model, device, dtype, trust_remote_code)
+    check_out(run.out)
+    loaded = load_model(model, run.device, run.dtype, run.trust_remote_code)
     results = []
     for condition, experiment in zip(chosen, experiments, strict=True):
-        target = out if out is None or len(chosen) == 1 else child(out, "bos-" + safe_name(condition))
+        target = run.out if run.out is None or len(chosen) == 1 else child(run.out, "bos-" + safe_name(condition))
         if len(chosen) > 1:
             console.print(f"[bold]condition {condition}[/]", highlight=False)
-        results.append(run_command(experiment, model, out=target, resume=resume, quiet=quiet, loaded=loaded,
-                                   show=show))
+        results.append(run_command(experiment, model, replace(run, out=target), loaded=loaded, show=show))
     return results
 
 

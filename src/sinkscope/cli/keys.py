@@ -9,12 +9,13 @@ import typer
 
 from ..experiments.keys import KeyAttentionExperiment
 from . import MEASURE, app, options, run_each_condition, user_errors
-from .settings import Settings, with_settings
+from .settings import RunOptions, Settings, with_run_options, with_settings
 
 
 @app.command(rich_help_panel=MEASURE)
 @user_errors
 @with_settings(KeyAttentionExperiment)
+@with_run_options
 def keys(
     model: options.Model = "gemma3-270m", text: options.Text = None,
     prompts: Annotated[Path | None, typer.Option(
@@ -22,8 +23,7 @@ def keys(
     limit: options.Limit = None, bos: options.Bos = None,
     batch_size: options.BatchSize = 1, path: options.KernelPath = "auto", precision: options.Precision = "float32",
     top: Annotated[int, typer.Option(help="tokens shown in the table")] = 10,
-    device: options.Device = "cpu", dtype: options.Dtype = "float32", out: options.Out = None,
-    resume: options.Resume = False, quiet: options.Quiet = False, settings: Settings = None,
+    run: RunOptions = RunOptions(), settings: Settings = None,
 ) -> None:
     """Attention received by every key (Gu et al.'s alpha_k per layer x head x position), in linear memory."""
     chosen = options.prompts_from(prompts, limit) if prompts is not None else []
@@ -31,4 +31,4 @@ def keys(
         lambda condition: KeyAttentionExperiment(
             text=text, prompts=chosen, bos=condition, batch_size=batch_size, path=path, precision=precision,
             **(settings or {})),
-        bos, "add", model, out=out, resume=resume, quiet=quiet, device=device, dtype=dtype, show={"top": top})
+        bos, "add", model, run, show={"top": top})

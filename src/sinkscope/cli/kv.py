@@ -11,12 +11,13 @@ import typer
 
 from ..experiments.kv import GRIDS, KV, kv_settings
 from . import CONSEQUENCES, app, options, run_each_condition, user_errors
-from .settings import Settings, with_settings
+from .settings import RunOptions, Settings, with_run_options, with_settings
 
 
 @app.command("kv", rich_help_panel=CONSEQUENCES)
 @user_errors
 @with_settings(KV)
+@with_run_options
 def kv_command(
     model: options.Model = "gemma3-270m", text: options.Text = None,
     grid: Annotated[str | None, typer.Option(
@@ -25,8 +26,7 @@ def kv_command(
              "tables), long (the same at 4096); an option given overrides its grid's value")] = None,
     no_quant: Annotated[bool, typer.Option("--no-quant", help="skip the quantised caches")] = False,
     no_press: Annotated[bool, typer.Option("--no-press", help="skip the eviction presses")] = False,
-    bos: options.Bos = None, out: options.Out = None, resume: options.Resume = False, quiet: options.Quiet = False,
-    settings: Settings = None,
+    bos: options.Bos = None, run: RunOptions = RunOptions(), settings: Settings = None,
 ) -> None:
     """KV-cache quantisation and eviction with and without the sink kept: Δloss, retrieval through the cache,
     bytes, sink mass, and the cheapest cache within tolerance."""
@@ -39,5 +39,4 @@ def kv_command(
         chosen["bits"] = ()
     if no_press:
         chosen["presses"] = ()
-    run_each_condition(lambda condition: KV(text=text, bos=condition, **chosen), bos, "add", model, out=out,
-                       resume=resume, quiet=quiet)
+    run_each_condition(lambda condition: KV(text=text, bos=condition, **chosen), bos, "add", model, run)

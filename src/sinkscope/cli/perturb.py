@@ -13,7 +13,7 @@ from ..experiments.oversquash import Oversquash
 from ..experiments.perturb import SHAKESPEARE, Perturb, parse_swap
 from ..experiments.spread import Spread
 from . import EXPLAIN, app, options, run_command, user_errors
-from .settings import Settings, with_settings
+from .settings import RunOptions, Settings, with_run_options, with_settings
 
 DEFAULT_BOS = ["add", "strip"]
 TextOption = Annotated[str | None, typer.Option(help="the text (default: the paper's App. C.1 Shakespeare paragraph)")]
@@ -21,55 +21,49 @@ TextOption = Annotated[str | None, typer.Option(help="the text (default: the pap
 
 @app.command(rich_help_panel=EXPLAIN)
 @user_errors
+@with_run_options
 def perturb(
     model: options.Model = "gemma3-270m", text: TextOption = None,
     swap: Annotated[str, typer.Option(help="old=new: replace the first whole word old (same token count)")]
     = "greatest=best",
     bos: options.Bos = None,
     max_tokens: Annotated[int | None, typer.Option(help="truncate to this many tokens, prefix included")] = None,
-    out: options.Out = None, resume: options.Resume = False, quiet: options.Quiet = False,
-    device: options.Device = "cpu", dtype: options.Dtype = "float32",
-    trust_remote_code: options.TrustRemoteCode = False,
+    run: RunOptions = RunOptions(),
 ) -> None:
     """Perturbation spread ||h(x) - h(x')|| per depth and token after a one-word swap (Fig. 2)."""
     experiment = Perturb(text=text or SHAKESPEARE, swap=parse_swap(swap), bos=tuple(bos or DEFAULT_BOS),
                          max_tokens=max_tokens)
-    run_command(experiment, model, out=out, resume=resume, quiet=quiet, device=device, dtype=dtype,
-                trust_remote_code=trust_remote_code)
+    run_command(experiment, model, run)
 
 
 @app.command(rich_help_panel=EXPLAIN)
 @user_errors
 @with_settings(Spread)
+@with_run_options
 def spread(
     model: options.Model = "gemma3-270m", prompts: options.Prompts = None, limit: options.Limit = None,
     bos: options.Bos = None, max_tokens: options.MaxTokens = 64,
-    out: options.Out = None, resume: options.Resume = False, quiet: options.Quiet = False,
-    device: options.Device = "cpu", dtype: options.Dtype = "float32",
-    trust_remote_code: options.TrustRemoteCode = False, settings: Settings = None,
+    run: RunOptions = RunOptions(), settings: Settings = None,
 ) -> None:
     """Perturbation spread of a one-token swap in every prompt (Fig. 2 with prompts as independent units)."""
     experiment = Spread(prompts=options.prompts_from(prompts, limit), bos=tuple(bos or DEFAULT_BOS),
                         max_tokens=max_tokens, **(settings or {}))
-    run_command(experiment, model, out=out, resume=resume, quiet=quiet, device=device, dtype=dtype,
-                trust_remote_code=trust_remote_code)
+    run_command(experiment, model, run)
 
 
 @app.command(rich_help_panel=EXPLAIN)
 @user_errors
 @with_settings(Oversquash)
+@with_run_options
 def oversquash(
     model: options.Model = "gemma3-270m", text: TextOption = None,
     bos: options.Bos = None, max_tokens: options.MaxTokens = 64,
     prompts: Annotated[Path | None, typer.Option(help=".txt/.jsonl/.csv texts, each its own unit (instead of "
                                                       "--text)")] = None,
-    out: options.Out = None, resume: options.Resume = False, quiet: options.Quiet = False,
-    device: options.Device = "cpu", dtype: options.Dtype = "float32",
-    trust_remote_code: options.TrustRemoteCode = False, settings: Settings = None,
+    run: RunOptions = RunOptions(), settings: Settings = None,
 ) -> None:
     """Jacobian sensitivity ||dh_j^(L)/dh_i^(0)|| of one token to every earlier one, and the path-sum bound."""
     experiment = Oversquash(text=text or SHAKESPEARE, bos=tuple(bos or DEFAULT_BOS), max_tokens=max_tokens,
                             texts=tuple(p.text for p in options.prompts_from(prompts)) if prompts else (),
                             **(settings or {}))
-    run_command(experiment, model, out=out, resume=resume, quiet=quiet, device=device, dtype=dtype,
-                trust_remote_code=trust_remote_code)
+    run_command(experiment, model, run)

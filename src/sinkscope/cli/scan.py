@@ -8,11 +8,11 @@ from typing import Annotated, Any
 import typer
 
 from ..data import read_prompts
-from ..experiments.base import run
+from ..experiments.base import run as run_experiment
 from ..experiments.distributed import from_environment
 from ..experiments.scan import Scan, ScanResult
 from . import MEASURE, app, check_out, command_line, console, load_model, options, user_errors
-from .settings import Settings, with_settings
+from .settings import RunOptions, Settings, with_run_options, with_settings
 
 
 def condition_dir(out: Path, bos: str) -> Path:
@@ -65,30 +65,31 @@ def _first_token_audit(result: Any) -> str:
 @app.command(rich_help_panel=MEASURE)
 @user_errors
 @with_settings(Scan)
+@with_run_options
 def scan(
     model: options.Model = "gemma3-270m", prompts: options.Prompts = None, bos: options.Bos = None,
-    max_tokens: options.MaxTokens = 64, eps: options.Eps = None, out: options.Out = None,
-    resume: options.Resume = False, limit: options.Limit = None, batch_size: options.BatchSize = 8,
+    max_tokens: options.MaxTokens = 64, eps: options.Eps = None, limit: options.Limit = None,
+    batch_size: options.BatchSize = 8,
     exclude_self: Annotated[bool, typer.Option(help="leave query 0 out of alpha (Gu et al. keep it)")] = False,
-    path: options.KernelPath = "auto", precision: options.Precision = "float32", device: options.Device = "cpu",
-    dtype: options.Dtype = "float32", trust_remote_code: options.TrustRemoteCode = False,
-    quiet: options.Quiet = False, settings: Settings = None,
+    path: options.KernelPath = "auto", precision: options.Precision = "float32",
+    run: RunOptions = RunOptions(), settings: Settings = None,
 ) -> None:
     """Measure how much every attention head attends to the first token (Gu et al.'s alpha, sink rate)."""
     from ..experiments.inputs import prompt_list
 
     conditions, thresholds = check_conditions(bos or ["auto"]), check_thresholds(eps)
     texts = prompt_list(read_prompts(prompts) if prompts is not None else None, limit)
+    out = run.out
     check_out(out)
-    loaded = load_model(model, device, dtype, trust_remote_code)
+    loaded = load_model(model, run.device, run.dtype, run.trust_remote_code)
     results = []
     for condition in conditions:
         experiment = Scan(prompts=texts, bos=condition, max_tokens=max_tokens, eps=tuple(thresholds),
                           batch_size=batch_size, include_self=not exclude_self, path=path, precision=precision,
                           **(settings or {}))
         target = None if out is None or len(conditions) == 1 else condition_dir(out, condition)
-        result = run(experiment, loaded, out=target or out, resume=resume, progress=not quiet,
-                     command=command_line(), shard=from_environment())
+        result = run_experiment(experiment, loaded, out=target or out, resume=run.resume, progress=not run.quiet,
+                                command=command_line(), shard=from_environment())
         console.print(f"bos={condition}: {_first_token_audit(result)}", highlight=False)
         results.append((condition, result))
     _print_and_plot(results, thresholds, out, [f"{model}  bos={label}" for label, _ in results])

@@ -17,12 +17,15 @@ import functools
 import inspect
 import typing
 from collections.abc import Callable, Collection
+from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
 
 from ..experiments.settings import Declared, declared_settings, given_settings
+from . import options
 
 Settings = dict[str, Any] | None  # what a wrapped command receives: {field name: value given}
 
@@ -58,10 +61,51 @@ def with_settings(cls: type, skip: Collection[str] = ()) -> Callable[[Callable[.
         hints = typing.get_type_hints(command, include_extras=True)  # the command module's names, resolved
         kept = [p.replace(annotation=hints.get(p.name, p.annotation)) for p in own.parameters.values()
                 if p.name != "settings"]
-        run.__signature__ = own.replace(parameters=[*kept, *generated], return_annotation=None)  # type: ignore[attr-defined]
-        run.__annotations__ = {p.name: p.annotation for p in [*kept, *generated]} | {"return": None}
-        del run.__wrapped__  # typer reads the signature above, not the command's own
+        _typed(run, own, [*kept, *generated])
         run.settings_of = cls  # type: ignore[attr-defined]  # (what the options were generated from)
         return run
 
     return wrap
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """The options every experiment command shares: where its results go and how the model is loaded."""
+
+    out: Path | None = None
+    resume: bool = False
+    quiet: bool = False
+    device: str = "cpu"
+    dtype: str = "float32"
+    trust_remote_code: bool = False
+
+
+_RUN_OPTIONS = [
+    inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=annotation)
+    for f, annotation in zip(fields(RunOptions), (options.Out, options.Resume, options.Quiet, options.Device,
+                                                  options.Dtype, options.TrustRemoteCode), strict=True)
+]
+
+
+def with_run_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Add `RunOptions`'s options (--out, --resume, --quiet, --device, --dtype, --trust-remote-code) to a
+    command; it receives them as ``run``."""
+    own = inspect.signature(command)
+    names = [p.name for p in _RUN_OPTIONS]
+
+    @functools.wraps(command)
+    def wrapped(**kwargs: Any) -> Any:
+        chosen = RunOptions(**{name: kwargs.pop(name) for name in names if name in kwargs})
+        return command(**kwargs, run=chosen)
+
+    hints = typing.get_type_hints(command, include_extras=True)
+    kept = [p.replace(annotation=hints.get(p.name, p.annotation)) for p in own.parameters.values() if p.name != "run"]
+    _typed(wrapped, own, [*kept, *_RUN_OPTIONS])
+    return wrapped
+
+
+def _typed(wrapper: Any, own: inspect.Signature, parameters: list[inspect.Parameter]) -> None:
+    """Give ``wrapper`` the signature typer reads (these parameters), not the wrapped command's own."""
+    wrapper.__signature__ = own.replace(parameters=parameters, return_annotation=None)
+    wrapper.__annotations__ = {p.name: p.annotation for p in parameters} | {"return": None}
+    del wrapper.__wrapped__

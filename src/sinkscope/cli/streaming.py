@@ -11,29 +11,31 @@ import typer
 from ..experiments.passkey import Passkey
 from ..experiments.stream import Stream
 from . import CONSEQUENCES, app, options, run_command, run_each_condition, user_errors
-from .settings import Settings, with_settings
+from .settings import RunOptions, Settings, with_run_options, with_settings
 
 
 @app.command(rich_help_panel=CONSEQUENCES)
 @user_errors
 @with_settings(Passkey)
+@with_run_options
 def passkey(
     model: options.Model = "gemma3-270m", bos: options.Bos = None,
-    out: options.Out = None, resume: options.Resume = False, quiet: options.Quiet = False, settings: Settings = None,
+    run: RunOptions = RunOptions(), settings: Settings = None,
 ) -> None:
     """Passkey retrieval: a 5-digit key hidden in filler text, greedy answer, with vs without <bos>."""
     experiment = Passkey(bos=tuple(bos or ["add", "strip"]), **(settings or {}))
-    run_command(experiment, model, out=out, resume=resume, quiet=quiet)
+    run_command(experiment, model, run)
 
 
 @app.command(rich_help_panel=CONSEQUENCES)
 @user_errors
 @with_settings(Stream)
+@with_run_options
 def stream(
     model: options.Model = "gemma3-270m",
     text: Annotated[Path | None, typer.Option(help="UTF-8 .txt file to stream (default: Hamlet, offline)")] = None,
     bos: options.Bos = None,
-    out: options.Out = None, resume: options.Resume = False, quiet: options.Quiet = False, settings: Settings = None,
+    run: RunOptions = RunOptions(), settings: Settings = None,
 ) -> None:
     """Streaming KV caches (StreamingLLM): perplexity and memory of full / window-only / k sinks + window."""
     from ..data.texts import read_text_file
@@ -42,4 +44,4 @@ def stream(
     run_each_condition(
         lambda condition: Stream(text=None if given is None else given.text,
                                  source=None if given is None else given.source, bos=condition, **(settings or {})),
-        bos, "add", model, out=out, resume=resume, quiet=quiet)
+        bos, "add", model, run)
