@@ -257,9 +257,24 @@ def kill_tree(pid: int) -> None:
         with contextlib.suppress(psutil.NoSuchProcess):
             process.kill()
     # wait for the others to be gone; this process's own children are left to Popen.wait to reap (a wait here
-    # would take their exit status from it)
+    # would take their exit status from it); a zombie counts as gone, since reaping an orphan is up to
+    # whichever init adopts it and a container's may never do so
     mine = {p.pid for p in psutil.Process().children()}
-    psutil.wait_procs([p for p in family if p.pid not in mine], timeout=60)
+    others = [p for p in family if p.pid not in mine]
+    deadline = time.monotonic() + 60
+    while others and time.monotonic() < deadline:
+        others = [p for p in others if _alive(p)]
+        if others:
+            time.sleep(0.05)
+
+
+def _alive(process) -> bool:
+    import psutil
+
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def run_to_end(command: list[str], env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
@@ -313,9 +328,9 @@ def stalled(command: list[str], env: dict[str, str], point: str, processes: int 
                 pytest.fail(f"the run ended (exit {process.returncode}) before it stalled at {point!r}:\n"
                             f"{''.join(said)[-3000:]}")
             said.append(line)
-            found = re.search(rf"stalled at {re.escape(point)} .*pid (\d+)", line)
-            if found:
-                stalled_pids.append(int(found.group(1)))
+            # every stall said so far, wherever it lies: lines from several processes may run together
+            stalled_pids = [int(pid) for pid in re.findall(rf"stalled at {re.escape(point)} \([^)]*pid (\d+)\)",
+                                                           "".join(said))]
         process.stalled_pids = stalled_pids  # type: ignore[attr-defined]
         yield process
     finally:

@@ -22,5 +22,8 @@ def stall_at(point: str) -> None:
     """Block for ever (saying so on stderr) when the environment names ``point``; otherwise return at once."""
     if os.environ.get(STALL_ENV, "").strip() != point:
         return
-    print(f"sinkscope: stalled at {point} ({STALL_ENV}; pid {os.getpid()})", file=sys.stderr, flush=True)
+    # one write of the whole line: processes sharing a stderr pipe (torchrun's workers) must not interleave
+    # a message with another's newline, which print's two writes allow
+    sys.stderr.flush()
+    os.write(sys.stderr.fileno(), f"sinkscope: stalled at {point} ({STALL_ENV}; pid {os.getpid()})\n".encode())
     threading.Event().wait()
