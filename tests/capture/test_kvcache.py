@@ -139,6 +139,50 @@ def test_per_token_quantisation_is_the_same_in_chunks_and_token_by_token(family)
     assert (chunked - unquantised).abs().max() > 1e-2  # and quantisation did change something
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("axis,group", [("token", 4), ("channel", 4)])
+def test_a_full_precision_prefill_stored_quantised_by_hand(family, axis, group):
+    model = tiny_model(family)
+    ids, protect, n = tokens(14), (0, 5), 14
+    plain = DynamicCache(config=model.config)  # transformers' own: what the prefill wrote, at full precision
+    logits_through(model, plain, ids, (n,))
+    prefilled = EvictingCache(model)
+    logits_through(model, prefilled, ids, (n,))
+    stored = QuantisedCache(model, 2, axis, group, protect=protect)
+    stored.hold_quantised(prefilled)
+    for index, layer in enumerate(stored.layers):
+        for name in ("keys", "values"):
+            raw = getattr(plain.layers[index], name)  # the held tokens (a sliding layer: its last window - 1)
+            positions = range(n - raw.shape[-2], n)
+            expected = raw.clone()
+            if axis == "token":
+                for i, position in enumerate(positions):
+                    if position not in protect:
+                        expected[..., i:i + 1, :] = fake_quantise(raw[..., i:i + 1, :], 2, "token", group)
+            else:  # blocks of positions 0-3, 4-7, 8-11 are complete (over the tokens held); 12 and 13 wait
+                for block in range(n // group):
+                    chosen = [i for i, p in enumerate(positions) if p // group == block and p not in protect]
+                    if chosen:
+                        expected[..., chosen, :] = fake_quantise(raw[..., chosen, :], 2, "channel", None)
+            assert torch.equal(getattr(layer, name), expected), (index, name)
+    # it carries on as the prefilled cache would (the next tokens at their own positions, a sliding layer's mask
+    # from its length): with every token protected, the new ones too, it is the prefilled cache
+    kept = QuantisedCache(model, 2, axis, group, protect=range(n + 3))
+    kept.hold_quantised(prefilled)
+    more = tokens(3, seed=2)
+    assert torch.equal(logits_through(model, kept, more, (2, 1)), logits_through(model, plain, more, (2, 1)))
+    assert kept.get_seq_length() == n + 3
+
+
+def test_only_a_full_precision_cache_with_nothing_evicted_can_be_stored_quantised():
+    model = tiny_model("llama")
+    prefilled = EvictingCache(model)
+    logits_through(model, prefilled, tokens(12), (12,))
+    prefilled.compress(WindowPress(), 0.5)
+    with pytest.raises(InputError):
+        QuantisedCache(model, 2, "token", 4).hold_quantised(prefilled)
+
+
 def test_bytes_by_hand():
     model = tiny_model("llama")  # 3 layers, 2 kv heads, head dim 8, float32
     per_head_and_tensor = {

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 import sinkscope as ss
 from helpers import TEXT, invoke, lm, passkey_tokenizer, refused, tiny_model, word_tokenizer
+from sinkscope.capture.kvcache import QuantisedCache
 from sinkscope.errors import InputError
 from sinkscope.experiments.base import Result
 from sinkscope.experiments.kv import GRIDS, KV, Method, kv, kv_settings
@@ -74,6 +75,37 @@ def test_methods_table_quantisation_and_eviction(family):
     chosen = table[table["recommended"]].iloc[0]
     assert chosen["delta_high"] <= 0.02 or chosen.name == "full"
     assert result.summary["recommendation"]["method"] == chosen.name
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+@pytest.mark.parametrize("axis", ["token", "channel"])
+def test_a_quantised_cache_stores_the_full_prefill_quantised_unless_its_prefill_reads_the_cache(family, axis):
+    """``quant_prefill`` full: the quantised cache holds what the full cache's prefill holds, stored quantised
+    (`QuantisedCache.hold_quantised`, checked by hand in tests/capture/test_kvcache.py), its protected tokens bit
+    for bit; ``quantised``: the prefill read the cache, so from the second layer on the stored keys differ."""
+    model = ss.load(tiny_model(family), tokenizer=word_tokenizer())
+    ids = [1, *word_tokenizer()(TEXT, add_special_tokens=False)["input_ids"][:16]]
+    method = Method("quant", 2, bits=2, axis=axis)
+    stored = {}
+    for prefill in ("full", "quantised"):
+        experiment = KV(text=TEXT, bits=(2,), axes=(axis,), protect=(0, 2), presses=(), quant_prefill=prefill,
+                        **SMALL)
+        experiment.prepare(model)
+        with experiment.open(model) as engine:
+            full = experiment._filled(engine, Method("full"), ("window", 0), ids)
+            stored[prefill] = experiment._filled(engine, method, ("window", 0), ids)
+    expected = QuantisedCache(model, 2, axis, 4, protect=2)
+    expected.hold_quantised(full)
+    for index, layer in enumerate(stored["full"].layers):
+        assert torch.equal(layer.keys, expected.layers[index].keys)
+        assert torch.equal(layer.values, expected.layers[index].values)
+        assert not torch.equal(layer.keys, full.layers[index].keys)
+        if layer.keys.shape[-2] == len(ids):  # a full-attention layer holds the protected positions 0 and 1
+            assert torch.equal(layer.keys[..., :2, :], full.layers[index].keys[..., :2, :])
+    assert torch.equal(stored["quantised"].layers[0].keys, stored["full"].layers[0].keys)
+    assert not torch.equal(stored["quantised"].layers[1].keys, stored["full"].layers[1].keys)
+    with pytest.raises(InputError, match="--quant-prefill"):
+        KV(quant_prefill="half")
 
 
 def test_the_recommendation_is_the_cheapest_cache_within_both_tolerances():

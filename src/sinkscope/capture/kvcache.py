@@ -9,7 +9,10 @@ depend on the token alone, so a chunked forward gives the same predictions as to
 Per-channel scales (``axis="channel"``) run over blocks of positions ``[b G, (b + 1) G)`` (``G`` =
 ``group_size``; protected tokens in a block are left out of it): until a block's last position is
 written its tokens are held (and read) at full precision, as KIVI's residual; the forward pass that
-completes a block reads it quantised. ``bits=None`` (or 16) is the plain cache.
+completes a block reads it quantised. ``bits=None`` (or 16) is the plain cache. `hold_quantised(prefilled)`
+stores what a full-precision cache holds after a prefill, quantised as written: a prefill whose own attention
+read its keys and values at full precision, as HF's QuantizedCache and vLLM's prefill kernels do, with every
+later forward reading the quantised cache.
 
 `EvictingCache(model)` holds everything until `compress(press, ratio, protect)` evicts, per key/value head,
 from each full-attention layer all but ``press.n_kept(held, ratio)`` tokens (kvpress's count by default:
@@ -166,6 +169,22 @@ class _Quantising:
             status[index[inside]] = index[inside].add(first) // size
         return keys, values, status
 
+    def hold_quantised(self, source: _Quantising) -> None:
+        """Hold what ``source`` (a full-precision layer of the same kind, nothing evicted) holds, quantised as if
+        written in one piece: the state a prefill leaves when its attention read its own keys and values at full
+        precision (HF's QuantizedCache, vLLM's prefill) and the cache stored them quantised. A sliding layer
+        quantises the tokens it holds; a per-channel block its window has partly dropped is scaled over the
+        tokens still held."""
+        if source.keys is None or source.keys.dim() != 4:
+            return
+        if source.positions.dim() != 1 or source.spec.bits is not None:
+            raise InputError("only a full-precision cache with nothing evicted can be stored quantised")
+        self.lazy_initialization(source.keys, source.values)  # type: ignore[attr-defined]
+        self.written = source.written - source.keys.shape[-2]  # the held tokens keep their positions
+        keys, values, positions, status = self._write(source.keys, source.values)
+        self.keys, self.values, self.positions, self.status = keys, values, positions, status
+        self.read_positions = positions
+
     def nbytes(self) -> int:
         """Bytes this layer would hold: full-precision tokens at the model's dtype, quantised tokens packed with
         their scales (keys and values; every batch row and key/value head)."""
@@ -239,6 +258,10 @@ class QuantisedSlidingLayer(_Quantising, DynamicSlidingWindowLayer):
         self.read_positions = positions
         return keys, values
 
+    def hold_quantised(self, source: _Quantising) -> None:
+        super().hold_quantised(source)
+        self.cumulative_length = source.written  # what the window's mask is computed from
+
     def crop(self, tokens_to_remove: int) -> None:
         raise InputError("a compressed cache cannot be cropped")
 
@@ -274,6 +297,16 @@ class QuantisedCache(Cache):
         self.spec = QuantSpec(None if bits in (None, 16) else bits, axis, group_size)
         self.protect = protected_positions(protect)
         super().__init__(layers=_layers(model, self.spec, self.protect))
+
+    def hold_quantised(self, prefilled: QuantisedCache) -> None:
+        """Hold what the full-precision cache ``prefilled`` holds, each layer quantised as written
+        (`_Quantising.hold_quantised`): a prefill that read full precision, shared with the full cache."""
+        if len(prefilled.layers) != len(self.layers):
+            raise InputError("the prefilled cache belongs to another model")
+        for index, (mine, theirs) in enumerate(zip(self.layers, prefilled.layers, strict=True)):
+            if type(theirs) is not type(mine):
+                raise InputError("the prefilled cache's layers are not this cache's kind")
+            compressed_layer(self, index).hold_quantised(compressed_layer(prefilled, index))
 
     def nbytes(self, full_attention_only: bool = False) -> int:
         """Bytes the cache holds (every layer), or only its full-attention layers (what eviction compresses;

@@ -5,7 +5,10 @@ Methods (the work units, one batch each, so ``--resume`` continues with the next
 - ``full``: the uncompressed cache, the reference;
 - ``int{8,4,2}-{token,channel}``: every key and value quantised as it is written to the cache
   (`capture.kvcache.QuantisedCache`, simulated: quantise then dequantise), with the first ``protect``
-  positions kept at full precision;
+  positions kept at full precision. With ``quant_prefill`` full (the default) the context's prefill reads its
+  own keys and values at full precision and the cache stores them quantised, as HF's QuantizedCache and vLLM's
+  prefill do (it is then the full cache's prefill, shared); every later forward reads the quantised cache.
+  With ``quant_prefill`` quantised the prefill reads the cache too, each layer's quantisation felt by the next;
 - ``{window,knorm,snapkv}@ratio``: after the context is prefilled, each full-attention layer keeps
   ``max(1, int(held * (1 - ratio)))`` tokens per key/value head (kvpress's count;
   `capture.kvcache.EvictingCache`), the first ``protect`` positions always kept (``protect`` for knorm
@@ -77,6 +80,7 @@ from .loss import TextLoss, hidden_nll, output_logits
 from .settings import given_settings, setting
 
 DEFAULT_PRESSES = ("window", "knorm", "snapkv")
+QUANT_PREFILLS = ("full", "quantised")
 SNAPKV_WINDOW = KVPRESS_SNAPKV_WINDOW  # last prefill queries SnapKV scores with (recorded for every prefill)
 
 
@@ -155,6 +159,10 @@ class KV(TextLoss[KVResult]):
     bits: tuple[int, ...] = setting(BITS[::-1], "quantisation bits: 2 | 4 | 8 (none: no quantised cache)")
     axes: tuple[str, ...] = setting(AXES, "quantisation scales per token | channel", flag="--axis")
     group_size: int = setting(32, "channels (per token) or tokens (per channel) per scale")
+    quant_prefill: str = setting("full", "what a quantised cache's prefill reads: full (its own keys and values "
+                                 "at full precision, stored quantised, as HF's QuantizedCache and vLLM's prefill "
+                                 "do) | quantised (the cache as written, each layer's quantisation felt by the "
+                                 "next)")
     protect: tuple[int, ...] = setting((0, 1, 4), "tokens kept at full precision / never evicted (0: none)")
     presses: tuple[str, ...] = setting(DEFAULT_PRESSES, "eviction policy: window | knorm | snapkv | "
                                        "expected_attention (kvpress's definitions), or the earlier *_sinkscope "
@@ -233,6 +241,8 @@ class KV(TextLoss[KVResult]):
         self._check_run_settings()
 
     def _check_run_settings(self) -> None:
+        if self.quant_prefill not in QUANT_PREFILLS:
+            raise InputError(f"--quant-prefill {self.quant_prefill}: choose from {', '.join(QUANT_PREFILLS)}")
         if self.max_delta_loss < 0 or not 0 <= self.max_retrieval_drop <= 1:
             raise InputError("--max-delta-loss must be >= 0 and --max-retrieval-drop in [0, 1]")
         if self.retrieval_length < 0 or self.retrieval_trials < 1:
@@ -345,12 +355,29 @@ class KV(TextLoss[KVResult]):
         return sorted(ranked[:method.protect])
 
     def _filled(self, engine: CaptureEngine, method: Method, key: tuple[str, int], ids: list[int]) -> QuantisedCache:
-        """The method's cache after the prefill of ``ids`` (compressed, for a press). The full cache and every
-        press start from one uncompressed prefill per context (it is the same forward): a copy of it."""
-        if method.kind == "quant":
+        """The method's cache after the prefill of ``ids`` (compressed, for a press). The full cache, every press
+        and (with ``quant_prefill`` full) every quantised cache start from one uncompressed prefill per context
+        (it is the same forward): a copy of it, or what it holds stored quantised."""
+        if method.kind == "quant" and self.quant_prefill == "quantised":
             cache = self._cache(method, self._protected(engine, method, key, ids))
             cached_forward(engine, cache, torch.tensor([ids]), range(len(ids)))
             return cache
+        prefilled, queries = self._prefilled(engine, key, ids)
+        if method.kind == "quant":
+            cache = self._cache(method, self._protected(engine, method, key, ids))
+            cache.hold_quantised(prefilled)
+            return cache
+        copied = copy.deepcopy(prefilled)
+        if method.kind == "press":
+            assert method.press is not None and method.ratio is not None
+            copied.compress(make_press(method.press), method.ratio, self._protected(engine, method, key, ids),
+                            queries)
+        return copied
+
+    def _prefilled(self, engine: CaptureEngine, key: tuple[str, int], ids: list[int]
+                   ) -> tuple[EvictingCache, dict[int, Any]]:
+        """The uncompressed cache after one prefill of ``ids``, and the last queries SnapKV scores with (once
+        per context)."""
         if key not in self._prefills:
             cache = EvictingCache(self._model)
             # the rankings a protect budget will need in this context (the sinks found, the massive tokens) ride
@@ -365,13 +392,7 @@ class KV(TextLoss[KVResult]):
             if "massive" in ranking:
                 self._rankings[(*key, "massive")] = massive_ranking(output.residual[:, 0])
             self._prefills[key] = (cache, dict(self._queries.records))
-        prefilled, queries = self._prefills[key]
-        copied = copy.deepcopy(prefilled)
-        if method.kind == "press":
-            assert method.press is not None and method.ratio is not None
-            copied.compress(make_press(method.press), method.ratio, self._protected(engine, method, key, ids),
-                            queries)
-        return copied
+        return self._prefills[key]
 
     def _ranked_on_prefill(self, key: tuple[str, int]) -> set[str]:
         """The policies a method spends a protect budget on whose ranking of this context is still missing."""
