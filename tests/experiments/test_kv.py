@@ -177,6 +177,18 @@ def test_teacher_forcing_decides_only_when_greedy_writes_the_answer():
     assert passkey["answer"] == whole  # the passkey's first number could still change: no early stop
 
 
+def test_policy_presses_spend_the_other_policies_on_the_presses_named_and_the_first_k_elsewhere():
+    chosen = dict(bits=(), presses=("window", "knorm"), ratios=(0.5,), protect=(0, 4),
+                  press_policies=("first", "found"))
+    every = [m.label for m in KV(text=TEXT, **chosen).methods()]
+    named = [m.label for m in KV(text=TEXT, policy_presses=("window",), **chosen).methods()]
+    assert every == ["full", "window@0.5 k=0", "window@0.5 k=4", "window@0.5 k=4 found", "knorm@0.5 k=0",
+                     "knorm@0.5 k=4", "knorm@0.5 k=4 found"]
+    assert named == [m for m in every if m != "knorm@0.5 k=4 found"]
+    with pytest.raises(InputError, match="--policy-press"):
+        KV(text=TEXT, policy_presses=("snapkv",), **chosen)
+
+
 def test_grids_are_valid_settings_and_given_settings_win():
     for name, grid in GRIDS.items():
         experiment = KV(text=TEXT, **grid)
@@ -185,6 +197,9 @@ def test_grids_are_valid_settings_and_given_settings_win():
         policies = {(m.kind, m.policy) for m in methods}
         assert ("press", "found") in policies and ("quant", "massive") in policies
         assert ("press", "massive") not in policies and ("quant", "found") not in policies
+        # within the budget, the sinks found are compared with the first k on the window press alone
+        assert {m.press for m in methods if m.policy == "found"} == {"window"}, name
+        assert {m.press for m in methods if m.kind == "press"} == {"window", "knorm", "snapkv"}, name
     docs = kv_settings("docs", {"max_windows": 2, "ratios": None})
     assert docs["max_windows"] == 2 and docs["ratios"] == GRIDS["docs"]["ratios"]
     with pytest.raises(InputError, match="grid"):

@@ -190,6 +190,9 @@ class KV(TextLoss[KVResult]):
                                                      "--policy)", flag="--press-policy")
     quant_policies: tuple[str, ...] | None = setting(None, "--policy for the quantised caches alone (default: "
                                                      "--policy)", flag="--quant-policy")
+    policy_presses: tuple[str, ...] | None = setting(None, "the presses that also spend a --protect budget by the "
+                                                     "policies other than first (default: every press; the others "
+                                                     "keep the first k)", flag="--policy-press")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -197,6 +200,7 @@ class KV(TextLoss[KVResult]):
         self.protect = tuple(sorted({int(k) for k in self.protect}))
         self.ratios = tuple(float(r) for r in self.ratios)
         self.axes, self.presses, self.policies = tuple(self.axes), tuple(self.presses), tuple(self.policies)
+        self.policy_presses = None if self.policy_presses is None else tuple(self.policy_presses)
         self.press_policies = tuple(self.policies if self.press_policies is None else self.press_policies)
         self.quant_policies = tuple(self.policies if self.quant_policies is None else self.quant_policies)
         self.tasks = tuple(self.tasks)
@@ -205,23 +209,15 @@ class KV(TextLoss[KVResult]):
         self._check_settings()
 
     def _check_settings(self) -> None:
-        bad_bits = [b for b in self.bits if b not in BITS]
-        if bad_bits:
-            raise InputError(f"--bits {bad_bits[0]}: choose from {', '.join(map(str, BITS))}")
-        bad_axes = [a for a in self.axes if a not in AXES]
-        if bad_axes:
-            raise InputError(f"--axis {bad_axes[0]}: choose token or channel")
+        _choose("--bits", self.bits, BITS)
+        _choose("--axis", self.axes, AXES)
         for chosen in (self.policies, self.press_policies, self.quant_policies):
-            bad_policies = [p for p in chosen or () if p not in POLICIES]
-            if bad_policies or not chosen:
-                raise InputError(f"--policy {bad_policies[0] if bad_policies else '(none)'}: choose from "
-                                 f"{', '.join(POLICIES)}")
-        bad_tasks = [t for t in self.tasks if t not in RETRIEVAL_TASKS]
-        if bad_tasks:
-            raise InputError(f"--task {bad_tasks[0]}: choose from {', '.join(RETRIEVAL_TASKS)}")
-        bad_presses = [p for p in self.presses if p not in PRESSES]
-        if bad_presses:
-            raise InputError(f"--press {bad_presses[0]}: choose from {', '.join(PRESSES)}")
+            if not chosen:
+                raise InputError(f"--policy (none): choose from {', '.join(POLICIES)}")
+            _choose("--policy", chosen, POLICIES)
+        _choose("--task", self.tasks, RETRIEVAL_TASKS)
+        _choose("--press", self.presses, PRESSES)
+        _choose("--policy-press", self.policy_presses or (), self.presses)
         bad_ratios = [r for r in self.ratios if not 0.0 < r < 1.0]
         if bad_ratios:
             raise InputError(f"--ratio {bad_ratios[0]:g}: a compression ratio lies strictly between 0 and 1")
@@ -241,8 +237,7 @@ class KV(TextLoss[KVResult]):
         self._check_run_settings()
 
     def _check_run_settings(self) -> None:
-        if self.quant_prefill not in QUANT_PREFILLS:
-            raise InputError(f"--quant-prefill {self.quant_prefill}: choose from {', '.join(QUANT_PREFILLS)}")
+        _choose("--quant-prefill", (self.quant_prefill,), QUANT_PREFILLS)
         if self.max_delta_loss < 0 or not 0 <= self.max_retrieval_drop <= 1:
             raise InputError("--max-delta-loss must be >= 0 and --max-retrieval-drop in [0, 1]")
         if self.retrieval_length < 0 or self.retrieval_trials < 1:
@@ -260,8 +255,12 @@ class KV(TextLoss[KVResult]):
         units = [Method("full")]
         units += [Method("quant", k, bits=b, axis=a, policy=policy) for b in self.bits for a in self.axes
                   for k, policy in budgets(self.quant_policies or self.policies)]
+        def press_policies(press: str) -> Sequence[str]:
+            chosen = self.press_policies or self.policies
+            return chosen if self.policy_presses is None or press in self.policy_presses else ("first",)
+
         units += [Method("press", k, press=p, ratio=r, policy=policy) for p in self.presses for r in self.ratios
-                  for k, policy in budgets(self.press_policies or self.policies)]
+                  for k, policy in budgets(press_policies(p))]
         return units
 
     def prepare(self, loaded: LoadedModel) -> list[Method]:
@@ -545,6 +544,13 @@ class KV(TextLoss[KVResult]):
         }
 
 POLICIES = ("first", "found", "massive")
+
+
+def _choose(flag: str, given: Sequence[Any], allowed: Sequence[Any] | dict[str, Any]) -> None:
+    """Refuse the first value of ``given`` that is not one of ``allowed``, naming its option."""
+    bad = [value for value in given if value not in allowed]
+    if bad:
+        raise InputError(f"{flag} {bad[0]}: choose from {', '.join(map(str, allowed))}")
 FOUND_MIN_QUERIES = 16  # a key's mean attention counts once this many queries see it (not the last few keys)
 
 
@@ -600,9 +606,12 @@ def recommend(kv: pd.DataFrame, max_delta_loss: float, max_retrieval_drop: float
 
 # Grids: settings for `kv` (any given setting overrides its grid's). ``docs`` is what the docs' tables come from
 # (a prefill of 2048 text tokens; its time on 2 CPU cores: docs/generated/bench-kv_grid-*.md); ``long`` the
-# same at 4096 (Hamlet holds 11 windows of it: give a longer --text for 16); ``quick`` a smoke test.
+# same at 4096 (Hamlet holds 11 windows of it: give a longer --text for 16); ``quick`` a smoke test. The sinks
+# found are set against the first k on the window press (StreamingLLM, where the protected tokens are most of
+# what stays beyond the recent window); on knorm and SnapKV the grids keep the first k, within the 60-minute budget
+# (`--policy-press window --policy-press knorm --policy-press snapkv` adds them).
 _SHARED = {"axes": ("channel",), "bits": (2,), "protect": (0, 4), "presses": DEFAULT_PRESSES,
-           "press_policies": ("first", "found"), "quant_policies": ("first", "massive"),
+           "press_policies": ("first", "found"), "quant_policies": ("first", "massive"), "policy_presses": ("window",),
            "tasks": ("niah_single", "niah_multikey"), "retrieval_depths": (0.1, 0.3, 0.5, 0.7, 0.9)}
 GRIDS: dict[str, dict[str, Any]] = {
     "quick": {**_SHARED, "window": 288, "context": 256, "max_windows": 4, "step": 32, "ratios": (0.5, 0.9),
