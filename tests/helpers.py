@@ -132,11 +132,12 @@ def invoke(*args: str):
 
 
 def refused_line(result, *fragments: str) -> str:
-    """A command refused as a user error must be: exit 2, one line on stderr (holding each of ``fragments``),
-    no traceback. Returns that line."""
+    """A command refused as a user error must be: exit 2, one line on stderr starting "error: " (holding each of
+    ``fragments``), no traceback. Returns that line."""
     assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in result.output, result.output
+    assert lines[0].startswith("error: "), lines[0]
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
     return lines[0]

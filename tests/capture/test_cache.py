@@ -200,7 +200,7 @@ def test_stream_experiment_tables_memory_and_full_cache_nll(tmp_path):
 
 
 def test_stream_command(tmp_path):
-    import sinkscope.cli.streaming  # noqa: F401  (registers passkey and stream)
+    import sinkscope.cli  # noqa: F401  registers every command on the app
     from sinkscope.cli import app
 
     model_dir = tmp_path / "model"

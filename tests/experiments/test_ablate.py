@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-import sinkscope.cli.consequences  # noqa: F401  registers the commands
+import sinkscope.cli  # noqa: F401  registers every command on the app
 from helpers import TEXT, bundled_gemma, lm, tiny_model, word_tokenizer
 from sinkscope.capture import CaptureEngine
 from sinkscope.cli import app

@@ -9,7 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import sinkscope.cli.consequences  # noqa: F401  registers the commands
+import sinkscope.cli  # noqa: F401  registers every command on the app
 from helpers import bundled_gemma, lm, tiny_model, word_tokenizer
 from sinkscope.cli import app
 from sinkscope.experiments.generate import generate_side_by_side

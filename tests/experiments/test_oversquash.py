@@ -14,7 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 import sinkscope as ss
-import sinkscope.cli.perturb  # noqa: F401  (registers the commands on the app)
+import sinkscope.cli  # noqa: F401  registers every command on the app
 from helpers import SENTENCES, eager_twin, tiny_model, word_tokenizer
 from sinkscope.cli import app
 from sinkscope.errors import InputError

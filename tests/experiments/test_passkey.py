@@ -142,7 +142,7 @@ def test_resume_continues_without_losing_or_duplicating_rows(tmp_path):
 
 
 def test_passkey_command(tmp_path):
-    import sinkscope.cli.streaming  # noqa: F401  (registers passkey and stream)
+    import sinkscope.cli  # noqa: F401  registers every command on the app
     from sinkscope.cli import app
 
     model_dir = tmp_path / "model"

@@ -14,13 +14,6 @@ import torch
 from helpers import SENTENCES, invoke, refused_line, tiny_model, word_tokenizer
 
 
-def refused(result, *fragments: str) -> str:
-    """The run failed as a user error should (`helpers.refused_line`), its line starting with "error: "."""
-    line = refused_line(result, *fragments)
-    assert line.startswith("error: "), line
-    return line
-
-
 def scan(*args: str, model: str | None = None, prompts=None):
     options = ["scan", "--quiet", "--limit", "2"]
     if model is not None:
@@ -40,7 +33,7 @@ def copy_dir(source, target):
 
 @pytest.mark.parametrize("ref", ["./no/such/model", "/no/such/model.gguf", "missing-dir/"])
 def test_model_path_missing(ref, prompt_file):
-    refused(scan(model=ref, prompts=prompt_file), "no such file")
+    refused_line(scan(model=ref, prompts=prompt_file), "no such file")
 
 
 @pytest.mark.parametrize("name,package,hint", [
@@ -51,7 +44,7 @@ def test_bundled_package_not_installed(monkeypatch, prompt_file, name, package, 
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda module, *a: None if module == package else
                         find_spec(module, *a))
-    refused(scan(model=name, prompts=prompt_file), "not installed", hint)
+    refused_line(scan(model=name, prompts=prompt_file), "not installed", hint)
 
 
 def test_gemma3_parts_missing_or_not_assembling(monkeypatch, tmp_path, prompt_file):
@@ -69,7 +62,7 @@ def test_gemma3_parts_missing_or_not_assembling(monkeypatch, tmp_path, prompt_fi
         raise FileNotFoundError("Missing chunk files: part02")
 
     fake.assemble = missing
-    refused(scan(model="gemma3-270m", prompts=prompt_file), "parts are missing", "pip install")
+    refused_line(scan(model="gemma3-270m", prompts=prompt_file), "parts are missing", "pip install")
 
     def corrupt(target, overwrite=False):
         with open(target, "wb") as handle:
@@ -77,7 +70,7 @@ def test_gemma3_parts_missing_or_not_assembling(monkeypatch, tmp_path, prompt_fi
         raise ValueError("Assembled file sha256 did not match expected value")
 
     fake.assemble = corrupt
-    refused(scan(model="gemma3-270m", prompts=prompt_file), "do not assemble", "pip install")
+    refused_line(scan(model="gemma3-270m", prompts=prompt_file), "do not assemble", "pip install")
     assert list((tmp_path / "cache" / "gguf").iterdir()) == []  # no half-made file left behind
 
 
@@ -100,7 +93,7 @@ def test_truncated_or_corrupt_gguf(tmp_path, prompt_file, damage):
     data = small_gguf(tmp_path / "whole.gguf")
     path.write_bytes({"truncated": data[: len(data) // 3], "garbage-after-magic": b"GGUF" + bytes(range(256)) * 4,
                       "not-gguf": b"PK\x03\x04 a zip file", "empty": b""}[damage])
-    line = refused(scan(model=path, prompts=prompt_file), str(path))
+    line = refused_line(scan(model=path, prompts=prompt_file), str(path))
     assert ("truncated or corrupt" in line) if damage in ("truncated", "garbage-after-magic") else \
         ("not a GGUF file" in line)
 
@@ -108,7 +101,7 @@ def test_truncated_or_corrupt_gguf(tmp_path, prompt_file, damage):
 def test_a_complete_but_unusable_gguf_is_refused_clearly(tmp_path, prompt_file):
     path = tmp_path / "model.gguf"
     small_gguf(path)  # no tokenizer, no attention tensors
-    refused(scan(model=path, prompts=prompt_file), str(path))
+    refused_line(scan(model=path, prompts=prompt_file), str(path))
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
@@ -117,13 +110,13 @@ def test_corrupt_safetensors_in_a_local_dir(tmp_path, model_dir, prompt_file, da
     weights = broken / "model.safetensors"
     data = weights.read_bytes()
     weights.write_bytes({"truncated": data[: len(data) // 2], "garbage": b"\xff" * 64, "empty": b""}[damage])
-    refused(scan(model=broken, prompts=prompt_file), "cannot load", str(broken))
+    refused_line(scan(model=broken, prompts=prompt_file), "cannot load", str(broken))
 
 
 def test_local_dir_with_a_broken_config(tmp_path, model_dir, prompt_file):
     broken = copy_dir(model_dir, tmp_path / "broken")
     (broken / "config.json").write_text("{ not json")
-    refused(scan(model=broken, prompts=prompt_file), str(broken))
+    refused_line(scan(model=broken, prompts=prompt_file), str(broken))
 
 
 def test_architecture_without_softmax_attention(tmp_path, prompt_file):
@@ -133,14 +126,14 @@ def test_architecture_without_softmax_attention(tmp_path, prompt_file):
     config = AutoConfig.for_model("mamba", vocab_size=96, hidden_size=16, num_hidden_layers=2, state_size=4)
     AutoModelForCausalLM.from_config(config).save_pretrained(path)
     word_tokenizer().save_pretrained(path)
-    refused(scan(model=path, prompts=prompt_file), "no softmax attention")
+    refused_line(scan(model=path, prompts=prompt_file), "no softmax attention")
 
 
 def test_tokenizer_without_bos_and_bos_add(tmp_path, prompt_file):
     path = tmp_path / "no-bos"
     tiny_model("llama").save_pretrained(path)
     word_tokenizer(with_bos=False).save_pretrained(path)
-    refused(scan("--bos", "add", model=path, prompts=prompt_file), "no bos token", "strip or replace")
+    refused_line(scan("--bos", "add", model=path, prompts=prompt_file), "no bos token", "strip or replace")
     assert invoke("scan", "--quiet", "--limit", "1", "--model", str(path), "--prompts", str(prompt_file),
                   "--bos", "strip").exit_code == 0  # the advice works
 
@@ -156,7 +149,7 @@ def test_tokenizer_without_bos_and_bos_add(tmp_path, prompt_file):
 def test_empty_prompt_file(tmp_path, model_dir, name, content):
     path = tmp_path / name
     path.write_bytes(content)
-    refused(scan(model=model_dir, prompts=path), str(path), "no prompts")
+    refused_line(scan(model=model_dir, prompts=path), str(path), "no prompts")
 
 
 @pytest.mark.parametrize("bos", ["auto", "add", "strip"])
@@ -172,7 +165,7 @@ def test_a_prompt_that_tokenises_to_nothing(tmp_path, bos):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text(f"{SENTENCES[0]}\n\u0301\u0301\n")
     assert tokenizer("\u0301\u0301", add_special_tokens=False)["input_ids"] == []
-    refused(scan("--bos", bos, model=path, prompts=prompts), "prompt 1", "no text tokens")
+    refused_line(scan("--bos", bos, model=path, prompts=prompts), "prompt 1", "no text tokens")
 
 
 @pytest.mark.parametrize("suffix", [".txt", ".jsonl", ".csv"])
@@ -181,7 +174,7 @@ def test_invalid_utf8_in_a_prompt_file(tmp_path, model_dir, suffix):
     lines = {".txt": [b"the cat sat", b"caf\xe9 au lait"], ".jsonl": [b'{"text": "the cat"}', b'{"text": "caf\xe9"}'],
              ".csv": [b"id,text", b"p0,caf\xe9"]}[suffix]
     path.write_bytes(b"\n".join(lines) + b"\n")
-    refused(scan(model=model_dir, prompts=path), str(path), "not UTF-8", "line 2", "UTF-8")
+    refused_line(scan(model=model_dir, prompts=path), str(path), "not UTF-8", "line 2", "UTF-8")
 
 
 @pytest.mark.parametrize("content,line,what", [
@@ -193,21 +186,21 @@ def test_invalid_utf8_in_a_prompt_file(tmp_path, model_dir, suffix):
 def test_malformed_jsonl_names_the_line(tmp_path, model_dir, content, line, what):
     path = tmp_path / "prompts.jsonl"
     path.write_bytes(content)
-    refused(scan(model=model_dir, prompts=path), f"{path}:{line}:", what)
+    refused_line(scan(model=model_dir, prompts=path), f"{path}:{line}:", what)
 
 
 def test_csv_without_a_text_column(tmp_path, model_dir):
     path = tmp_path / "prompts.csv"
     path.write_text("id,prompt\np0,the cat sat\n")
-    refused(scan(model=model_dir, prompts=path), str(path), "'text' column", "prompt")
+    refused_line(scan(model=model_dir, prompts=path), str(path), "'text' column", "prompt")
 
 
 def test_prompt_file_missing_or_of_unknown_type(tmp_path, model_dir):
-    refused(scan(model=model_dir, prompts=tmp_path / "absent.txt"), "no such prompt file")
+    refused_line(scan(model=model_dir, prompts=tmp_path / "absent.txt"), "no such prompt file")
     odd = tmp_path / "prompts.parquet"
     odd.write_bytes(b"PAR1")
-    refused(scan(model=model_dir, prompts=odd), "unsupported prompt file type", ".txt, .jsonl or .csv")
-    refused(scan(model=model_dir, prompts=tmp_path), "no such prompt file")
+    refused_line(scan(model=model_dir, prompts=odd), "unsupported prompt file type", ".txt, .jsonl or .csv")
+    refused_line(scan(model=model_dir, prompts=tmp_path), "no such prompt file")
 
 
 def test_a_real_process_prints_one_line_and_no_traceback(tmp_path, model_dir):
@@ -224,7 +217,7 @@ def test_a_real_process_prints_one_line_and_no_traceback(tmp_path, model_dir):
 def test_csv_that_is_not_valid_csv_names_the_line(tmp_path, model_dir, row):
     path = tmp_path / "prompts.csv"
     path.write_bytes(b"id,text\np0,the cat\n" + row + b"\n")  # an unbalanced quote would swallow later rows
-    refused(scan(model=model_dir, prompts=path), f"{path}:3:", "not valid CSV")
+    refused_line(scan(model=model_dir, prompts=path), f"{path}:3:", "not valid CSV")
 
 
 def test_csv_with_a_byte_order_mark_reads_its_text_column(tmp_path):
@@ -240,4 +233,4 @@ def test_a_directory_of_several_gguf_files_asks_which_one(tmp_path, prompt_file)
     folder.mkdir()
     for name in ("a.gguf", "b.gguf"):
         (folder / name).write_bytes(b"GGUF")
-    refused(scan(model=folder, prompts=prompt_file), "holds 2 .gguf files", "a.gguf, b.gguf", "--model")
+    refused_line(scan(model=folder, prompts=prompt_file), "holds 2 .gguf files", "a.gguf, b.gguf", "--model")

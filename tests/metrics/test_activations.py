@@ -12,7 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 import sinkscope as ss
-import sinkscope.cli.collapse  # noqa: F401  registers the commands on the app
+import sinkscope.cli  # noqa: F401  registers the commands on the app
 from helpers import SENTENCES, eager_twin, reference_residual, tiny_model, word_tokenizer
 from sinkscope.cli import app
 from sinkscope.errors import InputError

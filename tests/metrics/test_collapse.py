@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import sinkscope as ss
-import sinkscope.cli.collapse  # noqa: F401  registers the commands on the app
+import sinkscope.cli  # noqa: F401  registers the commands on the app
 from helpers import SENTENCES, eager_twin, invoke, reference_residual, tiny_model, word_tokenizer
 from sinkscope.errors import InputError, TokenizationError
 from sinkscope.experiments.rank_collapse import rank_collapse

@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import pkgutil
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -20,9 +21,10 @@ from ..errors import InputError, SinkscopeError
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode="rich",
                   help="Measure, explain and exploit attention sinks in transformer language models.")
-# --help groups the commands in these panels, in this order (the first command registered in each panel
-# decides where the panel appears, so the modules are imported in this order below).
+# --help groups the commands in these panels, in this order, each panel's commands by name (see the end)
 MEASURE, EXPLAIN, CONSEQUENCES, LAB, REPORT = "Measure", "Explain", "Consequences", "Lab", "Report"
+PANEL_ORDER = (MEASURE, EXPLAIN, CONSEQUENCES, LAB, REPORT)
+PANEL_TITLES = {"measure": MEASURE, "explain": EXPLAIN, "consequences": CONSEQUENCES}  # experiments.settings.PANELS
 # In a multi-process run (torchrun / accelerate launch) only the first process prints; errors show from all.
 console = Console(quiet=os.environ.get("RANK", "0").strip() not in ("", "0"))
 errors = Console(stderr=True)
@@ -133,10 +135,21 @@ def _root(version: Annotated[bool, typer.Option("--version", help="print the ver
         raise typer.Exit()
 
 
-# Command modules register themselves on `app` when imported, in the order --help shows their panels.
-for _module in ("scan", "keys", "explain", "matrix_entropy", "collapse", "perturb", "consequences", "streaming",
-                "ruler", "kv", "lab", "report"):
-    importlib.import_module(f"{__name__}.{_module}")
+def _register_commands() -> None:
+    """Every command: the command modules of this package register theirs when imported; every experiment that
+    declares a command gets one built (`commands`). Then --help's order: typer shows a panel where its first
+    registered command is, so the commands are sorted by panel, then by name."""
+    for module in pkgutil.iter_modules(__path__):
+        if not module.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{module.name}")
+    from .commands import register_experiment_commands
+
+    register_experiment_commands()
+    app.registered_commands.sort(key=lambda c: (PANEL_ORDER.index(c.rich_help_panel or REPORT),
+                                                c.name or c.callback.__name__.replace("_", "-")))
+
+
+_register_commands()
 
 
 def main() -> None:

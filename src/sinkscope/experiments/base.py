@@ -7,7 +7,9 @@ An experiment (one small class per file, kvpress-style) supplies
 - `batches(units)`: how units are grouped into one forward pass (default: one unit each),
 - `open(loaded)`: the capture engine and probes (default: an engine without probes),
 - `measure(engine, units)`: tidy rows for one batch of units, as ``{table name: DataFrame}``,
-- `summarise(loaded, tables, units)`: the headline numbers.
+- `summarise(loaded, tables, units)`: the headline numbers, from the tables (every batch's, read back from
+  disk after a resume) and what `prepare`/`begin` derive from the settings and the model (both run again on a
+  resume); nothing `measure` leaves on the experiment reaches it.
 
 `run` loads the model, builds units and batches, writes each finished batch to ``--out DIR/parts/``
 (atomically; a batch counts as done only once its marker exists), resumes exactly where a killed run
@@ -46,11 +48,13 @@ from ..rundir import SUMMARY_FILE, RunDir, write_json, write_table
 from ..version import __version__
 from . import distributed
 from .distributed import Shard
+from .settings import Command
 from .whereabouts import TABLE as WHEREABOUTS
 from .whereabouts import WhereaboutsRider, measures_prompts, whereabouts_rows, whereabouts_summary
 
 CSV_MAX_ROWS = 20_000  # tables up to this size are also written as CSV
 RESULT_TYPES: dict[str, type[Result]] = {}  # experiment name -> its result class (for Result.load)
+EXPERIMENTS: dict[str, type[Experiment]] = {}  # experiment name -> its class, as each module defines it
 
 
 def takes_conditions(function: Callable[..., Any]) -> Callable[..., Any]:
@@ -142,8 +146,7 @@ class Result:
             raise InputError(f"{summary_path}: not a valid summary ({error})") from None
         name = summary.pop("experiment", cls.experiment)
         if name and name not in RESULT_TYPES:  # its module not imported yet: each registers its result type
-            for module in pkgutil.iter_modules(sys.modules[__package__].__path__):
-                importlib.import_module(f"{__package__}.{module.name}")
+            import_all()
         kind = RESULT_TYPES.get(name, cls) if cls.experiment in ("", name) else cls
         if cls.experiment and name != cls.experiment:
             raise InputError(f"{directory} holds a {name or 'different'} run, not a {cls.experiment} run")
@@ -152,6 +155,13 @@ class Result:
         if order:
             tables = {t: tables[t] for t in order if t in tables}
         return kind(tables, summary)
+
+
+def import_all() -> dict[str, type[Experiment]]:
+    """Every experiment, its module imported (each registers itself in `EXPERIMENTS` when defined)."""
+    for module in pkgutil.iter_modules(sys.modules[__package__].__path__):
+        importlib.import_module(f"{__package__}.{module.name}")
+    return EXPERIMENTS
 
 
 ResultT = TypeVar("ResultT", bound=Result)
@@ -174,6 +184,8 @@ class Experiment(Generic[ResultT]):
     # `begin` computes what `summarise` reads too (e.g. a baseline), so a run resumed with nothing left to
     # measure still calls it
     summary_needs_begin: ClassVar[bool] = False
+    # its command-line command, built by the CLI from this and the declared settings (None: none, or its own)
+    command: ClassVar[Command | None] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -181,9 +193,11 @@ class Experiment(Generic[ResultT]):
             found = [a for a in typing.get_args(base) if isinstance(a, type) and issubclass(a, Result)]
             if found:
                 cls.result_type = found[0]
-        if cls.name and "name" in cls.__dict__ and cls.result_type is not Result:
-            cls.result_type.experiment = cls.name
-            RESULT_TYPES[cls.name] = cls.result_type
+        if cls.name and "name" in cls.__dict__:
+            EXPERIMENTS[cls.name] = cls
+            if cls.result_type is not Result:
+                cls.result_type.experiment = cls.name
+                RESULT_TYPES[cls.name] = cls.result_type
 
     # -- what a subclass supplies ---------------------------------------------------------------------
     def prepare(self, loaded: LoadedModel) -> list[Any]:
@@ -217,6 +231,11 @@ class Experiment(Generic[ResultT]):
 
     def finalise(self, tables: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
         """Tables after gathering every batch (e.g. sorted, or with derived columns)."""
+        return tables
+
+    def kept(self, tables: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+        """The tables the result keeps, after `summarise` has read them all (e.g. per-token losses a summary
+        needs but a setting leaves out of the saved result)."""
         return tables
 
     # -- what the base does with them -----------------------------------------------------------------
@@ -334,6 +353,7 @@ def run(
     single = getattr(experiment, "bos", None)
     tables = with_condition_column(experiment.finalise(tables), single if isinstance(single, str) else None)
     summary = experiment.summarise(loaded, tables, units)
+    tables = experiment.kept(tables)
     if where is not None:
         tables[WHEREABOUTS] = where
         summary["whereabouts"] = whereabouts_summary(where)

@@ -25,7 +25,7 @@ from ..errors import InputError
 from ..models.loader import LoadedModel
 from .base import Experiment, Result, run, takes_conditions
 from .inputs import bos_conditions, encode_prompts, require_tokenizer
-from .settings import setting
+from .settings import Command, setting
 
 DEFAULT_PROMPT = "The old lighthouse keeper climbed the stairs every evening, and on the night of the storm he saw"
 
@@ -76,6 +76,9 @@ class Generate(Experiment[GenerateResult]):
     condition again with all heads' attention to position 0 removed)."""
 
     name = "generate"
+    command = Command(
+        "generate", "consequences",
+        "The same prompt continued greedily with and without the sink, side by side.")
     unit_label = "continuations"
 
     prompts: tuple[str, ...] = setting((DEFAULT_PROMPT,), "prompt text", flag="--prompt")

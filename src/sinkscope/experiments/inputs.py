@@ -24,6 +24,7 @@ from ..errors import InputError, TokenizationError
 from ..models.loader import LoadedModel, text_config
 from ..models.tokens import encode
 from .base import Experiment, ResultT
+from .settings import setting
 
 TOKENS_PER_BATCH = 8192  # padded tokens per forward pass: long inputs run one (or a few) at a time
 _PROBE_TEXT = "Hello world"
@@ -308,10 +309,12 @@ class PromptExperiment(Experiment[ResultT]):
 
     prompts: list[Prompt] = field(default_factory=list)
     bos: tuple[str, ...] = ("add", "strip")
-    max_tokens: int | None = 64
+    max_tokens: int | None = setting(64, "tokens per prompt, <bos> included (paper: 64)")
 
     def __post_init__(self) -> None:  # settings checked before any model loads
         self.bos = tuple(bos_conditions(self.bos))
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise InputError("--max-tokens must be at least 1")
 
     def settings(self) -> dict[str, Any]:
         settings = super().settings()

@@ -12,25 +12,22 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from ..data import Prompt
 from ..errors import InputError
 from ..metrics import activations as activation_metrics
 from ..models.loader import LoadedModel
-from .base import Result, run, takes_conditions
+from .base import Result
+from .functions import experiment_function
 from .inputs import (
     Encoded,
-    bos_conditions,
-    prompt_list,
     token_strings,
 )
 from .residual import DEPTH_CONVENTION, ResidualPromptExperiment, first_token_counts
-from .settings import setting
+from .settings import Command, setting
 
 FACTORS = activation_metrics.MASSIVE_FACTORS
 
@@ -53,6 +50,10 @@ class MassiveActivations(ResidualPromptExperiment[MassiveActivationsResult]):
     """Massive-activation statistics of every prompt's residual stream at every depth, per `<bos>` condition."""
 
     name = "massive"
+    command = Command(
+        "massive", "explain",
+        "Massive activations (Sun et al.): max |h| / median |h| per depth and where the largest entries sit.",
+        inputs="prompts")
     whereabouts_rides = True
 
     top_k: int = setting(4, "top coordinates kept per prompt and depth")
@@ -118,24 +119,8 @@ class MassiveActivations(ResidualPromptExperiment[MassiveActivationsResult]):
         }
 
 
-@takes_conditions
-def massive_activations(
-    model: LoadedModel | Any,
-    texts: Sequence[str | Prompt] | None = None,
-    *,
-    bos: str | Sequence[str] = ("add", "strip"),
-    max_tokens: int | None = 64,
-    top_k: int = 4,
-    batch_size: int = 8,
-    out: str | Path | None = None,
-    resume: bool = False,
-    progress: bool = True,
-    command: str | None = None,
-) -> MassiveActivationsResult:
+massive_activations = experiment_function(
+    MassiveActivations, "massive_activations",
     """Massive-activation statistics of every prompt's residual stream at every depth, per `<bos>` condition.
 
-    ``max_tokens`` counts the whole sequence, prefix included (conditions share the text tokens).
-    """
-    experiment = MassiveActivations(prompts=prompt_list(texts), bos=tuple(bos_conditions(bos)),
-                                    max_tokens=max_tokens, top_k=top_k, batch_size=batch_size)
-    return run(experiment, model, out=out, resume=resume, progress=progress, command=command)
+    ``max_tokens`` counts the whole sequence, prefix included (conditions share the text tokens).""")

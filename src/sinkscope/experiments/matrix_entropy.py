@@ -20,23 +20,22 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from ..capture import FirstTokenAttention, Probe
-from ..data import Prompt
 from ..errors import InputError
 from ..metrics import sink as sink_metrics
 from ..metrics.matrix_entropy import matrix_entropy
 from ..metrics.stats import bootstrap_interval, paired_difference_interval
 from ..models.loader import LoadedModel
-from .base import Result, run, takes_conditions
-from .inputs import Encoded, bos_conditions, prompt_list, token_strings
+from .base import Result
+from .functions import experiment_function
+from .inputs import Encoded, token_strings
 from .residual import DEPTH_CONVENTION, ResidualPromptExperiment, first_token_counts
-from .settings import setting
+from .settings import Command, setting
 
 
 class MatrixEntropyResult(Result):
@@ -49,6 +48,10 @@ class MatrixEntropy(ResidualPromptExperiment[MatrixEntropyResult]):
     """Matrix entropy of the residual stream per depth, the position-0 norm and the sink rate per layer."""
 
     name = "matrix_entropy"
+    command = Command(
+        "matrix-entropy", "explain",
+        "Matrix entropy of the residual stream per depth (compression valley), <bos> norm, sink rate per "
+        "layer.", inputs="prompts")
     whereabouts_rides = True
 
     eps: float = setting(sink_metrics.DEFAULT_EPS, "a head is a sink when its alpha exceeds this")
@@ -151,16 +154,8 @@ def per_depth_table(entropy: pd.DataFrame, sink_rate: pd.DataFrame) -> pd.DataFr
     return table.merge(layers, on=["bos", "layer"], how="left")
 
 
-@takes_conditions
-def matrix_entropy_by_depth(
-    model: LoadedModel | Any, texts: Sequence[str | Prompt] | None = None, *,
-    bos: str | Sequence[str] = ("add", "strip"), max_tokens: int | None = 64, eps: float = sink_metrics.DEFAULT_EPS,
-    batch_size: int = 8, out: str | Path | None = None, resume: bool = False, progress: bool | Any = True,
-    command: str | None = None,
-) -> MatrixEntropyResult:
-    """Matrix entropy of every prompt's residual stream at every depth (von Neumann and order 2, with and
-    without position 0), the position-0 norm, and the sink rate of every layer, per `<bos>` condition.
-    ``texts``: strings or Prompts (default: the built-in probe set)."""
-    experiment = MatrixEntropy(prompts=prompt_list(texts), bos=tuple(bos_conditions(bos)), max_tokens=max_tokens,
-                               eps=eps, batch_size=batch_size)
-    return run(experiment, model, out=out, resume=resume, progress=progress, command=command)
+matrix_entropy_by_depth = experiment_function(
+    MatrixEntropy, "matrix_entropy_by_depth",
+    """Matrix entropy of every prompt's residual stream at every depth (von Neumann and order 2, with and without
+    position 0), the position-0 norm, and the sink rate of every layer, per `<bos>` condition. ``texts``:
+    strings or Prompts (default: the built-in probe set).""")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,12 +21,12 @@ import pandas as pd
 import torch
 
 from ..capture import FirstTokenAttention, Probe, ValueNorms
-from ..data import Prompt
 from ..metrics import sink as sink_metrics
 from ..models.loader import LoadedModel
-from .base import Result, run, takes_conditions
-from .inputs import Encoded, PromptExperiment, bos_conditions, check_engine_options, prompt_list
-from .settings import setting
+from .base import Result
+from .functions import experiment_function
+from .inputs import Encoded, PromptExperiment, check_engine_options
+from .settings import Command, setting
 
 
 class NoopResult(Result):
@@ -40,6 +39,10 @@ class Noop(PromptExperiment[NoopResult]):
     """Value norms and output shares of every head, per prompt and `<bos>` condition."""
 
     name = "noop"
+    command = Command(
+        "noop", "explain",
+        "Value norms and output shares: is attending to the sink an approximate no-op? (Fig. 4)",
+        inputs="prompts", limit=40)
     whereabouts_rides = True
 
     bos: tuple[str, ...] = ("add",)
@@ -116,13 +119,6 @@ class Noop(PromptExperiment[NoopResult]):
         return summary
 
 
-@takes_conditions
-def noop(
-    model: LoadedModel | Any, texts: Sequence[str | Prompt] | None = None, *, bos: str | Sequence[str] = ("add",),
-    max_tokens: int | None = 64, limit: int | None = None, eps: float = 0.3, path: str = "auto",
-    out: str | Path | None = None, resume: bool = False, progress: bool = True, command: str | None = None,
-) -> NoopResult:
-    """Value norms and output shares per (prompt, bos, layer, head): is the sink an approximate no-op?"""
-    experiment = Noop(prompts=prompt_list(texts, limit), bos=tuple(bos_conditions(bos)), max_tokens=max_tokens,
-                      eps=eps, path=path)
-    return run(experiment, model, out=out, resume=resume, progress=progress, command=command)
+noop = experiment_function(
+    Noop, "noop",
+    """Value norms and output shares per (prompt, bos, layer, head): is the sink an approximate no-op?""")

@@ -15,7 +15,6 @@ import contextlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -23,10 +22,11 @@ import pandas as pd
 from ..data.passkey import passkey_prompts, score_answer
 from ..errors import InputError
 from ..models.loader import LoadedModel
-from .base import Experiment, Result, run, takes_conditions
+from .base import Experiment, Result
 from .decoding import decoding_context, generate
+from .functions import experiment_function
 from .inputs import bos_conditions, context_limit, encode_one, require_tokenizer
-from .settings import setting
+from .settings import Command, setting
 from .whereabouts import TABLE as WHEREABOUTS
 from .whereabouts import whereabouts_of_heads
 
@@ -66,6 +66,9 @@ class Passkey(Experiment[PasskeyResult]):
     """Greedy passkey retrieval per (bos, length, depth, trial)."""
 
     name = "passkey"
+    command = Command(
+        "passkey", "consequences",
+        "Passkey retrieval: a 5-digit key hidden in filler text, greedy answer, with vs without <bos>.")
     unit_label = "prompts"
 
     lengths: tuple[int, ...] = setting((512, 1024, 2048, 4096), "prompt length in text tokens", flag="--length")
@@ -142,16 +145,8 @@ def _answer(runner: Any, tokenizer: Any, ids: list[int], generation: Any) -> str
     return tokenizer.decode(output[0, len(ids):], skip_special_tokens=True)
 
 
-@takes_conditions
-def passkey(
-    model: LoadedModel | Any, *, lengths: Sequence[int] = (512, 1024, 2048, 4096),
-    depths: Sequence[float] = (0.1, 0.3, 0.5, 0.7, 0.9), trials: int = 3, bos: Sequence[str] = ("add", "strip"),
-    seed: int = 0, max_new_tokens: int = 8, out: str | Path | None = None, resume: bool = False,
-    progress: bool | Any = True, command: str | None = None,
-) -> PasskeyResult:
-    """Greedy passkey retrieval per (bos, length, depth, trial). ``lengths`` count text tokens (the `<bos>`,
-    when added, comes on top). ``out``: rows are written to ``out/parts/`` as they finish; ``resume``
-    continues an interrupted run."""
-    experiment = Passkey(lengths=tuple(lengths), depths=tuple(depths), trials=trials, bos=tuple(bos), seed=seed,
-                         max_new_tokens=max_new_tokens)
-    return run(experiment, model, out=out, resume=resume, progress=progress, command=command)
+passkey = experiment_function(
+    Passkey, "passkey",
+    """Greedy passkey retrieval per (bos, length, depth, trial). ``lengths`` count text tokens (the `<bos>`, when
+    added, comes on top). ``out``: rows are written to ``out/parts/`` as they finish; ``resume`` continues an
+    interrupted run.""")

@@ -12,25 +12,23 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 from numpy.typing import NDArray
 
-from ..data import Prompt
 from ..errors import InputError
 from ..metrics import collapse as collapse_metrics
 from ..models.loader import LoadedModel
-from .base import Result, run, takes_conditions
+from .base import Result
+from .functions import experiment_function
 from .inputs import (
     Encoded,
-    bos_conditions,
-    prompt_list,
     token_strings,
 )
 from .residual import DEPTH_CONVENTION, ResidualPromptExperiment, first_token_counts
+from .settings import Command
 
 
 class RankCollapseResult(Result):
@@ -52,6 +50,10 @@ class RankCollapse(ResidualPromptExperiment[RankCollapseResult]):
     """Rank-collapse measures of each prompt's residual stream at every depth, per `<bos>` condition."""
 
     name = "rank_collapse"
+    command = Command(
+        "rank-collapse", "explain",
+        "Rank collapse of the residual stream per depth (Frobenius and composite residual, sigma_1 share, "
+        "eff. rank).", inputs="prompts")
     whereabouts_rides = True
 
     exclude_sink: tuple[bool, ...] = (False, True)
@@ -119,26 +121,9 @@ class RankCollapse(ResidualPromptExperiment[RankCollapseResult]):
         }
 
 
-@takes_conditions
-def rank_collapse(
-    model: LoadedModel | Any,
-    texts: Sequence[str | Prompt] | None = None,
-    *,
-    bos: str | Sequence[str] = ("add", "strip"),
-    max_tokens: int | None = 64,
-    exclude_sink: bool | Sequence[bool] = (False, True),
-    batch_size: int = 8,
-    out: str | Path | None = None,
-    resume: bool = False,
-    progress: bool = True,
-    command: str | None = None,
-) -> RankCollapseResult:
+rank_collapse = experiment_function(
+    RankCollapse, "rank_collapse",
     """Rank-collapse measures of each prompt's residual stream at every depth, per `<bos>` condition.
 
-    ``exclude_sink``: measure with the first token (``False``), without it (``True``), or both.
-    ``max_tokens`` counts the whole sequence, prefix included (conditions share the text tokens).
-    """
-    experiment = RankCollapse(prompts=prompt_list(texts), bos=tuple(bos_conditions(bos)), max_tokens=max_tokens,
-                              exclude_sink=(exclude_sink,) if isinstance(exclude_sink, bool) else tuple(exclude_sink),
-                              batch_size=batch_size)
-    return run(experiment, model, out=out, resume=resume, progress=progress, command=command)
+    ``exclude_sink``: measure with the first token (``False``), without it (``True``), or both. ``max_tokens``
+    counts the whole sequence, prefix included (conditions share the text tokens).""")

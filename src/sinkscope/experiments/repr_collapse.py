@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,10 +24,11 @@ from ..errors import InputError
 from ..metrics import collapse as collapse_metrics
 from ..models.loader import LoadedModel
 from ..models.tokens import encode
-from .base import Experiment, Result, run, takes_conditions
+from .base import Experiment, Result
+from .functions import experiment_function
 from .inputs import bos_conditions, check_length, prefix_ids, require_tokenizer, token_strings
 from .residual import residual_streams
-from .settings import setting
+from .settings import Command, setting
 
 REPR_LENGTHS = (8, 16, 32, 64, 128, 256, 512)
 FAMILIES = ("repeated", "natural")
@@ -56,6 +56,10 @@ class ReprCollapse(Experiment[ReprCollapseResult]):
     """Last-token distance between a sequence and the same with its last token repeated, by length n."""
 
     name = "repr_collapse"
+    command = Command(
+        "repr-collapse", "explain",
+        "Representational collapse: last-token distance between a sequence and the same with its last token "
+        "repeated.")
     unit_label = "lengths"
 
     lengths: tuple[int, ...] = setting(REPR_LENGTHS, "text lengths n", flag="--length")
@@ -164,25 +168,8 @@ def loglog_slope(n: Sequence[float], values: Sequence[float]) -> float:
     return float(np.polyfit(np.log(x[keep]), np.log(y[keep]), 1)[0])
 
 
-@takes_conditions
-def representational_collapse(
-    model: LoadedModel | Any,
-    *,
-    lengths: int | Sequence[int] = REPR_LENGTHS,
-    families: str | Sequence[str] = FAMILIES,
-    bos: str | Sequence[str] = ("add", "strip"),
-    repeat_token: str = " a",
-    text: str | None = None,
-    out: str | Path | None = None,
-    resume: bool = False,
-    progress: bool = True,
-    command: str | None = None,
-) -> ReprCollapseResult:
+representational_collapse = experiment_function(
+    ReprCollapse, "representational_collapse",
     """Last-token representational collapse as a function of the number of text tokens n (module docstring).
 
-    ``natural`` reads ``text`` (default: the probe set's texts joined).
-    """
-    experiment = ReprCollapse(lengths=(lengths,) if isinstance(lengths, int) else tuple(lengths),
-                              families=(families,) if isinstance(families, str) else tuple(families),
-                              bos=tuple(bos_conditions(bos)), repeat_token=repeat_token, text=text)
-    return run(experiment, model, out=out, resume=resume, progress=progress, command=command)
+    ``natural`` reads ``text`` (default: the probe set's texts joined).""")

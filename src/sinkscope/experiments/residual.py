@@ -16,9 +16,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..errors import NonFiniteError
+from ..errors import InputError, NonFiniteError
 from .base import ResultT
 from .inputs import Encoded, PromptExperiment, condition_batches, pad_right
+from .settings import setting
 
 DEPTH_CONVENTION = ("depth 0 = embeddings, depth d = output of layer d-1 (layers 0..L-1); "
                     "depth L is taken before the final norm")
@@ -64,7 +65,12 @@ class ResidualPromptExperiment(PromptExperiment[ResultT]):
     ``batch_size`` prompts of one condition, then `rows` per prompt on its stream [depths, n, d] in float64.
     The tables of a batch are the prompts' rows, concatenated in prompt order."""
 
-    batch_size: int = 8
+    batch_size: int = setting(8, "sequences per forward pass")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.batch_size < 1:
+            raise InputError("--batch-size must be at least 1")
 
     def batches(self, units: Sequence[Encoded]) -> list[list[int]]:
         return condition_batches(units, self.batch_size)

@@ -34,10 +34,11 @@ from ..data import ruler as tasks_
 from ..errors import InputError, TokenizationError
 from ..metrics.stats import bootstrap_interval
 from ..models.loader import LoadedModel
-from .base import Experiment, Result, run, takes_conditions
+from .base import Experiment, Result
 from .decoding import decoding_context, generate, stop_ids
+from .functions import experiment_function
 from .inputs import bos_conditions, check_token_ids, context_limit, encode_one, prefix_ids, require_tokenizer
-from .settings import setting
+from .settings import Command, setting
 from .whereabouts import TABLE as WHEREABOUTS
 from .whereabouts import whereabouts_of_heads
 
@@ -87,6 +88,10 @@ class Ruler(Experiment[RulerResult]):
     """Greedy RULER-style tasks per task x length x depth x trial x `<bos>` condition."""
 
     name = "ruler"
+    command = Command(
+        "ruler", "consequences",
+        "RULER-style retrieval (needles, variable tracking, common words), greedy answers, with vs without "
+        "<bos>.", inputs="text")
     unit_label = "prompts"
 
     tasks: tuple[str, ...] = setting(tuple(tasks_.TASKS), "niah_single, niah_multikey, vt, cwe, ...",
@@ -99,7 +104,10 @@ class Ruler(Experiment[RulerResult]):
     values: str = setting("numbers", "needle values: numbers | words | uuids")
     # None: each prompt's own budget (its expected answer once + 8 tokens)
     max_new_tokens: int | None = setting(None, "greedy tokens per answer (none: each task's)")
-    text: str | None = None  # haystack text file (default: the offline Shakespeare text)
+    text: str | Path | None = None  # haystack text file (default: the offline Shakespeare text)
+
+    def __post_init__(self) -> None:
+        self.text = None if self.text is None else str(self.text)  # a path, kept as text in the fingerprint
 
     def _check(self, loaded: LoadedModel) -> list[str]:
         for name in self.tasks:
@@ -294,20 +302,9 @@ def difference_table(frame: pd.DataFrame, conditions: Sequence[str], seed: int =
     return pd.DataFrame(rows)
 
 
-@takes_conditions
-def ruler(
-    model: LoadedModel | Any, *, tasks: Sequence[str] | None = None, lengths: Sequence[int] = DEFAULT_LENGTHS,
-    depths: Sequence[float] = DEFAULT_DEPTHS, trials: int = 3, bos: Sequence[str] = ("add", "strip"),
-    seed: int = 0, values: str = "numbers", max_new_tokens: int | None = None, text: str | Path | None = None,
-    out: str | Path | None = None, resume: bool = False, progress: bool | Any = True, command: str | None = None,
-) -> RulerResult:
-    """RULER-style tasks (``tasks``: names from `sinkscope.data.ruler.TASKS`, default all) per length x depth
-    x trial x `<bos>` condition, answered greedily and scored as RULER does. ``lengths`` count text tokens
-    (a `<bos>`, when added, comes on top); ``text``: a haystack text file (default: offline Shakespeare).
-    ``out``: a run directory written unit by unit; ``resume`` continues an interrupted run."""
-    experiment = Ruler(
-        tasks=tuple(tasks) if tasks is not None else tuple(tasks_.TASKS), lengths=tuple(int(n) for n in lengths),
-        depths=tuple(float(d) for d in depths), trials=int(trials), bos=tuple(bos), seed=int(seed), values=values,
-        max_new_tokens=max_new_tokens, text=None if text is None else str(text),
-    )
-    return run(experiment, model, out=out, resume=resume, progress=progress, command=command)
+ruler = experiment_function(
+    Ruler, "ruler",
+    """RULER-style tasks (``tasks``: names from `sinkscope.data.ruler.TASKS`, default all) per length x depth x
+    trial x `<bos>` condition, answered greedily and scored as RULER does. ``lengths`` count text tokens (a
+    `<bos>`, when added, comes on top); ``text``: a haystack text file (default: offline Shakespeare). ``out``:
+    a run directory written unit by unit; ``resume`` continues an interrupted run.""")

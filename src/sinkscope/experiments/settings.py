@@ -19,6 +19,29 @@ from typing import Any
 
 from ..errors import InputError
 
+PANELS = ("measure", "explain", "consequences")  # where an experiment's command sits in `sinkscope --help`
+
+
+@dataclass(frozen=True)
+class Command:
+    """How an experiment appears on the command line, declared on its class (``command = Command(...)``); the
+    CLI builds the command from this and the declared settings (`sinkscope.cli.commands`), so an experiment
+    needs no command module of its own.
+
+    ``inputs``: ``prompts`` (``--prompts`` and ``--limit``: a prompt file, default the built-in probe set),
+    ``text`` (``--text``: a UTF-8 file, default the experiment's), or none; every command takes ``--model``,
+    ``--bos`` (default: the experiment's) and the run options. ``limit``: the default ``--limit``."""
+
+    name: str
+    panel: str
+    help: str
+    inputs: str = ""
+    limit: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.panel not in PANELS or self.inputs not in ("", "prompts", "text"):
+            raise ValueError(f"command {self.name}: panel one of {PANELS}, inputs '', 'prompts' or 'text'")
+
 
 def setting(default: Any, help: str, *, flag: str | None = None, aliases: tuple[str, ...] = ()) -> Any:
     """A dataclass field with its help text; ``flag``: its option (default ``--`` + the name with dashes),

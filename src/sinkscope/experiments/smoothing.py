@@ -13,17 +13,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
 
 from ..capture import AttentionEntropy, Probe
-from ..data import Prompt
 from ..models.loader import LoadedModel
-from .base import Result, run, takes_conditions
-from .inputs import Encoded, PromptExperiment, bos_conditions, check_engine_options, prompt_list
+from .base import Result
+from .functions import experiment_function
+from .inputs import Encoded, PromptExperiment, check_engine_options
+from .settings import Command
 
 COLUMNS = ("entropy", "max_weight", "entropy_norm", "entropy_text", "n_keys")
 
@@ -38,6 +38,9 @@ class AttentionSmoothing(PromptExperiment[SmoothingResult]):
     """Entropy and max weight of every head's attention over the text-token queries, per `<bos>` condition."""
 
     name = "smoothing"
+    command = Command(
+        "smoothing", "explain",
+        "Attention entropy and max weight per head, with vs without the sink (Fig. 3).", inputs="prompts", limit=40)
     whereabouts_rides = True
 
     path: str = "auto"
@@ -88,14 +91,6 @@ class AttentionSmoothing(PromptExperiment[SmoothingResult]):
         }
 
 
-@takes_conditions
-def attention_smoothing(
-    model: LoadedModel | Any, texts: Sequence[str | Prompt] | None = None, *,
-    bos: str | Sequence[str] = ("add", "strip"),
-    max_tokens: int | None = 64, limit: int | None = None, path: str = "auto", out: str | Path | None = None,
-    resume: bool = False, progress: bool = True, command: str | None = None,
-) -> SmoothingResult:
-    """Mean attention entropy and max weight per (prompt, bos, layer, head) over the text-token queries."""
-    experiment = AttentionSmoothing(prompts=prompt_list(texts, limit), bos=tuple(bos_conditions(bos)),
-                                    max_tokens=max_tokens, path=path)
-    return run(experiment, model, out=out, resume=resume, progress=progress, command=command)
+attention_smoothing = experiment_function(
+    AttentionSmoothing, "attention_smoothing",
+    """Mean attention entropy and max weight per (prompt, bos, layer, head) over the text-token queries.""")

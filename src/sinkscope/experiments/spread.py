@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,12 +23,12 @@ import pandas as pd
 import torch
 
 from ..capture import final_norm
-from ..data import Prompt
 from ..errors import InputError
-from .base import Result, run, takes_conditions
-from .inputs import Encoded, PromptExperiment, bos_conditions, prompt_list
+from .base import Result
+from .functions import experiment_function
+from .inputs import Encoded, PromptExperiment
 from .residual import residual_streams
-from .settings import setting
+from .settings import Command, setting
 
 
 class SpreadResult(Result):
@@ -48,6 +47,10 @@ class Spread(PromptExperiment[SpreadResult]):
     """Perturbation spread of a one-token swap per prompt, under each condition (see the module docstring)."""
 
     name = "spread"
+    command = Command(
+        "spread", "explain",
+        "Perturbation spread of a one-token swap in every prompt (Fig. 2 with prompts as independent units).",
+        inputs="prompts")
 
     position: float = setting(0.25, "where the swapped token sits, as a fraction of the text")
 
@@ -104,13 +107,7 @@ class Spread(PromptExperiment[SpreadResult]):
         return summary
 
 
-@takes_conditions
-def spread(model: Any, texts: Sequence[str | Prompt] | None = None, *, bos: str | Sequence[str] = ("add", "strip"),
-           max_tokens: int | None = 64, position: float = 0.25, limit: int | None = None,
-           out: str | Path | None = None, resume: bool = False, progress: bool = True,
-           command: str | None = None) -> SpreadResult:
-    """Perturbation spread of a one-token swap in every prompt (default: the built-in probe set), per
-    condition; each prompt is one unit (see the module docstring)."""
-    experiment = Spread(prompts=prompt_list(texts, limit), bos=tuple(bos_conditions(bos)), max_tokens=max_tokens,
-                        position=position)
-    return run(experiment, model, out=out, resume=resume, progress=progress, command=command)
+spread = experiment_function(
+    Spread, "spread",
+    """Perturbation spread of a one-token swap in every prompt (default: the built-in probe set), per condition;
+    each prompt is one unit (see the module docstring).""")
