@@ -1,7 +1,7 @@
 """Time of a `sinkscope kv --grid` run on one model, against its budget.
 
 Budgets (2 CPU cores): the ``docs`` grid (the docs' tables: 2048-token prefills, 16 windows, 40 retrieval
-prompts, 31 caches) <= 60 minutes per bundled model; ``quick`` <= 5 minutes. The run goes into ``--out`` with
+prompts, 25 caches) <= 60 minutes per bundled model; ``quick`` <= 5 minutes. The run goes into ``--out`` with
 ``--resume``: where it continues an interrupted run, the wall time covers only this invocation, and the
 measuring time (summed from the seconds each cache's batch recorded, whichever invocation measured it) the
 whole grid; model loading and prompt building are in the wall time only.
