@@ -47,27 +47,27 @@ def main() -> None:
     torch.manual_seed(0)
     loaded = ss.load(args.model)
     experiment = KV(**kv_settings("docs", {}))
-    units = experiment.prepare(loaded)
-    full = units[0]
+    ctx = experiment.prepare(loaded)
+    full = ctx.units[0]
     print(f"kv parts on {args.model}: docs grid inputs, {args.repeats} repeats each (median seconds)")
-    with experiment.open(loaded) as engine:
-        _, ids = experiment._windows[0]
-        experiment._window(engine, full, 0, ids)  # the prefill (shared by every cache), not timed
-        only_mass = best_of(args.repeats, lambda: experiment._window(engine, full, 0, ids))
-        with engine.probing([experiment._queries]):  # the earlier way: every probe on every forward
-            both = best_of(args.repeats, lambda: experiment._window(engine, full, 0, ids))
+    with experiment.open(ctx) as engine:
+        _, ids = ctx.windows[0]
+        experiment._window(ctx, engine, full, 0, ids)  # the prefill (shared by every cache), not timed
+        only_mass = best_of(args.repeats, lambda: experiment._window(ctx, engine, full, 0, ids))
+        with engine.probing([ctx.queries]):  # the earlier way: every probe on every forward
+            both = best_of(args.repeats, lambda: experiment._window(ctx, engine, full, 0, ids))
         assert only_mass[1]["loss"] == both[1]["loss"], "a probe changed the loss"
         print(f"window of {only_mass[1]['n_tokens']} tokens   all probes {both[0]:7.2f} s   "
               f"the sink mass only {only_mass[0]:7.2f} s   ratio {both[0] / only_mass[0]:.2f}x")
 
-        tasks = sorted({item.task for item in experiment._retrievals} - {"passkey"})
+        tasks = sorted({item.task for item in ctx.retrievals} - {"passkey"})
         per_task = max(1, args.prompts // len(tasks))
-        items = [item for task in tasks for item in [i for i in experiment._retrievals if i.task == task][:per_task]]
+        items = [item for task in tasks for item in [i for i in ctx.retrievals if i.task == task][:per_task]]
         until, to_budget = [], []
         for item in items:
-            key = ("retrieval", experiment._retrievals.index(item))
-            experiment._filled(engine, full, key, item.context)  # the prefill, not timed
-            prefilled = experiment._prefills[key][0]
+            key = ("retrieval", ctx.retrievals.index(item))
+            experiment._filled(ctx, engine, full, key, item.context)  # the prefill, not timed
+            prefilled = ctx.prefills[key][0]
             start = len(item.context) + len(item.question)
 
             def decode(stop: Any, item: Any = item, prefilled: Any = prefilled, start: int = start) -> str:
@@ -77,9 +77,10 @@ def main() -> None:
                     first = int(output_logits(engine.model, asked.last_hidden_state[0, -1:]).argmax(-1)[0])
                 tokens = greedy_through_cache(engine, cache, first, start, item.max_new_tokens,
                                               lambda h: output_logits(engine.model, h), stop)
-                return str(experiment._tokenizer.decode(tokens, skip_special_tokens=True))
+                return str(ctx.tokenizer.decode(tokens, skip_special_tokens=True))
 
-            early = best_of(args.repeats, lambda decode=decode, item=item: decode(experiment._scored_in_full(item)))
+            early = best_of(args.repeats,
+                            lambda decode=decode, item=item: decode(experiment._scored_in_full(ctx, item)))
             whole = best_of(args.repeats, lambda decode=decode: decode(None))
             assert item.score(early[1]) == item.score(whole[1]), "stopping early changed a score"
             until.append(early[0])

@@ -152,11 +152,11 @@ def test_massive_resumes_after_an_interrupt_without_losing_or_repeating_rows(tmp
     original = MassiveActivations.measure
     calls = {"n": 0}
 
-    def interrupted(self, engine, units):
+    def interrupted(self, ctx, engine, units):
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt
-        return original(self, engine, units)
+        return original(self, ctx, engine, units)
 
     monkeypatch.setattr(MassiveActivations, "measure", interrupted)
     out = tmp_path / "run"

@@ -90,10 +90,10 @@ def test_a_quantised_cache_stores_the_full_prefill_quantised_unless_its_prefill_
     for prefill in ("full", "quantised"):
         experiment = KV(text=TEXT, bits=(2,), axes=(axis,), protect=(0, 2), presses=(), quant_prefill=prefill,
                         **SMALL)
-        experiment.prepare(model)
-        with experiment.open(model) as engine:
-            full = experiment._filled(engine, Method("full"), ("window", 0), ids)
-            stored[prefill] = experiment._filled(engine, method, ("window", 0), ids)
+        ctx = experiment.prepare(model)
+        with experiment.open(ctx) as engine:
+            full = experiment._filled(ctx, engine, Method("full"), ("window", 0), ids)
+            stored[prefill] = experiment._filled(ctx, engine, method, ("window", 0), ids)
     expected = QuantisedCache(model, 2, axis, 4, protect=2)
     expected.hold_quantised(full)
     for index, layer in enumerate(stored["full"].layers):
@@ -131,9 +131,10 @@ def test_retrieval_through_the_full_cache_is_what_greedy_decoding_writes(task, t
     experiment = KV(text=TEXT, bits=(), presses=(), window=24, context=14, max_windows=1, tasks=(task,),
                     retrieval_length=120, retrieval_trials=3, retrieval_depths=(0.2, 0.8))
     result = ss.experiments.base.run(experiment, model, progress=False)
+    retrievals = experiment.prepare(model).retrievals  # what the run measured (the run keeps no state on it)
     rows = result.tables["retrieval"]
     assert len(rows) == 3 and rows["task"].eq(task).all()
-    for item, row in zip(experiment._retrievals, rows.itertuples(), strict=True):
+    for item, row in zip(retrievals, rows.itertuples(), strict=True):
         assert item.context[0] == 1 and len(item.context) > 60 and item.question  # <bos>, the haystack, the question
         written = greedy_continuation(model.model, item.context + item.question, item.max_new_tokens)
         text = tokenizer.decode(written, skip_special_tokens=True)
@@ -143,7 +144,7 @@ def test_retrieval_through_the_full_cache_is_what_greedy_decoding_writes(task, t
         if row.decoded == "greedy" and (task == "passkey" or row.score < 1.0):
             assert row.answer == text
         assert row.score == item.score(text)
-    assert [item.depth for item in experiment._retrievals] == [0.2, 0.8, 0.2]  # the depths, cycled
+    assert [item.depth for item in retrievals] == [0.2, 0.8, 0.2]  # the depths, cycled
 
 
 def test_teacher_forcing_decides_only_when_greedy_writes_the_answer():
@@ -151,21 +152,21 @@ def test_teacher_forcing_decides_only_when_greedy_writes_the_answer():
     model = ss.load(tiny_model("llama"), tokenizer=tokenizer)
     experiment = KV(text=TEXT, bits=(), presses=(), window=24, context=14, max_windows=1, retrieval_length=80,
                     retrieval_trials=1)
-    experiment.prepare(model)
-    item = experiment._retrievals[0]
+    ctx = experiment.prepare(model)
+    item = ctx.retrievals[0]
     written = greedy_continuation(model.model, item.context + item.question, 6)
     assert len(written) == 6  # the tiny model writes no end-of-sequence token here
     said = tokenizer.decode(written[:3], skip_special_tokens=True)
     follows = replace(item, task="niah_single", answer=written[:3], expected=(said,), max_new_tokens=6)
     other = next(t for t in range(10, 40) if t != written[0])
     differs = replace(follows, answer=[other, *written[1:3]], expected=("never written",))
-    with experiment.open(model) as engine:
-        shortcut = experiment._retrieve(engine, Method("full"), 0, follows)
-        decoded = experiment._retrieve(engine, Method("full"), 1, differs)
+    with experiment.open(ctx) as engine:
+        shortcut = experiment._retrieve(ctx, engine, Method("full"), 0, follows)
+        decoded = experiment._retrieve(ctx, engine, Method("full"), 1, differs)
         # not the expected tokens, but the expected text within the first 3 of 6: decoding stops there
-        early = experiment._retrieve(engine, Method("full"), 2, replace(differs, expected=(said,)))
-        passkey = experiment._retrieve(engine, Method("full"), 3, replace(differs, task="passkey",
-                                                                          expected=("99999",)))
+        early = experiment._retrieve(ctx, engine, Method("full"), 2, replace(differs, expected=(said,)))
+        passkey = experiment._retrieve(ctx, engine, Method("full"), 3, replace(differs, task="passkey",
+                                                                               expected=("99999",)))
     assert shortcut["decoded"] == "teacher-forced" and shortcut["score"] == 1.0
     assert tokenizer.decode(written, skip_special_tokens=True).startswith(shortcut["answer"])
     assert decoded["decoded"] == "greedy" and decoded["score"] == 0.0

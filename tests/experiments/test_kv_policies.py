@@ -130,11 +130,12 @@ def test_the_rankings_on_the_shared_prefill_are_those_of_a_forward_of_their_own(
     model = ss_load(family)
     experiment = KV(text=TEXT, bits=(2,), axes=("token",), presses=("window",), ratios=(0.5,), protect=(0, 2),
                     press_policies=("first", "found"), quant_policies=("first", "massive"), **SMALL)
-    experiment.prepare(model)
+    ctx = experiment.prepare(model)
     ids = tokens(14)[0].tolist()
-    with experiment.open(model) as engine:
-        experiment._filled(engine, Method("press", 2, press="window", ratio=0.5, policy="found"), ("window", 0), ids)
-        found, massive = (experiment._rankings[("window", 0, policy)] for policy in ("found", "massive"))
+    with experiment.open(ctx) as engine:
+        experiment._filled(ctx, engine, Method("press", 2, press="window", ratio=0.5, policy="found"), ("window", 0),
+                           ids)
+        found, massive = (ctx.rankings[("window", 0, policy)] for policy in ("found", "massive"))
         assert not own_forwards and sorted(found) == sorted(massive) == list(range(14))
         assert found == protection_ranking(engine, ids, "found")
         # the massive ranking orders the tokens as the scores of a forward of its own do: float32 residuals
@@ -145,5 +146,5 @@ def test_the_rankings_on_the_shared_prefill_are_those_of_a_forward_of_their_own(
         np.testing.assert_allclose(scores[massive], np.sort(scores)[::-1], rtol=1e-5)
         # a quantised cache spends its budget on that ranking, without a forward of its own
         quant = Method("quant", 2, bits=2, axis="token", policy="massive")
-        assert experiment._protected(engine, quant, ("window", 0), ids) == sorted(massive[:2])
+        assert experiment._protected(ctx, engine, quant, ("window", 0), ids) == sorted(massive[:2])
         assert not own_forwards

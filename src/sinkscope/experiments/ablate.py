@@ -25,7 +25,7 @@ from ..models.loader import LoadedModel
 from .base import Result
 from .functions import experiment_function
 from .inputs import Encoded, bos_conditions, first_token_label, prefix_ids, require_tokenizer
-from .loss import TextLoss
+from .loss import TextContext, TextLoss
 from .settings import Command, setting
 from .whereabouts import TABLE as WHEREABOUTS
 from .whereabouts import whereabouts_rows
@@ -43,6 +43,12 @@ class Window:
     index: int  # the window's number
     start: int  # its first token's offset in the text
     ids: list[int]
+
+
+@dataclass
+class AblateContext(TextContext):
+    prefixes: dict[str, list[int]]  # condition -> what it puts before the text
+    first_tokens: dict[str, str]  # condition -> its first token, readable
 
 
 class AblateResult(Result):
@@ -67,12 +73,13 @@ class Ablate(TextLoss[AblateResult]):
         super().__post_init__()
         self.bos = tuple(bos_conditions(list(self.bos)))
 
-    def prepare(self, loaded: LoadedModel) -> list[Window]:
+    def prepare(self, loaded: LoadedModel) -> AblateContext:
         tokenizer = require_tokenizer(loaded, "ablate")
-        self._prefixes = {c: prefix_ids(tokenizer, c) for c in self.bos}
-        self._first_tokens = {c: first_token_label(tokenizer, p) for c, p in self._prefixes.items()}
-        windows = self.text_windows(loaded, max(len(p) for p in self._prefixes.values()))
-        return [Window(c, index, start, ids) for c in self.bos for index, (start, ids) in enumerate(windows)]
+        prefixes = {c: prefix_ids(tokenizer, c) for c in self.bos}
+        first_tokens = {c: first_token_label(tokenizer, p) for c, p in prefixes.items()}
+        windows = self.text_windows(loaded, max(len(p) for p in prefixes.values()))
+        units = [Window(c, index, start, ids) for c in self.bos for index, (start, ids) in enumerate(windows)]
+        return AblateContext(loaded, units, windows, prefixes, first_tokens)
 
     def batches(self, units: Sequence[Window]) -> list[list[int]]:
         batches: list[list[int]] = []
@@ -86,22 +93,22 @@ class Ablate(TextLoss[AblateResult]):
     def describe(self, units: Sequence[Window]) -> str:
         return f"bos={units[0].condition}"
 
-    def measure(self, engine: Any, units: Sequence[Window]) -> dict[str, pd.DataFrame]:
+    def measure(self, ctx: AblateContext, engine: Any, units: Sequence[Window]) -> dict[str, pd.DataFrame]:
         condition = units[0].condition
-        nll = self.nll(engine, [u.ids for u in units], self._prefixes[condition])  # [windows, W-1]
+        nll = self.nll(engine, [u.ids for u in units], ctx.prefixes[condition])  # [windows, W-1]
         positions = np.arange(1, nll.shape[1] + 1)
         rows, tokens = [], []
         for unit, values in zip(units, nll, strict=True):
             per_bucket = bucket_losses(positions, values)
             for b in range(len(per_bucket["bucket"])):
-                rows.append({"condition": condition, "first_token": self._first_tokens[condition],
+                rows.append({"condition": condition, "first_token": ctx.first_tokens[condition],
                              "window": unit.index, "start": unit.start, "bucket": per_bucket["bucket"][b],
                              "bucket_index": int(per_bucket["index"][b]), "n_tokens": int(per_bucket["n"][b]),
                              "mean_loss": float(per_bucket["mean_loss"][b])})
             tokens.append(pd.DataFrame({"condition": condition, "window": unit.index, "position": positions,
                                         "target": unit.ids[1:], "nll": values}))
         # The per-token losses are always kept with the batch: the summary's paired Δloss needs them.
-        prefix = self._prefixes[condition]
+        prefix = ctx.prefixes[condition]
         head = [Encoded(unit.index, condition, list(prefix) + list(unit.ids[:WHEREABOUTS_TOKENS]), len(prefix),
                         len(prefix) + len(unit.ids[:WHEREABOUTS_TOKENS])) for unit in units]
         return {"ablate": pd.DataFrame(rows), "tokens": pd.concat(tokens, ignore_index=True),
@@ -113,11 +120,10 @@ class Ablate(TextLoss[AblateResult]):
         # the per-token losses feed the summary's paired Δloss; the result keeps them only with per_token
         return tables if self.per_token else {"ablate": tables["ablate"]}
 
-    def summarise(self, loaded: LoadedModel, tables: dict[str, pd.DataFrame], units: Sequence[Window]
-                  ) -> dict[str, Any]:
+    def summarise(self, ctx: AblateContext, tables: dict[str, pd.DataFrame]) -> dict[str, Any]:
         conditions, reference = list(self.bos), self.bos[0]
-        n_windows = len(self._windows)
-        window = len(self._windows[0][1])
+        n_windows = len(ctx.windows)
+        window = len(ctx.windows[0][1])
         nll = {c: group.sort_values(["window", "position"])["nll"].to_numpy().reshape(n_windows, window - 1)
                for c, group in tables["tokens"].groupby("condition", sort=False)}
         flat_positions = np.broadcast_to(np.arange(1, window), nll[reference].shape)
@@ -133,8 +139,8 @@ class Ablate(TextLoss[AblateResult]):
                 str(label): {"mean_loss": float(m), "ppl": perplexity(float(m)), "n_tokens": int(n)}
                 for label, m, n in zip(buckets["bucket"], buckets["mean_loss"], buckets["n"], strict=True)}
         return {
-            "model": loaded.info.name, "conditions": conditions, "reference": reference,
-            "first_tokens": dict(self._first_tokens), "prefix_ids": dict(self._prefixes), "text": self.source,
+            "model": ctx.loaded.info.name, "conditions": conditions, "reference": reference,
+            "first_tokens": dict(ctx.first_tokens), "prefix_ids": dict(ctx.prefixes), "text": self.source,
             "window": window, "stride": self.stride or window, "n_windows": n_windows,
             "scored_positions": [1, window - 1], "loss": loss, "by_bucket": by_bucket,
         }

@@ -3,13 +3,18 @@
 An experiment (one small class per file, kvpress-style) supplies
 
 - its settings (dataclass fields: every one that changes a number goes into the resume fingerprint),
-- `prepare(loaded)`: the work units (prompt x condition, text windows, interventions, trials, ...),
+- `prepare(loaded)`: the run's `Context`: the work units (prompt x condition, text windows, interventions,
+  trials, ...) and whatever else it derives from the settings and the model (prefixes, probes, ...),
 - `batches(units)`: how units are grouped into one forward pass (default: one unit each),
-- `open(loaded)`: the capture engine and probes (default: an engine without probes),
-- `measure(engine, units)`: tidy rows for one batch of units, as ``{table name: DataFrame}``,
-- `summarise(loaded, tables, units)`: the headline numbers, from the tables (every batch's, read back from
-  disk after a resume) and what `prepare`/`begin` derive from the settings and the model (both run again on a
-  resume); nothing `measure` leaves on the experiment reaches it.
+- `open(ctx)`: the capture engine and probes (default: an engine with `probes(ctx)`),
+- `measure(ctx, engine, units)`: tidy rows for one batch of units, as ``{table name: DataFrame}``,
+- `summarise(ctx, tables)`: the headline numbers, from the tables (every batch's, read back from disk after a
+  resume) and the context.
+
+Run state lives in the context, never on the experiment: an experiment is its settings, and running it does
+not write to it, so one experiment object can run twice (or on two models) and means the same each time. A
+resumed run rebuilds the context from the settings and the model (`prepare`, and `begin` where a summary
+needs what it measures), so a summary reads nothing a killed process held.
 
 `run` loads the model, builds units and batches, writes each finished batch to ``--out DIR/parts/``
 (atomically; a batch counts as done only once its marker exists), resumes exactly where a killed run
@@ -168,6 +173,21 @@ ResultT = TypeVar("ResultT", bound=Result)
 
 
 @dataclasses.dataclass
+class Context:
+    """One run's state, made by `Experiment.prepare` and handed to every later step: the model, the units, and
+    (in an experiment's own subclass, as typed fields) what it derives from its settings and the model or
+    measures once for every batch (`begin`). A resumed run makes it again."""
+
+    loaded: LoadedModel
+    units: list[Any]
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.loaded.tokenizer
+
+
+
+@dataclasses.dataclass
 class Experiment(Generic[ResultT]):
     """Base of every experiment. Subclasses are dataclasses whose fields are their settings, named by their
     result type: ``class Ruler(Experiment[RulerResult])`` makes `run` return a ``RulerResult``, and
@@ -200,36 +220,36 @@ class Experiment(Generic[ResultT]):
                 RESULT_TYPES[cls.name] = cls.result_type
 
     # -- what a subclass supplies ---------------------------------------------------------------------
-    def prepare(self, loaded: LoadedModel) -> list[Any]:
-        """The work units, in a fixed order (validating the settings against the model)."""
+    def prepare(self, loaded: LoadedModel) -> Context:
+        """The run's context: the work units, in a fixed order (validating the settings against the model), and
+        what the later steps need from the settings and the model."""
         raise NotImplementedError
 
     def batches(self, units: Sequence[Any]) -> list[list[int]]:
         """Indices of the units run together (default: one at a time)."""
         return [[i] for i in range(len(units))]
 
-    def probes(self) -> list[Probe]:
+    def probes(self, ctx: Any) -> list[Probe]:
         return []
 
-    def open(self, loaded: LoadedModel) -> AbstractContextManager[Any]:
-        """The context the units are measured in: by default a capture engine with `probes()`."""
-        return CaptureEngine(loaded, self.probes(), **self.engine_options())
+    def open(self, ctx: Any) -> AbstractContextManager[Any]:
+        """What the units are measured in: by default a capture engine with `probes(ctx)`."""
+        return CaptureEngine(ctx.loaded, self.probes(ctx), **self.engine_options())
 
     def engine_options(self) -> dict[str, Any]:
         return {}
 
-    def begin(self, engine: Any, units: Sequence[Any]) -> None:
-        """Called once before the first batch (e.g. a baseline every unit is compared with); also when nothing
-        is left to measure, if `summary_needs_begin`."""
+    def begin(self, ctx: Any, engine: Any) -> None:
+        """Called once before the first batch (e.g. a baseline every unit is compared with, kept on ``ctx``);
+        also when nothing is left to measure, if `summary_needs_begin`."""
 
-    def measure(self, engine: Any, units: Sequence[Any]) -> dict[str, pd.DataFrame]:
+    def measure(self, ctx: Any, engine: Any, units: Sequence[Any]) -> dict[str, pd.DataFrame]:
         raise NotImplementedError
 
-    def summarise(self, loaded: LoadedModel, tables: dict[str, pd.DataFrame], units: Sequence[Any]
-                  ) -> dict[str, Any]:
+    def summarise(self, ctx: Any, tables: dict[str, pd.DataFrame]) -> dict[str, Any]:
         return {}
 
-    def finalise(self, tables: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+    def finalise(self, ctx: Any, tables: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
         """Tables after gathering every batch (e.g. sorted, or with derived columns)."""
         return tables
 
@@ -243,9 +263,9 @@ class Experiment(Generic[ResultT]):
         """Every setting, JSON-ready: the fingerprint a resumed run must match."""
         return json.loads(json.dumps(dataclasses.asdict(self), default=str))
 
-    def units_digest(self, units: Sequence[Any]) -> str:
+    def units_digest(self, ctx: Any) -> str:
         """A hash of the inputs themselves (token ids, texts), so a resumed run measures the same things."""
-        return hashlib.sha256(json.dumps([_jsonable(u) for u in units], default=str).encode()).hexdigest()
+        return digest(ctx.units)
 
     def describe(self, units: Sequence[Any]) -> str:
         """Progress-bar text for a batch."""
@@ -272,20 +292,25 @@ class Experiment(Generic[ResultT]):
         return bos if isinstance(bos, str) else None
 
 
+def digest(units: Sequence[Any]) -> str:
+    """sha256 of units (dataclasses, ids, texts) as JSON."""
+    return hashlib.sha256(json.dumps([_jsonable(u) for u in units], default=str).encode()).hexdigest()
+
+
 def _jsonable(unit: Any) -> Any:
     if dataclasses.is_dataclass(unit) and not isinstance(unit, type):
         return dataclasses.asdict(unit)
     return unit
 
 
-def fingerprint(experiment: Experiment, loaded: LoadedModel, units: Sequence[Any]) -> dict[str, Any]:
+def fingerprint(experiment: Experiment, ctx: Context) -> dict[str, Any]:
     """Everything that changes a number: experiment, settings, the model (and its file's hash), its dtype and
     device, the inputs, and the versions of what computes them."""
-    info = loaded.info
+    info = ctx.loaded.info
     return {
         "experiment": experiment.name, "settings": experiment.settings(), "model": info.name,
-        "revision": info.revision, "dtype": info.dtype, "device": info.device, "n_units": len(units),
-        "units_sha256": experiment.units_digest(units),
+        "revision": info.revision, "dtype": info.dtype, "device": info.device, "n_units": len(ctx.units),
+        "units_sha256": experiment.units_digest(ctx),
         "versions": {k: v for k, v in versions().items() if k != "python"},
     }
 
@@ -317,7 +342,8 @@ def run(
     loaded = load(model)
     for condition in experiment.condition_names():  # layers/heads an intervention names must exist
         parse_condition(condition).check(loaded.info.n_layers, loaded.info.n_heads)
-    units = experiment.prepare(loaded)
+    ctx = experiment.prepare(loaded)
+    units = ctx.units
     if not units:
         raise InputError(f"{experiment.name}: nothing to measure")
     batches = experiment.batches(units)
@@ -328,10 +354,9 @@ def run(
     status = "measured"
     if rundir is not None:
         # the first process starts (or checks) the run directory; the others then join it as a resume
-        state = distributed.on_main(shard, lambda: rundir.start(fingerprint(experiment, loaded, units), resume,
-                                                                replace_stale))
+        state = distributed.on_main(shard, lambda: rundir.start(fingerprint(experiment, ctx), resume, replace_stale))
         if not shard.main:
-            state = rundir.start(fingerprint(experiment, loaded, units), True)
+            state = rundir.start(fingerprint(experiment, ctx), True)
         if reuse and state == "finished":
             reused = Result.load(rundir.path)
             reused.run_status = "reused"
@@ -341,8 +366,8 @@ def run(
     mine = [b for b in range(len(batches)) if shard.owns(b)]
     todo = [b for b in mine if b not in finished]
     started = time.time()
-    with experiment.open(loaded) as engine, _progress(progress if shard.main else False) as bar:
-        measured = _measure(experiment, engine, units, batches, todo, rundir, bar,
+    with experiment.open(ctx) as engine, _progress(progress if shard.main else False) as bar:
+        measured = _measure(experiment, ctx, engine, batches, todo, rundir, bar,
                             total=sum(len(batches[b]) for b in mine))
     kernels = distributed.kernels_used(shard, sorted(getattr(engine, "kernels_used", ()) or ()))
     if rundir is not None:  # this process's resumed batches, so every process can send all of its own
@@ -351,8 +376,8 @@ def run(
     tables = _gather(batches, measured, rundir)
     where = tables.pop(WHEREABOUTS, None)
     single = getattr(experiment, "bos", None)
-    tables = with_condition_column(experiment.finalise(tables), single if isinstance(single, str) else None)
-    summary = experiment.summarise(loaded, tables, units)
+    tables = with_condition_column(experiment.finalise(ctx, tables), single if isinstance(single, str) else None)
+    summary = experiment.summarise(ctx, tables)
     tables = experiment.kept(tables)
     if where is not None:
         tables[WHEREABOUTS] = where
@@ -369,13 +394,14 @@ def run(
     return result
 
 
-def _measure(experiment: Experiment, engine: Any, units: Sequence[Any], batches: Sequence[Sequence[int]],
+def _measure(experiment: Experiment, ctx: Context, engine: Any, batches: Sequence[Sequence[int]],
              todo: Sequence[int], rundir: RunDir | None, bar: Any, total: int) -> dict[int, dict[str, pd.DataFrame]]:
     """Measure the batches ``todo``, writing each to the run directory as soon as it is done."""
+    units = ctx.units
     measured: dict[int, dict[str, pd.DataFrame]] = {}
     task = bar.add_task(experiment.name, total=total, completed=total - sum(len(batches[b]) for b in todo))
     if todo or experiment.summary_needs_begin:
-        experiment.begin(engine, units)
+        experiment.begin(ctx, engine)
     written = 0
     stall_for_tests(rundir, written)
     for b in todo:
@@ -388,7 +414,7 @@ def _measure(experiment: Experiment, engine: Any, units: Sequence[Any], batches:
                          and measures_prompts(chosen))
                 rider = WhereaboutsRider(chosen) if where and experiment.whereabouts_rides else None
                 with engine.probing([*engine.probes, rider]) if rider is not None else nullcontext():
-                    tables = experiment.measure(engine, chosen)
+                    tables = experiment.measure(ctx, engine, chosen)
                 if where:
                     rows = rider.rows(len(engine.attention_layers)) if rider is not None else None
                     tables[WHEREABOUTS] = rows if rows is not None else whereabouts_rows(engine, chosen)

@@ -24,7 +24,7 @@ from ..capture import AttentionWeights, FirstTokenAttention, Probe
 from ..data import Prompt
 from ..errors import InputError
 from ..models.loader import LoadedModel
-from .base import Experiment, Result, run, takes_conditions
+from .base import Context, Experiment, Result, run, takes_conditions
 from .inputs import Encoded, bos_conditions, check_context, encode_prompts, prompt_list, require_tokenizer
 from .settings import setting
 
@@ -61,6 +61,13 @@ def text_queries(unit: Encoded) -> np.ndarray:
     return np.arange(max(1, unit.text_start), unit.text_stop)
 
 
+@dataclass
+class ConditionalContext(Context):
+    follows: list[np.ndarray]  # per unit, [T] bool: the query follows a trigger token
+    weights: AttentionWeights
+    first: FirstTokenAttention
+
+
 class ConditionalHeadsResult(Result):
     """Tables ``conditional_heads`` (heads ranked by drop) and ``queries`` (per text, query, layer, head)."""
 
@@ -94,14 +101,14 @@ class ConditionalHeads(Experiment[ConditionalHeadsResult]):
             raise InputError("--trigger must not be empty")
         (self.bos,) = bos_conditions(self.bos)
 
-    def prepare(self, loaded: LoadedModel) -> list[Encoded]:
+    def prepare(self, loaded: LoadedModel) -> ConditionalContext:
         tokenizer = require_tokenizer(loaded)
         units = encode_prompts(loaded, self.prompts, [self.bos], self.max_tokens)
         check_context(loaded, [len(u) for u in units], what="text")
-        self._follows = [self._follows_trigger(tokenizer, u) for u in units]
-        if not any(f.any() for f in self._follows):
+        follows = [self._follows_trigger(tokenizer, u) for u in units]
+        if not any(f.any() for f in follows):
             raise InputError(f"no query follows a token containing {self.trigger!r} in these texts")
-        return units
+        return ConditionalContext(loaded, units, follows, AttentionWeights(), FirstTokenAttention())
 
     def _follows_trigger(self, tokenizer: Any, unit: Encoded) -> np.ndarray:
         """[T] bool: a text query after position 0 whose previous token is a text token with the trigger."""
@@ -110,18 +117,17 @@ class ConditionalHeads(Experiment[ConditionalHeadsResult]):
             follows[i] = i - 1 >= unit.text_start and self.trigger in tokenizer.decode([unit.ids[i - 1]])
         return follows
 
-    def probes(self) -> list[Probe]:
-        self._weights, self._first = AttentionWeights(), FirstTokenAttention()
-        return [self._weights, self._first]
+    def probes(self, ctx: ConditionalContext) -> list[Probe]:
+        return [ctx.weights, ctx.first]
 
     def engine_options(self) -> dict[str, Any]:
         return {"path": "eager"}
 
-    def measure(self, engine: Any, units: Sequence[Encoded]) -> dict[str, pd.DataFrame]:
+    def measure(self, ctx: ConditionalContext, engine: Any, units: Sequence[Encoded]) -> dict[str, pd.DataFrame]:
         (unit,) = units
         engine.forward(torch.tensor([unit.ids]))
-        weights = self._weights.stacked()[:, 0].numpy()  # [L, H, T, T]
-        visible = np.broadcast_to(self._first.per_prompt(0)["visible"].numpy(), weights.shape[:3])  # [L, H, T]
+        weights = ctx.weights.stacked()[:, 0].numpy()  # [L, H, T, T]
+        visible = np.broadcast_to(ctx.first.per_prompt(0)["visible"].numpy(), weights.shape[:3])  # [L, H, T]
         n_layers, n_heads, n_tokens = weights.shape[:3]
         previous = np.zeros(weights.shape[:3])
         previous[..., 1:] = np.stack([weights[..., i, i - 1] for i in range(1, n_tokens)], -1)
@@ -130,15 +136,15 @@ class ConditionalHeads(Experiment[ConditionalHeadsResult]):
         return {"queries": pd.DataFrame({
             "prompt": unit.prompt,
             "position": np.broadcast_to(queries, shape).reshape(-1),
-            "layer": np.repeat(np.array(self._first.layers()), n_heads * len(queries)),
+            "layer": np.repeat(np.array(ctx.first.layers()), n_heads * len(queries)),
             "head": np.tile(np.repeat(np.arange(n_heads), len(queries)), n_layers),
-            "follows_trigger": np.broadcast_to(self._follows[unit.prompt][queries], shape).reshape(-1),
+            "follows_trigger": np.broadcast_to(ctx.follows[unit.prompt][queries], shape).reshape(-1),
             "sees_first": visible[..., queries].reshape(-1),
             "first_attention": weights[..., queries, 0].reshape(-1),
             "previous_token_attention": previous[..., queries].reshape(-1),
         })}
 
-    def finalise(self, tables: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+    def finalise(self, ctx: Any, tables: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
         queries = tables["queries"]
         trigger, sees_first = queries["follows_trigger"], queries["sees_first"]
 
@@ -157,10 +163,9 @@ class ConditionalHeads(Experiment[ConditionalHeadsResult]):
         frame.insert(0, "rank", np.arange(1, len(frame) + 1))
         return {"conditional_heads": frame, "queries": queries}
 
-    def summarise(self, loaded: LoadedModel, tables: dict[str, pd.DataFrame], units: Sequence[Encoded]
-                  ) -> dict[str, Any]:
-        frame = tables["conditional_heads"]
-        n_trigger = sum(int(f.sum()) for f in self._follows)
+    def summarise(self, ctx: ConditionalContext, tables: dict[str, pd.DataFrame]) -> dict[str, Any]:
+        frame, units = tables["conditional_heads"], ctx.units
+        n_trigger = sum(int(f.sum()) for f in ctx.follows)
         top = frame.iloc[0]
         return {
             "trigger": self.trigger, "bos": self.bos, "n_texts": len(units), "n_trigger_queries": n_trigger,

@@ -21,7 +21,7 @@ from ..capture import CaptureEngine
 from ..conditions import parse_condition, parse_conditions
 from ..errors import InputError
 from ..models.loader import LoadedModel
-from .base import Experiment, Result, run, takes_conditions
+from .base import Context, Experiment, Result, run, takes_conditions
 from .settings import setting
 
 BOS_SWITCH = {"add": True, "strip": False}
@@ -74,30 +74,29 @@ class Downstream(Experiment[DownstreamResult]):
             raise InputError("name at least one lm-eval task with --task")
         self.tasks = tuple(self.tasks)
 
-    def prepare(self, loaded: LoadedModel) -> list[Task]:
-        self._tokenizer = loaded.tokenizer
-        return [Task(condition, task) for condition in self.bos for task in self.tasks]
+    def prepare(self, loaded: LoadedModel) -> Context:
+        return Context(loaded, [Task(condition, task) for condition in self.bos for task in self.tasks])
 
     def batches(self, units: Sequence[Task]) -> list[list[int]]:
         return [[i for i, u in enumerate(units) if u.bos == condition] for condition in self.bos]
 
-    def open(self, loaded: LoadedModel) -> contextlib.AbstractContextManager[Any]:
+    def open(self, ctx: Context) -> contextlib.AbstractContextManager[Any]:
         if any(parse_condition(c).intervention is not None for c in self.bos):
             # the harness calls the model itself: a following engine captures those calls (and intervenes)
-            return CaptureEngine(loaded, follow=True)
-        return contextlib.nullcontext(loaded)  # the harness runs the model itself
+            return CaptureEngine(ctx.loaded, follow=True)
+        return contextlib.nullcontext(ctx.loaded)  # the harness runs the model itself
 
     def describe(self, units: Sequence[Task]) -> str:
         return f"bos={units[0].bos}"
 
-    def measure(self, loaded: Any, units: Sequence[Task]) -> dict[str, pd.DataFrame]:
+    def measure(self, ctx: Context, loaded: Any, units: Sequence[Task]) -> dict[str, pd.DataFrame]:
         """``loaded``: the loaded model, or a following capture engine (both hold the model as ``.model``)."""
         import lm_eval
         from lm_eval.models.huggingface import HFLM
 
         condition, tasks = units[0].bos, [u.task for u in units]
         switch = BOS_SWITCH[parse_condition(condition).bos]
-        harness_model = HFLM(pretrained=loaded.model, tokenizer=self._tokenizer, batch_size=self.batch_size,
+        harness_model = HFLM(pretrained=loaded.model, tokenizer=ctx.tokenizer, batch_size=self.batch_size,
                              add_bos_token=switch)
         # lm-eval forces <bos> on for some families (Gemma); the condition under test must win.
         harness_model.add_bos_token = switch
@@ -113,10 +112,9 @@ class Downstream(Experiment[DownstreamResult]):
                     rows.append({"bos": condition, "task": task, "metric": name, "value": float(value)})
         return {"downstream": pd.DataFrame(rows, columns=COLUMNS)}
 
-    def summarise(self, loaded: LoadedModel, tables: dict[str, pd.DataFrame], units: Sequence[Task]
-                  ) -> dict[str, Any]:
+    def summarise(self, ctx: Context, tables: dict[str, pd.DataFrame]) -> dict[str, Any]:
         frame = tables["downstream"]
-        return {"model": loaded.info.name, "tasks": list(self.tasks), "bos": list(self.bos), "limit": self.limit,
+        return {"model": ctx.loaded.info.name, "tasks": list(self.tasks), "bos": list(self.bos), "limit": self.limit,
                 "num_fewshot": self.num_fewshot,
                 "scores": {b: {f"{r.task}/{r.metric}": r.value for r in g.itertuples()}
                            for b, g in frame.groupby("bos", sort=False)}}

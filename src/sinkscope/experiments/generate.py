@@ -23,7 +23,7 @@ import torch
 from ..capture import Probe, SinkKnockout
 from ..errors import InputError
 from ..models.loader import LoadedModel
-from .base import Experiment, Result, run, takes_conditions
+from .base import Context, Experiment, Result, run, takes_conditions
 from .inputs import bos_conditions, encode_prompts, require_tokenizer
 from .settings import Command, setting
 
@@ -39,6 +39,13 @@ class Continuation:
     bos: str
     knockout: bool
     ids: list[int]
+
+
+@dataclass
+class GenerateContext(Context):
+    config: Any  # the model's generation config, switched to greedy decoding
+    stop_ids: set[int]  # the model's eos tokens
+    probe: SinkKnockout  # knocks out position 0 (every head) for the knocked-out continuations
 
 
 class GenerateResult(Result):
@@ -94,53 +101,52 @@ class Generate(Experiment[GenerateResult]):
         self.prompts = tuple(self.prompts)
         self.bos = tuple(bos_conditions(list(self.bos)))
 
-    def prepare(self, loaded: LoadedModel) -> list[Continuation]:
+    def prepare(self, loaded: LoadedModel) -> GenerateContext:
         tokenizer = require_tokenizer(loaded, "generate")
         encoded = {(e.bos, e.prompt): e.ids for e in encode_prompts(loaded, self.prompts, self.bos, None)}
         runs = [(c, False) for c in self.bos] + ([(c, True) for c in self.bos] if self.knockout else [])
         eos = loaded.model.generation_config.eos_token_id
-        self._config = _greedy_config(loaded.model, self.max_new_tokens, getattr(tokenizer, "pad_token_id", None)
-                                      or (eos[0] if isinstance(eos, list) else eos))
-        self._stop_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
-        self._tokenizer = tokenizer
-        return [Continuation(index, text, condition, knocked, encoded[condition, index])
-                for index, text in enumerate(self.prompts) for condition, knocked in runs]
+        config = _greedy_config(loaded.model, self.max_new_tokens, getattr(tokenizer, "pad_token_id", None)
+                                or (eos[0] if isinstance(eos, list) else eos))
+        stop_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        units = [Continuation(index, text, condition, knocked, encoded[condition, index])
+                 for index, text in enumerate(self.prompts) for condition, knocked in runs]
+        return GenerateContext(loaded, units, config, stop_ids, SinkKnockout({}))
 
-    def probes(self) -> list[Probe]:
-        self._probe = SinkKnockout({})
-        return [self._probe]
+    def probes(self, ctx: GenerateContext) -> list[Probe]:
+        return [ctx.probe]
 
     def describe(self, units: Sequence[Continuation]) -> str:
         return f"prompt {units[0].prompt_index} bos={units[0].bos}" + (" knockout" if units[0].knockout else "")
 
-    def measure(self, engine: Any, units: Sequence[Continuation]) -> dict[str, pd.DataFrame]:
+    def measure(self, ctx: GenerateContext, engine: Any, units: Sequence[Continuation]) -> dict[str, pd.DataFrame]:
+        tokenizer = ctx.tokenizer
         rows = []
         for unit in units:
-            self._probe.heads = None if unit.knockout else {}  # None: every head of every layer; {}: untouched
-            output = engine.generate(torch.tensor([unit.ids]), generation_config=self._config)
+            ctx.probe.heads = None if unit.knockout else {}  # None: every head of every layer; {}: untouched
+            output = engine.generate(torch.tensor([unit.ids]), generation_config=ctx.config)
             new = [int(t) for t in output[0, len(unit.ids):]]
             rows.append({
                 "prompt_index": unit.prompt_index, "prompt": unit.prompt,
                 "condition": unit.bos + ("+knockout" if unit.knockout else ""), "bos": unit.bos,
-                "knockout": unit.knockout, "first_token": self._tokenizer.convert_ids_to_tokens(unit.ids[0]),
-                "n_prompt_tokens": len(unit.ids), "continuation": self._tokenizer.decode(new, skip_special_tokens=True),
-                "new_ids": new, "n_new_tokens": len(new), "stopped_at_eos": bool(new) and new[-1] in self._stop_ids,
+                "knockout": unit.knockout, "first_token": tokenizer.convert_ids_to_tokens(unit.ids[0]),
+                "n_prompt_tokens": len(unit.ids), "continuation": tokenizer.decode(new, skip_special_tokens=True),
+                "new_ids": new, "n_new_tokens": len(new), "stopped_at_eos": bool(new) and new[-1] in ctx.stop_ids,
             })
         return {"generate": pd.DataFrame(rows)}
 
-    def finalise(self, tables: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+    def finalise(self, ctx: Any, tables: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
         frame = tables["generate"]
         reference = frame.groupby("prompt_index", sort=False)["new_ids"].first()
         frame["common_prefix_tokens"] = [_common_prefix(reference[i], new)
                                          for i, new in zip(frame["prompt_index"], frame["new_ids"], strict=True)]
         return {"generate": frame}
 
-    def summarise(self, loaded: LoadedModel, tables: dict[str, pd.DataFrame], units: Sequence[Continuation]
-                  ) -> dict[str, Any]:
+    def summarise(self, ctx: GenerateContext, tables: dict[str, pd.DataFrame]) -> dict[str, Any]:
         frame = tables["generate"]
         labels = list(dict.fromkeys(frame["condition"]))
         return {
-            "model": loaded.info.name, "conditions": labels, "reference": labels[0],
+            "model": ctx.loaded.info.name, "conditions": labels, "reference": labels[0],
             "max_new_tokens": self.max_new_tokens, "knockout": self.knockout, "decoding": "greedy",
             "n_prompts": len(self.prompts),
             "prompts": [{"prompt": text, "continuations": {

@@ -23,7 +23,7 @@ from ..data.texts import LongText, load_text, read_text_file
 from ..errors import InputError, TokenizationError
 from ..models.loader import LoadedModel, text_config
 from ..models.tokens import encode
-from .base import Experiment, ResultT
+from .base import Context, Experiment, ResultT
 from .settings import setting
 
 TOKENS_PER_BATCH = 8192  # padded tokens per forward pass: long inputs run one (or a few) at a time
@@ -321,10 +321,13 @@ class PromptExperiment(Experiment[ResultT]):
         del settings["prompts"]  # the inputs are fingerprinted by their token ids
         return settings
 
-    def prepare(self, loaded: LoadedModel) -> list[Encoded]:
+    def prepare(self, loaded: LoadedModel) -> Context:
+        return Context(loaded, self.encoded(loaded))
+
+    def encoded(self, loaded: LoadedModel) -> list[Encoded]:
+        """The units: every prompt under every condition, checked against the model's context."""
         units = encode_prompts(loaded, self.prompts, self.bos, self.max_tokens)
         check_context(loaded, [len(u) for u in units], self.max_tokens)
-        self._tokenizer = loaded.tokenizer
         return units
 
     def describe(self, units: Sequence[Encoded]) -> str:

@@ -38,7 +38,7 @@ from ..errors import InputError
 from ..metrics.sink import DEFAULT_EPS
 from ..metrics.stats import bootstrap_interval
 from ..models.loader import LoadedModel
-from .base import Experiment, Result, run, takes_conditions
+from .base import Context, Experiment, Result, run, takes_conditions
 from .inputs import (
     Encoded,
     check_context,
@@ -58,6 +58,12 @@ from .settings import given_settings, setting
 
 MIN_QUERIES = 32
 CONTEXT_ROWS, CONTEXT_BEFORE, CONTEXT_AFTER = 50, 6, 3  # the strongest keys get the text around them
+
+
+@dataclass
+class KeysContext(Context):
+    first_token: str  # what position 0 holds, readable
+    probe: KeyAttention
 
 
 class KeysResult(Result):
@@ -111,10 +117,9 @@ class KeyAttentionExperiment(Experiment[KeysResult]):
     def source(self) -> str:
         return "prompts" if self.prompts else str(getattr(self.text, "source", "text"))
 
-    def prepare(self, loaded: LoadedModel) -> list[Encoded]:
+    def prepare(self, loaded: LoadedModel) -> KeysContext:
         tokenizer = require_tokenizer(loaded, "keys")
         prefix = prefix_ids(tokenizer, self.bos)
-        self._first_token = first_token_label(tokenizer, prefix)
         if self.prompts:
             units = encode_prompts(loaded, self.prompts, [self.bos], self.max_tokens)
         else:
@@ -125,16 +130,13 @@ class KeyAttentionExperiment(Experiment[KeysResult]):
             units = [Encoded(i, self.bos, prefix + ids, len(prefix), len(prefix) + len(ids))
                      for i, (_, ids) in enumerate(pieces)]
         check_context(loaded, [len(u) for u in units], self.max_tokens, "sequence")
-        self._tokenizer = tokenizer
-        self._layer_types = loaded.info.layer_types
-        return units
+        return KeysContext(loaded, units, first_token_label(tokenizer, prefix), KeyAttention(self.chunk_size))
 
     def batches(self, units: Sequence[Encoded]) -> list[list[int]]:
         return length_batches([len(u) for u in units], self.batch_size)
 
-    def probes(self) -> list[Probe]:
-        self._probe = KeyAttention(self.chunk_size)
-        return [self._probe]
+    def probes(self, ctx: KeysContext) -> list[Probe]:
+        return [ctx.probe]
 
     def engine_options(self) -> dict[str, Any]:
         return {"path": self.path, "chunk_size": self.chunk_size, "precision": self.precision}
@@ -142,19 +144,20 @@ class KeyAttentionExperiment(Experiment[KeysResult]):
     def describe(self, units: Sequence[Encoded]) -> str:
         return f"{len(units[0])} tokens"
 
-    def measure(self, engine: Any, units: Sequence[Encoded]) -> dict[str, pd.DataFrame]:
+    def measure(self, ctx: KeysContext, engine: Any, units: Sequence[Encoded]) -> dict[str, pd.DataFrame]:
         engine.forward(*pad_right([u.ids for u in units]))
+        layer_types = ctx.loaded.info.layer_types
         frames = []
         for row, unit in enumerate(units):
-            record = self._probe.alpha(row)
+            record = ctx.probe.alpha(row)
             alpha, queries = record["alpha"].double().numpy(), record["queries"].numpy()
             n_layers, n_heads, n = alpha.shape
-            labels = [token_label(self._tokenizer, t) for t in unit.ids]
+            labels = [token_label(ctx.tokenizer, t) for t in unit.ids]
             frames.append(pd.DataFrame({
                 "sequence": unit.prompt,
                 "layer": np.repeat(np.arange(n_layers), n_heads * n),
                 "head": np.tile(np.repeat(np.arange(n_heads), n), n_layers),
-                "layer_type": np.repeat(np.array(self._layer_types[:n_layers], dtype=object), n_heads * n),
+                "layer_type": np.repeat(np.array(layer_types[:n_layers], dtype=object), n_heads * n),
                 "position": np.tile(np.arange(n), n_layers * n_heads),
                 "token_id": np.tile(np.asarray(unit.ids), n_layers * n_heads),
                 "token": np.tile(np.array(labels, dtype=object), n_layers * n_heads),
@@ -163,15 +166,14 @@ class KeyAttentionExperiment(Experiment[KeysResult]):
             }))
         return {"keys": pd.concat(frames, ignore_index=True)}
 
-    def finalise(self, tables: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+    def finalise(self, ctx: KeysContext, tables: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
         keys = tables["keys"]
         return {"keys": keys, "positions": position_table(keys, self.eps),
-                "sink_positions": with_context(sink_position_table(keys, self.eps), keys, self._tokenizer),
+                "sink_positions": with_context(sink_position_table(keys, self.eps), keys, ctx.tokenizer),
                 "sink_tokens": sink_token_table(keys, self.eps, self.min_queries)}
 
-    def summarise(self, loaded: LoadedModel, tables: dict[str, pd.DataFrame], units: Sequence[Encoded]
-                  ) -> dict[str, Any]:
-        keys, tokens = tables["keys"], tables["sink_tokens"]
+    def summarise(self, ctx: KeysContext, tables: dict[str, pd.DataFrame]) -> dict[str, Any]:
+        keys, tokens, units = tables["keys"], tables["sink_tokens"], ctx.units
         first = keys[keys["position"] == 0]
         later = keys[(keys["position"] > 0) & (keys["n_queries"] >= self.min_queries)]
         sinks = later[later["alpha"] > self.eps]
@@ -181,7 +183,7 @@ class KeyAttentionExperiment(Experiment[KeysResult]):
         positions = tables["sink_positions"]
         positions = positions[(positions["position"] > 0) & (positions["n_queries_min"] >= self.min_queries)]
         return {
-            "model": loaded.info.name, "bos": self.bos, "first_token": self._first_token, "text": self.source,
+            "model": ctx.loaded.info.name, "bos": self.bos, "first_token": ctx.first_token, "text": self.source,
             "n_sequences": len(units), "n_tokens": [len(u) for u in units], "eps": self.eps,
             "min_queries": self.min_queries, "n_layers": int(keys["layer"].max()) + 1,
             "n_heads": int(keys["head"].max()) + 1,

@@ -36,7 +36,7 @@ from ..metrics.stats import bootstrap_interval, paired_difference_interval
 from ..models.loader import LoadedModel
 from .base import Result, run, takes_conditions
 from .inputs import first_token_label, prefix_ids, require_tokenizer
-from .loss import LOSS_CHUNK, TextLoss
+from .loss import LOSS_CHUNK, TextContext, TextLoss
 from .settings import setting
 
 
@@ -110,6 +110,17 @@ class Intervention:
         return {self.layer: None if self.head is None else [self.head]}
 
 
+@dataclass
+class KnockoutContext(TextContext):
+    prefix: list[int]
+    first_token: str
+    chosen: list[int]  # the layers run one by one
+    pairs: list[tuple[int, int]] | None  # the single heads asked for (None: every head of those layers)
+    probe: SinkKnockout
+    control: RandomKeyKnockout
+    baseline: np.ndarray | None = None  # NLL [windows, W-1] with nothing removed (`begin`)
+
+
 class KnockoutResult(Result):
     """Tables ``knockout`` (one row per intervention: scope, layer, head, target, loss, Δloss and its 95%
     interval over windows, ...) and ``windows`` (intervention x window: that window's mean Δloss)."""
@@ -143,7 +154,7 @@ class Knockout(TextLoss[KnockoutResult]):
                              f"position 0 only, not '{condition}'")
         self.bos = str(condition)
 
-    def prepare(self, loaded: LoadedModel) -> list[Intervention]:
+    def prepare(self, loaded: LoadedModel) -> KnockoutContext:
         info = loaded.info
         pairs = None if self.heads is None else parse_heads(self.heads, info.n_layers, info.n_heads)
         if self.layers is not None or pairs is None:
@@ -155,11 +166,8 @@ class Knockout(TextLoss[KnockoutResult]):
             if outside:
                 raise InputError(f"--heads names layers {outside} that --layers leaves out")
         tokenizer = require_tokenizer(loaded, "knockout")
-        self._prefix = prefix_ids(tokenizer, self.bos)
-        self._first_token = first_token_label(tokenizer, self._prefix)
-        self.text_windows(loaded, len(self._prefix))
-        self._chosen, self._pairs, self._shape = chosen, pairs, (info.n_layers, info.n_heads)
-        self._baseline: np.ndarray | None = None
+        prefix = prefix_ids(tokenizer, self.bos)
+        windows = self.text_windows(loaded, len(prefix))
         units = [Intervention("all")] + ([Intervention("all", target="random")] if self.control else [])
         for layer in chosen:
             units.append(Intervention("layer", layer))
@@ -169,7 +177,8 @@ class Knockout(TextLoss[KnockoutResult]):
                 units += [Intervention("head", layer, head) for lay, head in pairs if lay == layer]
             elif self.per_head:
                 units += [Intervention("head", layer, head) for head in range(info.n_heads)]
-        return units
+        return KnockoutContext(loaded, units, windows, prefix, first_token_label(tokenizer, prefix), chosen, pairs,
+                               SinkKnockout({}), RandomKeyKnockout({}, seed=self.seed))
 
     def condition(self, unit: Intervention) -> str:
         """The intervention as a condition string (`sinkscope.conditions`), e.g. ``add+knockout@3/1``."""
@@ -180,10 +189,8 @@ class Knockout(TextLoss[KnockoutResult]):
         spec = ConditionIntervention(kind, seed=self.seed if kind == "random-key" else 0, layers=layers, heads=heads)
         return str(replace(base, intervention=spec))
 
-    def probes(self) -> list[Probe]:
-        self._probe = SinkKnockout({})
-        self._control = RandomKeyKnockout({}, seed=self.seed)
-        return [self._probe, self._control]
+    def probes(self, ctx: KnockoutContext) -> list[Probe]:
+        return [ctx.probe, ctx.control]
 
     def describe(self, units: Sequence[Intervention]) -> str:
         unit = units[0]
@@ -191,21 +198,23 @@ class Knockout(TextLoss[KnockoutResult]):
                                                                                      f"{unit.head}")
         return label + (" (random key)" if unit.target == "random" else "")
 
-    def _run_nll(self, engine: Any, heads: dict[int, list[int] | None] | None, target: str = "first") -> np.ndarray:
+    def _run_nll(self, ctx: KnockoutContext, engine: Any, heads: dict[int, list[int] | None] | None,
+                 target: str = "first") -> np.ndarray:
         # {}: no layer touched; None: every head of every layer
-        self._probe.heads, self._control.heads = (heads, {}) if target == "first" else ({}, heads)
-        return self.nll(engine, [ids for _, ids in self._windows], self._prefix)
+        ctx.probe.heads, ctx.control.heads = (heads, {}) if target == "first" else ({}, heads)
+        return self.nll(engine, [ids for _, ids in ctx.windows], ctx.prefix)
 
-    def begin(self, engine: Any, units: Sequence[Intervention]) -> None:
-        self._baseline = self._run_nll(engine, {})
+    def begin(self, ctx: KnockoutContext, engine: Any) -> None:
+        ctx.baseline = self._run_nll(ctx, engine, {})
 
-    def measure(self, engine: Any, units: Sequence[Intervention]) -> dict[str, pd.DataFrame]:
-        assert self._baseline is not None
+    def measure(self, ctx: KnockoutContext, engine: Any, units: Sequence[Intervention]) -> dict[str, pd.DataFrame]:
+        baseline = ctx.baseline
+        assert baseline is not None
         rows, windows = [], []
         for unit in units:
-            knocked = self._run_nll(engine, unit.heads, unit.target)
-            delta = delta_summary(self._baseline, knocked)
-            per_window = (knocked - self._baseline).mean(1)  # [windows]: the units of the interval
+            knocked = self._run_nll(ctx, engine, unit.heads, unit.target)
+            delta = delta_summary(baseline, knocked)
+            per_window = (knocked - baseline).mean(1)  # [windows]: the units of the interval
             _, low, high = bootstrap_interval(per_window, seed=self.seed)
             key = {"scope": unit.scope, "layer": unit.layer, "head": unit.head, "target": unit.target,
                    "condition": self.condition(unit)}
@@ -218,9 +227,8 @@ class Knockout(TextLoss[KnockoutResult]):
         return {"knockout": pd.DataFrame(rows).astype(types),
                 "windows": pd.concat(windows, ignore_index=True).astype(types)}
 
-    def summarise(self, loaded: LoadedModel, tables: dict[str, pd.DataFrame], units: Sequence[Intervention]
-                  ) -> dict[str, Any]:
-        baseline = self._baseline
+    def summarise(self, ctx: KnockoutContext, tables: dict[str, pd.DataFrame]) -> dict[str, Any]:
+        baseline = ctx.baseline
         assert baseline is not None
         frame = tables["knockout"]
         control = frame[frame["target"] == "random"]
@@ -234,13 +242,13 @@ class Knockout(TextLoss[KnockoutResult]):
 
         everything = frame[frame["scope"] == "all"].iloc[0]
         per_layer = frame[frame["scope"] == "layer"]
-        n_layers, n_heads = self._shape
-        with_heads = self.per_head or self._pairs is not None
+        info = ctx.loaded.info
+        with_heads = self.per_head or ctx.pairs is not None
         return {
-            "model": loaded.info.name, "bos": self.bos, "first_token": self._first_token, "text": self.source,
-            "window": len(self._windows[0][1]), "n_windows": len(self._windows), "n_tokens": int(baseline.size),
-            "n_layers": n_layers, "n_heads": n_heads, "layers": self._chosen, "per_head": self.per_head,
-            "heads": None if self._pairs is None else [list(p) for p in self._pairs],
+            "model": info.name, "bos": self.bos, "first_token": ctx.first_token, "text": self.source,
+            "window": len(ctx.windows[0][1]), "n_windows": len(ctx.windows), "n_tokens": int(baseline.size),
+            "n_layers": info.n_layers, "n_heads": info.n_heads, "layers": ctx.chosen, "per_head": self.per_head,
+            "heads": None if ctx.pairs is None else [list(p) for p in ctx.pairs],
             "baseline": {"loss": mean_loss(baseline), "ppl": perplexity(baseline)},
             "all_heads": _headline(everything),
             "delta_loss_by_layer": {int(r.layer): float(r.delta_loss) for r in per_layer.itertuples()},

@@ -42,7 +42,7 @@ from __future__ import annotations
 import copy
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -73,10 +73,10 @@ from ..metrics.quantise import AXES, BITS
 from ..metrics.stats import bootstrap_interval, paired_difference_interval
 from ..models.loader import LoadedModel
 from ..models.tokens import encode
-from .base import Result, run, takes_conditions
+from .base import Result, digest, run, takes_conditions
 from .decoding import greedy_through_cache
 from .inputs import check_length, prefix_ids, require_tokenizer
-from .loss import TextLoss, hidden_nll, output_logits
+from .loss import TextContext, TextLoss, hidden_nll, output_logits
 from .settings import given_settings, setting
 
 DEFAULT_PRESSES = ("window", "knorm", "snapkv")
@@ -137,6 +137,21 @@ PASSKEY_SLACK = 4  # tokens decoded past the passkey answer (enough to see wheth
 RETRIEVAL_SUMMARY = ("retrieval", "retrieval_low", "retrieval_high", "retrieval_delta", "retrieval_delta_low",
                      "retrieval_delta_high", "answer_nll", "n_prompts")
 RETRIEVAL_COLUMNS = ("task", "prompt", "trial", "depth", "answer", "score", "answer_nll", "decoded")
+
+
+@dataclass
+class KVContext(TextContext):
+    """A `kv` run's state: the prefix and retrieval prompts, the probes (each attached only where it is read;
+    probes only read, so the numbers are the same either way: the sink mass while scoring windows, SnapKV's last
+    queries during a press's prefill) and what is computed once per context and shared by every cache."""
+
+    prefix: list[int]
+    retrievals: list[RetrievalItem]
+    mass: KeptSinkMass
+    queries: LastQueries
+    # context key ("window" | "retrieval", index) -> the uncompressed prefill and the last queries SnapKV reads
+    prefills: dict[tuple[str, int], tuple[EvictingCache, dict[int, Any]]] = field(default_factory=dict)
+    rankings: dict[tuple[str, int, str], list[int]] = field(default_factory=dict)  # context x policy: best first
 
 
 class KVResult(Result):
@@ -263,22 +278,19 @@ class KV(TextLoss[KVResult]):
                   for k, policy in budgets(press_policies(p))]
         return units
 
-    def prepare(self, loaded: LoadedModel) -> list[Method]:
+    def prepare(self, loaded: LoadedModel) -> KVContext:
         tokenizer = require_tokenizer(loaded, "kv")
-        self._prefix = prefix_ids(tokenizer, self.bos)
-        self.text_windows(loaded, len(self._prefix))
+        prefix = prefix_ids(tokenizer, self.bos)
+        windows = self.text_windows(loaded, len(prefix))
         head_dim = loaded.info.head_dim
         if self.bits and "token" in self.axes and head_dim % self.group_size:
             raise InputError(f"--group-size {self.group_size} does not divide the head dimension {head_dim}")
-        self._retrievals = self._retrieval_items(loaded, tokenizer) if self.retrieval_length else []
-        self._model = loaded.model
-        self._tokenizer = tokenizer
-        self._prefills: dict[tuple[str, int], tuple[EvictingCache, dict[int, Any]]] = {}
-        self._rankings: dict[tuple[str, int, str], list[int]] = {}  # context x policy: positions, best first
-        units = self.methods()
-        for method in units:  # refuse unsupported models before any work
-            self._cache(method)
-        return units
+        retrievals = self._retrieval_items(loaded, tokenizer) if self.retrieval_length else []
+        ctx = KVContext(loaded, self.methods(), windows, prefix, retrievals,
+                        KeptSinkMass(QuantisedCache(loaded.model)), LastQueries(SNAPKV_WINDOW))
+        for method in ctx.units:  # refuse unsupported models before any work
+            self._cache(ctx, method)
+        return ctx
 
     def _retrieval_items(self, loaded: LoadedModel, tokenizer: Any) -> list[RetrievalItem]:
         items = []
@@ -320,113 +332,118 @@ class KV(TextLoss[KVResult]):
             return whole[len(ids):]
         return encode(tokenizer, answer, "strip", None)
 
-    def units_digest(self, units: Sequence[Any]) -> str:
-        return super().units_digest([*units, {"retrieval": [item.__dict__ for item in self._retrievals]}])
+    def units_digest(self, ctx: KVContext) -> str:
+        # the units, the retrieval prompts, then the windows (as `TextLoss.units_digest` appends them): the same
+        # hash as before run state moved to the context, so earlier run directories still resume
+        return digest([*ctx.units, {"retrieval": [item.__dict__ for item in ctx.retrievals]}, {"windows": ctx.windows}])
 
     def describe(self, units: Sequence[Method]) -> str:
         return units[0].label
 
     # -- caches ---------------------------------------------------------------------------------------
-    def _cache(self, method: Method, protect: int | Sequence[int] | None = None) -> QuantisedCache:
+    def _cache(self, ctx: KVContext, method: Method, protect: int | Sequence[int] | None = None) -> QuantisedCache:
+        model = ctx.loaded.model
         if method.kind == "quant":
-            return QuantisedCache(self._model, method.bits, str(method.axis), self.group_size,
+            return QuantisedCache(model, method.bits, str(method.axis), self.group_size,
                                   method.protect if protect is None else protect)
         if method.kind == "press":
-            return EvictingCache(self._model)
-        return QuantisedCache(self._model)
+            return EvictingCache(model)
+        return QuantisedCache(model)
 
-    def open(self, loaded: LoadedModel) -> CaptureEngine:
-        # each probe is attached only where it is read (probes only read: the numbers are the same either way):
-        # the sink mass while scoring windows, SnapKV's last queries during a press's prefill
-        self._mass = KeptSinkMass(QuantisedCache(loaded.model))
-        self._queries = LastQueries(SNAPKV_WINDOW)
-        return CaptureEngine(loaded, [], path=self.path)
+    def open(self, ctx: KVContext) -> CaptureEngine:
+        # no probe on every forward: each (`ctx.mass`, `ctx.queries`) is attached only where it is read
+        return CaptureEngine(ctx.loaded, [], path=self.path)
 
-    def _protected(self, engine: CaptureEngine, method: Method, key: tuple[str, int], ids: list[int]) -> list[int]:
+    def _protected(self, ctx: KVContext, engine: CaptureEngine, method: Method, key: tuple[str, int], ids: list[int]
+                   ) -> list[int]:
         """The positions the method's protect budget keeps in this context: the first k, or the k found by its
         policy in the uncompressed context (`protection_ranking`), ranked once per context and policy."""
         if method.policy == "first" or method.protect == 0:
             return list(range(method.protect))
-        ranked = self._rankings.get((*key, method.policy))
+        ranked = ctx.rankings.get((*key, method.policy))
         if ranked is None:
             ranked = protection_ranking(engine, ids, method.policy)
-            self._rankings[(*key, method.policy)] = ranked
+            ctx.rankings[(*key, method.policy)] = ranked
         return sorted(ranked[:method.protect])
 
-    def _filled(self, engine: CaptureEngine, method: Method, key: tuple[str, int], ids: list[int]) -> QuantisedCache:
+    def _filled(self, ctx: KVContext, engine: CaptureEngine, method: Method, key: tuple[str, int], ids: list[int]
+                ) -> QuantisedCache:
         """The method's cache after the prefill of ``ids`` (compressed, for a press). The full cache, every press
         and (with ``quant_prefill`` full) every quantised cache start from one uncompressed prefill per context
         (it is the same forward): a copy of it, or what it holds stored quantised."""
         if method.kind == "quant" and self.quant_prefill == "quantised":
-            cache = self._cache(method, self._protected(engine, method, key, ids))
+            cache = self._cache(ctx, method, self._protected(ctx, engine, method, key, ids))
             cached_forward(engine, cache, torch.tensor([ids]), range(len(ids)))
             return cache
-        prefilled, queries = self._prefilled(engine, key, ids)
+        prefilled, queries = self._prefilled(ctx, engine, key, ids)
         if method.kind == "quant":
-            cache = self._cache(method, self._protected(engine, method, key, ids))
+            cache = self._cache(ctx, method, self._protected(ctx, engine, method, key, ids))
             cache.hold_quantised(prefilled)
             return cache
         copied = copy.deepcopy(prefilled)
         if method.kind == "press":
             assert method.press is not None and method.ratio is not None
-            copied.compress(make_press(method.press), method.ratio, self._protected(engine, method, key, ids),
+            copied.compress(make_press(method.press), method.ratio, self._protected(ctx, engine, method, key, ids),
                             queries)
         return copied
 
-    def _prefilled(self, engine: CaptureEngine, key: tuple[str, int], ids: list[int]
+    def _prefilled(self, ctx: KVContext, engine: CaptureEngine, key: tuple[str, int], ids: list[int]
                    ) -> tuple[EvictingCache, dict[int, Any]]:
         """The uncompressed cache after one prefill of ``ids``, and the last queries SnapKV scores with (once
         per context)."""
-        if key not in self._prefills:
-            cache = EvictingCache(self._model)
+        if key not in ctx.prefills:
+            cache = EvictingCache(ctx.loaded.model)
             # the rankings a protect budget will need in this context (the sinks found, the massive tokens) ride
             # on its prefill, the same uncompressed forward, instead of a forward of their own
-            ranking = self._ranked_on_prefill(key)
+            ranking = self._ranked_on_prefill(ctx, key)
             found = KeyAttention() if "found" in ranking else None
-            with engine.probing([self._queries, *([found] if found is not None else [])]):
+            with engine.probing([ctx.queries, *([found] if found is not None else [])]):
                 output = cached_forward(engine, cache, torch.tensor([ids]), range(len(ids)),
                                         residual="massive" in ranking)
             if found is not None:
-                self._rankings[(*key, "found")] = found_ranking(found, len(ids))
+                ctx.rankings[(*key, "found")] = found_ranking(found, len(ids))
             if "massive" in ranking:
-                self._rankings[(*key, "massive")] = massive_ranking(output.residual[:, 0])
-            self._prefills[key] = (cache, dict(self._queries.records))
-        return self._prefills[key]
+                ctx.rankings[(*key, "massive")] = massive_ranking(output.residual[:, 0])
+            ctx.prefills[key] = (cache, dict(ctx.queries.records))
+        return ctx.prefills[key]
 
-    def _ranked_on_prefill(self, key: tuple[str, int]) -> set[str]:
+    def _ranked_on_prefill(self, ctx: KVContext, key: tuple[str, int]) -> set[str]:
         """The policies a method spends a protect budget on whose ranking of this context is still missing."""
         if max(self.protect, default=0) == 0:
             return set()
         used = {*(self.press_policies or ()), *(self.quant_policies or ())}
-        return {policy for policy in ("found", "massive") if policy in used and (*key, policy) not in self._rankings}
+        return {policy for policy in ("found", "massive") if policy in used and (*key, policy) not in ctx.rankings}
 
     # -- measuring ------------------------------------------------------------------------------------
-    def _window(self, engine: CaptureEngine, method: Method, index: int, ids: list[int]) -> dict[str, Any]:
+    def _window(self, ctx: KVContext, engine: CaptureEngine, method: Method, index: int, ids: list[int]
+                ) -> dict[str, Any]:
         """Loss, sink mass and bytes of one text window through the method's cache."""
-        sequence = list(self._prefix) + list(ids)
-        start = len(self._prefix) + self.context  # the first token fed after the prefill
-        cache = self._filled(engine, method, ("window", index), sequence[:start])
-        self._mass.cache = cache
+        sequence = list(ctx.prefix) + list(ids)
+        start = len(ctx.prefix) + self.context  # the first token fed after the prefill
+        cache = self._filled(ctx, engine, method, ("window", index), sequence[:start])
+        mass_probe = ctx.mass
+        mass_probe.cache = cache
         nll, mass = [], []
         for chunk in range(start, len(sequence) - 1, self.step):
             stop = min(chunk + self.step, len(sequence) - 1)
-            with engine.probing([self._mass]):
+            with engine.probing([mass_probe]):
                 hidden = cached_forward(engine, cache, torch.tensor([sequence[chunk:stop]]), range(chunk, stop))
             targets = torch.tensor([sequence[chunk + 1:stop + 1]])
             nll.append(hidden_nll(engine.model, hidden.last_hidden_state, targets, self.chunk)[0])
-            mass.append(torch.stack([self._mass.records[layer] for layer in sorted(self._mass.records)])[:, 0])
+            mass.append(torch.stack([mass_probe.records[layer] for layer in sorted(mass_probe.records)])[:, 0])
         values = torch.cat(nll).numpy()
         return {"window": index, "loss": mean_loss(values), "n_tokens": int(values.size),
                 "sink_mass": float(torch.cat(mass, -1).mean()), "bytes": cache.nbytes(),
                 "bytes_full_layers": cache.nbytes(full_attention_only=True)}
 
-    def _retrieve(self, engine: CaptureEngine, method: Method, index: int, item: RetrievalItem) -> dict[str, Any]:
+    def _retrieve(self, ctx: KVContext, engine: CaptureEngine, method: Method, index: int, item: RetrievalItem
+                  ) -> dict[str, Any]:
         """The item's score through the method's cache: the question fed after the compressed context, then
         one teacher-forced forward of the expected answer. Where every greedy token follows the answer and the
         text so far already scores 1, greedy decoding would write the same beginning and can only keep the
         score: that is the result. Otherwise the answer is decoded greedily from the cache as it stood after
         the question (a copy), token by token. No probe is attached: retrieval reads only the model's output."""
-        cache = self._filled(engine, method, ("retrieval", index), item.context)
+        cache = self._filled(ctx, engine, method, ("retrieval", index), item.context)
         start = len(item.context) + len(item.question)
         asked = cached_forward(engine, cache, torch.tensor([item.question]), range(len(item.context), start))
         after_question = copy.deepcopy(cache)
@@ -436,37 +453,38 @@ class KV(TextLoss[KVResult]):
             logits = output_logits(engine.model, hidden).float()
         greedy = logits.argmax(-1).tolist()
         answer_nll = float(torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(item.answer)))
-        written = self._tokenizer.decode(greedy, skip_special_tokens=True)
+        written = ctx.tokenizer.decode(greedy, skip_special_tokens=True)
         teacher_forced = greedy[:-1] == list(item.answer) and item.score(written) == 1.0
         if not teacher_forced:
             tokens = greedy_through_cache(engine, after_question, greedy[0], start, item.max_new_tokens,
-                                          lambda h: output_logits(engine.model, h), self._scored_in_full(item))
-            written = self._tokenizer.decode(tokens, skip_special_tokens=True)
+                                          lambda h: output_logits(engine.model, h), self._scored_in_full(ctx, item))
+            written = ctx.tokenizer.decode(tokens, skip_special_tokens=True)
         return {"task": item.task, "prompt": index, "trial": item.trial, "depth": item.depth,
                 "answer": written, "score": item.score(written), "answer_nll": answer_nll,
                 "decoded": "teacher-forced" if teacher_forced else "greedy"}
 
-    def _scored_in_full(self, item: RetrievalItem) -> Callable[[list[int]], bool] | None:
+    def _scored_in_full(self, ctx: KVContext, item: RetrievalItem) -> Callable[[list[int]], bool] | None:
         """Where more text cannot change a score (RULER's string_match_all only finds more of the expected
         strings), decoding may stop once the text so far scores 1; the passkey's first number can still change."""
         if item.task == "passkey":
             return None
-        return lambda tokens: item.score(self._tokenizer.decode(tokens, skip_special_tokens=True)) == 1.0
+        tokenizer = ctx.tokenizer
+        return lambda tokens: item.score(tokenizer.decode(tokens, skip_special_tokens=True)) == 1.0
 
-    def measure(self, engine: CaptureEngine, units: Sequence[Method]) -> dict[str, pd.DataFrame]:
+    def measure(self, ctx: KVContext, engine: CaptureEngine, units: Sequence[Method]) -> dict[str, pd.DataFrame]:
         method = units[0]
         columns = {"method": method.label, "kind": method.kind, "family": method.family, "protect": method.protect,
                    "policy": method.policy}
-        windows = pd.DataFrame([{**columns, **self._window(engine, method, i, ids)}
-                                for i, (_, ids) in enumerate(self._windows)])
-        retrieval = pd.DataFrame([{**columns, **self._retrieve(engine, method, i, item)}
-                                  for i, item in enumerate(self._retrievals)],
+        windows = pd.DataFrame([{**columns, **self._window(ctx, engine, method, i, ids)}
+                                for i, (_, ids) in enumerate(ctx.windows)])
+        retrieval = pd.DataFrame([{**columns, **self._retrieve(ctx, engine, method, i, item)}
+                                  for i, item in enumerate(ctx.retrievals)],
                                  columns=[*columns, *RETRIEVAL_COLUMNS])
         return {"windows": windows, "retrieval": retrieval, "methods": pd.DataFrame([{
             **columns, "bits": method.bits, "axis": method.axis, "press": method.press, "ratio": method.ratio}])}
 
     # -- gathering ------------------------------------------------------------------------------------
-    def finalise(self, tables: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+    def finalise(self, ctx: Any, tables: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
         windows, retrieval, methods = tables["windows"], tables["retrieval"], tables["methods"]
         reference = windows[windows["method"] == "full"].sort_values("window")
         answered = retrieval[retrieval["method"] == "full"].sort_values("prompt")
@@ -509,8 +527,7 @@ class KV(TextLoss[KVResult]):
                 "retrieval_delta_low": drop[1], "retrieval_delta_high": drop[2],
                 "answer_nll": float(prompts["answer_nll"].mean()), "n_prompts": len(prompts)}
 
-    def summarise(self, loaded: LoadedModel, tables: dict[str, pd.DataFrame], units: Sequence[Method]
-                  ) -> dict[str, Any]:
+    def summarise(self, ctx: KVContext, tables: dict[str, pd.DataFrame]) -> dict[str, Any]:
         kv = tables["kv"]
         full = kv[kv["method"] == "full"].iloc[0]
         chosen = kv[kv["recommended"]]
@@ -530,11 +547,11 @@ class KV(TextLoss[KVResult]):
                                                           float(row["retrieval_delta_high"])]})
         return {
             "recommendation": recommendation,
-            "model": loaded.info.name, "text": self.source, "window": self.window, "context": self.context,
-            "step": self.step, "n_windows": len(self._windows), "scored_per_window": self.window - self.context - 1,
+            "model": ctx.loaded.info.name, "text": self.source, "window": self.window, "context": self.context,
+            "step": self.step, "n_windows": len(ctx.windows), "scored_per_window": self.window - self.context - 1,
             "group_size": self.group_size, "retrieval_length": self.retrieval_length, "tasks": list(self.tasks),
             "policies": sorted({*(self.press_policies or ()), *(self.quant_policies or ())}),
-            "n_retrieval_prompts": len(self._retrievals),
+            "n_retrieval_prompts": len(ctx.retrievals),
             "full": {"loss": float(full["loss"]), "bytes": float(full["bytes"]), "sink_mass": float(full["sink_mass"]),
                      "retrieval": float(full["retrieval"])},
             "methods": {r.method: {"delta_loss": r.delta_loss, "delta_low": r.delta_low, "delta_high": r.delta_high,

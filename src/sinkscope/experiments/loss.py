@@ -26,7 +26,7 @@ from ..data.texts import LongText
 from ..errors import InputError
 from ..metrics.loss import token_nll
 from ..models.loader import LoadedModel, text_config
-from .base import Experiment, ResultT
+from .base import Context, Experiment, ResultT, digest
 from .inputs import check_engine_options, check_length, check_windows, long_text, require_tokenizer, text_windows
 from .settings import setting
 
@@ -75,6 +75,13 @@ def window_nll(engine: CaptureEngine, windows: torch.Tensor, prefix: Sequence[in
 
 
 @dataclass
+class TextContext(Context):
+    """A loss run's context: the text's windows, (start, token ids) each."""
+
+    windows: list[tuple[int, list[int]]]
+
+
+@dataclass
 class TextLoss(Experiment[ResultT]):
     """Settings and inputs shared by the loss experiments: one long text cut into windows of text tokens,
     scored with a prefix (what sits at position 0) before each window."""
@@ -113,11 +120,10 @@ class TextLoss(Experiment[ResultT]):
         tokenizer = require_tokenizer(loaded, self.name)
         windows = text_windows(tokenizer, self.text.text, self.window, self.stride, self.max_windows)
         check_length(loaded, len(windows[0][1]) + longest_prefix, "a window (prefix included)")
-        self._windows = windows
         return windows
 
-    def units_digest(self, units: Sequence[Any]) -> str:
-        return super().units_digest([*units, {"windows": self._windows}])
+    def units_digest(self, ctx: Any) -> str:
+        return digest([*ctx.units, {"windows": ctx.windows}])
 
     def engine_options(self) -> dict[str, Any]:
         return {"path": self.path}

@@ -10,7 +10,6 @@ position 0.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,8 +18,7 @@ import pandas as pd
 
 from ..errors import InputError
 from ..metrics import activations as activation_metrics
-from ..models.loader import LoadedModel
-from .base import Result
+from .base import Context, Result
 from .functions import experiment_function
 from .inputs import (
     Encoded,
@@ -63,9 +61,9 @@ class MassiveActivations(ResidualPromptExperiment[MassiveActivationsResult]):
         if self.top_k < 1:
             raise InputError("top_k must be at least 1")
 
-    def rows(self, residual: np.ndarray, unit: Encoded, row: int) -> dict[str, pd.DataFrame]:
+    def rows(self, ctx: Context, residual: np.ndarray, unit: Encoded, row: int) -> dict[str, pd.DataFrame]:
         n_depths = residual.shape[0]
-        tokens = token_strings(self._tokenizer, unit.ids)
+        tokens = token_strings(ctx.tokenizer, unit.ids)
         stats = activation_metrics.activation_stats(residual, FACTORS)
         token_index, dim, value = activation_metrics.top_activations(residual, self.top_k)  # [depths, k]
         k = token_index.shape[1]
@@ -88,8 +86,8 @@ class MassiveActivations(ResidualPromptExperiment[MassiveActivationsResult]):
         })
         return {"massive": depths, "top_activations": top}
 
-    def summarise(self, loaded: LoadedModel, tables: dict[str, pd.DataFrame], units: Sequence[Encoded]
-                  ) -> dict[str, Any]:
+    def summarise(self, ctx: Context, tables: dict[str, pd.DataFrame]) -> dict[str, Any]:
+        loaded = ctx.loaded
         massive = tables["massive"]
         per_condition: dict[str, Any] = {}
         for condition in self.bos:

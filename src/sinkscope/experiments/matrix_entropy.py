@@ -18,7 +18,6 @@ Tables: ``matrix_entropy`` (prompt x bos x depth), ``sink_rate`` (prompt x bos x
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +30,7 @@ from ..metrics import sink as sink_metrics
 from ..metrics.matrix_entropy import matrix_entropy
 from ..metrics.stats import bootstrap_interval, paired_difference_interval
 from ..models.loader import LoadedModel
-from .base import Result
+from .base import Context, Result
 from .functions import experiment_function
 from .inputs import Encoded, token_strings
 from .residual import DEPTH_CONVENTION, ResidualPromptExperiment, first_token_counts
@@ -41,6 +40,11 @@ from .settings import Command, setting
 class MatrixEntropyResult(Result):
     """Tables ``matrix_entropy`` (prompt x bos x depth), ``sink_rate`` (prompt x bos x layer), ``per_depth``."""
 
+
+
+@dataclass
+class MatrixEntropyContext(Context):
+    probe: FirstTokenAttention  # the attention on position 0 in the same forward as the residual stream
 
 
 @dataclass
@@ -63,26 +67,29 @@ class MatrixEntropy(ResidualPromptExperiment[MatrixEntropyResult]):
         if self.max_tokens is not None and self.max_tokens < 2:
             raise InputError("--max-tokens must be at least 2 (an entropy needs tokens)")
 
-    def probes(self) -> list[Probe]:
-        self._probe = FirstTokenAttention()
-        return [self._probe]
+    def prepare(self, loaded: LoadedModel) -> MatrixEntropyContext:
+        return MatrixEntropyContext(loaded, self.encoded(loaded), FirstTokenAttention())
 
-    def rows(self, residual: np.ndarray, unit: Encoded, row: int) -> dict[str, pd.DataFrame]:
-        record = self._probe.per_prompt(row)  # the same forward's attention on position 0
+    def probes(self, ctx: MatrixEntropyContext) -> list[Probe]:
+        return [ctx.probe]
+
+    def rows(self, ctx: MatrixEntropyContext, residual: np.ndarray, unit: Encoded, row: int
+             ) -> dict[str, pd.DataFrame]:
+        record = ctx.probe.per_prompt(row)  # the same forward's attention on position 0
         alpha = sink_metrics.alpha_from_query_weights(record["attention"].numpy(), record["visible"].numpy())
-        return {"matrix_entropy": self._depth_rows(residual, unit),
-                "sink_rate": pd.DataFrame({**self._common(unit), "layer": np.array(self._probe.layers()),
+        return {"matrix_entropy": self._depth_rows(ctx, residual, unit),
+                "sink_rate": pd.DataFrame({**self._common(unit), "layer": np.array(ctx.probe.layers()),
                                            "sink_rate": (alpha > self.eps).mean(-1), "alpha_mean": alpha.mean(-1)})}
 
     def _common(self, unit: Encoded) -> dict[str, Any]:
         prompt = self.prompts[unit.prompt]
         return {"prompt": unit.prompt, "prompt_id": prompt.id, "bos": unit.bos}
 
-    def _depth_rows(self, residual: np.ndarray, unit: Encoded) -> pd.DataFrame:
+    def _depth_rows(self, ctx: Context, residual: np.ndarray, unit: Encoded) -> pd.DataFrame:
         norms = np.linalg.norm(residual, axis=-1)  # [depths, n]
         others = np.median(norms[:, 1:], axis=-1) if residual.shape[1] > 1 else np.full(len(norms), np.nan)
         return pd.DataFrame({
-            **self._common(unit), "first_token": token_strings(self._tokenizer, unit.ids[:1])[0],
+            **self._common(unit), "first_token": token_strings(ctx.tokenizer, unit.ids[:1])[0],
             "n_tokens": len(unit), "depth": np.arange(residual.shape[0]),
             "entropy": matrix_entropy(residual), "renyi2": matrix_entropy(residual, order=2.0),
             "entropy_without_first": matrix_entropy(residual[:, 1:]) if residual.shape[1] > 1 else np.nan,
@@ -93,11 +100,11 @@ class MatrixEntropy(ResidualPromptExperiment[MatrixEntropyResult]):
             "first_norm": norms[:, 0], "median_norm": others, "first_norm_ratio": norms[:, 0] / others,
         })
 
-    def finalise(self, tables: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+    def finalise(self, ctx: Any, tables: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
         return {**tables, "per_depth": per_depth_table(tables["matrix_entropy"], tables["sink_rate"])}
 
-    def summarise(self, loaded: LoadedModel, tables: dict[str, pd.DataFrame], units: Sequence[Encoded]
-                  ) -> dict[str, Any]:
+    def summarise(self, ctx: Context, tables: dict[str, pd.DataFrame]) -> dict[str, Any]:
+        loaded = ctx.loaded
         entropy, per_depth = tables["matrix_entropy"], tables["per_depth"]
         conditions: dict[str, Any] = {}
         for condition in self.bos:

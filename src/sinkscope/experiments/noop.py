@@ -23,7 +23,7 @@ import torch
 from ..capture import FirstTokenAttention, Probe, ValueNorms
 from ..metrics import sink as sink_metrics
 from ..models.loader import LoadedModel
-from .base import Result
+from .base import Context, Result
 from .functions import experiment_function
 from .inputs import Encoded, PromptExperiment, check_engine_options
 from .settings import Command, setting
@@ -32,6 +32,12 @@ from .settings import Command, setting
 class NoopResult(Result):
     """Table ``noop``: one row per prompt x bos x layer x head."""
 
+
+
+@dataclass
+class NoopContext(Context):
+    values: ValueNorms
+    first: FirstTokenAttention
 
 
 @dataclass
@@ -54,24 +60,26 @@ class Noop(PromptExperiment[NoopResult]):
         self.eps = sink_metrics.check_eps(self.eps)
         check_engine_options(self.path, "float32")
 
-    def probes(self) -> list[Probe]:
-        self._values, self._first = ValueNorms(), FirstTokenAttention()
-        return [self._values, self._first]
+    def prepare(self, loaded: LoadedModel) -> NoopContext:
+        return NoopContext(loaded, self.encoded(loaded), ValueNorms(), FirstTokenAttention())
+
+    def probes(self, ctx: NoopContext) -> list[Probe]:
+        return [ctx.values, ctx.first]
 
     def engine_options(self) -> dict[str, Any]:
         return {"path": self.path}
 
-    def measure(self, engine: Any, units: Sequence[Encoded]) -> dict[str, pd.DataFrame]:
+    def measure(self, ctx: NoopContext, engine: Any, units: Sequence[Encoded]) -> dict[str, pd.DataFrame]:
         (unit,) = units
         engine.forward(torch.tensor([unit.ids]))
-        first = self._first.per_prompt(0)
+        first = ctx.first.per_prompt(0)
         alpha = sink_metrics.alpha_from_query_weights(first["attention"].numpy(), first["visible"].numpy())  # [L, H]
         visible = np.broadcast_to(first["visible"].numpy(), first["attention"].shape)  # [L, H, T]
         text_queries = np.zeros(len(unit.ids), dtype=bool)
         text_queries[max(1, unit.text_start):unit.text_stop] = True  # text queries other than position 0 itself
         rows = []
-        stacked = {layer: i for i, layer in enumerate(self._first.layers())}  # row of each layer in `alpha`
-        for layer, record in self._values.records.items():
+        stacked = {layer: i for i, layer in enumerate(ctx.first.layers())}  # row of each layer in `alpha`
+        for layer, record in ctx.values.records.items():
             norms = record["value_norm"][0].numpy()  # [H, S]
             attention = record["first_attention"][0].numpy()  # [H, T]
             output = record["output_norm"][0].numpy()
@@ -95,13 +103,12 @@ class Noop(PromptExperiment[NoopResult]):
                 })
         return {"noop": pd.DataFrame(rows)}
 
-    def finalise(self, tables: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+    def finalise(self, ctx: Any, tables: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
         frame = tables["noop"]
         frame["first_value_ratio"] = frame["first_value_norm"] / frame["median_value_norm"]
         return {"noop": frame}
 
-    def summarise(self, loaded: LoadedModel, tables: dict[str, pd.DataFrame], units: Sequence[Encoded]
-                  ) -> dict[str, Any]:
+    def summarise(self, ctx: Context, tables: dict[str, pd.DataFrame]) -> dict[str, Any]:
         frame = tables["noop"]
         summary: dict[str, Any] = {"bos": list(dict.fromkeys(frame["bos"])), "eps": self.eps,
                                    "n_prompts": int(frame["prompt"].nunique())}

@@ -53,7 +53,7 @@ from ..data.texts import SHAKESPEARE_PARAGRAPH as SHAKESPEARE
 from ..errors import InputError
 from ..metrics import sensitivity
 from ..models.loader import LoadedModel
-from .base import Experiment, Result, run, takes_conditions
+from .base import Context, Experiment, Result, run, takes_conditions
 from .inputs import bos_conditions, check_context, check_length, encode_one, require_tokenizer, token_label
 from .residual import check_residual_finite
 from .settings import setting
@@ -63,6 +63,14 @@ ESTIMATOR_NOTE = ("s2 = mean over probes of ||u^T J||^2 is unbiased for ||J||_F^
                   "biased low by a rank-dependent amount (0.80 for a rank-one block at 1 probe): compare s2")
 PATH_SUM_MAX_TOKENS = 512  # L x H x T x T weights in memory
 EXACT_MAX_DIM = 2048  # exact mode costs d backward passes
+
+
+@dataclass
+class OversquashContext(Context):
+    directions: torch.Tensor  # [k, d]: the random probes, the same for every condition
+    hidden_size: int
+    final_norm: Any  # the model's final norm (with ``normed``), else None
+    weights: AttentionWeights  # the attention weights, for the path-sum bound
 
 
 class OversquashResult(Result):
@@ -139,7 +147,7 @@ class Oversquash(Experiment[OversquashResult]):
             raise InputError("--probes must be at least 1 (or 0 together with --exact)")
         self.bos = tuple(bos_conditions(self.bos))
 
-    def prepare(self, loaded: LoadedModel) -> list[Plan]:
+    def prepare(self, loaded: LoadedModel) -> OversquashContext:
         tokenizer = require_tokenizer(loaded, "oversquash")
         hidden_size = int(loaded.model.get_input_embeddings().embedding_dim)
         if self.exact and hidden_size > EXACT_MAX_DIM:
@@ -160,29 +168,25 @@ class Oversquash(Experiment[OversquashResult]):
         for plan in plans:
             check_length(loaded, len(plan.ids), f"the text with bos={plan.bos}")
         # the same probes for every condition, so differences between conditions are not probe noise
-        self._directions = torch.from_numpy(
+        directions = torch.from_numpy(
             sensitivity.gaussian_probes(max(self.probes, 1), hidden_size, self.seed))[:self.probes]
-        self._hidden_size = hidden_size
-        self._embeddings = loaded.model.get_input_embeddings()
-        self._final_norm = final_norm(loaded.model) if self.normed else None
-        self._tokenizer = tokenizer
-        return plans
+        return OversquashContext(loaded, plans, directions, hidden_size,
+                                 final_norm(loaded.model) if self.normed else None, AttentionWeights())
 
-    def open(self, loaded: LoadedModel) -> CaptureEngine:
+    def open(self, ctx: OversquashContext) -> CaptureEngine:
         # `probes` is the number of random probes here, so the engine is built without `Experiment.probes()`
-        self._weights_probe = AttentionWeights()
-        return CaptureEngine(loaded, [self._weights_probe] if self.path_sum else [],
+        return CaptureEngine(ctx.loaded, [ctx.weights] if self.path_sum else [],
                              path="eager" if self.path_sum else "auto")
 
     def describe(self, units: Sequence[Plan]) -> str:
         return f"bos={units[0].bos}"
 
-    def measure(self, engine: Any, units: Sequence[Plan]) -> dict[str, pd.DataFrame]:
+    def measure(self, ctx: OversquashContext, engine: Any, units: Sequence[Plan]) -> dict[str, pd.DataFrame]:
         (plan,) = units
         mode, ids, start, j = plan.bos, plan.ids, plan.text_start, plan.target
-        path_sum, exact, hidden_size = self.path_sum, self.exact, self._hidden_size
+        path_sum, exact, hidden_size = self.path_sum, self.exact, ctx.hidden_size
         with torch.no_grad():
-            inputs = self._embeddings(torch.tensor([ids])).detach()
+            inputs = ctx.loaded.model.get_input_embeddings()(torch.tensor([ids])).detach()
         inputs.requires_grad_(True)
         out = engine.forward(inputs_embeds=inputs, grad=True, residual=True)
         check_residual_finite(out.residual[:, 0], f"bos={mode}")
@@ -190,13 +194,13 @@ class Oversquash(Experiment[OversquashResult]):
         if not first.requires_grad:
             first = inputs
         output = out.residual[-1, 0, j]  # h_j^(L), before the final norm
-        products = [_vjp(output, first, u).numpy() for u in self._directions]
+        products = [_vjp(output, first, u).numpy() for u in ctx.directions]
         squares = sensitivity.probe_squares(np.stack(products)) if products else np.full((1, j + 1), np.nan)
         s2_normed = np.full(j + 1, np.nan)
-        if self._final_norm is not None:  # what the LM head reads: the state after the final norm
-            normed = self._final_norm(output[None])[0]
+        if ctx.final_norm is not None:  # what the LM head reads: the state after the final norm
+            normed = ctx.final_norm(output[None])[0]
             s2_normed, _ = sensitivity.mean_and_stderr(sensitivity.probe_squares(np.stack(
-                [_vjp(normed, first, u).numpy() for u in self._directions])))
+                [_vjp(normed, first, u).numpy() for u in ctx.directions])))
         s2, s2_se = sensitivity.mean_and_stderr(squares)  # unbiased for ||J||_F^2, and its error
         s_probe = np.sqrt(s2)  # biased low, by a rank-dependent amount
         s_exact = np.full(j + 1, np.nan)
@@ -208,7 +212,7 @@ class Oversquash(Experiment[OversquashResult]):
             s_exact = exact_sq.sqrt().numpy()
             s2, s2_se = exact_sq.numpy(), np.zeros(j + 1)
         if path_sum:
-            attention = self._weights_probe.stacked()[:, 0]  # [L, H, T, T]
+            attention = ctx.weights.stacked()[:, 0]  # [L, H, T, T]
             b_sum = sensitivity.path_sum_bound(attention, j, "sum")
             b_mean = sensitivity.path_sum_bound(attention, j, "mean")
         else:
@@ -224,7 +228,7 @@ class Oversquash(Experiment[OversquashResult]):
             "bos": mode,
             "source": sources,
             "text_position": np.where(is_prefix, -1, sources - start),
-            "token": self._tokenizer.convert_ids_to_tokens(ids),
+            "token": ctx.tokenizer.convert_ids_to_tokens(ids),
             "is_prefix": is_prefix,
             "distance": distance,
             "s": s,
@@ -244,16 +248,15 @@ class Oversquash(Experiment[OversquashResult]):
                                 **_inner_s2_mean(None if exact else squares, s2, inner)}])
         return {"sensitivity": frame, "shared_sources": shared}
 
-    def passes(self) -> dict[str, int]:
+    def passes(self, hidden_size: int) -> dict[str, int]:
         """Forward and backward passes per condition: one forward, k probes (+ d for the exact Jacobian)."""
-        return {"forward": 1, "backward": self.probes + (self._hidden_size if self.exact else 0)}
+        return {"forward": 1, "backward": self.probes + (hidden_size if self.exact else 0)}
 
-    def summarise(self, loaded: LoadedModel, tables: dict[str, pd.DataFrame], units: Sequence[Plan]
-                  ) -> dict[str, Any]:
+    def summarise(self, ctx: OversquashContext, tables: dict[str, pd.DataFrame]) -> dict[str, Any]:
         every_text = tables["sensitivity"]
         table = every_text[every_text["text"] == 0]  # the per-condition details: of the first text
-        probes, exact, path_sum, hidden_size = self.probes, self.exact, self.path_sum, self._hidden_size
-        tokenizer = self._tokenizer
+        probes, exact, path_sum, hidden_size = self.probes, self.exact, self.path_sum, ctx.hidden_size
+        tokenizer, loaded, units = ctx.tokenizer, ctx.loaded, ctx.units
         per_condition, passes = {}, {}
         for plan in (u for u in units if u.text == 0):
             mode, ids, start, j = plan.bos, plan.ids, plan.text_start, plan.target
@@ -279,7 +282,7 @@ class Oversquash(Experiment[OversquashResult]):
             if exact and probes:
                 stats["probe_max_rel_error"] = float(np.nanmax(np.abs(s_probe - s_exact) / s_exact))
             per_condition[mode] = stats
-            passes[mode] = self.passes()
+            passes[mode] = self.passes(hidden_size)
 
         summary: dict[str, Any] = {
             "model": loaded.info.name,

@@ -22,7 +22,7 @@ import pandas as pd
 from ..data.passkey import passkey_prompts, score_answer
 from ..errors import InputError
 from ..models.loader import LoadedModel
-from .base import Experiment, Result
+from .base import Context, Experiment, Result
 from .decoding import decoding_context, generate
 from .functions import experiment_function
 from .inputs import bos_conditions, context_limit, encode_one, require_tokenizer
@@ -44,6 +44,11 @@ class Trial:
     key: str
     text: str
     key_token_start: int  # where the key sentence starts among the text tokens
+
+
+@dataclass
+class PasskeyContext(Context):
+    generation: Any  # greedy, max_new_tokens, the model's eos
 
 
 class PasskeyResult(Result):
@@ -89,7 +94,7 @@ class Passkey(Experiment[PasskeyResult]):
         self.depths = tuple(float(d) for d in self.depths)
         self.bos = tuple(bos_conditions(list(self.bos)))
 
-    def prepare(self, loaded: LoadedModel) -> list[Trial]:
+    def prepare(self, loaded: LoadedModel) -> PasskeyContext:
         tokenizer = require_tokenizer(loaded, "passkey")
         limit = context_limit(loaded)
         if limit is not None and max(self.lengths) + 1 + self.max_new_tokens > limit:
@@ -97,24 +102,23 @@ class Passkey(Experiment[PasskeyResult]):
                              f"model's max_position_embeddings {limit}; choose lengths up to "
                              f"{limit - 1 - self.max_new_tokens}")
         prompts = passkey_prompts(tokenizer, self.lengths, self.depths, self.trials, self.seed)
-        self._tokenizer = tokenizer
-        self._generation = _generation_config(loaded.model, self.max_new_tokens)
-        return [Trial(mode, length, depth, trial, prompt.key, prompt.text, prompt.key_token_start)
-                for mode in self.bos for length, depth, trial, prompt in prompts]
+        units = [Trial(mode, length, depth, trial, prompt.key, prompt.text, prompt.key_token_start)
+                 for mode in self.bos for length, depth, trial, prompt in prompts]
+        return PasskeyContext(loaded, units, _generation_config(loaded.model, self.max_new_tokens))
 
-    def open(self, loaded: LoadedModel) -> contextlib.AbstractContextManager[Any]:
-        return decoding_context(loaded, self.bos)  # the model itself, or the engine for an intervention
+    def open(self, ctx: PasskeyContext) -> contextlib.AbstractContextManager[Any]:
+        return decoding_context(ctx.loaded, self.bos)  # the model itself, or the engine for an intervention
 
     def describe(self, units: Sequence[Trial]) -> str:
         return f"bos={units[0].bos} length={units[0].length}"
 
-    def measure(self, model: Any, units: Sequence[Trial]) -> dict[str, pd.DataFrame]:
+    def measure(self, ctx: PasskeyContext, model: Any, units: Sequence[Trial]) -> dict[str, pd.DataFrame]:
         rows, heads = [], []
         for unit in units:
-            encoded = encode_one(self._tokenizer, unit.text, unit.bos, None)
+            encoded = encode_one(ctx.tokenizer, unit.text, unit.bos, None)
             heads.append(encoded)
             tick = time.time()
-            answer = _answer(model, self._tokenizer, encoded.ids, self._generation)
+            answer = _answer(model, ctx.tokenizer, encoded.ids, ctx.generation)
             rows.append({
                 "bos": unit.bos, "length": unit.length, "depth": unit.depth, "trial": unit.trial, "key": unit.key,
                 "n_tokens": len(encoded.ids), "key_position": encoded.text_start + unit.key_token_start,
@@ -123,12 +127,11 @@ class Passkey(Experiment[PasskeyResult]):
         return {"passkey": pd.DataFrame(rows, columns=COLUMNS), WHEREABOUTS: whereabouts_of_heads(
             model, heads, [f"length={u.length} depth={u.depth} trial={u.trial}" for u in units])}
 
-    def summarise(self, loaded: LoadedModel, tables: dict[str, pd.DataFrame], units: Sequence[Trial]
-                  ) -> dict[str, Any]:
+    def summarise(self, ctx: PasskeyContext, tables: dict[str, pd.DataFrame]) -> dict[str, Any]:
         frame = tables["passkey"]
         by_bos = frame.groupby("bos", sort=False)
         return {
-            "model": loaded.info.name, "bos": list(self.bos), "lengths": list(self.lengths),
+            "model": ctx.loaded.info.name, "bos": list(self.bos), "lengths": list(self.lengths),
             "depths": list(self.depths), "trials": self.trials, "seed": self.seed,
             "max_new_tokens": self.max_new_tokens,
             "accuracy": {m: float(g["correct"].mean()) for m, g in by_bos},

@@ -32,7 +32,7 @@ from ..data.texts import SHAKESPEARE_PARAGRAPH as SHAKESPEARE
 from ..errors import InputError
 from ..metrics import sensitivity
 from ..models.loader import LoadedModel
-from .base import Experiment, Result, run, takes_conditions
+from .base import Context, Experiment, Result, run, takes_conditions
 from .inputs import bos_conditions, check_context, check_length, encode_one, require_tokenizer, token_label
 from .residual import DEPTH_CONVENTION, residual_streams
 
@@ -59,6 +59,13 @@ def swap_word(text: str, old: str, new: str) -> tuple[str, int]:
     if match is None:
         raise InputError(f"--swap: the word '{old}' does not occur in the text")
     return text[:match.start()] + new + text[match.end():], match.start()
+
+
+@dataclass
+class PerturbContext(Context):
+    text_ids: list[int]  # the text tokens every condition holds
+    perturbed_ids: list[int]  # ... of the swapped text
+    changed: list[int]  # the text positions the swap changes
 
 
 class PerturbResult(Result):
@@ -90,10 +97,15 @@ class Perturb(Experiment[PerturbResult]):
 
     def __post_init__(self) -> None:  # settings checked before any model loads
         self.swap = (str(self.swap[0]), str(self.swap[1]))
-        self.perturbed_text = swap_word(self.text, *self.swap)[0]
+        swap_word(self.text, *self.swap)  # refuses a swap that cannot apply
         self.bos = tuple(bos_conditions(self.bos))
 
-    def prepare(self, loaded: LoadedModel) -> list[SwapPair]:
+    @property
+    def perturbed_text(self) -> str:
+        """The text with the swap made."""
+        return swap_word(self.text, *self.swap)[0]
+
+    def prepare(self, loaded: LoadedModel) -> PerturbContext:
         tokenizer = require_tokenizer(loaded, "perturb")
         old, new = self.swap
         original = {mode: encode_one(tokenizer, self.text, mode, self.max_tokens) for mode in self.bos}
@@ -109,22 +121,21 @@ class Perturb(Experiment[PerturbResult]):
         # every condition holds a head of the same text tokens; compare them on the tokens they all hold
         n_text = min(e.text_stop - e.text_start for e in original.values())
         first = next(iter(original.values()))
-        self._text_ids = first.text_ids[:n_text]
-        self._perturbed_ids = changed[first.bos].text_ids[:n_text]
-        self._changed = [j for j, (a, b) in enumerate(zip(self._text_ids, self._perturbed_ids, strict=True))
-                         if a != b]
-        if not self._changed:
+        text_ids = first.text_ids[:n_text]
+        perturbed_ids = changed[first.bos].text_ids[:n_text]
+        positions = [j for j, (a, b) in enumerate(zip(text_ids, perturbed_ids, strict=True)) if a != b]
+        if not positions:
             raise InputError(f"--swap {old}={new} leaves the tokens unchanged (within --max-tokens?)")
-        self._tokenizer = tokenizer
-        return [SwapPair(mode, e.ids[:e.text_start + n_text], changed[mode].ids[:e.text_start + n_text],
-                         e.text_start) for mode, e in original.items()]
+        units = [SwapPair(mode, e.ids[:e.text_start + n_text], changed[mode].ids[:e.text_start + n_text],
+                          e.text_start) for mode, e in original.items()]
+        return PerturbContext(loaded, units, text_ids, perturbed_ids, positions)
 
     def describe(self, units: Sequence[SwapPair]) -> str:
         return f"bos={units[0].bos}"
 
-    def measure(self, engine: Any, units: Sequence[SwapPair]) -> dict[str, pd.DataFrame]:
+    def measure(self, ctx: PerturbContext, engine: Any, units: Sequence[SwapPair]) -> dict[str, pd.DataFrame]:
         (pair,) = units
-        start, position = pair.text_start, self._changed[-1]  # spread is measured after the last changed token
+        start, position = pair.text_start, ctx.changed[-1]  # spread is measured after the last changed token
         (stream,) = residual_streams(engine, [pair.ids], [f"bos={pair.bos} (the text)"])
         (stream_perturbed,) = residual_streams(engine, [pair.perturbed_ids], [f"bos={pair.bos} (the swapped text)"])
         hidden = stream[:, start:].to(torch.float64).cpu().numpy()  # [depths, text tokens, d]
@@ -133,8 +144,8 @@ class Perturb(Experiment[PerturbResult]):
         rel = sensitivity.relative_delta(delta, hidden)
         n_depths, n_tokens = delta.shape
         positions = np.tile(np.arange(n_tokens), n_depths)
-        tokens = np.array(self._tokenizer.convert_ids_to_tokens(self._text_ids), dtype=object)
-        tokens_perturbed = np.array(self._tokenizer.convert_ids_to_tokens(self._perturbed_ids), dtype=object)
+        tokens = np.array(ctx.tokenizer.convert_ids_to_tokens(ctx.text_ids), dtype=object)
+        tokens_perturbed = np.array(ctx.tokenizer.convert_ids_to_tokens(ctx.perturbed_ids), dtype=object)
         return {"delta": pd.DataFrame({
             "bos": pair.bos,
             "depth": np.repeat(np.arange(n_depths), n_tokens),
@@ -142,19 +153,18 @@ class Perturb(Experiment[PerturbResult]):
             "sequence_position": positions + start,
             "token": tokens[positions],
             "token_perturbed": tokens_perturbed[positions],
-            "changed": np.isin(positions, self._changed),
+            "changed": np.isin(positions, ctx.changed),
             "after_swap": positions > position,
             "delta": delta.reshape(-1),
             "delta_rel": rel.reshape(-1),
             "norm": np.linalg.norm(hidden, axis=-1).reshape(-1),
         })}
 
-    def summarise(self, loaded: LoadedModel, tables: dict[str, pd.DataFrame], units: Sequence[SwapPair]
-                  ) -> dict[str, Any]:
-        frame = tables["delta"]
-        position, changed = self._changed[-1], self._changed
+    def summarise(self, ctx: PerturbContext, tables: dict[str, pd.DataFrame]) -> dict[str, Any]:
+        frame, loaded, tokenizer = tables["delta"], ctx.loaded, ctx.tokenizer
+        position, changed = ctx.changed[-1], ctx.changed
         per_condition: dict[str, Any] = {}
-        for pair in units:
+        for pair in ctx.units:
             rows = frame[frame["bos"] == pair.bos]
             delta, rel = (rows.pivot(index="depth", columns="position", values=v).to_numpy()
                           for v in ("delta", "delta_rel"))
@@ -163,11 +173,11 @@ class Perturb(Experiment[PerturbResult]):
             # causality audit: nothing before the first changed token may move
             stats["max_delta_before_swap"] = float(delta[:, :changed[0]].max()) if changed[0] else 0.0
             stats["n_tokens"] = len(pair.ids)
-            stats["first_token"] = self._tokenizer.convert_ids_to_tokens(int(pair.ids[0]))
+            stats["first_token"] = tokenizer.convert_ids_to_tokens(int(pair.ids[0]))
             per_condition[pair.bos] = stats
-        labels = [token_label(self._tokenizer, t) for t in self._text_ids]
+        labels = [token_label(tokenizer, t) for t in ctx.text_ids]
         for j in changed:
-            labels[j] = f"{labels[j]}→{token_label(self._tokenizer, self._perturbed_ids[j])}"
+            labels[j] = f"{labels[j]}→{token_label(tokenizer, ctx.perturbed_ids[j])}"
         summary: dict[str, Any] = {
             "model": loaded.info.name,
             "text": self.text,
@@ -175,7 +185,7 @@ class Perturb(Experiment[PerturbResult]):
             "swap": {"old": self.swap[0], "new": self.swap[1]},
             "changed_positions": changed,
             "perturbed_position": position,
-            "n_text_tokens": len(self._text_ids),
+            "n_text_tokens": len(ctx.text_ids),
             "n_layers": loaded.info.n_layers,
             "token_labels": labels,
             "conditions": per_condition,

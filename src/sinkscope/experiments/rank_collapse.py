@@ -10,7 +10,6 @@ same rows under every condition: without the prefix, and without a suffix such a
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,8 +19,7 @@ from numpy.typing import NDArray
 
 from ..errors import InputError
 from ..metrics import collapse as collapse_metrics
-from ..models.loader import LoadedModel
-from .base import Result
+from .base import Context, Result
 from .functions import experiment_function
 from .inputs import (
     Encoded,
@@ -64,7 +62,7 @@ class RankCollapse(ResidualPromptExperiment[RankCollapseResult]):
             raise InputError("exclude_sink must hold True, False or both")
         self.exclude_sink = tuple(dict.fromkeys(bool(e) for e in self.exclude_sink))
 
-    def rows(self, residual: np.ndarray, unit: Encoded, row: int) -> dict[str, pd.DataFrame]:
+    def rows(self, ctx: Context, residual: np.ndarray, unit: Encoded, row: int) -> dict[str, pd.DataFrame]:
         n_depths = residual.shape[0]
         prompt = self.prompts[unit.prompt]
         # like for like: the text tokens' rows only, the same rows in every condition
@@ -81,7 +79,7 @@ class RankCollapse(ResidualPromptExperiment[RankCollapseResult]):
                 values = collapse_metrics.rank_collapse_measures(residual, exclude)
             frames.append(pd.DataFrame({
                 "prompt": unit.prompt, "prompt_id": prompt.id, "domain": prompt.domain, "bos": unit.bos,
-                "first_token": token_strings(self._tokenizer, unit.ids[:1])[0], "n_tokens": len(unit),
+                "first_token": token_strings(ctx.tokenizer, unit.ids[:1])[0], "n_tokens": len(unit),
                 "exclude_sink": exclude,
                 "depth": np.tile(np.arange(n_depths), len(values)),
                 "measure": np.repeat(list(values), n_depths),
@@ -89,7 +87,7 @@ class RankCollapse(ResidualPromptExperiment[RankCollapseResult]):
             }))
         return {"rank_collapse": pd.concat(frames, ignore_index=True), "text_rows": text_rows}
 
-    def finalise(self, tables: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+    def finalise(self, ctx: Any, tables: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
         order = {c: i for i, c in enumerate(self.bos)}
         frame = tables["rank_collapse"].sort_values(
             ["bos", "prompt", "exclude_sink", "measure", "depth"],
@@ -98,8 +96,8 @@ class RankCollapse(ResidualPromptExperiment[RankCollapseResult]):
                      .agg(["mean", "std", "count"]).reset_index())
         return {"rank_collapse": frame, "per_depth": per_depth, "text_rows": tables["text_rows"]}
 
-    def summarise(self, loaded: LoadedModel, tables: dict[str, pd.DataFrame], units: Sequence[Encoded]
-                  ) -> dict[str, Any]:
+    def summarise(self, ctx: Context, tables: dict[str, pd.DataFrame]) -> dict[str, Any]:
+        loaded = ctx.loaded
         frame, per_depth = tables["rank_collapse"], tables["per_depth"]
         exclusions = list(self.exclude_sink)
         by_depth: dict[str, Any] = {}

@@ -24,7 +24,7 @@ from ..errors import InputError
 from ..metrics import collapse as collapse_metrics
 from ..models.loader import LoadedModel
 from ..models.tokens import encode
-from .base import Experiment, Result
+from .base import Context, Experiment, Result
 from .functions import experiment_function
 from .inputs import bos_conditions, check_length, prefix_ids, require_tokenizer, token_strings
 from .residual import residual_streams
@@ -79,7 +79,7 @@ class ReprCollapse(Experiment[ReprCollapseResult]):
         self.lengths, self.families = tuple(sizes), tuple(dict.fromkeys(self.families))
         self.bos = tuple(bos_conditions(self.bos))
 
-    def prepare(self, loaded: LoadedModel) -> list[Trial]:
+    def prepare(self, loaded: LoadedModel) -> Context:
         tokenizer = require_tokenizer(loaded)
         longest = self.lengths[-1]
         sources = {(f, token if f == "repeated" else ""): _family_tokens(tokenizer, f, longest, token, self.text)
@@ -88,19 +88,18 @@ class ReprCollapse(Experiment[ReprCollapseResult]):
                                  else (self.repeat_token,))}
         prefixes = {c: prefix_ids(tokenizer, c) for c in self.bos}
         check_length(loaded, max(len(p) for p in prefixes.values()) + longest + 1, "the longest sequence")
-        self._tokenizer = tokenizer
         trials = []
         for (family, token), text_ids in sources.items():
             for condition in self.bos:
                 trials += [Trial(family, condition, n, prefixes[condition] + text_ids[:n], text_ids[n - 1], token)
                            for n in self.lengths]
-        return trials
+        return Context(loaded, trials)
 
     def describe(self, units: Sequence[Trial]) -> str:
         (trial,) = units
         return f"{trial.family} bos={trial.bos} n={trial.n}"
 
-    def measure(self, engine: Any, units: Sequence[Trial]) -> dict[str, pd.DataFrame]:
+    def measure(self, ctx: Context, engine: Any, units: Sequence[Trial]) -> dict[str, pd.DataFrame]:
         (trial,) = units
         last = {}
         for name, seq in (("base", trial.ids), ("repeated_last", trial.ids + [trial.repeated])):
@@ -108,7 +107,7 @@ class ReprCollapse(Experiment[ReprCollapseResult]):
             last[name] = stream[-1, -1].to(torch.float64).cpu().numpy()
         distances = collapse_metrics.vector_distances(last["base"], last["repeated_last"])
         norm = float(np.linalg.norm(last["base"]))
-        first, final = token_strings(self._tokenizer, [trial.ids[0], trial.ids[-1]])
+        first, final = token_strings(ctx.tokenizer, [trial.ids[0], trial.ids[-1]])
         return {"repr_collapse": pd.DataFrame([{
             "family": trial.family, "repeat_token": trial.source, "bos": trial.bos, "n": trial.n,
             "n_tokens": len(trial.ids),
@@ -117,8 +116,7 @@ class ReprCollapse(Experiment[ReprCollapseResult]):
             "residual_norm": norm,
         }])}
 
-    def summarise(self, loaded: LoadedModel, tables: dict[str, pd.DataFrame], units: Sequence[Trial]
-                  ) -> dict[str, Any]:
+    def summarise(self, ctx: Context, tables: dict[str, pd.DataFrame]) -> dict[str, Any]:
         every = tables["repr_collapse"]
         # the curves: of the first repeated token (more repeated tokens are units for the report's slope)
         frame = every[(every["family"] != "repeated") | (every["repeat_token"] == self.repeat_token)]
@@ -136,7 +134,7 @@ class ReprCollapse(Experiment[ReprCollapseResult]):
                     "n": int(last["n"]), "first_token": str(last["first_token"]),
                     **{c: float(last[c]) for c in (*collapse_metrics.DISTANCES, "relative_l2")}}
         return {
-            "model": loaded.info.name, "bos": list(self.bos), "families": list(self.families),
+            "model": ctx.loaded.info.name, "bos": list(self.bos), "families": list(self.families),
             "lengths": list(self.lengths), "repeat_token": self.repeat_token,
             "distances": list(collapse_metrics.DISTANCES),
             "what": "last token's residual at the last depth (before the final norm): sequence vs same + last "

@@ -75,14 +75,14 @@ class ResidualPromptExperiment(PromptExperiment[ResultT]):
     def batches(self, units: Sequence[Encoded]) -> list[list[int]]:
         return condition_batches(units, self.batch_size)
 
-    def measure(self, engine: Any, units: Sequence[Encoded]) -> dict[str, pd.DataFrame]:
+    def measure(self, ctx: Any, engine: Any, units: Sequence[Encoded]) -> dict[str, pd.DataFrame]:
         streams = residual_streams(engine, [u.ids for u in units], [self.label(u) for u in units])
         pieces: dict[str, list[pd.DataFrame]] = {}
         for row, (unit, stream) in enumerate(zip(units, streams, strict=True)):
-            for name, frame in self.rows(stream.to(torch.float64).cpu().numpy(), unit, row).items():
+            for name, frame in self.rows(ctx, stream.to(torch.float64).cpu().numpy(), unit, row).items():
                 pieces.setdefault(name, []).append(frame)
         return {name: pd.concat(frames, ignore_index=True) for name, frames in pieces.items()}
 
-    def rows(self, residual: np.ndarray, unit: Encoded, row: int) -> dict[str, pd.DataFrame]:
+    def rows(self, ctx: Any, residual: np.ndarray, unit: Encoded, row: int) -> dict[str, pd.DataFrame]:
         """The tables' rows of one prompt (``row``: its row in the batch, for probes that read the forward)."""
         raise NotImplementedError

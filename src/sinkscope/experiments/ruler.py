@@ -34,7 +34,7 @@ from ..data import ruler as tasks_
 from ..errors import InputError, TokenizationError
 from ..metrics.stats import bootstrap_interval
 from ..models.loader import LoadedModel
-from .base import Experiment, Result
+from .base import Context, Experiment, Result
 from .decoding import decoding_context, generate, stop_ids
 from .functions import experiment_function
 from .inputs import bos_conditions, check_token_ids, context_limit, encode_one, prefix_ids, require_tokenizer
@@ -46,6 +46,11 @@ DEFAULT_LENGTHS = (512, 1024, 2048, 4096)
 DEFAULT_DEPTHS = (0.1, 0.5, 0.9)
 COLUMNS = ["task", "length", "depth", "trial", "bos", "n_tokens", "text_tokens", "needle_position", "needle_depth",
            "expected", "answer", "score", "correct", "new_tokens", "seconds"]
+
+
+@dataclass
+class RulerContext(Context):
+    skipped: list[dict[str, Any]]  # task x length cells the tokenizer cannot fit (task, length, reason)
 
 
 class RulerResult(Result):
@@ -139,11 +144,11 @@ class Ruler(Experiment[RulerResult]):
             raise InputError(f"length {length} (+ {prefix} special + {budget} new tokens) exceeds the model's "
                              f"{limit} positions; use lengths up to {limit - prefix - budget}")
 
-    def prepare(self, loaded: LoadedModel) -> list[RulerUnit]:
+    def prepare(self, loaded: LoadedModel) -> RulerContext:
         conditions = self._check(loaded)
         tokenizer = loaded.tokenizer
         haystack = tasks_.load_haystack(self.text) if self.text is not None or _needs_text(self.tasks) else None
-        self._skipped: list[dict[str, Any]] = []  # task x length cells the tokenizer cannot fit
+        skipped: list[dict[str, Any]] = []  # task x length cells the tokenizer cannot fit
         units = []
         for length in self.lengths:  # shortest first: an interrupted run has every task at the short lengths
             for name in self.tasks:
@@ -152,18 +157,17 @@ class Ruler(Experiment[RulerResult]):
                     prompts = [tasks_.ruler_prompt(tokenizer, name, int(length), depth, trial, self.seed, self.values,
                                                    haystack) for depth in depths for trial in range(self.trials)]
                 except tasks_.TooShort as error:
-                    self._skipped.append({"task": name, "length": int(length), "reason": str(error)})
+                    skipped.append({"task": name, "length": int(length), "reason": str(error)})
                     continue
                 units += [self._unit(tokenizer, prompt, condition) for prompt in prompts for condition in conditions]
         if not units:
-            reasons = "; ".join(s["reason"] for s in self._skipped)
+            reasons = "; ".join(s["reason"] for s in skipped)
             raise InputError(f"ruler: no task fits the lengths asked for ({reasons})")
         check_token_ids(loaded, [u.ids for u in units])
         for unit in units:  # the prompt as encoded (prefix and any suffix included) and its answer budget
             text = unit.text_stop - unit.text_start
             self._check_fits(loaded, text, len(unit.ids) - text, unit.max_new_tokens)
-        self._tokenizer = tokenizer
-        return units
+        return RulerContext(loaded, units, skipped)
 
     def _unit(self, tokenizer: Any, prompt: tasks_.RulerPrompt, condition: str) -> RulerUnit:
         encoded = encode_one(tokenizer, prompt.text, condition, None)
@@ -174,19 +178,19 @@ class Ruler(Experiment[RulerResult]):
                          [encoded.text_start + t for t in prompt.needle_tokens], list(prompt.needle_depths),
                          self.max_new_tokens or prompt.max_new_tokens)
 
-    def open(self, loaded: LoadedModel) -> contextlib.AbstractContextManager[Any]:
-        return decoding_context(loaded, self.bos)  # the model itself, or the engine for an intervention
+    def open(self, ctx: RulerContext) -> contextlib.AbstractContextManager[Any]:
+        return decoding_context(ctx.loaded, self.bos)  # the model itself, or the engine for an intervention
 
     def describe(self, units: Sequence[RulerUnit]) -> str:
         u = units[0]
         return f"{u.task} {u.length} bos={u.bos}"
 
-    def measure(self, engine: Any, units: Sequence[RulerUnit]) -> dict[str, pd.DataFrame]:
+    def measure(self, ctx: RulerContext, engine: Any, units: Sequence[RulerUnit]) -> dict[str, pd.DataFrame]:
         rows = []
         for unit in units:
             started = time.time()
             new = greedy_continuation(engine, unit.ids, unit.max_new_tokens)
-            answer = self._tokenizer.decode(new, skip_special_tokens=True)
+            answer = ctx.tokenizer.decode(new, skip_special_tokens=True)
             score = tasks_.score(answer, unit.answers)
             rows.append({
                 "task": unit.task, "length": unit.length, "depth": np.nan if unit.depth is None else unit.depth,
@@ -199,7 +203,7 @@ class Ruler(Experiment[RulerResult]):
             })
         return {"ruler": pd.DataFrame(rows, columns=COLUMNS), WHEREABOUTS: whereabouts_of_heads(engine, units)}
 
-    def finalise(self, tables: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+    def finalise(self, ctx: Any, tables: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
         frame = tables["ruler"].reset_index(drop=True)
         out = {"ruler": frame, "accuracy": accuracy_table(frame, self.seed)}
         conditions = list(dict.fromkeys(frame["bos"]))
@@ -207,14 +211,13 @@ class Ruler(Experiment[RulerResult]):
             out["difference"] = difference_table(frame, conditions, self.seed)
         return out
 
-    def summarise(self, loaded: LoadedModel, tables: dict[str, pd.DataFrame], units: Sequence[RulerUnit]
-                  ) -> dict[str, Any]:
+    def summarise(self, ctx: RulerContext, tables: dict[str, pd.DataFrame]) -> dict[str, Any]:
         frame, accuracy = tables["ruler"], tables["accuracy"]
         conditions = list(dict.fromkeys(frame["bos"]))
         summary: dict[str, Any] = {
-            "model": loaded.info.name, "tasks": list(self.tasks), "lengths": [int(n) for n in self.lengths],
+            "model": ctx.loaded.info.name, "tasks": list(self.tasks), "lengths": [int(n) for n in self.lengths],
             "depths": [float(d) for d in self.depths], "trials": self.trials, "bos": conditions, "seed": self.seed,
-            "values": self.values, "n_prompts": len(frame), "skipped": self._skipped,
+            "values": self.values, "n_prompts": len(frame), "skipped": ctx.skipped,
             "haystack": tasks_.load_haystack(self.text).source if self.text or _needs_text(self.tasks) else None,
             "accuracy": {b: _interval(_trial_scores(frame[frame["bos"] == b]), self.seed) for b in conditions},
             "accuracy_by_task": {

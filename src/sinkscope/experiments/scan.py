@@ -24,7 +24,7 @@ from ..errors import InputError
 from ..metrics import sink as sink_metrics
 from ..metrics.stats import bootstrap_interval
 from ..models.loader import LoadedModel
-from .base import Experiment, Result, run, takes_conditions
+from .base import Context, Experiment, Result, run, takes_conditions
 from .inputs import (
     Encoded,
     check_engine_options,
@@ -129,6 +129,12 @@ class ScanResult(Result):
 
 
 @dataclass
+class ScanContext(Context):
+    prompts: list[Prompt]  # the prompts the units come from (placeholders for given token ids)
+    probe: FirstTokenAttention
+
+
+@dataclass
 class Scan(Experiment[ScanResult]):
     """First-token attention of every head on each prompt under one condition (position 0 + intervention)."""
 
@@ -155,30 +161,28 @@ class Scan(Experiment[ScanResult]):
         del settings["prompts"], settings["input_ids"]  # the inputs are fingerprinted by their token ids
         return settings
 
-    def prepare(self, loaded: LoadedModel) -> list[Encoded]:
+    def prepare(self, loaded: LoadedModel) -> ScanContext:
         check_engine_options(self.path, self.precision)
         if self.first_k < 1:
             raise InputError("--first-k must be at least 1")
         if self.input_ids is not None:
             given = str(replace(parse_condition(self.bos), position=Position("given")))  # the ids as they are
             units = [Encoded(i, given, [int(t) for t in seq], 0, len(seq)) for i, seq in enumerate(self.input_ids)]
-            self.prompts = [Prompt(f"p{i}", "") for i in range(len(units))]
+            prompts = [Prompt(f"p{i}", "") for i in range(len(units))]
         else:
+            prompts = self.prompts
             require_tokenizer(loaded, "scanning text")
             units = encode_prompts(loaded, self.prompts, [self.bos], self.max_tokens)
         if not units:
             raise InputError("nothing to scan: no prompts")
         check_token_ids(loaded, [u.ids for u in units])
-        self._tokenizer = loaded.tokenizer
-        self._layer_types = loaded.info.layer_types
-        return units
+        return ScanContext(loaded, units, prompts, FirstTokenAttention(self.first_k))
 
     def batches(self, units: Sequence[Encoded]) -> list[list[int]]:
         return length_batches([len(u) for u in units], self.batch_size)
 
-    def probes(self) -> list[Probe]:
-        self._probe = FirstTokenAttention(self.first_k)
-        return [self._probe]
+    def probes(self, ctx: ScanContext) -> list[Probe]:
+        return [ctx.probe]
 
     def engine_options(self) -> dict[str, Any]:
         return {"path": self.path, "chunk_size": self.chunk_size, "precision": self.precision}
@@ -186,15 +190,16 @@ class Scan(Experiment[ScanResult]):
     def describe(self, units: Sequence[Encoded]) -> str:
         return f"bos={units[0].bos}"
 
-    def measure(self, engine: Any, units: Sequence[Encoded]) -> dict[str, pd.DataFrame]:
+    def measure(self, ctx: ScanContext, engine: Any, units: Sequence[Encoded]) -> dict[str, pd.DataFrame]:
         engine.forward(*pad_right([u.ids for u in units]))
-        tables = {"alpha": _rows_for_batch(self._probe, units, self.prompts, self._layer_types, self._tokenizer,
+        layer_types = ctx.loaded.info.layer_types
+        tables = {"alpha": _rows_for_batch(ctx.probe, units, ctx.prompts, layer_types, ctx.tokenizer,
                                            self.include_self)}
         if self.per_position:
-            tables["positions"] = _position_rows(self._probe, units, self._layer_types)
+            tables["positions"] = _position_rows(ctx.probe, units, layer_types)
         return tables
 
-    def finalise(self, tables: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+    def finalise(self, ctx: Any, tables: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
         frame = tables["alpha"].sort_values(["prompt", "layer", "head"], ignore_index=True)
         result = ScanResult({"alpha": frame}, {})
         per_layer = pd.DataFrame({"layer": result.layers, "layer_type": result.layer_types})
@@ -207,14 +212,13 @@ class Scan(Experiment[ScanResult]):
                                                                     ignore_index=True)
         return finished
 
-    def summarise(self, loaded: LoadedModel, tables: dict[str, pd.DataFrame], units: Sequence[Encoded]
-                  ) -> dict[str, Any]:
+    def summarise(self, ctx: ScanContext, tables: dict[str, pd.DataFrame]) -> dict[str, Any]:
         result = ScanResult(tables, {})
         alpha, eps = result.alpha, list(self.eps)
         types = np.array(result.layer_types)
         summary: dict[str, Any] = {
-            "model": loaded.info.name,
-            "bos": units[0].bos if self.input_ids is not None else self.bos,
+            "model": ctx.loaded.info.name,
+            "bos": ctx.units[0].bos if self.input_ids is not None else self.bos,
             "n_prompts": result.n_prompts,
             "n_layers": result.n_layers,
             "layers": result.layers,

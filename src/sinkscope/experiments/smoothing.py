@@ -20,7 +20,7 @@ import torch
 
 from ..capture import AttentionEntropy, Probe
 from ..models.loader import LoadedModel
-from .base import Result
+from .base import Context, Result
 from .functions import experiment_function
 from .inputs import Encoded, PromptExperiment, check_engine_options
 from .settings import Command
@@ -31,6 +31,11 @@ COLUMNS = ("entropy", "max_weight", "entropy_norm", "entropy_text", "n_keys")
 class SmoothingResult(Result):
     """Table ``smoothing``: one row per prompt x bos x layer x head (entropy in nats, max weight)."""
 
+
+
+@dataclass
+class SmoothingContext(Context):
+    probe: AttentionEntropy
 
 
 @dataclass
@@ -49,20 +54,23 @@ class AttentionSmoothing(PromptExperiment[SmoothingResult]):
         super().__post_init__()
         check_engine_options(self.path, "float32")
 
-    def probes(self) -> list[Probe]:
-        self._probe = AttentionEntropy(with_max=True, with_counts=True, text_start=0)
-        return [self._probe]
+    def prepare(self, loaded: LoadedModel) -> SmoothingContext:
+        return SmoothingContext(loaded, self.encoded(loaded),
+                                AttentionEntropy(with_max=True, with_counts=True, text_start=0))
+
+    def probes(self, ctx: SmoothingContext) -> list[Probe]:
+        return [ctx.probe]
 
     def engine_options(self) -> dict[str, Any]:
         return {"path": self.path}
 
-    def measure(self, engine: Any, units: Sequence[Encoded]) -> dict[str, pd.DataFrame]:
+    def measure(self, ctx: SmoothingContext, engine: Any, units: Sequence[Encoded]) -> dict[str, pd.DataFrame]:
         (unit,) = units
-        self._probe.text_start = unit.text_start  # the keys before the text are left out of entropy_text
+        ctx.probe.text_start = unit.text_start  # the keys before the text are left out of entropy_text
         engine.forward(torch.tensor([unit.ids]))
         rows = []
         text = slice(unit.text_start, unit.text_stop)
-        for layer, record in self._probe.records.items():
+        for layer, record in ctx.probe.records.items():
             entropy = record["entropy"][0, :, text].double()  # [H, text queries]
             n_keys = record["n_keys"][0, :, text].double().expand_as(entropy)
             normalised = torch.where(n_keys > 1, entropy / n_keys.clamp_min(2).log(), torch.nan)
@@ -74,8 +82,7 @@ class AttentionSmoothing(PromptExperiment[SmoothingResult]):
                 rows.append((unit.prompt, unit.bos, layer, head, *(float(means[c][head]) for c in COLUMNS)))
         return {"smoothing": pd.DataFrame(rows, columns=["prompt", "bos", "layer", "head", *COLUMNS])}
 
-    def summarise(self, loaded: LoadedModel, tables: dict[str, pd.DataFrame], units: Sequence[Encoded]
-                  ) -> dict[str, Any]:
+    def summarise(self, ctx: Context, tables: dict[str, pd.DataFrame]) -> dict[str, Any]:
         frame = tables["smoothing"]
         per_condition = frame.groupby("bos", sort=False)[list(COLUMNS)].mean()
         return {

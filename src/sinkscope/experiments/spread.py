@@ -24,7 +24,8 @@ import torch
 
 from ..capture import final_norm
 from ..errors import InputError
-from .base import Result
+from ..models.loader import LoadedModel
+from .base import Context, Result
 from .functions import experiment_function
 from .inputs import Encoded, PromptExperiment
 from .residual import residual_streams
@@ -40,6 +41,11 @@ def swap_index(unit: Encoded, position: float) -> int:
     """Where the swap goes: ``position`` of the way into the text span, leaving tokens after it."""
     span = unit.text_stop - unit.text_start
     return unit.text_start + min(max(1, int(span * position)), span - 2)
+
+
+@dataclass
+class SpreadContext(Context):
+    norm: Any  # the model's final norm (a module)
 
 
 @dataclass
@@ -59,14 +65,13 @@ class Spread(PromptExperiment[SpreadResult]):
         if not 0.0 < self.position < 1.0:
             raise InputError("--position must lie strictly between 0 and 1 (a fraction of the text)")
 
-    def prepare(self, loaded: Any) -> list[Encoded]:
-        units = [u for u in super().prepare(loaded) if u.text_stop - u.text_start >= 4]
+    def prepare(self, loaded: LoadedModel) -> SpreadContext:
+        units = [u for u in self.encoded(loaded) if u.text_stop - u.text_start >= 4]
         if not units:
             raise InputError("spread needs prompts of at least 4 text tokens")
-        self._norm = final_norm(loaded.model)
-        return units
+        return SpreadContext(loaded, units, final_norm(loaded.model))
 
-    def measure(self, engine: Any, units: Sequence[Encoded]) -> dict[str, pd.DataFrame]:
+    def measure(self, ctx: SpreadContext, engine: Any, units: Sequence[Encoded]) -> dict[str, pd.DataFrame]:
         (unit,) = units
         j = swap_index(unit, self.position)
         text = unit.ids[unit.text_start:unit.text_stop]
@@ -79,7 +84,7 @@ class Spread(PromptExperiment[SpreadResult]):
         after = slice(j + 1, unit.text_stop)
         h, h2 = original[:, after].double(), changed[:, after].double()  # [depths, tokens after, d]
         with torch.inference_mode():
-            n, n2 = self._norm(original[:, after]).double(), self._norm(changed[:, after]).double()
+            n, n2 = ctx.norm(original[:, after]).double(), ctx.norm(changed[:, after]).double()
         delta = (h - h2).norm(dim=-1)
         rows = {
             "S": delta.sum(-1), "S_rel": (delta / h.norm(dim=-1).clamp_min(1e-30)).sum(-1),
@@ -92,7 +97,8 @@ class Spread(PromptExperiment[SpreadResult]):
             "swap_position": j - unit.text_start, "n_after": unit.text_stop - j - 1,
             "depth": np.arange(h.shape[0]), **{k: v.numpy() for k, v in rows.items()}})}
 
-    def summarise(self, loaded: Any, tables: dict[str, pd.DataFrame], units: Sequence[Encoded]) -> dict[str, Any]:
+    def summarise(self, ctx: Context, tables: dict[str, pd.DataFrame]) -> dict[str, Any]:
+        loaded = ctx.loaded
         frame = tables["spread"]
         totals = frame.groupby(["bos", "prompt"])[["S", "S_rel", "S_normed"]].sum().groupby("bos").mean()
         summary: dict[str, Any] = {

@@ -32,7 +32,7 @@ from ..conditions import parse_condition
 from ..errors import InputError
 from ..models.loader import LoadedModel
 from ..models.tokens import encode
-from .base import Experiment, Result, run, takes_conditions
+from .base import Context, Experiment, Result, digest, run, takes_conditions
 from .inputs import context_limit, prefix_ids, require_tokenizer
 from .loss import output_logits
 from .settings import setting
@@ -40,6 +40,11 @@ from .settings import setting
 
 def cache_label(sinks: int | None) -> str:
     return "full" if sinks is None else f"k={sinks}"
+
+
+@dataclass
+class StreamContext(Context):
+    ids: torch.Tensor  # [segments, length]: the streamed tokens, prefix included
 
 
 class StreamResult(Result):
@@ -140,7 +145,7 @@ class Stream(Experiment[StreamResult]):
         del settings["text"]  # the streamed tokens are fingerprinted by `units_digest`
         return settings
 
-    def prepare(self, loaded: LoadedModel) -> list[int | None]:
+    def prepare(self, loaded: LoadedModel) -> StreamContext:
         tokenizer = require_tokenizer(loaded, "stream")
         limit = context_limit(loaded)
         if self.full and limit is not None and self.length > limit:
@@ -163,22 +168,21 @@ class Stream(Experiment[StreamResult]):
             segments = [list(prefix) + text[s * width:(s + 1) * width] for s in range(self.segments)]
         for k in self.sinks:  # refuse unsupported models before any work
             StreamingCache(loaded.model, k, self.window)
-        self._ids = torch.tensor(segments)
-        return ([None] if self.full else []) + list(self.sinks)
+        return StreamContext(loaded, ([None] if self.full else []) + list(self.sinks), torch.tensor(segments))
 
-    def units_digest(self, units: Sequence[Any]) -> str:
-        ids = self._ids.tolist()
-        return super().units_digest([*units, ids[0] if len(ids) == 1 else ids])
+    def units_digest(self, ctx: StreamContext) -> str:
+        ids = ctx.ids.tolist()
+        return digest([*ctx.units, ids[0] if len(ids) == 1 else ids])
 
-    def open(self, loaded: LoadedModel) -> contextlib.AbstractContextManager[Any]:
+    def open(self, ctx: StreamContext) -> contextlib.AbstractContextManager[Any]:
         if parse_condition(self.bos).intervention is not None:  # applied by the engine, step by step
-            return CaptureEngine(loaded)
-        return contextlib.nullcontext(loaded.model)  # the model's own forward, with the cache under test
+            return CaptureEngine(ctx.loaded)
+        return contextlib.nullcontext(ctx.loaded.model)  # the model's own forward, with the cache under test
 
     def describe(self, units: Sequence[int | None]) -> str:
         return cache_label(units[0])
 
-    def measure(self, runner: Any, units: Sequence[int | None]) -> dict[str, pd.DataFrame]:
+    def measure(self, ctx: StreamContext, runner: Any, units: Sequence[int | None]) -> dict[str, pd.DataFrame]:
         frames = []
         model = runner.model if isinstance(runner, CaptureEngine) else runner
         model.eval()
@@ -190,21 +194,20 @@ class Stream(Experiment[StreamResult]):
                 cache = DynamicCache(config=model.config)
             else:
                 cache = StreamingCache(model, k, self.window)
-            frame = _run(runner, self._ids, cache, min(self.window, self._ids.shape[1] - 1))
+            frame = _run(runner, ctx.ids, cache, min(self.window, ctx.ids.shape[1] - 1))
             frame.insert(0, "cache", cache_label(k))
             frame.insert(1, "sinks", -1 if k is None else k)
             frames.append(frame)
         return {"stream": pd.concat(frames, ignore_index=True)}
 
-    def summarise(self, loaded: LoadedModel, tables: dict[str, pd.DataFrame], units: Sequence[int | None]
-                  ) -> dict[str, Any]:
+    def summarise(self, ctx: StreamContext, tables: dict[str, pd.DataFrame]) -> dict[str, Any]:
         table = tables["stream"]
         evaluated = table[table["position"] >= self.eval_start]
-        labels = [cache_label(k) for k in units]
+        labels = [cache_label(k) for k in ctx.units]
         per_cache = {label: evaluated[evaluated["cache"] == label] for label in labels}
         everything = {label: table[table["cache"] == label] for label in labels}
         return {
-            "model": loaded.info.name, "text": self.source, "bos": self.bos, "length": self.length,
+            "model": ctx.loaded.info.name, "text": self.source, "bos": self.bos, "length": self.length,
             "window": self.window, "sinks": list(self.sinks), "caches": labels, "eval_start": self.eval_start,
             "n_eval_tokens": int(len(evaluated) / len(labels)), "segments": self.segments,
             "ppl": {label: float(np.exp(g["nll"].mean())) for label, g in per_cache.items()},

@@ -27,7 +27,10 @@ def position_curves(positions: pd.DataFrame, max_points: int = MAX_POINTS) -> pd
     columns layer, layer_type, position (the bin's first position), attention. Bins are spaced evenly on a
     log scale (every position while there are fewer than ``max_points``), as the figure's axis is."""
     n = int(positions["position"].max()) + 1
-    edges = np.unique(np.geomspace(1, n + 1, num=max_points).astype(np.int64)) - 1  # starts at position 0
+    if n < max_points:  # every position its own point (log-spaced integers would merge some near the top)
+        edges = np.arange(n + 1)
+    else:
+        edges = np.unique(np.geomspace(1, n + 1, num=max_points).astype(np.int64)) - 1  # starts at position 0
     starts = edges[np.searchsorted(edges, positions["position"].to_numpy(), side="right") - 1]
     binned = positions.assign(position=starts)
     curves = binned.groupby(["layer", "layer_type", "position"], observed=True)["attention"].mean()
