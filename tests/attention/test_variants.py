@@ -1,5 +1,6 @@
-"""Softpick and gated attention (lab variants): the formulas by hand, gradients by finite differences, and
-the gate the engine reports against the gate computed outside it."""
+"""The attention variants (`attention/variants.py`): each formula by hand (off-by-one, learned sink, sigmoid,
+softpick), gradients of the registered attention function by float64 finite differences, and the gate the
+engine reports against the gate computed outside it."""
 
 from __future__ import annotations
 
@@ -14,6 +15,42 @@ from sinkscope.experiments.scan import scan
 from sinkscope.lab.models import ModelSpec, build_model
 
 VOCAB, CONTEXT = 40, 32
+
+
+def random_scores(seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    scores = torch.randn(2, 3, 5, 5, generator=generator, dtype=torch.float64) * 2
+    allowed = torch.tril(torch.ones(5, 5, dtype=torch.bool))[None, None]
+    return scores, allowed
+
+
+def test_off_by_one_is_softmax_with_an_extra_zero_logit():
+    scores, allowed = random_scores()
+    weights = VARIANTS["off_by_one"].weights(scores, allowed, torch.zeros(3, dtype=torch.float64))
+    # by hand: exp(s_ij) / (1 + sum_k exp(s_ik)) over the allowed keys
+    exp = torch.exp(scores) * allowed
+    expected = exp / (1 + exp.sum(-1, keepdim=True))
+    torch.testing.assert_close(weights, expected)
+    # and as softmax over [scores, 0], the zero column dropped
+    padded = torch.cat([scores.masked_fill(~allowed, float("-inf")), torch.zeros(2, 3, 5, 1, dtype=torch.float64)],
+                       -1)
+    torch.testing.assert_close(weights, torch.softmax(padded, -1)[..., :-1])
+
+
+def test_rows_sum_to_one_only_where_they_should():
+    scores, allowed = random_scores(1)
+    sinks = torch.tensor([-1.0, 0.5, 2.0], dtype=torch.float64)
+    softmax = VARIANTS["softmax"].weights(scores, allowed)
+    torch.testing.assert_close(softmax.sum(-1), torch.ones(2, 3, 5, dtype=torch.float64))
+    learned = VARIANTS["learned_sink"].weights(scores, allowed, sinks)
+    sink_share = 1 - learned.sum(-1)  # what the sink logit takes: exp(b) / (exp(b) + sum exp(s))
+    expected_share = torch.exp(sinks)[None, :, None] / (
+        torch.exp(sinks)[None, :, None] + (torch.exp(scores) * allowed).sum(-1))
+    torch.testing.assert_close(sink_share, expected_share)
+    assert bool((learned.sum(-1) < 1).all())
+    sigmoid = VARIANTS["sigmoid"].weights(scores, allowed, logit_bias=-1.0)
+    torch.testing.assert_close(sigmoid, torch.sigmoid(scores - 1.0) * allowed)
+    assert not torch.allclose(sigmoid.sum(-1), torch.ones(2, 3, 5, dtype=torch.float64))
 
 
 def test_softpick_by_hand_and_rows_sum_to_at_most_one():
@@ -59,7 +96,7 @@ def lab_model(variant: str, seed: int = 0):
 
 
 @pytest.mark.parametrize("variant", ["softpick", "gated_headwise", "gated_elementwise"])
-def test_variant_gradients_match_finite_differences(variant):
+def test_softpick_and_gate_gradients_match_finite_differences(variant):
     """gradcheck (float64 finite differences) of the registered attention function: queries, keys, values and,
     for gated variants, the layer input the gate reads and the gate's weights."""
     from types import SimpleNamespace
@@ -81,6 +118,28 @@ def test_variant_gradients_match_finite_differences(variant):
 
     weight = gate.weight.detach().clone().requires_grad_(True)
     assert torch.autograd.gradcheck(attend, (query, key, value, hidden, weight))
+
+
+@pytest.mark.parametrize("variant", ["learned_sink", "off_by_one", "sigmoid"])
+def test_sink_and_sigmoid_gradients_match_finite_differences(variant):
+    """gradcheck (float64 finite differences) of the registered attention function, inputs and sink logits."""
+    from types import SimpleNamespace
+
+    from sinkscope.attention.interface import sinkscope_attention
+
+    generator = torch.Generator().manual_seed(7)
+    query = torch.randn(1, 4, 6, 8, dtype=torch.float64, generator=generator, requires_grad=True)
+    key = torch.randn(1, 2, 6, 8, dtype=torch.float64, generator=generator, requires_grad=True)
+    value = torch.randn(1, 2, 6, 8, dtype=torch.float64, generator=generator, requires_grad=True)
+    sinks = torch.randn(4, dtype=torch.float64, generator=generator, requires_grad=variant == "learned_sink")
+
+    def attend(q, k, v, s):
+        module = SimpleNamespace(attention_variant=variant, training=False,
+                                 sink_logits=s if variant != "off_by_one" else torch.zeros_like(s),
+                                 sigmoid_bias=-1.5)
+        return sinkscope_attention(module, q, k, v, None, scaling=0.35)[0]
+
+    assert torch.autograd.gradcheck(attend, (query, key, value, sinks))
 
 
 def test_the_engine_reports_the_gate_computed_outside_it():
