@@ -11,6 +11,7 @@ a display option, a parsed swap) keep a module of their own in this package."""
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from typing import Any
 
 import typer
@@ -18,6 +19,17 @@ import typer
 from ..experiments.base import Experiment, import_all
 from . import PANEL_TITLES, app, options, run_command, user_errors
 from .settings import RunOptions, Settings, with_run_options, with_settings
+
+
+def experiment_options(cls: type[Experiment]) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """What every experiment command is wrapped in, hand-written or built: one-line errors with exit code 2
+    (`user_errors`), the options of the settings ``cls`` declares (`with_settings`) and the run options
+    (`with_run_options`)."""
+
+    def wrap(function: Callable[..., None]) -> Callable[..., None]:
+        return user_errors(with_settings(cls)(with_run_options(function)))
+
+    return wrap
 
 
 def experiment_command(cls: type[Experiment], on: typer.Typer = app) -> Any:
@@ -50,7 +62,7 @@ def experiment_command(cls: type[Experiment], on: typer.Typer = app) -> Any:
     command.__annotations__ = {p.name: p.annotation for p in parameters} | {"return": None}
     command.__name__ = command.__qualname__ = spec.name.replace("-", "_")
     command.__doc__ = spec.help
-    built = user_errors(with_settings(cls)(with_run_options(command)))
+    built = experiment_options(cls)(command)
     return on.command(spec.name, rich_help_panel=PANEL_TITLES[spec.panel])(built)
 
 

@@ -11,14 +11,13 @@ import typer
 
 from ..experiments.downstream import Downstream
 from ..experiments.knockout import Knockout
-from . import CONSEQUENCES, app, options, run_command, run_each_condition, user_errors
-from .settings import RunOptions, Settings, with_run_options, with_settings
+from . import CONSEQUENCES, app, options, run_command, run_each_condition
+from .commands import experiment_options
+from .settings import RunOptions, Settings
 
 
 @app.command(rich_help_panel=CONSEQUENCES)
-@user_errors
-@with_settings(Knockout)
-@with_run_options
+@experiment_options(Knockout)
 def knockout(model: options.Model = "gemma3-270m", text: options.Text = None, bos: options.Bos = None,
              top: Annotated[int, typer.Option(help="layers and heads shown in the table")] = 8,
              run: RunOptions = RunOptions(), settings: Settings = None) -> None:
@@ -28,9 +27,7 @@ def knockout(model: options.Model = "gemma3-270m", text: options.Text = None, bo
 
 
 @app.command("downstream", rich_help_panel=CONSEQUENCES)
-@user_errors
-@with_settings(Downstream)
-@with_run_options
+@experiment_options(Downstream)
 def downstream_command(
     task: Annotated[list[str], typer.Option(help="lm-eval task name; repeatable (e.g. arc_easy, piqa)")],
     model: options.Model = "gemma3-270m", bos: options.Bos = None,

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 from ..experiments.conditional_heads import TRIGGER_TEXTS, ConditionalHeads
 from ..experiments.inputs import prompt_list
-from . import EXPLAIN, app, options, run_each_condition, user_errors
-from .settings import RunOptions, Settings, with_run_options, with_settings
+from . import EXPLAIN, app, options, run_each_condition
+from .commands import experiment_options
+from .settings import RunOptions, Settings
 
 
 @app.command("conditional-heads", rich_help_panel=EXPLAIN)
-@user_errors
-@with_settings(ConditionalHeads)
-@with_run_options
+@experiment_options(ConditionalHeads)
 def conditional_heads(
     model: options.Model = "gemma3-270m", prompts: options.Prompts = None, bos: options.Bos = None,
     run: RunOptions = RunOptions(), settings: Settings = None,

@@ -8,14 +8,13 @@ from typing import Annotated
 import typer
 
 from ..experiments.keys import KeyAttentionExperiment
-from . import MEASURE, app, options, run_each_condition, user_errors
-from .settings import RunOptions, Settings, with_run_options, with_settings
+from . import MEASURE, app, options, run_each_condition
+from .commands import experiment_options
+from .settings import RunOptions, Settings
 
 
 @app.command(rich_help_panel=MEASURE)
-@user_errors
-@with_settings(KeyAttentionExperiment)
-@with_run_options
+@experiment_options(KeyAttentionExperiment)
 def keys(
     model: options.Model = "gemma3-270m", text: options.Text = None,
     prompts: Annotated[Path | None, typer.Option(

@@ -10,14 +10,13 @@ from typing import Annotated
 import typer
 
 from ..experiments.kv import GRIDS, KV, kv_settings
-from . import CONSEQUENCES, app, options, run_each_condition, user_errors
-from .settings import RunOptions, Settings, with_run_options, with_settings
+from . import CONSEQUENCES, app, options, run_each_condition
+from .commands import experiment_options
+from .settings import RunOptions, Settings
 
 
 @app.command("kv", rich_help_panel=CONSEQUENCES)
-@user_errors
-@with_settings(KV)
-@with_run_options
+@experiment_options(KV)
 def kv_command(
     model: options.Model = "gemma3-270m", text: options.Text = None,
     grid: Annotated[str | None, typer.Option(

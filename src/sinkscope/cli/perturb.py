@@ -13,7 +13,8 @@ import typer
 from ..experiments.oversquash import Oversquash
 from ..experiments.perturb import SHAKESPEARE, Perturb, parse_swap
 from . import EXPLAIN, app, options, run_command, user_errors
-from .settings import RunOptions, Settings, with_run_options, with_settings
+from .commands import experiment_options
+from .settings import RunOptions, Settings, with_run_options
 
 DEFAULT_BOS = ["add", "strip"]
 TextOption = Annotated[str | None, typer.Option(help="the text (default: the paper's App. C.1 Shakespeare paragraph)")]
@@ -37,9 +38,7 @@ def perturb(
 
 
 @app.command(rich_help_panel=EXPLAIN)
-@user_errors
-@with_settings(Oversquash)
-@with_run_options
+@experiment_options(Oversquash)
 def oversquash(
     model: options.Model = "gemma3-270m", text: TextOption = None,
     bos: options.Bos = None, max_tokens: options.MaxTokens = 64,

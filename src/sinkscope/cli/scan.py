@@ -12,7 +12,8 @@ from ..experiments.base import run as run_experiment
 from ..experiments.distributed import from_environment
 from ..experiments.scan import Scan, ScanResult
 from . import MEASURE, app, check_out, command_line, console, load_model, options, user_errors
-from .settings import RunOptions, Settings, with_run_options, with_settings
+from .commands import experiment_options
+from .settings import RunOptions, Settings
 
 
 def condition_dir(out: Path, bos: str) -> Path:
@@ -63,9 +64,7 @@ def _first_token_audit(result: Any) -> str:
 
 
 @app.command(rich_help_panel=MEASURE)
-@user_errors
-@with_settings(Scan)
-@with_run_options
+@experiment_options(Scan)
 def scan(
     model: options.Model = "gemma3-270m", prompts: options.Prompts = None, bos: options.Bos = None,
     max_tokens: options.MaxTokens = 64, eps: options.Eps = None, limit: options.Limit = None,

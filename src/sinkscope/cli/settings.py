@@ -1,9 +1,9 @@
 """Command-line options generated from an experiment's declared settings (`experiments.settings.setting`).
 
     @app.command("kv")
-    @user_errors
-    @with_settings(KV)
-    def kv_command(model: options.Model = "gemma3-270m", ..., settings: Settings = None) -> None:
+    @experiment_options(KV)  # `cli.commands`: user_errors + with_settings(KV) + with_run_options
+    def kv_command(model: options.Model = "gemma3-270m", ..., run: RunOptions = RunOptions(),
+                   settings: Settings = None) -> None:
         ...  # ``settings``: the declared settings given on the command line, by field name
 
 Every declared setting becomes an option (``--name``, or its ``flag``; tuples repeat), defaulting to None

@@ -10,14 +10,13 @@ from typing import Annotated
 import typer
 
 from ..experiments.stream import Stream
-from . import CONSEQUENCES, app, options, run_each_condition, user_errors
-from .settings import RunOptions, Settings, with_run_options, with_settings
+from . import CONSEQUENCES, app, options, run_each_condition
+from .commands import experiment_options
+from .settings import RunOptions, Settings
 
 
 @app.command(rich_help_panel=CONSEQUENCES)
-@user_errors
-@with_settings(Stream)
-@with_run_options
+@experiment_options(Stream)
 def stream(
     model: options.Model = "gemma3-270m",
     text: Annotated[Path | None, typer.Option(help="UTF-8 .txt file to stream (default: Hamlet, offline)")] = None,
