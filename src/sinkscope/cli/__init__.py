@@ -99,7 +99,7 @@ def run_command(experiment: Any, model: str, run: Any, *, loaded: Any = None,
     for table in table_for(result, **(show or {})):
         console.print(table)
     if run.out is not None:
-        console.print(f"results written to {run.out}/", highlight=False)
+        console.print(f"results written to {run.out}/", highlight=False, soft_wrap=True)
     return result
 
 

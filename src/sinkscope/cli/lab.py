@@ -69,7 +69,7 @@ def train(
     if speeds:
         speeds.sort()
         console.print(f"throughput {speeds[len(speeds) // 2]:,.0f} tokens/s (median step)", highlight=False)
-    console.print(f"written to {out}/ (model: {out}/checkpoint)", highlight=False)
+    console.print(f"written to {out}/ (model: {out}/checkpoint)", highlight=False, soft_wrap=True)
 
 
 @app.command(rich_help_panel=LAB)
@@ -126,6 +126,6 @@ def sweep(
         from ..rundir import atomic_write_bytes
 
         atomic_write_bytes(markdown, sweep_markdown(settings.name, summary, result.sinks).encode())
-        console.print(f"tables written to {markdown}", highlight=False)
+        console.print(f"tables written to {markdown}", highlight=False, soft_wrap=True)
     console.print(f"written to {out}/ (figure: {result.figure}; per layer: {out}/final_sink_rate_by_layer.png)",
-                  highlight=False)
+                  highlight=False, soft_wrap=True)

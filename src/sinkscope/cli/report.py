@@ -73,7 +73,7 @@ def paper(
     built = build_report([out], out, findings_md=findings_md, prompt_texts=[(p.id, p.text) for p in inputs.prompts])
     console.print(_timing_table(manifest["section_seconds"], manifest["seconds"]))
     _print_report(built)
-    console.print(f"open {built[0]['html'].resolve()}", highlight=False)
+    console.print(f"open {built[0]['html'].resolve()}", highlight=False, soft_wrap=True)  # a path: never wrapped
 
 
 @app.command(rich_help_panel=REPORT)

@@ -51,7 +51,7 @@ def _print_and_plot(results: list[tuple[str, Any]], thresholds: list[float], out
             plot_alpha_heatmaps([(label, r.alpha_map()) for label, r in labelled], out / "alpha_heatmaps.png")
             plot_sink_rate_by_layer([(label, r.sink_rate_by_layer(thresholds[0])) for label, r in labelled],
                                     thresholds[0], out / "sink_rate_by_layer.png")
-        console.print(f"results written to {out}/", highlight=False)
+        console.print(f"results written to {out}/", highlight=False, soft_wrap=True)
 
 
 def _first_token_audit(result: Any) -> str:
