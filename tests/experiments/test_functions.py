@@ -26,12 +26,13 @@ def built(monkeypatch):
 
 @pytest.mark.parametrize("function", [ss.rank_collapse, ss.massive_activations, ss.matrix_entropy_by_depth,
                                       ss.attention_smoothing, ss.noop, ss.spread, ss.passkey, ss.ruler, ss.ablate,
-                                      ss.representational_collapse])
+                                      ss.representational_collapse, ss.scan, ss.knockout, ss.oversquash, ss.perturb,
+                                      ss.stream, ss.downstream])
 def test_the_signature_is_the_dataclass(function):
     cls = next(c for c in import_all().values() if c.result_type is inspect.signature(function).return_annotation)
     parameters = inspect.signature(function).parameters
     for field in dataclasses.fields(cls):
-        if field.name in ("prompts",) or (field.name == "text" and cls.command.inputs == "text"):
+        if field.name == "prompts":  # given as ``texts`` (None: the probe set)
             continue
         default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
         assert parameters[field.name].default == default, (function.__name__, field.name)
@@ -64,3 +65,19 @@ def test_a_misspelt_setting_is_refused(built):
     with pytest.raises(TypeError):
         ss.passkey("model", "a text")  # passkey takes no inputs
     assert not built
+
+
+def test_a_text_input_left_out_keeps_the_class_default_and_limit_can_be_a_setting(built):
+    from sinkscope.experiments.perturb import Perturb
+    from sinkscope.experiments.stream import Stream
+
+    ss.perturb("model", swap=["greatest", "best"])
+    experiment = built[-1][0]
+    assert isinstance(experiment, Perturb) and experiment.text == Perturb().text and experiment.swap == (
+        "greatest", "best")
+    ss.stream("model", "a b c", sinks=4, window=8, length=64)
+    experiment = built[-1][0]
+    assert isinstance(experiment, Stream) and experiment.text == "a b c" and experiment.sinks == (4,)
+    ss.scan("model", input_ids=[[1, 5, 6]], eps=0.5)
+    experiment = built[-1][0]
+    assert experiment.input_ids == [[1, 5, 6]] and experiment.eps == (0.5,)

@@ -12,7 +12,6 @@ import contextlib
 import importlib.util
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -21,7 +20,8 @@ from ..capture import CaptureEngine
 from ..conditions import parse_condition, parse_conditions
 from ..errors import InputError
 from ..models.loader import LoadedModel
-from .base import Context, Experiment, Result, run, takes_conditions
+from .base import Context, Experiment, Result
+from .functions import experiment_function
 from .settings import setting
 
 BOS_SWITCH = {"add": True, "strip": False}
@@ -120,13 +120,7 @@ class Downstream(Experiment[DownstreamResult]):
                            for b, g in frame.groupby("bos", sort=False)}}
 
 
-@takes_conditions
-def downstream(
-    model: LoadedModel | Any, tasks: Sequence[str], *, bos: Sequence[str] = ("add", "strip"), limit: int | None = None,
-    num_fewshot: int | None = None, batch_size: int = 1, out: str | Path | None = None, resume: bool = False,
-    progress: bool | Any = True, command: str | None = None,
-) -> DownstreamResult:
-    """Run lm-eval ``tasks`` once per `<bos>` condition (``add``: the tokenizer's bos on, ``strip``: off)."""
-    experiment = Downstream(tasks=tuple(tasks), bos=tuple(bos), limit=limit, num_fewshot=num_fewshot,
-                            batch_size=batch_size)
-    return run(experiment, model, out=out, resume=resume, progress=progress, command=command)
+downstream = experiment_function(
+    Downstream, "downstream",
+    """Run lm-eval ``tasks`` once per `<bos>` condition (``add``: the tokenizer's bos on, ``strip``: off).""",
+    inputs="tasks")

@@ -1,8 +1,9 @@
 """An experiment's Python function, generated from its dataclass: ``noop = experiment_function(Noop, "noop")``.
 
-The function takes the model, the inputs its command declares (``texts`` for prompts, ``text`` for a long
-text; `settings.Command`), ``bos`` (or ``conditions=``), every field of the class as a keyword with the
-class's default, and the run options (``out``, ``resume``, ``progress``, ``command``). Its signature is
+The function takes the model, its inputs (``texts`` for prompts, ``text`` for a text, ``tasks``: as its command
+declares them, `settings.Command`, or as given where its command is written by hand), ``bos`` (or
+``conditions=``), every field of the class as a keyword with the class's default, and the run options
+(``out``, ``resume``, ``progress``, ``command``). Its signature is
 generated from the fields, so ``help(noop)`` lists them, a misspelt setting is a TypeError as for any Python
 function, and nothing is written twice. A scalar given for a tuple setting is that one value
 (``lengths=512``); None for a setting that cannot be None keeps its default.
@@ -22,26 +23,30 @@ from .base import Experiment, run, takes_conditions
 from .inputs import bos_conditions, prompt_list
 
 RUN_PARAMETERS = (("out", None), ("resume", False), ("progress", True), ("command", None))
-INPUT_FIELD = {"prompts": "prompts", "text": "text", "": None}  # the field a command's inputs fill
-INPUT_NAME = {"prompts": "texts", "text": "text"}  # ... and their name in the function
+INPUT_FIELD = {"prompts": "prompts", "text": "text", "tasks": "tasks", "": None}  # the field the inputs fill
+INPUT_NAME = {"prompts": "texts", "text": "text", "tasks": "tasks"}  # ... and their name in the function
 
 
-def experiment_function(cls: type[Experiment], name: str, doc: str | None = None) -> Callable[..., Any]:
-    """The Python function of ``cls`` (see the module docstring), named ``name``; ``doc``: its docstring."""
-    inputs = cls.command.inputs if cls.command is not None else ""
+def experiment_function(cls: type[Experiment], name: str, doc: str | None = None, inputs: str | None = None
+                        ) -> Callable[..., Any]:
+    """The Python function of ``cls`` (see the module docstring), named ``name``; ``doc``: its docstring;
+    ``inputs``: what its first argument holds (default: what its command declares)."""
+    if inputs is None:
+        inputs = cls.command.inputs if cls.command is not None else ""
     field_of_inputs = INPUT_FIELD[inputs]
     hints = typing.get_type_hints(cls)
     fields = [f for f in dataclasses.fields(cls) if f.init and f.name not in (field_of_inputs, "bos")]
     defaults = {f.name: _default(f) for f in dataclasses.fields(cls)}
 
-    def function(model: Any, given_inputs: Any = None, /, *, bos: Any = defaults.get("bos"), limit: int | None = None,
+    def function(model: Any, given_inputs: Any = None, /, *, bos: Any = defaults.get("bos"),
                  out: str | Path | None = None, resume: bool = False, progress: Any = True,
                  command: str | None = None, **settings: Any) -> Any:
+        limit = settings.pop("limit", None) if inputs == "prompts" else None  # else ``limit`` may be a setting
         chosen = {k: _coerced(hints[k], v) for k, v in settings.items() if v is not None or _admits_none(hints[k])}
         if inputs == "prompts":
             chosen["prompts"] = prompt_list(given_inputs, limit)
-        elif inputs == "text":
-            chosen["text"] = given_inputs
+        elif field_of_inputs is not None and given_inputs is not None:  # None: the class's default
+            chosen[field_of_inputs] = _coerced(hints[field_of_inputs], given_inputs)
         if "bos" in defaults:
             chosen["bos"] = bos if isinstance(defaults["bos"], str) else tuple(bos_conditions(bos))
         return run(cls(**chosen), model, out=out, resume=resume, progress=progress, command=command)
@@ -50,7 +55,7 @@ def experiment_function(cls: type[Experiment], name: str, doc: str | None = None
     parameters = [inspect.Parameter("model", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
     if inputs:
         parameters.append(inspect.Parameter(INPUT_NAME[inputs], inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                                            default=None))
+                                            default=None if inputs == "prompts" else defaults[field_of_inputs]))
     if "bos" in defaults:
         parameters.append(inspect.Parameter("bos", keyword, default=defaults["bos"]))
     if inputs == "prompts":

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,14 +28,14 @@ import pandas as pd
 from ..capture import Probe, RandomKeyKnockout, SinkKnockout
 from ..conditions import Intervention as ConditionIntervention
 from ..conditions import parse_condition
-from ..data.texts import LongText
 from ..errors import InputError
 from ..metrics.loss import delta_summary, mean_loss, perplexity
 from ..metrics.stats import bootstrap_interval, paired_difference_interval
 from ..models.loader import LoadedModel
-from .base import Result, run, takes_conditions
+from .base import Result
+from .functions import experiment_function
 from .inputs import first_token_label, prefix_ids, require_tokenizer
-from .loss import LOSS_CHUNK, TextContext, TextLoss
+from .loss import TextContext, TextLoss
 from .settings import setting
 
 
@@ -148,6 +147,10 @@ class Knockout(TextLoss[KnockoutResult]):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.layers is not None and not isinstance(self.layers, str):
+            self.layers = [int(x) for x in self.layers]
+        if self.heads is not None and not isinstance(self.heads, str):
+            self.heads = [(int(a), int(b)) for a, b in self.heads]
         condition = parse_condition(self.bos)
         if condition.intervention is not None:
             raise InputError(f"knockout sweeps its own knockout and random-key conditions; give what sits at "
@@ -291,15 +294,8 @@ def _headline(row: Any) -> dict[str, Any]:
                                                                   float(row["delta_loss_high"])]}
 
 
-@takes_conditions
-def knockout(
-    model: LoadedModel | Any, text: str | Path | LongText | None = None, *, window: int = 256,
-    layers: str | Sequence[int] | None = None, heads: str | Sequence[Sequence[int]] | None = None,
-    per_head: bool = True, control: bool = True, seed: int = 0, max_windows: int = 2, stride: int | None = None,
-    bos: str = "add", batch_size: int = 4,
-    chunk: int = LOSS_CHUNK, out: str | Path | None = None, resume: bool = False, path: str = "auto",
-    progress: bool | Any = True, command: str | None = None,
-) -> KnockoutResult:
+knockout = experiment_function(
+    Knockout, "knockout",
     """Δloss when the attention to position 0 is removed (and renormalised) in all heads, in each layer,
     and (``per_head``) in each head, on the same tokens as the unmodified baseline.
 
@@ -309,10 +305,5 @@ def knockout(
     (seeded by ``seed``) at the all-heads and per-layer scopes, the equal-budget comparison. Every Δloss has a
     95% bootstrap interval over windows. ``out``: each finished intervention is written to ``out/parts/`` so
     ``resume`` can continue.
-    """
-    experiment = Knockout(
-        text=text, window=window, max_windows=max_windows, stride=stride, batch_size=batch_size, chunk=chunk,
-        path=path, bos=bos, layers=layers if layers is None or isinstance(layers, str) else [int(x) for x in layers],
-        heads=heads if heads is None or isinstance(heads, str) else [(int(a), int(b)) for a, b in heads],
-        per_head=per_head, control=control, seed=seed)
-    return run(experiment, model, out=out, resume=resume, progress=progress, command=command)
+    """,
+    inputs="text")

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -53,7 +52,8 @@ from ..data.texts import SHAKESPEARE_PARAGRAPH as SHAKESPEARE
 from ..errors import InputError
 from ..metrics import sensitivity
 from ..models.loader import LoadedModel
-from .base import Context, Experiment, Result, run, takes_conditions
+from .base import Context, Experiment, Result
+from .functions import experiment_function
 from .inputs import bos_conditions, check_context, check_length, encode_one, require_tokenizer, token_label
 from .residual import check_residual_finite
 from .settings import setting
@@ -317,25 +317,8 @@ class Oversquash(Experiment[OversquashResult]):
         return summary
 
 
-@takes_conditions
-def oversquash(
-    model: LoadedModel | Any,
-    text: str = SHAKESPEARE,
-    *,
-    target: int = -1,
-    probes: int = 16,
-    bos: str | Sequence[str] = ("add", "strip"),
-    exact: bool = False,
-    path_sum: bool = True,
-    max_tokens: int | None = 64,
-    seed: int = 0,
-    texts: Sequence[str] = (),
-    normed: bool = False,
-    out: str | Path | None = None,
-    resume: bool = False,
-    progress: bool = True,
-    command: str | None = None,
-) -> OversquashResult:
+oversquash = experiment_function(
+    Oversquash, "oversquash",
     """Jacobian sensitivity s[i] of text token ``target`` (an index into the text tokens, -1 = last) to every
     earlier position, per `<bos>` condition, plus the attention path-sum bound (see the module docstring).
 
@@ -343,7 +326,4 @@ def oversquash(
     sequence, prefix included (the paper's T = 64). ``texts``: several texts, each its own unit (instead of
     ``text``); ``normed``: also ``s2_normed``, the sensitivity of the state after the final norm (what the LM head
     reads), with the same probes.
-    """
-    experiment = Oversquash(text=text, target=target, probes=probes, bos=tuple(bos_conditions(bos)), exact=exact,
-                            path_sum=path_sum, max_tokens=max_tokens, seed=seed, texts=tuple(texts), normed=normed)
-    return run(experiment, model, out=out, resume=resume, progress=progress, command=command)
+    """, inputs="text")

@@ -21,7 +21,6 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,7 +31,8 @@ from ..data.texts import SHAKESPEARE_PARAGRAPH as SHAKESPEARE
 from ..errors import InputError
 from ..metrics import sensitivity
 from ..models.loader import LoadedModel
-from .base import Context, Experiment, Result, run, takes_conditions
+from .base import Context, Experiment, Result
+from .functions import experiment_function
 from .inputs import bos_conditions, check_context, check_length, encode_one, require_tokenizer, token_label
 from .residual import DEPTH_CONVENTION, residual_streams
 
@@ -198,23 +198,10 @@ class Perturb(Experiment[PerturbResult]):
         return summary
 
 
-@takes_conditions
-def perturb(
-    model: LoadedModel | Any,
-    text: str = SHAKESPEARE,
-    *,
-    swap: tuple[str, str] = DEFAULT_SWAP,
-    bos: str | Sequence[str] = ("add", "strip"),
-    max_tokens: int | None = None,
-    out: str | Path | None = None,
-    resume: bool = False,
-    progress: bool = True,
-    command: str | None = None,
-) -> PerturbResult:
+perturb = experiment_function(
+    Perturb, "perturb",
     """Perturbation spread of a one-word swap under each `<bos>` condition (see the module docstring).
 
     ``swap``: (old, new); the first whole-word occurrence of old is replaced. Swaps whose word is absent,
     that change nothing, or that change the token count are refused (InputError).
-    """
-    experiment = Perturb(text=text, swap=swap, bos=tuple(bos_conditions(bos)), max_tokens=max_tokens)
-    return run(experiment, model, out=out, resume=resume, progress=progress, command=command)
+    """, inputs="text")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,7 +23,8 @@ from ..errors import InputError
 from ..metrics import sink as sink_metrics
 from ..metrics.stats import bootstrap_interval
 from ..models.loader import LoadedModel
-from .base import Context, Experiment, Result, run, takes_conditions
+from .base import Context, Experiment, Result
+from .functions import experiment_function
 from .inputs import (
     Encoded,
     check_engine_options,
@@ -32,7 +32,6 @@ from .inputs import (
     encode_prompts,
     length_batches,
     pad_right,
-    prompt_list,
     require_tokenizer,
     token_strings,
 )
@@ -155,6 +154,11 @@ class Scan(Experiment[ScanResult]):
     precision: str = "float32"
     per_position: bool = setting(False, "also write the first-token attention of every query position (table "
                                  "positions, a figure)")
+
+    def __post_init__(self) -> None:
+        self.eps = tuple(float(e) for e in self.eps)
+        if self.input_ids is not None:
+            self.input_ids = [[int(t) for t in seq] for seq in self.input_ids]
 
     def settings(self) -> dict[str, Any]:
         settings = super().settings()
@@ -302,40 +306,12 @@ def _rows_for_batch(probe: FirstTokenAttention, units: Sequence[Encoded], prompt
     return pd.concat(frames, ignore_index=True)
 
 
-@takes_conditions
-def scan(
-    model: LoadedModel | Any,
-    texts: Sequence[str | Prompt] | None = None,
-    *,
-    input_ids: Sequence[Sequence[int]] | None = None,
-    bos: str = "auto",
-    max_tokens: int | None = 64,
-    eps: Sequence[float] = (0.3, 0.8),
-    batch_size: int = 8,
-    path: str = "auto",
-    first_k: int = 4,
-    include_self: bool = True,
-    chunk_size: int = 1024,
-    precision: str = "float32",
-    per_position: bool = False,
-    out: str | Path | None = None,
-    resume: bool = False,
-    progress: bool | Any = True,
-    command: str | None = None,
-) -> ScanResult:
+scan = experiment_function(
+    Scan, "scan",
     """Measure first-token attention of every head on each prompt.
 
     ``texts``: strings or `Prompt`s (default: the built-in probe set). ``input_ids``: token ids scanned
     exactly as given (then only an intervention ``bos`` names applies, e.g. ``given+scale:0.5``).
     ``per_position``: also table ``positions``, the attention on position 0 of every query. ``out``: a run
     directory written batch by batch; ``resume`` continues one that was interrupted.
-    """
-    experiment = Scan(
-        prompts=[] if input_ids is not None else prompt_list(texts),
-        input_ids=None if input_ids is None else [[int(t) for t in seq] for seq in input_ids],
-        bos=bos, max_tokens=max_tokens, eps=tuple(float(e) for e in eps), batch_size=batch_size, first_k=first_k,
-        include_self=include_self, path=path, chunk_size=chunk_size, precision=precision, per_position=per_position,
-    )
-    if input_ids is not None and not input_ids:
-        raise InputError("nothing to scan: no prompts")
-    return run(experiment, model, out=out, resume=resume, progress=progress, command=command)
+    """, inputs="prompts")

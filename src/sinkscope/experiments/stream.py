@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,7 +31,8 @@ from ..conditions import parse_condition
 from ..errors import InputError
 from ..models.loader import LoadedModel
 from ..models.tokens import encode
-from .base import Context, Experiment, Result, digest, run, takes_conditions
+from .base import Context, Experiment, Result, digest
+from .functions import experiment_function
 from .inputs import context_limit, prefix_ids, require_tokenizer
 from .loss import output_logits
 from .settings import setting
@@ -221,12 +221,8 @@ class Stream(Experiment[StreamResult]):
         }
 
 
-@takes_conditions
-def stream(
-    model: LoadedModel | Any, text: str | None = None, *, window: int = 256, sinks: Sequence[int] = (0, 1, 4),
-    full: bool = True, length: int = 1024, bos: str = "add", source: str | None = None, segments: int = 1,
-    out: str | Path | None = None, resume: bool = False, progress: bool | Any = True, command: str | None = None,
-) -> StreamResult:
+stream = experiment_function(
+    Stream, "stream",
     """Next-token NLL per position and cache size for a full cache (``full``) and a `StreamingCache` with
     ``k`` sinks + ``window`` recent tokens for each ``k`` in ``sinks`` (0: window only).
 
@@ -234,7 +230,4 @@ def stream(
     set joined; ``source`` names a given text in the summary); ``length``: tokens of it to stream, ``bos``
     prefix included; ``segments``: that many consecutive pieces of the text, each of ``length`` tokens, streamed
     together (a batch) from empty caches, the independent units of a comparison. Each cache is one unit of the
-    run (``out``/``resume``)."""
-    experiment = Stream(text=text, source=source, window=window, sinks=tuple(sinks), full=full, length=length,
-                        bos=bos, segments=segments)
-    return run(experiment, model, out=out, resume=resume, progress=progress, command=command)
+    run (``out``/``resume``).""", inputs="text")
