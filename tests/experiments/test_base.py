@@ -122,7 +122,8 @@ def test_reuse_loads_a_finished_run_resumes_an_unfinished_one_and_replaces_a_sta
     """The rule `paper` runs each experiment under (`run(..., reuse=True, replace_stale=True)`), kept by
     `RunDir.start`: the same fingerprint finished is loaded (nothing measured), unfinished is continued, another
     fingerprint is deleted and measured anew."""
-    from sinkscope.experiments.scan import Scan, prompt_list
+    from sinkscope.experiments.inputs import prompt_list
+    from sinkscope.experiments.scan import Scan
 
     out = tmp_path / "run"
 
