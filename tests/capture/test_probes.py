@@ -62,16 +62,24 @@ def entropy(p: torch.Tensor) -> torch.Tensor:
     return -torch.where(p > 0, p * p.log(), torch.zeros_like(p)).sum(-1)
 
 
-@pytest.mark.parametrize("family", PLAIN)
-def test_text_start_attention_is_the_weight_on_the_first_and_the_first_text_token(family):
+def probed(family: str, probe, values: bool = False):
+    """Run ``probe`` on a padded batch through the engine of a tiny ``family`` model: (ids, mask, the eager
+    twin's weights per layer, its values per layer when ``values``)."""
     model = tiny_model(family)
     ids, mask = padded_batch()
-    probe = TextStartAttention([TEXT_START] * ids.shape[0])
     with capture(model, [probe], chunk_size=CHUNK) as engine:
         engine.forward(ids, mask)
+    weights, captured = eager_weights(model, ids, mask, values)
+    return ids, mask, weights, captured
+
+
+@pytest.mark.parametrize("family", PLAIN)
+def test_text_start_attention_is_the_weight_on_the_first_and_the_first_text_token(family):
+    probe = TextStartAttention([TEXT_START] * padded_batch()[0].shape[0])
+    ids, mask, weights_by_layer, _ = probed(family, probe)
     first = mask.argmax(-1)
     real = real_queries(mask)[..., 0]
-    for layer, weights in enumerate(eager_weights(model, ids, mask)[0]):
+    for layer, weights in enumerate(weights_by_layer):
         record = probe.records[layer]
         for name, key in (("first", first), ("text", first + TEXT_START)):
             reference = gathered(weights, key)
@@ -85,14 +93,11 @@ def test_text_start_attention_is_the_weight_on_the_first_and_the_first_text_toke
 
 @pytest.mark.parametrize("family", PLAIN)
 def test_attention_entropy_max_counts_and_text_entropy_follow_the_weights(family):
-    model = tiny_model(family)
-    ids, mask = padded_batch()
     probe = AttentionEntropy(with_max=True, with_counts=True, text_start=TEXT_START)
-    with capture(model, [probe], chunk_size=CHUNK) as engine:
-        engine.forward(ids, mask)
+    ids, mask, weights_by_layer, _ = probed(family, probe)
     first = mask.argmax(-1)
     real = real_queries(mask)[..., 0]
-    for layer, weights in enumerate(eager_weights(model, ids, mask)[0]):
+    for layer, weights in enumerate(weights_by_layer):
         record = probe.records[layer]
         assert ((record["entropy"] - entropy(weights)).abs() * real).max() <= 1e-4, (family, layer)
         assert ((record["max_weight"] - weights.amax(-1)).abs() * real).max() <= 1e-5
@@ -110,12 +115,8 @@ def test_attention_entropy_max_counts_and_text_entropy_follow_the_weights(family
 
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])
 def test_value_norms_first_share_and_output_norm_follow_the_values(family):
-    model = tiny_model(family)
-    ids, mask = padded_batch()
     probe = ValueNorms()
-    with capture(model, [probe], chunk_size=CHUNK) as engine:
-        engine.forward(ids, mask)
-    weights_by_layer, values_by_layer = eager_weights(model, ids, mask, values=True)
+    ids, mask, weights_by_layer, values_by_layer = probed(family, probe, values=True)
     first = mask.argmax(-1)
     real = real_queries(mask)[..., 0]
     real_keys = mask.bool()[:, None, :]
@@ -137,13 +138,10 @@ def test_value_norms_first_share_and_output_norm_follow_the_values(family):
 
 @pytest.mark.parametrize("family", [*PLAIN, "gpt_oss"])
 def test_key_attention_sums_each_keys_weights_over_the_real_queries(family):
-    model = tiny_model(family)
-    ids, mask = padded_batch()
     probe = KeyAttention(chunk_size=CHUNK)
-    with capture(model, [probe], chunk_size=CHUNK) as engine:
-        engine.forward(ids, mask)
+    ids, mask, weights_by_layer, _ = probed(family, probe)
     real = real_queries(mask)
-    for layer, weights in enumerate(eager_weights(model, ids, mask)[0]):
+    for layer, weights in enumerate(weights_by_layer):
         record = probe.records[layer]
         received = (weights * real).sum(2)  # [B, H, S]
         assert (record["received"] - received).abs().max() <= 1e-5, (family, layer)
