@@ -50,7 +50,7 @@ def test_rows_sum_to_one_only_where_they_should():
     assert bool((learned.sum(-1) < 1).all())
     sigmoid = VARIANTS["sigmoid"].weights(scores, allowed, logit_bias=-1.0)
     torch.testing.assert_close(sigmoid, torch.sigmoid(scores - 1.0) * allowed)
-    assert not torch.allclose(sigmoid.sum(-1), torch.ones(2, 3, 5, dtype=torch.float64))
+    assert (sigmoid.sum(-1) - 1).abs().max() > 0.1  # sigmoid rows are not normalised: far from one, not rounding
 
 
 def test_softpick_by_hand_and_rows_sum_to_at_most_one():

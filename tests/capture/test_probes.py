@@ -187,4 +187,5 @@ def test_knockout_of_all_heads_equals_an_explicit_attention_mask(family):
     # knocking out a head subset leaves the other heads' outputs alone
     with capture(model, [SinkKnockout({0: [1]})]) as engine:
         partial = engine.forward(ids, mask, logits=True).logits
-    assert not torch.allclose(partial, plain) and not torch.allclose(partial, knocked)
+    # ... and differs from both, by as much as the full knock-out differs from the plain run
+    assert (partial - plain)[real].abs().max() > 1e-3 * scale and (partial - knocked)[real].abs().max() > 1e-3 * scale
