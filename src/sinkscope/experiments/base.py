@@ -186,7 +186,6 @@ class Context:
         return self.loaded.tokenizer
 
 
-
 @dataclasses.dataclass
 class Experiment(Generic[ResultT]):
     """Base of every experiment. Subclasses are dataclasses whose fields are their settings, named by their
